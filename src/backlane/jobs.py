@@ -1,0 +1,161 @@
+"""Jobs: the stored record, its states, and the handle a caller keeps."""
+
+from __future__ import annotations
+
+import enum
+import json
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from .exceptions import JobFailed, JobNotFound, ResultTimeout
+
+if TYPE_CHECKING:
+    from .app import Backlane
+
+
+class JobState(str, enum.Enum):
+    """Where a job is in its life (DESIGN §3)."""
+
+    DEFERRED = "deferred"
+    """Stored with its request; waits for the response to be sent."""
+    QUEUED = "queued"
+    """Waits for a worker (possibly until ``run_at``, or until the job before it ends)."""
+    RUNNING = "running"
+    """Held by a worker under a lease."""
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    DISCARDED = "discarded"
+    """Its request failed, so it never ran."""
+
+    @property
+    def terminal(self) -> bool:
+        """True for the states a job never leaves on its own."""
+        return self in TERMINAL_STATES
+
+    def __str__(self) -> str:
+        return self.value
+
+
+TERMINAL_STATES = frozenset(
+    {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.DISCARDED}
+)
+ACTIVE_STATES = frozenset({JobState.DEFERRED, JobState.QUEUED, JobState.RUNNING})
+
+
+def new_job_id() -> str:
+    """A fresh job id: 32 hex digits, sortable by creation time to the millisecond."""
+    millis = int(time.time() * 1000)
+    return f"{millis:012x}{uuid.uuid4().hex[:20]}"
+
+
+@dataclass
+class Job:
+    """One stored job. Times are POSIX seconds (UTC); ``payload`` and ``result`` are JSON."""
+
+    task: str
+    payload: str
+    id: str = field(default_factory=new_job_id)
+    queue: str = "default"
+    priority: int = 0
+    state: JobState = JobState.QUEUED
+    key: str | None = None
+    attempts: int = 0
+    run_at: float = 0.0
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    lease_until: float | None = None
+    worker_id: str | None = None
+    progress: float | None = None
+    message: str | None = None
+    result: str | None = None
+    error: dict[str, Any] | None = None
+    after: str | None = None
+    """Id of the job that must end first (the previous task of the same request)."""
+    cancel_requested: bool = False
+    release_at: float | None = None
+    """For a deferred job: when it may run even if its release never came (crash recovery)."""
+    keep_until: float | None = None
+    """For a terminal job: when it may be purged."""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def copy(self, **changes: Any) -> Job:
+        """A copy with ``changes`` applied."""
+        return replace(self, **changes)
+
+    def to_public(self) -> dict[str, Any]:
+        """The job as the status API shows it (JSON-ready)."""
+        return {
+            "id": self.id,
+            "task": self.task,
+            "queue": self.queue,
+            "state": self.state.value,
+            "attempts": self.attempts,
+            "progress": self.progress,
+            "message": self.message,
+            "result": json.loads(self.result) if self.result is not None else None,
+            "error": self.error,
+            "created_at": _iso(self.created_at),
+            "started_at": _iso(self.started_at),
+            "finished_at": _iso(self.finished_at),
+            "run_at": _iso(self.run_at),
+        }
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
+
+
+class JobHandle:
+    """What ``enqueue`` and ``add_task`` return: a job's id and ways to follow it."""
+
+    __slots__ = ("_lane", "id", "task")
+
+    def __init__(self, lane: Backlane, job_id: str, task: str) -> None:
+        self._lane = lane
+        self.id = job_id
+        self.task = task
+
+    def __repr__(self) -> str:
+        return f"<JobHandle {self.task} id={self.id}>"
+
+    async def info(self) -> Job:
+        """The job as stored now. Raises ``JobNotFound`` if it is gone (purged or discarded)."""
+        job = await self._lane.store.get(self.id)
+        if job is None:
+            raise JobNotFound(f"no job with id {self.id!r}")
+        return job
+
+    async def status(self) -> JobState:
+        """The job's current state."""
+        return (await self.info()).state
+
+    async def result(self, timeout: float | None = None, *, poll: float = 0.05) -> Any:
+        """Wait for the job to end and return its decoded result.
+
+        Raises ``JobFailed`` if it failed, was cancelled or discarded, and ``ResultTimeout``
+        if it has not ended within ``timeout`` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = min(poll, 0.01)
+        while True:
+            job = await self.info()
+            if job.state is JobState.SUCCEEDED:
+                return self._lane.decode_result(job)
+            if job.state.terminal:
+                raise JobFailed(job.id, job.state.value, job.error)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ResultTimeout(f"job {self.id} still {job.state.value} after {timeout}s")
+            await self._lane.wait_for_change(delay)
+            delay = min(delay * 2, poll)
+
+    async def cancel(self) -> JobState:
+        """Cancel the job: a waiting job ends ``cancelled`` at once, a running one is asked
+        to stop (its task sees ``ctx.cancelled``). Returns the state after the request."""
+        return await self._lane.cancel(self.id)
