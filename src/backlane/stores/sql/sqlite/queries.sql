@@ -1,0 +1,133 @@
+-- The statements of backlane's SQLite store, one per "-- name:" block.
+-- Lists of ids come as one JSON array parameter, read with json_each.
+
+-- name: insert_job
+-- Stores one job unless an active job holds its key; returns seq only when stored.
+INSERT INTO jobs (id, task, payload, queue, priority, state, "key", attempts, run_at,
+                  created_at, started_at, finished_at, lease_until, worker_id, progress,
+                  message, result, error, "after", cancel_requested, release_at,
+                  keep_until, meta)
+VALUES (:id, :task, :payload, :queue, :priority, :state, :key, :attempts, :run_at,
+        :created_at, :started_at, :finished_at, :lease_until, :worker_id, :progress,
+        :message, :result, :error, :after, :cancel_requested, :release_at,
+        :keep_until, :meta)
+ON CONFLICT ("key") WHERE "key" IS NOT NULL AND state IN ('deferred', 'queued', 'running')
+DO NOTHING
+RETURNING seq;
+
+-- name: get_job
+SELECT * FROM jobs WHERE id = :id;
+
+-- name: get_key_holder
+SELECT * FROM jobs
+WHERE "key" = :key AND state IN ('deferred', 'queued', 'running');
+
+-- name: release
+UPDATE jobs SET state = 'queued'
+WHERE state = 'deferred' AND id IN (SELECT value FROM json_each(:ids));
+
+-- name: discard
+UPDATE jobs SET state = 'discarded', finished_at = :now
+WHERE state = 'deferred' AND id IN (SELECT value FROM json_each(:ids))
+RETURNING id;
+
+-- name: unblock
+-- Frees the jobs that waited for any of the given (ended or removed) jobs.
+UPDATE jobs SET "after" = NULL WHERE "after" IN (SELECT value FROM json_each(:ids));
+
+-- name: claim_any
+UPDATE jobs
+SET state = 'running', attempts = attempts + 1, started_at = :now,
+    lease_until = :lease_until, worker_id = :worker_id
+WHERE seq IN (
+    SELECT seq FROM jobs
+    WHERE state = 'queued' AND "after" IS NULL AND run_at <= :now
+    ORDER BY priority DESC, run_at, seq
+    LIMIT :limit
+)
+RETURNING *;
+
+-- name: claim_from
+UPDATE jobs
+SET state = 'running', attempts = attempts + 1, started_at = :now,
+    lease_until = :lease_until, worker_id = :worker_id
+WHERE seq IN (
+    SELECT seq FROM jobs
+    WHERE state = 'queued' AND "after" IS NULL AND run_at <= :now
+      AND queue IN (SELECT value FROM json_each(:queues))
+    ORDER BY priority DESC, run_at, seq
+    LIMIT :limit
+)
+RETURNING *;
+
+-- name: renew_leases
+UPDATE jobs SET lease_until = :lease_until
+WHERE state = 'running' AND worker_id = :worker_id
+  AND id IN (SELECT value FROM json_each(:ids))
+RETURNING id, cancel_requested;
+
+-- name: finish_retry
+UPDATE jobs
+SET state = 'queued', lease_until = NULL, worker_id = NULL, result = :result,
+    error = :error, run_at = COALESCE(:run_at, run_at)
+WHERE id = :id AND state = 'running' AND worker_id = :worker_id;
+
+-- name: finish_end
+UPDATE jobs
+SET state = :state, lease_until = NULL, result = :result, error = :error,
+    finished_at = :finished_at, keep_until = :keep_until
+WHERE id = :id AND state = 'running' AND worker_id = :worker_id;
+
+-- name: hand_back
+UPDATE jobs
+SET state = 'queued', lease_until = NULL, worker_id = NULL,
+    attempts = MAX(attempts - 1, 0)
+WHERE state = 'running' AND worker_id = :worker_id
+  AND id IN (SELECT value FROM json_each(:ids));
+
+-- name: requeue_expired_leases
+UPDATE jobs SET state = 'queued', lease_until = NULL, worker_id = NULL
+WHERE state = 'running' AND lease_until < :now;
+
+-- name: requeue_overdue_deferred
+UPDATE jobs SET state = 'queued'
+WHERE state = 'deferred' AND release_at IS NOT NULL AND release_at <= :now;
+
+-- name: cancel_waiting
+UPDATE jobs SET state = 'cancelled', finished_at = :now
+WHERE id = :id AND state IN ('deferred', 'queued');
+
+-- name: request_cancel
+UPDATE jobs SET cancel_requested = 1 WHERE id = :id AND state = 'running';
+
+-- name: retry
+UPDATE jobs
+SET state = 'queued', run_at = :now, finished_at = NULL, keep_until = NULL,
+    lease_until = NULL, worker_id = NULL, result = NULL, cancel_requested = 0,
+    "after" = :after
+WHERE id = :id AND state IN ('failed', 'cancelled');
+
+-- name: set_progress
+UPDATE jobs SET progress = :progress, message = :message
+WHERE id = :id AND state = 'running' AND worker_id = :worker_id;
+
+-- name: delete
+DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(:ids));
+
+-- name: purge_kept
+-- A batch of ended jobs past their retention.
+SELECT seq, id FROM jobs
+WHERE state IN ('succeeded', 'failed', 'cancelled', 'discarded') AND keep_until < :before
+LIMIT :limit;
+
+-- name: purge_finished
+-- A batch of jobs that ended in one of the given states before a time.
+SELECT seq, id FROM jobs
+WHERE state IN (SELECT value FROM json_each(:states)) AND finished_at < :before
+LIMIT :limit;
+
+-- name: delete_seqs
+DELETE FROM jobs WHERE seq IN (SELECT value FROM json_each(:seqs));
+
+-- name: counts
+SELECT queue, state, COUNT(*) AS n FROM jobs GROUP BY queue, state;

@@ -1,0 +1,504 @@
+"""The embedded store: one SQLite file, shared safely by several processes.
+
+Every statement runs on one dedicated thread that owns the connection; the event loop only
+awaits it, from whichever loop is running. Writes run in ``BEGIN IMMEDIATE`` transactions,
+so two processes claiming from one file never hand the same job to two workers.
+
+The SQL lives in ``sql/sqlite/``: numbered migrations (``0001_initial.sql``, ...) versioned
+by ``PRAGMA user_version``, and the statements of the verbs in ``queries.sql``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import functools
+import json
+import re
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from importlib.abc import Traversable
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from ..exceptions import ConfigurationError, StoreError
+from ..jobs import ACTIVE_STATES, TERMINAL_STATES, Job, JobState
+from .base import Outcome, Store
+
+T = TypeVar("T")
+
+_FIELDS = tuple(field.name for field in dataclasses.fields(Job))
+_OUTCOME_STATES = frozenset(
+    {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED}
+)
+_PURGE_BATCH = 1000
+"""Most jobs removed per transaction by ``purge``, so no lock is held for long."""
+_MIGRATION_NAME = re.compile(r"^(\d+)_\w+\.sql$")
+
+
+def _path_from_url(url: str) -> str:
+    """The database path named by a ``sqlite:///relative.db`` or ``sqlite:////abs.db`` URL.
+    Raises ``ConfigurationError`` saying what is wrong with any other URL."""
+    parts = urlsplit(url)
+    if parts.scheme != "sqlite":
+        raise ConfigurationError(f"not a SQLite URL: {url!r}; write sqlite:///path/to.db")
+    if parts.netloc:
+        raise ConfigurationError(
+            f"SQLite URL {url!r} names a host ({parts.netloc!r}), but a SQLite file has "
+            "none: write sqlite:///relative/path.db or sqlite:////absolute/path.db"
+        )
+    if parts.query or parts.fragment:
+        raise ConfigurationError(f"SQLite URL {url!r} takes no query string or fragment")
+    path = parts.path[1:] if parts.path.startswith("/") else parts.path
+    if not path or path.endswith("/"):
+        raise ConfigurationError(
+            f"SQLite URL {url!r} names no file: write sqlite:///relative/path.db "
+            "or sqlite:////absolute/path.db"
+        )
+    return path
+
+
+def _sql_folder() -> Traversable:
+    return resources.files("backlane.stores") / "sql" / "sqlite"
+
+
+def _migrations() -> list[tuple[int, str]]:
+    """The schema migrations shipped with backlane, as (version, SQL script), in order."""
+    found = []
+    for entry in _sql_folder().iterdir():
+        match = _MIGRATION_NAME.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+@functools.cache
+def _queries() -> dict[str, str]:
+    """The statements of ``queries.sql`` by name."""
+    text = (_sql_folder() / "queries.sql").read_text(encoding="utf-8")
+    blocks = re.split(r"^-- name: *", text, flags=re.MULTILINE)[1:]
+    return {name.strip(): body.strip() for name, _, body in (b.partition("\n") for b in blocks)}
+
+
+def _statements(script: str) -> Iterator[str]:
+    """The statements of an SQL script, one by one."""
+    buffer = ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            yield buffer.strip()
+            buffer = ""
+    if any(ln.strip() and not ln.strip().startswith("--") for ln in buffer.splitlines()):
+        raise StoreError(f"unterminated SQL statement in a migration: {buffer.strip()!r}")
+
+
+def _dump(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+def _encode(job: Job) -> dict[str, Any]:
+    """``job`` as the named parameters of ``insert_job``."""
+    values = {name: getattr(job, name) for name in _FIELDS}
+    values["state"] = job.state.value
+    values["error"] = _dump(job.error)
+    values["meta"] = _dump(job.meta)
+    values["cancel_requested"] = int(job.cancel_requested)
+    return values
+
+
+def _decode(row: sqlite3.Row) -> Job:
+    """The job stored in ``row``."""
+    values = {name: row[name] for name in _FIELDS}
+    values["state"] = JobState(values["state"])
+    values["error"] = None if values["error"] is None else json.loads(values["error"])
+    values["meta"] = json.loads(values["meta"])
+    values["cancel_requested"] = bool(values["cancel_requested"])
+    return Job(**values)
+
+
+def _ids(ids: Sequence[str]) -> str:
+    """A list of ids as the JSON array the queries read with ``json_each``."""
+    return json.dumps(list(ids))
+
+
+class SQLiteStore(Store):
+    """Jobs in a SQLite file (``sqlite:///relative/path.db``, ``sqlite:////abs/path.db``)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.path = _path_from_url(url)
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+        """Used only on the executor's thread."""
+        self._sql = _queries()
+
+    def __repr__(self) -> str:
+        return f"<SQLiteStore {self.path}>"
+
+    async def open(self) -> None:
+        """Open the file (creating it and its folder if missing), tune it, and bring the
+        schema to the latest version. Idempotent."""
+        if self._executor is not None:
+            return
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="backlane-sqlite")
+        self._executor = executor
+        try:
+            await self._run(self._connect)
+        except BaseException:
+            self._executor = None
+            executor.shutdown(wait=False)
+            raise
+
+    async def close(self) -> None:
+        """Close the connection once the work already asked for is done. Idempotent."""
+        executor = self._executor
+        if executor is None:
+            return
+        self._executor = None
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                executor, functools.partial(self._guarded, self._disconnect)
+            )
+        finally:
+            executor.shutdown(wait=False)
+
+    # -- write side -------------------------------------------------------------------
+
+    async def enqueue(self, jobs: Sequence[Job]) -> list[Job]:
+        """Store ``jobs`` in order in one transaction; a job whose active key is taken is
+        not stored and the holder is returned in its place. A later job of the batch whose
+        ``after`` names a job replaced that way waits for the holder instead, and an
+        ``after`` naming no stored active job is dropped (nothing to wait for)."""
+        return await self._write(self._enqueue, list(jobs))
+
+    async def release(self, ids: Sequence[str]) -> None:
+        """Deferred jobs among ``ids`` become queued; others are left as they are."""
+        await self._write(self._execute, "release", {"ids": _ids(ids)})
+
+    async def discard(self, ids: Sequence[str], now: float) -> None:
+        """Deferred jobs among ``ids`` end discarded at ``now``; their successors are freed."""
+        await self._write(self._discard, _ids(ids), now)
+
+    async def claim(
+        self,
+        *,
+        worker_id: str,
+        queues: Sequence[str] | None,
+        limit: int,
+        now: float,
+        lease_until: float,
+    ) -> list[Job]:
+        """Up to ``limit`` claimable jobs, now running for ``worker_id``, in claim order."""
+        if limit <= 0 or (queues is not None and not queues):
+            return []
+        params: dict[str, Any] = {
+            "worker_id": worker_id,
+            "limit": limit,
+            "now": now,
+            "lease_until": lease_until,
+        }
+        if queues is not None:
+            params["queues"] = _ids(queues)
+        return await self._write(self._claim, params)
+
+    async def renew_leases(
+        self, *, worker_id: str, ids: Sequence[str], lease_until: float
+    ) -> set[str]:
+        """Extend the leases ``worker_id`` holds among ``ids``; return those of them whose
+        cancellation was requested."""
+        params = {"worker_id": worker_id, "ids": _ids(ids), "lease_until": lease_until}
+        rows = await self._write(self._fetch_named, "renew_leases", params)
+        return {row["id"] for row in rows if row["cancel_requested"]}
+
+    async def finish(self, outcomes: Sequence[Outcome]) -> list[str]:
+        """Apply each outcome whose worker still holds its job; return the ids applied."""
+        for outcome in outcomes:
+            if outcome.state not in _OUTCOME_STATES:
+                raise StoreError(
+                    f"an outcome ends a job succeeded, failed or cancelled, or queues it "
+                    f"again; got {outcome.state.value!r} for job {outcome.job_id}"
+                )
+        return await self._write(self._finish, list(outcomes))
+
+    async def hand_back(self, *, worker_id: str, ids: Sequence[str]) -> None:
+        """Jobs ``worker_id`` holds among ``ids`` are queued again, the attempt uncounted."""
+        await self._write(self._execute, "hand_back", {"worker_id": worker_id, "ids": _ids(ids)})
+
+    async def requeue_expired(self, now: float) -> int:
+        """Queue running jobs whose lease ended before ``now`` and deferred jobs whose
+        ``release_at`` is not after ``now``; return how many."""
+        return await self._write(self._requeue_expired, now)
+
+    async def cancel(self, job_id: str, now: float) -> JobState | None:
+        """Deferred or queued: cancelled at ``now``. Running: ``cancel_requested`` set.
+        Returns the state after, or None when no job has this id."""
+        return await self._write(self._cancel, job_id, now)
+
+    async def retry(self, job_id: str, now: float) -> bool:
+        """A failed or cancelled job is queued again to run at ``now``. False when the job
+        is missing, in another state, or its key is held by another active job."""
+        return await self._write(self._retry, job_id, now)
+
+    async def set_progress(
+        self, job_id: str, *, worker_id: str, progress: float | None, message: str | None
+    ) -> None:
+        """Record progress and message of a job ``worker_id`` holds; otherwise nothing."""
+        params = {"id": job_id, "worker_id": worker_id, "progress": progress, "message": message}
+        await self._write(self._execute, "set_progress", params)
+
+    async def delete(self, ids: Sequence[str]) -> int:
+        """Remove the jobs among ``ids`` whatever their state; successors are freed."""
+        return await self._write(self._delete, _ids(ids))
+
+    async def purge(self, *, before: float, states: Sequence[JobState] | None = None) -> int:
+        """Remove ended jobs whose ``keep_until`` (or, with ``states``, ``finished_at``) is
+        before ``before``; return how many. Works in short transactions of at most
+        ``_PURGE_BATCH`` jobs, letting other work in between."""
+        params: dict[str, Any] = {"before": before, "limit": _PURGE_BATCH}
+        query = "purge_kept"
+        if states is not None:
+            wanted = sorted(s.value for s in TERMINAL_STATES.intersection(states))
+            if not wanted:
+                return 0
+            query, params["states"] = "purge_finished", json.dumps(wanted)
+        total = 0
+        while True:
+            removed = await self._write(self._purge_batch, query, params)
+            total += removed
+            if removed < _PURGE_BATCH:
+                return total
+
+    # -- read side --------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> Job | None:
+        """The job with this id, or None."""
+        rows = await self._run(self._fetch, self._sql["get_job"], {"id": job_id})
+        return _decode(rows[0]) if rows else None
+
+    async def list_jobs(
+        self,
+        *,
+        state: JobState | None = None,
+        task: str | None = None,
+        queue: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[Job]:
+        """The matching jobs, newest ``created_at`` first (ties: latest stored first),
+        skipping ``offset`` and returning at most ``limit``."""
+        filters = {"state": None if state is None else state.value, "task": task, "queue": queue}
+        terms = [f"{name} = :{name}" for name, value in filters.items() if value is not None]
+        where = f"WHERE {' AND '.join(terms)}" if terms else ""
+        query = f"SELECT * FROM jobs {where} ORDER BY created_at DESC, seq DESC LIMIT :limit"
+        params = {**filters, "limit": limit, "offset": offset}
+        rows = await self._run(self._fetch, query + " OFFSET :offset", params)
+        return [_decode(row) for row in rows]
+
+    async def counts(self) -> dict[str, dict[JobState, int]]:
+        """Jobs per queue and state; states without jobs are left out."""
+        result: dict[str, dict[JobState, int]] = {}
+        for row in await self._run(self._fetch, self._sql["counts"], {}):
+            result.setdefault(row["queue"], {})[JobState(row["state"])] = row["n"]
+        return result
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the store's thread, with SQLite errors as ``StoreError``."""
+        executor = self._executor
+        if executor is None:
+            raise StoreError(f"the store {self.url} is not open; await store.open() first")
+        call = functools.partial(self._guarded, fn, *args)
+        try:
+            future = asyncio.get_running_loop().run_in_executor(executor, call)
+        except RuntimeError as exc:  # shut down by a close() racing this call
+            raise StoreError(f"the store {self.url} is closed") from exc
+        return await future
+
+    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(connection, *args)`` in one ``BEGIN IMMEDIATE`` transaction."""
+        return await self._run(self._transaction, fn, *args)
+
+    # -- below here, everything runs on the store's thread -------------------------------
+
+    def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return fn(*args)
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite store {self.path}: {exc}") from exc
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError(f"the store {self.url} is closed")
+        return self._conn
+
+    def _transaction(self, fn: Callable[..., T], *args: Any) -> T:
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn, *args)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return result
+
+    def _fetch(self, query: str, params: dict[str, Any]) -> list[sqlite3.Row]:
+        """Rows of a read (``query`` is SQL text) outside any explicit transaction."""
+        return self._connection().execute(query, params).fetchall()
+
+    def _execute(self, conn: sqlite3.Connection, name: str, params: dict[str, Any]) -> int:
+        return conn.execute(self._sql[name], params).rowcount
+
+    def _fetch_named(
+        self, conn: sqlite3.Connection, name: str, params: dict[str, Any]
+    ) -> list[sqlite3.Row]:
+        return conn.execute(self._sql[name], params).fetchall()
+
+    def _connect(self) -> None:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
+        try:
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA busy_timeout = 5000")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            self._migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        migrations = _migrations()
+        latest = migrations[-1][0]
+        current = conn.execute("PRAGMA user_version").fetchone()[0]
+        if current > latest:
+            raise StoreError(
+                f"{self.path} has schema version {current}, newer than this backlane "
+                f"knows ({latest}); upgrade backlane"
+            )
+        if current == latest:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            current = conn.execute("PRAGMA user_version").fetchone()[0]
+            for version, script in migrations:
+                if version > current:
+                    for statement in _statements(script):
+                        conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {int(version)}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _disconnect(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    # -- the verbs' transactions -----------------------------------------------------
+
+    def _unblock(self, conn: sqlite3.Connection, ids: Sequence[str]) -> None:
+        """Free the jobs that waited for any of ``ids``."""
+        if ids:
+            conn.execute(self._sql["unblock"], {"ids": _ids(ids)})
+
+    def _active(self, conn: sqlite3.Connection, job_id: str) -> bool:
+        row = conn.execute(self._sql["get_job"], {"id": job_id}).fetchone()
+        return row is not None and JobState(row["state"]) in ACTIVE_STATES
+
+    def _enqueue(self, conn: sqlite3.Connection, jobs: list[Job]) -> list[Job]:
+        stored: list[Job] = []
+        replaced: dict[str, str] = {}
+        for job in jobs:
+            after = replaced.get(job.after, job.after) if job.after is not None else None
+            if after is not None and not self._active(conn, after):
+                after = None
+            job = job.copy(
+                after=after, error=copy.deepcopy(job.error), meta=copy.deepcopy(job.meta)
+            )
+            if conn.execute(self._sql["insert_job"], _encode(job)).fetchone() is not None:
+                stored.append(job)
+                continue
+            holder = _decode(conn.execute(self._sql["get_key_holder"], {"key": job.key}).fetchone())
+            replaced[job.id] = holder.id
+            stored.append(holder)
+        return stored
+
+    def _discard(self, conn: sqlite3.Connection, ids: str, now: float) -> None:
+        rows = self._fetch_named(conn, "discard", {"ids": ids, "now": now})
+        self._unblock(conn, [row["id"] for row in rows])
+
+    def _claim(self, conn: sqlite3.Connection, params: dict[str, Any]) -> list[Job]:
+        query = "claim_any" if "queues" not in params else "claim_from"
+        rows = self._fetch_named(conn, query, params)
+        rows.sort(key=lambda row: (-row["priority"], row["run_at"], row["seq"]))
+        return [_decode(row) for row in rows]
+
+    def _finish(self, conn: sqlite3.Connection, outcomes: list[Outcome]) -> list[str]:
+        applied: list[str] = []
+        for o in outcomes:
+            params: dict[str, Any] = {"id": o.job_id, "worker_id": o.worker_id}
+            params.update(result=o.result, error=_dump(o.error))
+            if o.state is JobState.QUEUED:
+                changed = self._execute(conn, "finish_retry", {**params, "run_at": o.run_at})
+            else:
+                params.update(state=o.state.value, finished_at=o.finished_at)
+                params.update(keep_until=o.keep_until)
+                changed = self._execute(conn, "finish_end", params)
+                if changed:
+                    self._unblock(conn, [o.job_id])
+            if changed:
+                applied.append(o.job_id)
+        return applied
+
+    def _requeue_expired(self, conn: sqlite3.Connection, now: float) -> int:
+        expired = self._execute(conn, "requeue_expired_leases", {"now": now})
+        return expired + self._execute(conn, "requeue_overdue_deferred", {"now": now})
+
+    def _cancel(self, conn: sqlite3.Connection, job_id: str, now: float) -> JobState | None:
+        row = conn.execute(self._sql["get_job"], {"id": job_id}).fetchone()
+        if row is None:
+            return None
+        state = JobState(row["state"])
+        if state in (JobState.DEFERRED, JobState.QUEUED):
+            self._execute(conn, "cancel_waiting", {"id": job_id, "now": now})
+            self._unblock(conn, [job_id])
+            return JobState.CANCELLED
+        if state is JobState.RUNNING:
+            self._execute(conn, "request_cancel", {"id": job_id})
+        return state
+
+    def _retry(self, conn: sqlite3.Connection, job_id: str, now: float) -> bool:
+        row = conn.execute(self._sql["get_job"], {"id": job_id}).fetchone()
+        if row is None or row["state"] not in (JobState.FAILED.value, JobState.CANCELLED.value):
+            return False
+        key, after = row["key"], row["after"]
+        if key is not None and conn.execute(self._sql["get_key_holder"], {"key": key}).fetchone():
+            return False
+        if after is not None and not self._active(conn, after):
+            after = None
+        self._execute(conn, "retry", {"id": job_id, "now": now, "after": after})
+        return True
+
+    def _delete(self, conn: sqlite3.Connection, ids: str) -> int:
+        removed = self._execute(conn, "delete", {"ids": ids})
+        conn.execute(self._sql["unblock"], {"ids": ids})
+        return removed
+
+    def _purge_batch(self, conn: sqlite3.Connection, query: str, params: dict[str, Any]) -> int:
+        rows = self._fetch_named(conn, query, params)
+        if rows:
+            seqs = json.dumps([row["seq"] for row in rows])
+            conn.execute(self._sql["delete_seqs"], {"seqs": seqs})
+            self._unblock(conn, [row["id"] for row in rows])
+        return len(rows)
