@@ -51,17 +51,27 @@ class UnknownTask(TaskError):
 class InvalidArguments(BacklaneError, ValueError):
     """Arguments that do not fit a task's signature; nothing was stored.
 
-    ``errors`` lists one entry per problem: ``{"loc": [...], "msg": ..., "type": ...}``.
+    ``errors()`` lists one entry per problem: ``{"loc": [...], "msg": ..., "type": ...}``,
+    as pydantic and FastAPI do.
     """
 
     def __init__(self, task: str, errors: list[dict[str, Any]]) -> None:
         self.task = task
-        self.errors = errors
+        self._errors = errors
+        super().__init__(self.describe(task, errors))
+
+    def errors(self) -> list[dict[str, Any]]:
+        """One entry per problem found."""
+        return list(self._errors)
+
+    @staticmethod
+    def describe(task: str, errors: list[dict[str, Any]]) -> str:
+        """The message: the task, then each parameter and what is wrong with it."""
         parts = []
         for err in errors:
             loc = ".".join(str(p) for p in err.get("loc", ()) if p != "")
             parts.append(f"parameter '{loc}': {err['msg']}" if loc else str(err["msg"]))
-        super().__init__(f"task '{task}' refused its arguments: " + "; ".join(parts))
+        return f"task '{task}' refused its arguments: " + "; ".join(parts)
 
 
 class JobNotFound(BacklaneError, LookupError):

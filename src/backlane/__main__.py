@@ -1,0 +1,5 @@
+"""``python -m backlane`` does what the ``backlane`` command does."""
+
+from .cli import main
+
+main()

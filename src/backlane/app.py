@@ -1,0 +1,318 @@
+"""``Backlane``: settings, the task registry, the store chosen by URL, and enqueueing."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .exceptions import JobNotFound, UnknownTask
+from .jobs import Job, JobHandle, JobState
+from .retry import RetryPolicy
+from .stores import Store, store_from_url
+from .tasks import P, R, Task, import_name, resolve_import_name
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from .worker import Worker
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Settings(BaseSettings):
+    """Every setting, from arguments first, then ``BACKLANE_*`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="BACKLANE_", extra="ignore")
+
+    url: str = "sqlite:///./backlane.db"
+    eager: bool = False
+    concurrency: int = 20
+    """Jobs one worker runs at once."""
+    retries: int = 3
+    """Default further attempts after a failure, for tasks that do not say."""
+    backoff: float = 1.0
+    """Default base of the exponential backoff, in seconds."""
+    lease_seconds: float = 30.0
+    """How long a job stays held without a heartbeat; a dead worker's jobs return after it."""
+    sweep_interval: float = 5.0
+    """How often a worker looks for expired leases."""
+    purge_interval: float = 60.0
+    keep_succeeded: float = 24 * 3600.0
+    """Seconds a succeeded job (and its result) is kept."""
+    keep_failed: float = 7 * 24 * 3600.0
+    """Seconds a failed or cancelled job (and its error) is kept."""
+    shutdown_grace: float = 10.0
+    """Seconds running jobs get to finish at shutdown before they are handed back."""
+    release_grace: float = 10.0
+    """Seconds after which a stored request's jobs run even if the release never came."""
+    poll_min: float = 0.005
+    poll_max: float = 0.25
+
+
+class Notifier:
+    """Wakes whoever waits on any event loop of this process when jobs changed here."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = set()
+
+    async def wait(self, timeout: float) -> None:
+        """Return at the next ``notify()`` or after ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        entry = (loop, fut)
+        with self._lock:
+            self._waiters.add(entry)
+        try:
+            await asyncio.wait([fut], timeout=timeout)
+        finally:
+            with self._lock:
+                self._waiters.discard(entry)
+            fut.cancel()
+
+    def notify(self) -> None:
+        """Wake every waiter. Safe from any thread."""
+        with self._lock:
+            waiters = list(self._waiters)
+        for loop, fut in waiters:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_settle, fut)
+
+
+def _settle(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class Backlane:
+    """A lane: one store, the tasks it knows, and ways to enqueue and follow jobs.
+
+    ``url`` picks the store (default: ``BACKLANE_URL``, else ``sqlite:///./backlane.db``;
+    ``memory://`` for tests). With ``eager=True`` (or ``BACKLANE_EAGER=1``) a request's
+    tasks run inline right after its response, as Starlette runs them.
+    Nothing is shared between two lanes.
+    """
+
+    def __init__(self, url: str | None = None, *, eager: bool | None = None, **settings: Any):
+        given = dict(settings)
+        if url is not None:
+            given["url"] = url
+        if eager is not None:
+            given["eager"] = eager
+        self.settings = Settings(**given)
+        self.store: Store = store_from_url(self.settings.url)
+        self.notifier = Notifier()
+        self._tasks: dict[str, Task[Any, Any]] = {}
+        self._by_function: dict[Callable[..., Any], Task[Any, Any]] = {}
+        self._opened = False
+
+    def __repr__(self) -> str:
+        return f"<Backlane {self.settings.url}>"
+
+    @property
+    def url(self) -> str:
+        return self.settings.url
+
+    @property
+    def eager(self) -> bool:
+        return self.settings.eager
+
+    @property
+    def tasks(self) -> dict[str, Task[Any, Any]]:
+        """The tasks this lane knows, by name."""
+        return dict(self._tasks)
+
+    async def open(self) -> None:
+        """Open the store (idempotent)."""
+        if not self._opened:
+            await self.store.open()
+            self._opened = True
+
+    async def close(self) -> None:
+        """Close the store (idempotent)."""
+        if self._opened:
+            self._opened = False
+            await self.store.close()
+
+    async def __aenter__(self) -> Backlane:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- tasks ------------------------------------------------------------------------
+
+    @overload
+    def task(self, func: Callable[P, R], /) -> Task[P, R]: ...
+
+    @overload
+    def task(
+        self,
+        *,
+        name: str | None = None,
+        retries: int | None = None,
+        backoff: float | None = None,
+        max_backoff: float = 300.0,
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+        timeout: float | None = None,
+        queue: str = "default",
+        priority: int = 0,
+    ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+    def task(
+        self,
+        func: Callable[P, R] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        retries: int | None = None,
+        backoff: float | None = None,
+        max_backoff: float = 300.0,
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+        timeout: float | None = None,
+        queue: str = "default",
+        priority: int = 0,
+    ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
+        """Register a function as a task: ``@lane.task`` or ``@lane.task(retries=5, ...)``.
+
+        ``retries`` further attempts (default from settings), waiting ``backoff * 2**n``
+        seconds with jitter, only for exceptions in ``retry_on``; ``timeout`` seconds per
+        attempt; default ``queue`` and ``priority`` (higher runs first).
+        """
+
+        def register(fn: Callable[P, R]) -> Task[P, R]:
+            policy = RetryPolicy(
+                retries=self.settings.retries if retries is None else retries,
+                backoff=self.settings.backoff if backoff is None else backoff,
+                max_backoff=max_backoff,
+                retry_on=retry_on if isinstance(retry_on, tuple) else (retry_on,),
+            )
+            task_name = name or f"{fn.__module__}:{fn.__qualname__}"
+            task: Task[P, R] = Task(
+                self, fn, name=task_name, policy=policy, timeout=timeout, queue=queue,
+                priority=priority,
+            )
+            self._register(task)
+            return task
+
+        return register(func) if func is not None else register
+
+    def _register(self, task: Task[Any, Any]) -> None:
+        existing = self._tasks.get(task.name)
+        if existing is not None and existing.func is not task.func:
+            raise ValueError(f"a different task is already registered as {task.name!r}")
+        self._tasks[task.name] = task
+        self._by_function[task.func] = task
+
+    def task_for(self, func: Callable[..., Any]) -> Task[Any, Any]:
+        """The task for ``func``: itself if it is a ``Task``, the registered one, or a new
+        default task named by its import path. Raises ``NotImportable`` for functions another
+        process could not find."""
+        if isinstance(func, Task):
+            if func.lane is not self and func.name not in self._tasks:
+                self._register(func)
+            return func
+        task = self._by_function.get(func)
+        if task is None:
+            name = import_name(func)
+            task = self.task(name=name)(func)
+        return task
+
+    def resolve_task(self, name: str) -> Task[Any, Any]:
+        """The task a job names: registered here, or a plain function imported by its
+        ``module:qualname``. Raises ``UnknownTask``."""
+        task = self._tasks.get(name)
+        if task is not None:
+            return task
+        found = resolve_import_name(name)
+        if isinstance(found, Task):
+            self._register(found)
+            return found
+        try:
+            return self.task_for(found)
+        except Exception as exc:  # pragma: no cover - resolve_import_name checked it
+            raise UnknownTask(str(exc)) from exc
+
+    # -- jobs -------------------------------------------------------------------------
+
+    async def enqueue_jobs(self, jobs: Sequence[Job]) -> list[Job]:
+        """Store built jobs in one step and wake local workers."""
+        await self.open()
+        stored = await self.store.enqueue(jobs)
+        self.notifier.notify()
+        return stored
+
+    async def job(self, job_id: str) -> JobHandle:
+        """The handle of any job by id. Raises ``JobNotFound``."""
+        await self.open()
+        job = await self.store.get(job_id)
+        if job is None:
+            raise JobNotFound(f"no job with id {job_id!r}")
+        return JobHandle(self, job.id, job.task)
+
+    async def cancel(self, job_id: str) -> JobState:
+        """Cancel a job (see ``JobHandle.cancel``). Raises ``JobNotFound``."""
+        await self.open()
+        state = await self.store.cancel(job_id, time.time())
+        if state is None:
+            raise JobNotFound(f"no job with id {job_id!r}")
+        self.notifier.notify()
+        return state
+
+    async def retry(self, job_id: str) -> bool:
+        """Queue a failed or cancelled job again. False if it is in another state."""
+        await self.open()
+        done = await self.store.retry(job_id, time.time())
+        if done:
+            self.notifier.notify()
+        return done
+
+    def decode_result(self, job: Job) -> Any:
+        """A succeeded job's result, decoded with its task's return annotation when known."""
+        if job.result is None:
+            return None
+        task = self._tasks.get(job.task)
+        if task is None:
+            try:
+                task = self.resolve_task(job.task)
+            except UnknownTask:
+                import json
+
+                return json.loads(job.result)
+        return task.codec.decode_result(job.result)
+
+    async def wait_for_change(self, timeout: float) -> None:
+        """Wait until jobs change in this process, or ``timeout`` seconds."""
+        await self.notifier.wait(timeout)
+
+    # -- running ----------------------------------------------------------------------
+
+    def worker(
+        self, *, concurrency: int | None = None, queues: list[str] | None = None
+    ) -> Worker:
+        """A worker for this lane (``await worker.run()`` runs it until ``stop()``)."""
+        from .worker import Worker
+
+        return Worker(self, concurrency=concurrency, queues=queues)
+
+    def install(
+        self,
+        app: FastAPI,
+        *,
+        workers: int = 1,
+        concurrency: int | None = None,
+        queues: list[str] | None = None,
+        prefix: str = "/backlane",
+    ) -> None:
+        """Wire this lane into ``app``: open the store at startup, run ``workers`` embedded
+        worker loops (0 for a web-only process) and stop them gracefully at shutdown; keep
+        every request's tasks durable; serve the status API at ``{prefix}/jobs/{id}``."""
+        from .fastapi import install
+
+        install(self, app, workers=workers, concurrency=concurrency, queues=queues, prefix=prefix)

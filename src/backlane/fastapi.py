@@ -1,0 +1,317 @@
+"""FastAPI integration: the durable ``BackgroundTasks`` drop-in, ``install()``, status API.
+
+Change one import::
+
+    from backlane.fastapi import BackgroundTasks
+
+and ``background_tasks.add_task(func, *args, **kwargs)`` stores the task before the
+response leaves, starts it only after the response has been sent, retries it, and lets
+anyone follow it by id. A request's tasks run one after another in the order added
+(dependencies' first); all are discarded if the endpoint raises or the response is a 5xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.requests import HTTPConnection
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .app import Backlane
+from .exceptions import ConfigurationError, InvalidArguments
+from .jobs import Job, JobHandle, JobState
+from .tasks import TaskCall
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+__all__ = ["BackgroundTasks", "DurableBackgroundTasks", "TaskArgumentsRejected", "install"]
+
+log = logging.getLogger("backlane")
+
+_BATCH = "backlane.batch"
+_JOB_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
+
+
+class TaskArgumentsRejected(RequestValidationError, InvalidArguments):
+    """``add_task`` arguments that do not fit the task: FastAPI answers 422, nothing stored."""
+
+    def __init__(self, exc: InvalidArguments) -> None:
+        errors = [{**err, "loc": ["task", exc.task, *err["loc"]]} for err in exc.errors()]
+        RequestValidationError.__init__(self, errors)
+        self.task = exc.task
+        Exception.__init__(self, str(exc))
+
+
+class RequestBatch:
+    """The tasks one request added, and where they are in their hand-over."""
+
+    def __init__(self, lane: Backlane) -> None:
+        self.lane = lane
+        self.jobs: list[Job] = []
+        self.handles: list[JobHandle] = []
+        self.local: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = []
+        self.stored = False
+        self.finished = False
+
+    def add(self, job: Job, handle: JobHandle) -> None:
+        job.after = self.jobs[-1].id if self.jobs else None
+        self.jobs.append(job)
+        self.handles.append(handle)
+
+    async def persist(self) -> None:
+        """Store the jobs (deferred) before the response leaves."""
+        if self.stored or not self.jobs or self.lane.eager:
+            return
+        now = time.time()
+        hold = now + self.lane.settings.release_grace
+        for job in self.jobs:
+            job.release_at = hold
+        with anyio.CancelScope(shield=True):
+            stored = await self.lane.enqueue_jobs(self.jobs)
+        self.stored = True
+        for handle, job in zip(self.handles, stored):
+            handle.id = job.id
+
+    def drop(self) -> None:
+        """Forget jobs not yet stored (the request failed)."""
+        if not self.stored:
+            self.jobs.clear()
+            self.local.clear()
+            self.finished = True
+
+    async def abandon(self) -> None:
+        """The request failed: discard whatever was stored."""
+        if self.stored and not self.finished:
+            with anyio.CancelScope(shield=True):
+                await self.lane.store.discard([j.id for j in self.jobs], time.time())
+        self.drop()
+        self.finished = True
+
+    async def after_response(self) -> None:
+        """The response has been sent: let the jobs run (or, eager, run them here)."""
+        if self.finished:
+            return
+        self.finished = True
+        if self.jobs:
+            if self.lane.eager:
+                await self.lane.worker(concurrency=1).run_inline(self.jobs)
+            else:
+                await self.persist()
+                with anyio.CancelScope(shield=True):
+                    await self.lane.store.release([j.id for j in self.jobs])
+                self.lane.notifier.notify()
+        for func, args, kwargs in self.local:
+            try:
+                if inspect.iscoroutinefunction(func):
+                    await func(*args, **kwargs)
+                else:
+                    await anyio.to_thread.run_sync(lambda: func(*args, **kwargs))
+            except Exception:
+                log.exception("local background task %r failed", func)
+
+
+class DurableBackgroundTasks:
+    """What an endpoint receives as ``BackgroundTasks``: one instance per request, shared
+    by the request's dependencies."""
+
+    def __init__(self, batch: RequestBatch) -> None:
+        self._batch = batch
+
+    @property
+    def lane(self) -> Backlane:
+        return self._batch.lane
+
+    @property
+    def jobs(self) -> list[JobHandle]:
+        """Handles of the tasks added so far, in order."""
+        return list(self._batch.handles)
+
+    def add_task(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> JobHandle:
+        """Add a task to run after the response, durably; returns its handle.
+
+        ``func`` is a plain module-level function (found by its import path), a
+        ``@lane.task``, or ``task.options(...)`` for a delay, priority, queue or key.
+        Arguments are checked against its signature now: a mismatch is a 422.
+        """
+        lane = self._batch.lane
+        options = None
+        if isinstance(func, TaskCall):
+            options = func.opts
+            func = func.task
+        task = lane.task_for(func)
+        try:
+            job = task.build_job(args, kwargs, options, state=JobState.DEFERRED)
+        except InvalidArguments as exc:
+            raise TaskArgumentsRejected(exc) from None
+        handle = JobHandle(lane, job.id, task.name)
+        self._batch.add(job, handle)
+        return handle
+
+    def add_local_task(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Run ``func`` in this process after the response, as Starlette does: not stored,
+        not retried, lost on a crash. For callables a worker cannot import."""
+        self._batch.local.append((func, args, kwargs))
+
+
+async def _background_tasks(conn: HTTPConnection) -> AsyncIterator[DurableBackgroundTasks]:
+    batch = conn.scope.get(_BATCH)
+    handed_over_here = batch is None
+    if batch is None:
+        # No middleware (install() not called, or a WebSocket): hand over when the request
+        # ends, which FastAPI runs after the response has been sent.
+        batch = RequestBatch(_lane_for(conn))
+        conn.scope[_BATCH] = batch
+    try:
+        yield DurableBackgroundTasks(batch)
+    except BaseException:
+        batch.drop()  # the endpoint raised: FastAPI would never have run these
+        raise
+    if handed_over_here:
+        await batch.after_response()
+
+
+BackgroundTasks = Annotated[DurableBackgroundTasks, Depends(_background_tasks)]
+"""The drop-in for ``fastapi.BackgroundTasks``: ``background_tasks: BackgroundTasks``."""
+
+
+class DurableTasksMiddleware:
+    """Stores a request's tasks when its status is known (< 500) and releases them once the
+    response has been sent."""
+
+    def __init__(self, app: ASGIApp, lane: Backlane) -> None:
+        self.app = app
+        self.lane = lane
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        batch = RequestBatch(self.lane)
+        scope[_BATCH] = batch
+        sent = False
+
+        async def send_then_hand_over(message: Message) -> None:
+            nonlocal sent
+            kind = message["type"]
+            if kind == "http.response.start":
+                if message["status"] >= 500:
+                    batch.drop()
+                else:
+                    await batch.persist()
+            await send(message)
+            if kind == "http.response.body" and not message.get("more_body", False):
+                sent = True
+                await batch.after_response()
+
+        try:
+            await self.app(scope, receive, send_then_hand_over)
+        except BaseException:
+            await batch.abandon()
+            raise
+        if not sent:
+            if batch.stored:
+                await batch.after_response()
+            else:
+                batch.drop()
+
+
+def status_router(lane: Backlane) -> APIRouter:
+    """The status API: ``GET /jobs/{id}``."""
+    router = APIRouter()
+
+    @router.get("/jobs/{job_id}", summary="A job's state, progress, result and error")
+    async def job_status(job_id: str) -> dict[str, Any]:
+        job = await lane.store.get(job_id) if _JOB_ID.match(job_id) else None
+        if job is None:
+            raise HTTPException(status_code=404, detail=f"no job with id {job_id!r}")
+        return job.to_public()
+
+    return router
+
+
+async def _invalid_arguments(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, InvalidArguments)
+    errors = [{**err, "loc": ["task", exc.task, *err["loc"]]} for err in exc.errors()]
+    return JSONResponse({"detail": errors}, status_code=422)
+
+
+def install(
+    lane: Backlane,
+    app: FastAPI,
+    *,
+    workers: int = 1,
+    concurrency: int | None = None,
+    queues: list[str] | None = None,
+    prefix: str = "/backlane",
+) -> None:
+    """See ``Backlane.install``."""
+    current = getattr(app.state, "backlane", None)
+    if current is not None and current is not lane:
+        raise ConfigurationError("this app already has another Backlane installed")
+    if workers < 0:
+        raise ValueError(f"workers must be 0 or more, got {workers}")
+    app.state.backlane = lane
+    app.add_middleware(DurableTasksMiddleware, lane=lane)
+    app.include_router(status_router(lane), prefix=prefix, tags=["backlane"])
+    app.add_exception_handler(InvalidArguments, _invalid_arguments)
+    original = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(application: Any) -> AsyncIterator[Any]:
+        await lane.open()
+        count = 0 if lane.eager else workers
+        embedded = [lane.worker(concurrency=concurrency, queues=queues) for _ in range(count)]
+        try:
+            async with anyio.create_task_group() as group:
+                for worker in embedded:
+                    group.start_soon(worker.run)
+                try:
+                    async with original(application) as state:
+                        yield state
+                finally:
+                    for worker in embedded:
+                        worker.stop()
+        finally:
+            await lane.close()
+
+    app.router.lifespan_context = lifespan
+
+
+def _lane_for(conn: HTTPConnection) -> Backlane:
+    """The app's lane; for an app that never called ``install()``, one configured from the
+    environment, with an embedded worker started on the running loop at first use."""
+    state = conn.app.state
+    lane: Backlane | None = getattr(state, "backlane", None)
+    if lane is None:
+        lane = Backlane()
+        state.backlane = lane
+        state.backlane_embedded = {}
+        log.warning(
+            "backlane: this app never called lane.install(app); using %s with a worker on "
+            "the running event loop. install() is the recommended set-up: it stores tasks "
+            "before the response leaves and stops workers gracefully.",
+            lane.url,
+        )
+    embedded: dict[asyncio.AbstractEventLoop, Worker] | None = getattr(
+        state, "backlane_embedded", None
+    )
+    if embedded is not None and not lane.eager:
+        loop = asyncio.get_running_loop()
+        if loop not in embedded:
+            worker = lane.worker()
+            embedded[loop] = worker
+            task = loop.create_task(worker.run())
+            worker.background = task  # type: ignore[attr-defined]
+    return lane

@@ -1,0 +1,316 @@
+"""Tasks: a function made durable, its options, and the codec for its arguments.
+
+Arguments are validated against the function's signature with pydantic and stored as JSON;
+the worker decodes them back to the annotated types. Results are encoded the same way from
+the return annotation. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import sys
+import time
+import typing
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from pydantic import TypeAdapter, ValidationError
+from pydantic_core import PydanticSerializationError
+from typing_extensions import ParamSpec
+
+from .context import TaskContext, dependency_of
+from .exceptions import InvalidArguments, NotImportable, UnknownTask
+from .jobs import Job, JobHandle, JobState
+from .retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from .app import Backlane
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_ANY: TypeAdapter[Any] = TypeAdapter(Any)
+
+
+class ArgumentCodec:
+    """Validates call arguments against a signature and turns them into JSON and back."""
+
+    def __init__(self, func: Callable[..., Any], task_name: str) -> None:
+        self.task_name = task_name
+        signature = inspect.signature(func)
+        try:
+            hints = typing.get_type_hints(func, include_extras=True)
+        except Exception:  # unresolvable forward references: treat as Any
+            hints = {}
+        self.context_param: str | None = None
+        self.dependencies: dict[str, Any] = {}
+        self.adapters: dict[str, TypeAdapter[Any]] = {}
+        call_params = []
+        for param in signature.parameters.values():
+            hint = hints.get(param.name, Any)
+            if _is_context(hint):
+                self.context_param = param.name
+                continue
+            dep = dependency_of(param.default, hint)
+            if dep is not None:
+                self.dependencies[param.name] = dep
+                continue
+            if param.kind is param.VAR_POSITIONAL:
+                self.adapters[param.name] = TypeAdapter(list[hint])  # type: ignore[valid-type]
+            elif param.kind is param.VAR_KEYWORD:
+                self.adapters[param.name] = TypeAdapter(dict[str, hint])  # type: ignore[valid-type]
+            else:
+                self.adapters[param.name] = TypeAdapter(hint)
+            call_params.append(param)
+        self.call_signature = signature.replace(parameters=call_params)
+        self.kinds = {p.name: p.kind for p in call_params}
+        returns = hints.get("return", Any)
+        self.result_adapter: TypeAdapter[Any] = TypeAdapter(returns)
+
+    def encode(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        """The arguments as JSON text. Raises ``InvalidArguments`` naming each problem."""
+        try:
+            bound = self.call_signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise InvalidArguments(
+                self.task_name, [{"loc": [], "msg": str(exc), "type": "signature"}]
+            ) from None
+        errors: list[dict[str, Any]] = []
+        encoded: dict[str, Any] = {}
+        for name, value in bound.arguments.items():
+            adapter = self.adapters[name]
+            try:
+                encoded[name] = adapter.dump_python(adapter.validate_python(value), mode="json")
+            except ValidationError as exc:
+                for err in exc.errors(include_url=False, include_context=False):
+                    loc = [name, *err["loc"]]
+                    errors.append({"loc": loc, "msg": err["msg"], "type": err["type"]})
+            except PydanticSerializationError as exc:
+                errors.append(
+                    {
+                        "loc": [name],
+                        "msg": f"cannot be stored as JSON ({exc}); annotate the parameter "
+                        "with a JSON-friendly type or a pydantic model",
+                        "type": "not_json",
+                    }
+                )
+        if errors:
+            raise InvalidArguments(self.task_name, errors)
+        return json.dumps(encoded, separators=(",", ":"))
+
+    def decode(self, payload: str) -> tuple[list[Any], dict[str, Any]]:
+        """Positional and keyword arguments from JSON text, as the annotated types."""
+        data = json.loads(payload)
+        if not isinstance(data, dict):
+            raise ValueError("payload is not a JSON object")
+        args: list[Any] = []
+        kwargs: dict[str, Any] = {}
+        for name, raw in data.items():
+            kind = self.kinds.get(name)
+            if kind is None:
+                raise ValueError(f"payload names unknown parameter {name!r}")
+            value = self.adapters[name].validate_python(raw)
+            if kind is inspect.Parameter.POSITIONAL_ONLY:
+                args.append(value)
+            elif kind is inspect.Parameter.VAR_POSITIONAL:
+                args.extend(value)
+            elif kind is inspect.Parameter.VAR_KEYWORD:
+                kwargs.update(value)
+            else:
+                kwargs[name] = value
+        return args, kwargs
+
+    def encode_result(self, value: Any) -> str:
+        """The return value as JSON text."""
+        return self.result_adapter.dump_json(value).decode()
+
+    def decode_result(self, text: str) -> Any:
+        """A stored result as the annotated return type."""
+        return self.result_adapter.validate_json(text)
+
+
+def _is_context(hint: Any) -> bool:
+    if typing.get_origin(hint) is typing.Annotated:
+        hint = typing.get_args(hint)[0]
+    return isinstance(hint, type) and issubclass(hint, TaskContext)
+
+
+@dataclass(frozen=True)
+class EnqueueOptions:
+    """Scheduling options, kept apart from a task's own arguments."""
+
+    delay: float | None = None
+    at: datetime | None = None
+    key: str | None = None
+    priority: int | None = None
+    queue: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.delay is not None and self.at is not None:
+            raise ValueError("give either delay= or at=, not both")
+        if self.at is not None and self.at.tzinfo is None:
+            raise ValueError("at= must be timezone-aware (e.g. datetime.now(timezone.utc))")
+
+
+class Task(Generic[P, R]):
+    """A function backlane can run in any worker process. Calling it runs it here, now;
+    ``enqueue`` stores a job for a worker."""
+
+    def __init__(
+        self,
+        lane: Backlane,
+        func: Callable[P, R],
+        *,
+        name: str,
+        policy: RetryPolicy,
+        timeout: float | None = None,
+        queue: str = "default",
+        priority: int = 0,
+    ) -> None:
+        self.lane = lane
+        self.func = func
+        self.name = name
+        self.policy = policy
+        self.timeout = timeout
+        self.queue = queue
+        self.priority = priority
+        self.is_async = inspect.iscoroutinefunction(func)
+        self.codec = ArgumentCodec(func, name)
+        self.__doc__ = func.__doc__
+        self.__wrapped__ = func
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name}>"
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.func(*args, **kwargs)
+
+    def build_job(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        options: EnqueueOptions | None = None,
+        *,
+        state: JobState = JobState.QUEUED,
+        now: float | None = None,
+    ) -> Job:
+        """A job for this call, its arguments validated and encoded (nothing stored yet)."""
+        opts = options or EnqueueOptions()
+        now = time.time() if now is None else now
+        run_at = now
+        if opts.delay is not None:
+            run_at = now + opts.delay
+        elif opts.at is not None:
+            run_at = opts.at.timestamp()
+        return Job(
+            task=self.name,
+            payload=self.codec.encode(args, kwargs),
+            queue=opts.queue or self.queue,
+            priority=self.priority if opts.priority is None else opts.priority,
+            state=state,
+            key=opts.key,
+            run_at=run_at,
+            created_at=now,
+        )
+
+    async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> JobHandle:
+        """Store a job running this task with these arguments; returns its handle."""
+        return await self.options().enqueue(*args, **kwargs)
+
+    def options(
+        self,
+        *,
+        delay: float | timedelta | None = None,
+        at: datetime | None = None,
+        key: str | None = None,
+        priority: int | None = None,
+        queue: str | None = None,
+    ) -> TaskCall[P, R]:
+        """This task with scheduling options: ``delay`` (seconds or timedelta) or ``at``
+        (aware datetime), an idempotency ``key``, ``priority`` (higher first), ``queue``."""
+        seconds = delay.total_seconds() if isinstance(delay, timedelta) else delay
+        opts = EnqueueOptions(delay=seconds, at=at, key=key, priority=priority, queue=queue)
+        return TaskCall(self, opts)
+
+
+class TaskCall(Generic[P, R]):
+    """A task bound to enqueue options; ``enqueue`` stores the job."""
+
+    def __init__(self, task: Task[P, R], options: EnqueueOptions) -> None:
+        self.task = task
+        self.opts = options
+
+    async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> JobHandle:
+        """Store a job running the task with these arguments; returns its handle. With a
+        ``key`` already held by an unfinished job, returns that job's handle instead."""
+        job = self.task.build_job(args, kwargs, self.opts)
+        (stored,) = await self.task.lane.enqueue_jobs([job])
+        return JobHandle(self.task.lane, stored.id, stored.task)
+
+
+# -- finding functions by name --------------------------------------------------------
+
+AnyCallable = Callable[..., Any] | Callable[..., Awaitable[Any]]
+
+
+def import_name(func: Callable[..., Any]) -> str:
+    """The name a worker process can import ``func`` by (``module:qualname``).
+
+    Raises ``NotImportable`` saying why, for lambdas, closures, nested functions, methods
+    and functions defined in ``__main__``."""
+    what = getattr(func, "__qualname__", None) or repr(func)
+    how = (
+        "define it at module level in an importable module, or decorate it with @lane.task; "
+        "for in-process, non-durable execution use add_local_task()"
+    )
+    if not inspect.isfunction(func):
+        raise NotImportable(
+            f"{what!s} is not a plain function, so a worker cannot find it by name: {how}"
+        )
+    if func.__name__ == "<lambda>":
+        raise NotImportable(f"a lambda has no name another process can import: {how}")
+    if "<locals>" in func.__qualname__:
+        raise NotImportable(
+            f"{func.__qualname__} is defined inside another function (a closure or nested "
+            f"function), so another process cannot import it: {how}"
+        )
+    if func.__module__ == "__main__":
+        raise NotImportable(
+            f"{func.__qualname__} is defined in __main__, which a worker process cannot "
+            f"import: {how}"
+        )
+    name = f"{func.__module__}:{func.__qualname__}"
+    found = _resolve(func.__module__, func.__qualname__)
+    if getattr(found, "__wrapped__", found) is not func and found is not func:
+        raise NotImportable(f"{name} does not lead back to the same function: {how}")
+    return name
+
+
+def resolve_import_name(name: str) -> Callable[..., Any]:
+    """The function a ``module:qualname`` job names. Refuses anything but a plain function
+    defined in that module, and anything from the standard library."""
+    module, sep, qualname = name.partition(":")
+    if not sep or not module or not qualname:
+        raise UnknownTask(f"no task named {name!r} is registered with this lane")
+    top = module.partition(".")[0]
+    if top in sys.stdlib_module_names or top == "builtins":
+        raise UnknownTask(f"task {name!r} names a standard-library function; refused")
+    try:
+        found = _resolve(module, qualname)
+    except (ImportError, AttributeError) as exc:
+        raise UnknownTask(f"task {name!r} cannot be imported here: {exc}") from exc
+    func = getattr(found, "func", found) if isinstance(found, Task) else found
+    if not inspect.isfunction(func) or f"{func.__module__}:{func.__qualname__}" != name:
+        raise UnknownTask(f"{name!r} is not a function defined in {module}; refused")
+    return typing.cast(Callable[..., Any], found)
+
+
+def _resolve(module: str, qualname: str) -> Any:
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj

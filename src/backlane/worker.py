@@ -1,0 +1,379 @@
+"""The worker: claims jobs, runs them under a lease, records how each attempt ended.
+
+``async def`` tasks run on the worker's event loop; ``def`` tasks in the worker's own
+bounded thread pool (never AnyIO's shared default limiter, which the web app's sync
+endpoints need). A lease renewed by heartbeat marks a job as held; a worker that dies
+loses its leases and another worker takes the jobs again. On ``stop()`` the worker stops
+claiming, lets running jobs finish within the grace period, and hands the rest back.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import socket
+import time
+import traceback
+import uuid
+from contextlib import AsyncExitStack, nullcontext
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from .context import TaskContext, resolve_dependencies
+from .jobs import Job, JobState
+from .retry import Retry
+from .stores.base import Outcome
+
+if TYPE_CHECKING:
+    from .app import Backlane
+    from .tasks import Task
+
+log = logging.getLogger("backlane.worker")
+
+
+@dataclass
+class _Held:
+    job: Job
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    context: TaskContext | None = None
+    handed_back: bool = False
+
+
+def error_record(exc: BaseException, *, message: str | None = None) -> dict[str, Any]:
+    """What a failed attempt keeps of its exception: type, message and traceback."""
+    kind = type(exc)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    return {
+        "type": name,
+        "message": message if message is not None else str(exc),
+        "traceback": "".join(traceback.format_exception(kind, exc, exc.__traceback__)),
+    }
+
+
+class Worker:
+    """Runs jobs from a lane's store until ``stop()`` is called."""
+
+    def __init__(
+        self,
+        lane: Backlane,
+        *,
+        concurrency: int | None = None,
+        queues: list[str] | None = None,
+        threads: int | None = None,
+    ) -> None:
+        self.lane = lane
+        settings = lane.settings
+        self.concurrency = concurrency or settings.concurrency
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
+        self.queues = queues or None
+        self.threads = threads or self.concurrency
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.lease = settings.lease_seconds
+        self.grace = settings.shutdown_grace
+        self._held: dict[str, _Held] = {}
+        self._outcomes: list[Outcome] = []
+        self._stopping = False
+        self._slot_free = anyio.Event()
+        self._outcome_ready = anyio.Event()
+        self._limiter: anyio.CapacityLimiter | None = None
+        self._until_idle = False
+        self._in_flight = 0
+        self._flushed = 0
+        self.processed = 0
+
+    def __repr__(self) -> str:
+        return f"<Worker {self.id} concurrency={self.concurrency}>"
+
+    @property
+    def held(self) -> list[str]:
+        """Ids of the jobs this worker holds now."""
+        return list(self._held)
+
+    def stop(self) -> None:
+        """Ask the worker to stop claiming and shut down gracefully. Safe from any thread."""
+        self._stopping = True
+        self.lane.notifier.notify()
+
+    async def run(self) -> None:
+        """Claim and run jobs until ``stop()``; then finish or hand back what is held."""
+        self._limiter = anyio.CapacityLimiter(self.threads)
+        self._slot_free = anyio.Event()
+        self._outcome_ready = anyio.Event()
+        await self.lane.open()
+        log.info("worker %s started (concurrency %d)", self.id, self.concurrency)
+        async with anyio.create_task_group() as jobs_group:
+            async with anyio.create_task_group() as service:
+                service.start_soon(self._maintain)
+                service.start_soon(self._flush_loop)
+                await self._claim_loop(jobs_group)
+                await self._wind_down()
+                await self._flush()
+                service.cancel_scope.cancel()
+        await self._flush()
+        log.info("worker %s stopped after %d jobs", self.id, self.processed)
+
+    async def run_until_idle(self) -> int:
+        """Run jobs until none is left that could run now; returns how many ran."""
+        self._until_idle = True
+        await self.run()
+        return self.processed
+
+    async def run_inline(self, jobs: list[Job]) -> None:
+        """Run ``jobs`` here, one after another, once each (eager mode): each is stored as
+        running, executed, and its outcome recorded; a failure does not stop the rest."""
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(1)
+        for job in jobs:
+            now = time.time()
+            job = job.copy(
+                state=JobState.RUNNING,
+                worker_id=self.id,
+                attempts=1,
+                started_at=now,
+                lease_until=now + self.lease,
+                after=None,
+                release_at=None,
+            )
+            await self.lane.enqueue_jobs([job])
+            outcome = await self.execute(_Held(job))
+            if outcome is None:
+                continue
+            if outcome.state is JobState.QUEUED:  # no retries inline: the attempt failed
+                outcome = self._ended(job, JobState.FAILED, error=outcome.error)
+            if outcome.state is JobState.FAILED and outcome.error:
+                log.error("task %s failed:\n%s", job.task, outcome.error.get("traceback"))
+            await self.lane.store.finish([outcome])
+            self.lane.notifier.notify()
+
+    async def _claim_loop(self, group: anyio.abc.TaskGroup) -> None:
+        settings = self.lane.settings
+        idle = settings.poll_min
+        while not self._stopping:
+            free = self.concurrency - len(self._held)
+            if free <= 0:
+                await self._slot_free.wait()
+                self._slot_free = anyio.Event()
+                continue
+            now = time.time()
+            generation = self._flushed
+            try:
+                jobs = await self.lane.store.claim(
+                    worker_id=self.id,
+                    queues=self.queues,
+                    limit=free,
+                    now=now,
+                    lease_until=now + self.lease,
+                )
+            except Exception:
+                log.exception("worker %s could not claim jobs; retrying", self.id)
+                await self.lane.notifier.wait(min(idle * 4, 2.0))
+                idle = min(idle * 2, settings.poll_max)
+                continue
+            if jobs:
+                idle = settings.poll_min
+                for job in jobs:
+                    held = _Held(job)
+                    self._held[job.id] = held
+                    group.start_soon(self._run_one, held, name=f"backlane job {job.id}")
+                continue
+            if self._until_idle and not (self._held or self._outcomes or self._in_flight):
+                if generation == self._flushed:
+                    return
+                continue
+            await self.lane.notifier.wait(idle)
+            idle = min(idle * 2, settings.poll_max)
+
+    async def _wind_down(self) -> None:
+        if self._held:
+            log.info("worker %s waiting up to %ss for %d jobs", self.id, self.grace, len(self._held))
+            with anyio.move_on_after(self.grace):
+                while self._held:
+                    await self._slot_free.wait()
+                    self._slot_free = anyio.Event()
+        if self._held:
+            ids = list(self._held)
+            for held in self._held.values():
+                held.handed_back = True
+                held.scope.cancel()
+            with anyio.CancelScope(shield=True):
+                await self.lane.store.hand_back(worker_id=self.id, ids=ids)
+            log.info("worker %s handed back %d unfinished jobs", self.id, len(ids))
+
+    async def _run_one(self, held: _Held) -> None:
+        try:
+            outcome = await self.execute(held)
+        finally:
+            self._held.pop(held.job.id, None)
+            self._slot_free.set()
+        if outcome is not None:
+            self._outcomes.append(outcome)
+            self._outcome_ready.set()
+            self.processed += 1
+
+    async def execute(self, held: _Held) -> Outcome | None:
+        """Run one claimed job; the outcome to record, or None if it was handed back."""
+        job = held.job
+        lane = self.lane
+        try:
+            task = lane.resolve_task(job.task)
+            args, kwargs = task.codec.decode(job.payload)
+        except Exception as exc:  # unknown task or corrupt payload: a failed job, not a crash
+            log.error("job %s (%s) cannot run: %s", job.id, job.task, exc)
+            return self._ended(job, JobState.FAILED, error=error_record(exc))
+
+        async def report(fraction: float | None, message: str | None) -> None:
+            await lane.store.set_progress(
+                job.id, worker_id=self.id, progress=fraction, message=message
+            )
+            lane.notifier.notify()
+
+        ctx = TaskContext(
+            job_id=job.id, task=job.task, attempt=job.attempts, queue=job.queue, report=report
+        )
+        held.context = ctx
+        if task.codec.context_param:
+            kwargs[task.codec.context_param] = ctx
+        finished = False
+        value: Any = None
+        try:
+            async with AsyncExitStack() as stack:
+                kwargs.update(
+                    await resolve_dependencies(task.codec.dependencies, stack=stack, context=ctx)
+                )
+                with held.scope:
+                    value = await self._call(task, args, kwargs)
+                    finished = True
+            if not finished:
+                if held.handed_back:
+                    return None
+                return self._ended(
+                    job,
+                    JobState.CANCELLED,
+                    error={"type": "Cancelled", "message": "cancelled on request", "traceback": ""},
+                )
+            result = task.codec.encode_result(value)
+        except TimeoutError as exc:
+            message = f"timed out after {task.timeout}s"
+            log.warning("job %s (%s) %s", job.id, job.task, message)
+            return self._after_failure(job, task, exc, message=message)
+        except Exception as exc:
+            log.warning("job %s (%s) attempt %d failed: %r", job.id, job.task, job.attempts, exc)
+            return self._after_failure(job, task, exc)
+        return self._ended(job, JobState.SUCCEEDED, result=result)
+
+    async def _call(self, task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
+        timeout = task.timeout
+        with anyio.fail_after(timeout) if timeout else nullcontext():
+            if task.is_async:
+                return await task.func(*args, **kwargs)
+            assert self._limiter is not None
+            call = functools.partial(task.func, *args, **kwargs)
+            return await anyio.to_thread.run_sync(
+                call, limiter=self._limiter, abandon_on_cancel=True
+            )
+
+    def _after_failure(
+        self, job: Job, task: Task[Any, Any], exc: BaseException, *, message: str | None = None
+    ) -> Outcome:
+        now = time.time()
+        delay = task.policy.delay_after(job.attempts, exc)
+        error = error_record(exc, message=message)
+        if delay is None:
+            return self._ended(job, JobState.FAILED, error=error, now=now)
+        if isinstance(exc, Retry):
+            error["type"] = "Retry"
+        return Outcome(
+            job_id=job.id,
+            worker_id=self.id,
+            state=JobState.QUEUED,
+            finished_at=now,
+            error=error,
+            run_at=now + delay,
+        )
+
+    def _ended(
+        self,
+        job: Job,
+        state: JobState,
+        *,
+        result: str | None = None,
+        error: dict[str, Any] | None = None,
+        now: float | None = None,
+    ) -> Outcome:
+        now = time.time() if now is None else now
+        keep = self.lane.settings.keep_succeeded if state is JobState.SUCCEEDED else self.lane.settings.keep_failed
+        return Outcome(
+            job_id=job.id,
+            worker_id=self.id,
+            state=state,
+            finished_at=now,
+            result=result,
+            error=error,
+            keep_until=now + keep,
+        )
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._outcome_ready.wait()
+            self._outcome_ready = anyio.Event()
+            await self._flush()
+
+    async def _flush(self) -> None:
+        delay = 0.05
+        while self._outcomes:
+            batch, self._outcomes = self._outcomes, []
+            self._in_flight += 1
+            try:
+                with anyio.CancelScope(shield=True):
+                    await self.lane.store.finish(batch)
+            except Exception:
+                self._in_flight -= 1
+                log.exception("worker %s could not record %d outcomes; retrying", self.id, len(batch))
+                self._outcomes[:0] = batch
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            self._in_flight -= 1
+            self._flushed += 1
+            self.lane.notifier.notify()
+
+    async def _maintain(self) -> None:
+        settings = self.lane.settings
+        heartbeat = max(self.lease / 3, 0.05)
+        next_sweep = 0.0
+        next_purge = time.monotonic() + settings.purge_interval
+        while True:
+            now_m = time.monotonic()
+            try:
+                if self._held:
+                    ids = list(self._held)
+                    asked = await self.lane.store.renew_leases(
+                        worker_id=self.id, ids=ids, lease_until=time.time() + self.lease
+                    )
+                    for job_id in asked:
+                        self._cancel_held(job_id)
+                if now_m >= next_sweep:
+                    count = await self.lane.store.requeue_expired(time.time())
+                    if count:
+                        log.warning("requeued %d jobs whose worker stopped answering", count)
+                        self.lane.notifier.notify()
+                    next_sweep = now_m + settings.sweep_interval
+                if now_m >= next_purge:
+                    await self.lane.store.purge(before=time.time())
+                    next_purge = now_m + settings.purge_interval
+            except Exception:
+                log.exception("worker %s maintenance failed; will try again", self.id)
+            await anyio.sleep(heartbeat)
+
+    def _cancel_held(self, job_id: str) -> None:
+        held = self._held.get(job_id)
+        if held is None:
+            return
+        if held.context is not None:
+            held.context.cancelled.set()
+        held.scope.cancel()
+

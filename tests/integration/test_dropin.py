@@ -1,0 +1,210 @@
+"""The BackgroundTasks drop-in keeps FastAPI's semantics and makes them durable (DESIGN §2)."""
+
+
+import json
+import time
+from typing import Annotated, Any
+
+import anyio
+import pytest
+from fastapi import Depends, FastAPI, HTTPException, WebSocket
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.testclient import TestClient
+
+from backlane import Backlane, JobState
+from backlane.fastapi import BackgroundTasks
+from tests.integration import recorder
+from tests.integration.recorder import RECORD
+
+
+def wait_until(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+def job_state(lane: Backlane, job_id: str) -> JobState | None:
+    job = anyio.run(lane.store.get, job_id)
+    return None if job is None else job.state
+
+
+def make_app(lane: Backlane, workers: int = 1) -> FastAPI:
+    app = FastAPI()
+    lane.install(app, workers=workers, concurrency=10)
+
+    def log_query(background_tasks: BackgroundTasks, q: str | None = None) -> str | None:
+        if q:
+            background_tasks.add_task(recorder.slow_async, f"dep:{q}")
+        return q
+
+    @app.post("/ordered")
+    async def ordered(
+        background_tasks: BackgroundTasks, q: Annotated[str | None, Depends(log_query)]
+    ) -> dict[str, Any]:
+        first = background_tasks.add_task(recorder.slow_sync, "endpoint:1")
+        second = background_tasks.add_task(recorder.slow_async, "endpoint:2")
+        return {"ids": [first.id, second.id], "all": [j.id for j in background_tasks.jobs]}
+
+    @app.post("/fail-then-continue")
+    def fail_then_continue(background_tasks: BackgroundTasks) -> dict[str, Any]:
+        a = background_tasks.add_task(recorder.failing, "a")
+        b = background_tasks.add_task(recorder.note, "b")
+        return {"ids": [a.id, b.id]}
+
+    @app.post("/raises")
+    def raises(background_tasks: BackgroundTasks) -> None:
+        app.state.last = background_tasks.add_task(recorder.note, "raised").id
+        raise HTTPException(status_code=409, detail="conflict")
+
+    @app.post("/server-error")
+    def server_error(background_tasks: BackgroundTasks) -> JSONResponse:
+        app.state.last = background_tasks.add_task(recorder.note, "5xx").id
+        return JSONResponse({"error": "unavailable"}, status_code=503)
+
+    @app.post("/own-response")
+    def own_response(background_tasks: BackgroundTasks) -> PlainTextResponse:
+        job = background_tasks.add_task(recorder.note, "own-response")
+        return PlainTextResponse(job.id)
+
+    @app.post("/typed/{email}")
+    def typed(email: str, background_tasks: BackgroundTasks) -> dict[str, str]:
+        background_tasks.add_task(recorder.slow_async, "fine")
+        background_tasks.add_task(recorder.slow_async, email, seconds="not a number")
+        return {"never": "reached"}
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket, background_tasks: BackgroundTasks) -> None:
+        await websocket.accept()
+        job = background_tasks.add_task(recorder.note, "websocket")
+        await websocket.send_text(job.id)
+        await websocket.close()
+
+    return app
+
+
+def test_dependency_tasks_first_then_endpoint_one_after_another(lane_url: str) -> None:
+    lane = Backlane(lane_url)
+    with TestClient(make_app(lane)) as client:
+        reply = client.post("/ordered", params={"q": "x"})
+        assert reply.status_code == 200
+        body = reply.json()
+        assert len(body["all"]) == 3  # one shared instance: dependency + endpoint tasks
+        wait_until(lambda: len(RECORD.labels()) == 3)
+    assert RECORD.labels("start") == ["dep:x", "endpoint:1", "endpoint:2"]
+    events = sorted(RECORD.events, key=lambda e: e[2])
+    kinds = [(kind, label) for kind, label, _ in events]
+    assert kinds == [
+        ("start", "dep:x"), ("end", "dep:x"),
+        ("start", "endpoint:1"), ("end", "endpoint:1"),
+        ("start", "endpoint:2"), ("end", "endpoint:2"),
+    ]  # fmt: skip
+
+
+def test_requests_run_concurrently_with_each_other(lane_url: str) -> None:
+    lane = Backlane(lane_url)
+    with TestClient(make_app(lane)) as client:
+        for _ in range(4):
+            assert client.post("/ordered").status_code == 200
+        wait_until(lambda: len(RECORD.labels()) == 8)
+    starts = [t for kind, label, t in RECORD.events if kind == "start" and label == "endpoint:1"]
+    ends = [t for kind, label, t in RECORD.events if kind == "end" and label == "endpoint:2"]
+    assert min(ends) > max(starts)  # every request's first task started before any chain ended
+
+
+def test_a_failed_task_does_not_stop_the_next(lane_url: str) -> None:
+    lane = Backlane(lane_url, retries=0)
+    with TestClient(make_app(lane)) as client:
+        a, b = client.post("/fail-then-continue").json()["ids"]
+        wait_until(lambda: RECORD.labels() == ["a", "b"])
+        wait_until(lambda: job_state(lane, b) is JobState.SUCCEEDED)
+        status = client.get(f"/backlane/jobs/{a}").json()
+    assert status["state"] == "failed"
+    assert status["error"]["type"] == "RuntimeError"
+    assert "a failed on purpose" in status["error"]["message"]
+    assert "Traceback" in status["error"]["traceback"]
+
+
+def test_endpoint_that_raises_keeps_no_task(lane_url: str) -> None:
+    lane = Backlane(lane_url)
+    app = make_app(lane)
+    with TestClient(app) as client:
+        assert client.post("/raises").status_code == 409
+        assert job_state(lane, app.state.last) is None
+        assert client.post("/server-error").status_code == 503
+        assert job_state(lane, app.state.last) is None
+        time.sleep(0.2)
+    assert RECORD.labels() == []
+
+
+def test_tasks_kept_where_fastapi_drops_them(lane_url: str) -> None:
+    lane = Backlane(lane_url)
+    with TestClient(make_app(lane)) as client:
+        own = client.post("/own-response").text
+        with client.websocket_connect("/ws") as ws:
+            via_ws = ws.receive_text()
+        wait_until(lambda: sorted(RECORD.labels()) == ["own-response", "websocket"])
+        wait_until(lambda: job_state(lane, via_ws) is JobState.SUCCEEDED)
+        assert job_state(lane, own) is JobState.SUCCEEDED
+
+
+def test_bad_argument_is_422_and_nothing_is_stored(lane_url: str) -> None:
+    lane = Backlane(lane_url)
+    with TestClient(make_app(lane, workers=0)) as client:
+        reply = client.post("/typed/a@example.com")
+        assert reply.status_code == 422
+        detail = reply.json()["detail"]
+        assert detail[0]["loc"] == ["task", "tests.integration.recorder:slow_async", "seconds"]
+        assert "valid number" in detail[0]["msg"]
+        assert anyio.run(lane.store.counts) == {}
+
+
+def test_status_api_shows_the_job(lane_url: str) -> None:
+    lane = Backlane(lane_url)
+    with TestClient(make_app(lane)) as client:
+        ids = client.post("/ordered").json()["ids"]
+        wait_until(lambda: job_state(lane, ids[1]) is JobState.SUCCEEDED)
+        status = client.get(f"/backlane/jobs/{ids[1]}").json()
+        assert client.get("/backlane/jobs/0123456789abcdef").status_code == 404
+        assert client.get("/backlane/jobs/..%2F..%2Fetc").status_code == 404
+    assert set(status) >= {
+        "id", "task", "state", "attempts", "progress", "message", "result", "error",
+        "created_at", "started_at", "finished_at",
+    }  # fmt: skip
+    assert status["state"] == "succeeded"
+    assert status["result"] == "endpoint:2"
+    assert status["attempts"] == 1
+
+
+@pytest.mark.anyio
+async def test_stored_before_the_response_leaves_started_only_after(lane_url: str) -> None:
+    """Drive the ASGI app by hand: when the last body chunk is handed to the server, the
+    jobs are already in the store, still deferred; after it was sent they are queued."""
+    lane = Backlane(lane_url)
+    app = make_app(lane, workers=0)
+    await lane.open()
+    seen: dict[str, Any] = {}
+    messages = iter([{"type": "http.request", "body": b"", "more_body": False}])
+
+    async def receive() -> dict[str, Any]:
+        return next(messages)
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            ids = json.loads(message["body"])["ids"]
+            seen["ids"] = ids
+            seen["at_send"] = [(await lane.store.get(i)).state for i in ids]  # type: ignore[union-attr]
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/ordered", "raw_path": b"/ordered", "query_string": b"",
+        "root_path": "", "headers": [(b"host", b"test")], "client": ("127.0.0.1", 1),
+        "server": ("test", 80), "state": {},
+    }  # fmt: skip
+    await app(scope, receive, send)
+    assert seen["at_send"] == [JobState.DEFERRED, JobState.DEFERRED]
+    after = [(await lane.store.get(i)).state for i in seen["ids"]]  # type: ignore[union-attr]
+    assert after == [JobState.QUEUED, JobState.QUEUED]
+    await lane.close()
+
