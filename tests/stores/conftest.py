@@ -1,0 +1,68 @@
+"""The conformance suite's fixtures: every store, opened fresh for each test.
+
+A store joins the suite by adding one factory to ``STORE_FACTORIES``: an async context
+manager that yields the store, open and empty, and closes it afterwards. A store that needs
+a server (Redis, PostgreSQL) calls ``require_service`` when the server cannot be reached:
+the test is skipped on a laptop and fails in CI, where ``BACKLANE_REQUIRE_SERVICES=1``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import NoReturn
+
+import pytest
+
+from backlane.stores.base import Store
+from backlane.stores.memory import MemoryStore
+from backlane.stores.sqlite import SQLiteStore
+
+StoreFactory = Callable[[Path], AbstractAsyncContextManager[Store]]
+
+
+def require_service(name: str, reason: str) -> NoReturn:
+    """Give up on a test whose server is missing: skip it, or fail it when the environment
+    says services are required (``BACKLANE_REQUIRE_SERVICES=1``, as in CI)."""
+    if os.environ.get("BACKLANE_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{name} is required (BACKLANE_REQUIRE_SERVICES=1) but {reason}")
+    pytest.skip(f"{name} is not available: {reason}")
+
+
+@asynccontextmanager
+async def _opened(store: Store) -> AsyncIterator[Store]:
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def memory_store(tmp_path: Path) -> AbstractAsyncContextManager[Store]:
+    return _opened(MemoryStore())
+
+
+def sqlite_store(tmp_path: Path) -> AbstractAsyncContextManager[Store]:
+    return _opened(SQLiteStore(f"sqlite:///{tmp_path / 'jobs.db'}"))
+
+
+STORE_FACTORIES: dict[str, StoreFactory] = {
+    "memory": memory_store,
+    "sqlite": sqlite_store,
+}
+
+
+@pytest.fixture(params=list(STORE_FACTORIES))
+def store_factory(request: pytest.FixtureRequest) -> StoreFactory:
+    """The factory of one store of the suite (the test runs once per store)."""
+    factory: StoreFactory = STORE_FACTORIES[request.param]
+    return factory
+
+
+@pytest.fixture
+async def store(store_factory: StoreFactory, tmp_path: Path) -> AsyncIterator[Store]:
+    """An open, empty store, closed after the test."""
+    async with store_factory(tmp_path) as opened:
+        yield opened
