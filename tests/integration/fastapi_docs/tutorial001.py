@@ -1,0 +1,19 @@
+# FastAPI's background-tasks tutorial (docs_src/background_tasks/tutorial001), with one
+# line changed: BackgroundTasks comes from backlane.fastapi.
+from fastapi import FastAPI
+
+from backlane.fastapi import BackgroundTasks
+
+app = FastAPI()
+
+
+def write_notification(email: str, message=""):
+    with open("log.txt", mode="w") as email_file:
+        content = f"notification for {email}: {message}"
+        email_file.write(content)
+
+
+@app.post("/send-notification/{email}")
+async def send_notification(email: str, background_tasks: BackgroundTasks):
+    background_tasks.add_task(write_notification, email, message="some notification")
+    return {"message": "Notification sent in the background"}

@@ -1,0 +1,86 @@
+"""Importable task functions for tests/integration/test_worker.py."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Annotated
+
+import anyio
+from fastapi import Depends
+
+from backlane import Retry, TaskContext
+
+STATE: dict[str, list[str]] = {"opened": [], "closed": [], "calls": []}
+FLAKY: dict[str, int] = {}
+GATE = threading.Event()
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+async def with_progress(ctx: TaskContext, steps: int) -> str:
+    for i in range(steps):
+        await ctx.progress((i + 1) / steps, f"step {i + 1} of {steps}")
+    return f"{ctx.job_id}:{ctx.attempt}"
+
+
+def sync_progress(ctx: TaskContext) -> None:
+    ctx.progress_sync(0.25, "a quarter")
+
+
+def flaky(key: str, fail_times: int) -> int:
+    FLAKY[key] = FLAKY.get(key, 0) + 1
+    if FLAKY[key] <= fail_times:
+        raise ConnectionError(f"attempt {FLAKY[key]} failed")
+    return FLAKY[key]
+
+
+async def asks_to_retry(key: str) -> str:
+    FLAKY[key] = FLAKY.get(key, 0) + 1
+    if FLAKY[key] == 1:
+        raise Retry("not yet", delay=0)
+    return "done"
+
+
+async def sleeps(seconds: float) -> str:
+    await anyio.sleep(seconds)
+    return "slept"
+
+
+def blocks(seconds: float) -> str:
+    time.sleep(seconds)
+    return "blocked"
+
+
+async def waits_for_cancel(ctx: TaskContext) -> None:
+    await anyio.sleep(30)
+
+
+async def session() -> AsyncIterator[str]:
+    name = f"session-{len(STATE['opened'])}"
+    STATE["opened"].append(name)
+    try:
+        yield name
+    finally:
+        STATE["closed"].append(name)
+
+
+def settings() -> dict[str, str]:
+    return {"dsn": "test"}
+
+
+def uses_session(
+    label: str,
+    db: Annotated[str, Depends(session)],
+    conf: dict[str, str] = Depends(settings),  # noqa: B008
+) -> str:
+    STATE["calls"].append(f"{label}:{db}:{conf['dsn']}")
+    assert db not in STATE["closed"]  # still open while the task runs
+    return db
+
+
+def records(label: str) -> None:
+    STATE["calls"].append(label)

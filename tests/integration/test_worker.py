@@ -1,0 +1,219 @@
+"""Enqueue, run and follow jobs: results, progress, retries, timeouts, cancellation,
+dependencies, shutdown — on every local store."""
+
+import time
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta, timezone
+
+import anyio
+import pytest
+
+from backlane import Backlane, InvalidArguments, Job, JobFailed, JobState, ResultTimeout
+from backlane.testing import drain
+from tests.integration import jobs_tasks as t
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def lane(lane_url: str) -> AsyncIterator[Backlane]:
+    lane = Backlane(lane_url, backoff=0.01, lease_seconds=1, sweep_interval=0.2, shutdown_grace=1)
+    t.STATE.update(opened=[], closed=[], calls=[])
+    t.FLAKY.clear()
+    async with lane:
+        yield lane
+
+
+
+
+async def test_enqueue_and_result(lane: Backlane) -> None:
+    add = lane.task(t.add)
+    handle = await add.enqueue(2, b=3)
+    assert await handle.status() is JobState.QUEUED
+    assert await drain(lane) == 1
+    assert await handle.result(timeout=1) == 5
+    assert (await lane.job(handle.id)).id == handle.id
+
+
+async def test_bad_arguments_store_nothing(lane: Backlane) -> None:
+    add = lane.task(t.add)
+    with pytest.raises(InvalidArguments, match="task 'tests.integration.jobs_tasks:add'.*'a'"):
+        await add.enqueue("two", 3)
+    assert await lane.store.counts() == {}
+
+
+async def test_progress_and_context(lane: Backlane) -> None:
+    task = lane.task(t.with_progress)
+    sync = lane.task(t.sync_progress)
+    handle = await task.enqueue(4)
+    other = await sync.enqueue()
+    await drain(lane)
+    job = await handle.info()
+    assert (job.progress, job.message) == (1.0, "step 4 of 4")
+    assert await handle.result() == f"{handle.id}:1"
+    assert ((await other.info()).progress, (await other.info()).message) == (0.25, "a quarter")
+
+
+async def test_retries_with_backoff_then_success(lane: Backlane) -> None:
+    flaky = lane.task(retries=3, backoff=0.01)(t.flaky)
+    handle = await flaky.enqueue("k", fail_times=2)
+    worker = lane.worker()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        assert await handle.result(timeout=10) == 3
+        worker.stop()
+    job = await handle.info()
+    assert job.attempts == 3 and job.state is JobState.SUCCEEDED
+
+
+async def test_retries_exhausted_keep_the_error(lane: Backlane) -> None:
+    flaky = lane.task(retries=1, backoff=0.01, retry_on=ConnectionError)(t.flaky)
+    handle = await flaky.enqueue("k2", fail_times=5)
+    worker = lane.worker()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        with pytest.raises(JobFailed, match="ConnectionError: attempt 2 failed"):
+            await handle.result(timeout=10)
+        worker.stop()
+    job = await handle.info()
+    assert job.state is JobState.FAILED and job.attempts == 2
+    assert job.error is not None and "Traceback" in job.error["traceback"]
+    assert await lane.retry(handle.id)  # retried by hand
+    assert await handle.status() is JobState.QUEUED
+
+
+async def test_retry_signal(lane: Backlane) -> None:
+    task = lane.task(retries=1)(t.asks_to_retry)
+    handle = await task.enqueue("r")
+    await drain(lane)
+    assert await handle.result() == "done"
+    assert (await handle.info()).attempts == 2
+
+
+async def test_async_timeout_cancels_and_sync_timeout_is_reported(lane: Backlane) -> None:
+    slow = lane.task(timeout=0.1, retries=0)(t.sleeps)
+    blocking = lane.task(timeout=0.1, retries=0)(t.blocks)
+    a = await slow.enqueue(5)
+    b = await blocking.enqueue(1)
+    started = time.monotonic()
+    await drain(lane)
+    assert time.monotonic() - started < 1.0
+    for handle in (a, b):
+        job = await handle.info()
+        assert job.state is JobState.FAILED
+        assert job.error is not None and job.error["message"] == "timed out after 0.1s"
+
+
+async def test_cancel_queued_and_running(lane: Backlane) -> None:
+    waiting = lane.task(t.waits_for_cancel)
+    queued = await lane.task(t.add).options(delay=60).enqueue(1, 2)
+    assert await queued.cancel() is JobState.CANCELLED
+    running = await waiting.enqueue()
+    worker = lane.worker()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        with anyio.fail_after(5):
+            while await running.status() is not JobState.RUNNING:
+                await anyio.sleep(0.01)
+        assert await running.cancel() is JobState.RUNNING  # asked; the worker stops it
+        with pytest.raises(JobFailed, match="cancelled"):
+            await running.result(timeout=5)
+        worker.stop()
+
+
+async def test_options_delay_at_priority_queue_key(lane: Backlane) -> None:
+    add = lane.task(t.add)
+    later = await add.options(delay=timedelta(seconds=30)).enqueue(1, 1)
+    at = datetime.now(timezone.utc) + timedelta(hours=1)
+    scheduled = await add.options(at=at).enqueue(1, 2)
+    assert abs((await scheduled.info()).run_at - at.timestamp()) < 0.001
+    first = await add.options(key="once").enqueue(1, 3)
+    again = await add.options(key="once").enqueue(1, 3)
+    assert first.id == again.id
+    other_queue = await add.options(queue="emails", priority=5).enqueue(2, 2)
+    assert await drain(lane, queues=["default"]) == 1  # "once" only; the rest wait
+    assert await later.status() is JobState.QUEUED
+    assert await other_queue.status() is JobState.QUEUED
+    assert await drain(lane, queues=["emails"]) == 1
+    with pytest.raises(ValueError, match="timezone-aware"):
+        add.options(at=datetime(2030, 1, 1))
+    with pytest.raises(ResultTimeout):
+        await later.result(timeout=0.05)
+
+
+async def test_depends_resolved_per_job_and_closed_after(lane: Backlane) -> None:
+    task = lane.task(t.uses_session)
+    first = await task.enqueue("one")
+    second = await task.enqueue("two")
+    await drain(lane)
+    assert await first.result() != await second.result()  # a fresh session per job
+    assert sorted(t.STATE["closed"]) == sorted(t.STATE["opened"]) and len(t.STATE["opened"]) == 2
+    assert sorted(t.STATE["calls"]) == ["one:session-0:test", "two:session-1:test"] or sorted(
+        t.STATE["calls"]
+    ) == ["one:session-1:test", "two:session-0:test"]
+
+
+async def test_corrupt_or_unknown_job_fails_without_crashing_the_worker(lane: Backlane) -> None:
+    records = lane.task(t.records)
+    bad_payload = Job(task=records.name, payload="{not json", created_at=time.time(), run_at=0)
+    unknown = Job(task="nowhere.module:func", payload="{}", created_at=time.time(), run_at=0)
+    good = await records.enqueue("still runs")
+    await lane.enqueue_jobs([bad_payload, unknown])
+    await drain(lane)
+    assert (await lane.store.get(bad_payload.id)).state is JobState.FAILED  # type: ignore[union-attr]
+    failed_unknown = await lane.store.get(unknown.id)
+    assert failed_unknown is not None and failed_unknown.state is JobState.FAILED
+    assert failed_unknown.error is not None and failed_unknown.error["type"] == "backlane.exceptions.UnknownTask"
+    assert await good.status() is JobState.SUCCEEDED
+
+
+async def test_graceful_shutdown_hands_back_unfinished_jobs(lane: Backlane) -> None:
+    slow = lane.task(t.sleeps)
+    quick = await slow.enqueue(0.05)
+    long = await slow.enqueue(30)
+    worker = lane.worker()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        with anyio.fail_after(5):
+            while await long.status() is not JobState.RUNNING:
+                await anyio.sleep(0.01)
+        started = time.monotonic()
+        worker.stop()
+    assert time.monotonic() - started < 3  # grace is 1 s
+    assert await quick.status() is JobState.SUCCEEDED
+    job = await long.info()
+    assert job.state is JobState.QUEUED and job.attempts == 0  # handed back, not counted
+
+
+async def test_sync_tasks_use_the_workers_own_threads(lane: Backlane) -> None:
+    """Many blocking tasks at once do not take AnyIO's default thread limiter, which a
+    FastAPI app's sync endpoints need."""
+    blocking = lane.task(t.blocks)
+    for _ in range(8):
+        await blocking.enqueue(0.3)
+    worker = lane.worker(concurrency=8)
+    default = anyio.to_thread.current_default_thread_limiter()
+    seen: list[float] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        await anyio.sleep(0.15)
+        seen.append(default.borrowed_tokens)
+        await anyio.sleep(0.5)
+        worker.stop()
+    assert seen == [0]
+    assert (await lane.store.counts())["default"][JobState.SUCCEEDED] == 8
+
+
+async def test_dead_workers_jobs_come_back(lane: Backlane) -> None:
+    """A claim whose worker never renews its lease is taken again, attempt counted."""
+    add = lane.task(t.add)
+    handle = await add.enqueue(1, 1)
+    now = time.time()
+    (held,) = await lane.store.claim(worker_id="ghost", queues=None, limit=1, now=now, lease_until=now + 0.3)
+    assert held.id == handle.id
+    worker = lane.worker()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        assert await handle.result(timeout=5) == 2
+        worker.stop()
+    assert (await handle.info()).attempts == 2

@@ -1,0 +1,135 @@
+"""Arguments are validated against the signature and survive the JSON round trip."""
+
+import dataclasses
+import enum
+import uuid
+from datetime import datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+
+import pydantic
+import pytest
+
+from backlane import Backlane, InvalidArguments, NotImportable
+from backlane.tasks import ArgumentCodec, import_name, resolve_import_name
+from backlane.exceptions import UnknownTask
+
+
+class Colour(enum.Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+class User(pydantic.BaseModel):
+    email: pydantic.EmailStr
+    name: str
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: int
+
+
+def everything(
+    path: Path, when: datetime, ident: uuid.UUID, amount: Decimal, colour: Colour,
+    user: User, point: Point, /, *rest: int, flag: bool = False, **extra: str,
+) -> dict[str, int]:  # fmt: skip
+    return {}
+
+
+def test_rich_types_round_trip() -> None:
+    codec = ArgumentCodec(everything, "everything")
+    when = datetime(2026, 3, 29, 1, 30, tzinfo=timezone.utc)
+    ident = uuid.uuid4()
+    user = User(email="a@example.com", name="Ann")
+    payload = codec.encode(
+        (Path("/tmp/x.txt"), when, ident, Decimal("1.10"), Colour.BLUE, user, Point(1, 2), 7, 8),
+        {"flag": True, "note": "hi"},
+    )
+    assert isinstance(payload, str) and "pickle" not in payload
+    args, kwargs = codec.decode(payload)
+    assert args == [Path("/tmp/x.txt"), when, ident, Decimal("1.10"), Colour.BLUE, user,
+                    Point(1, 2), 7, 8]  # fmt: skip
+    assert kwargs == {"flag": True, "note": "hi"}
+    assert type(args[3]) is Decimal and type(args[6]) is Point
+
+
+def test_mismatch_names_task_parameter_and_problem() -> None:
+    codec = ArgumentCodec(everything, "mod:everything")
+    with pytest.raises(InvalidArguments) as caught:
+        codec.encode((Path("x"), "not a date", uuid.uuid4(), "1", "green",
+                      {"email": "nope", "name": "x"}, Point(1, 2)), {})  # fmt: skip
+    message = str(caught.value)
+    assert "task 'mod:everything'" in message
+    assert "parameter 'when'" in message
+    assert "parameter 'colour'" in message
+    assert "parameter 'user.email'" in message
+    locs = [e["loc"] for e in caught.value.errors()]
+    assert ["when"] in locs and ["user", "email"] in locs
+
+
+def test_wrong_arity_is_refused() -> None:
+    codec = ArgumentCodec(everything, "everything")
+    with pytest.raises(InvalidArguments, match="missing a required argument"):
+        codec.encode((Path("x"),), {})
+
+
+def test_unannotated_object_that_is_not_json_is_refused() -> None:
+    def takes(thing):  # type: ignore[no-untyped-def]
+        return thing
+
+    codec = ArgumentCodec(takes, "takes")
+    with pytest.raises(InvalidArguments, match="parameter 'thing'.*JSON"):
+        codec.encode((object(),), {})
+
+
+def test_result_encoded_from_return_annotation() -> None:
+    def returns() -> datetime:
+        raise NotImplementedError
+
+    codec = ArgumentCodec(returns, "returns")
+    when = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    assert codec.decode_result(codec.encode_result(when)) == when
+
+
+def module_level(x: int) -> int:
+    return x
+
+
+def test_plain_function_is_named_by_import_path() -> None:
+    assert import_name(module_level) == "tests.unit.test_codec:module_level"
+    assert resolve_import_name("tests.unit.test_codec:module_level") is module_level
+
+
+def test_functions_another_process_cannot_find_are_refused() -> None:
+    def nested() -> None: ...
+
+    with pytest.raises(NotImportable, match="lambda"):
+        import_name(lambda: None)
+    with pytest.raises(NotImportable, match="inside another function"):
+        import_name(nested)
+    main_func = type(module_level)(module_level.__code__, {"__name__": "__main__"}, "main_func")
+    main_func.__module__ = "__main__"
+    with pytest.raises(NotImportable, match="__main__"):
+        import_name(main_func)
+    with pytest.raises(NotImportable, match="not a plain function"):
+        import_name(print)
+
+
+def test_workers_refuse_to_import_what_is_not_a_task() -> None:
+    for name in ["os:system", "subprocess:run", "builtins:eval", "nonsense", "tests.unit.nope:x"]:
+        with pytest.raises(UnknownTask):
+            resolve_import_name(name)
+    with pytest.raises(UnknownTask, match="not a function defined"):
+        resolve_import_name("tests.unit.test_codec:pytest")
+
+
+def test_two_lanes_do_not_share_tasks() -> None:
+    a, b = Backlane("memory://"), Backlane("memory://")
+
+    @a.task(name="only-in-a")
+    def f() -> None: ...
+
+    assert "only-in-a" in a.tasks and "only-in-a" not in b.tasks
+    assert a.store is not b.store
