@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import typing
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -22,6 +23,12 @@ if TYPE_CHECKING:
     from .worker import Worker
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class TaskDecorator(Protocol):
+    """What ``lane.task(...)`` returns: turns a function into a ``Task``."""
+
+    def __call__(self, func: Callable[P, R], /) -> Task[P, R]: ...
 
 
 class Settings(BaseSettings):
@@ -163,11 +170,11 @@ class Backlane:
         timeout: float | None = None,
         queue: str = "default",
         priority: int = 0,
-    ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+    ) -> TaskDecorator: ...
 
-    def task(
+    def task(  # type: ignore[misc]  # mypy rejects the keyword-only overload; both are tested
         self,
-        func: Callable[P, R] | None = None,
+        func: Callable[..., Any] | None = None,
         /,
         *,
         name: str | None = None,
@@ -178,7 +185,7 @@ class Backlane:
         timeout: float | None = None,
         queue: str = "default",
         priority: int = 0,
-    ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
+    ) -> Task[Any, Any] | TaskDecorator:
         """Register a function as a task: ``@lane.task`` or ``@lane.task(retries=5, ...)``.
 
         ``retries`` further attempts (default from settings), waiting ``backoff * 2**n``
@@ -186,7 +193,7 @@ class Backlane:
         attempt; default ``queue`` and ``priority`` (higher runs first).
         """
 
-        def register(fn: Callable[P, R]) -> Task[P, R]:
+        def register(fn: Callable[..., Any]) -> Task[Any, Any]:
             policy = RetryPolicy(
                 retries=self.settings.retries if retries is None else retries,
                 backoff=self.settings.backoff if backoff is None else backoff,
@@ -194,14 +201,21 @@ class Backlane:
                 retry_on=retry_on if isinstance(retry_on, tuple) else (retry_on,),
             )
             task_name = name or f"{fn.__module__}:{fn.__qualname__}"
-            task: Task[P, R] = Task(
-                self, fn, name=task_name, policy=policy, timeout=timeout, queue=queue,
+            task: Task[Any, Any] = Task(
+                self,
+                fn,
+                name=task_name,
+                policy=policy,
+                timeout=timeout,
+                queue=queue,
                 priority=priority,
             )
             self._register(task)
             return task
 
-        return register(func) if func is not None else register
+        if func is not None:
+            return register(func)
+        return typing.cast(TaskDecorator, register)
 
     def _register(self, task: Task[Any, Any]) -> None:
         existing = self._tasks.get(task.name)
@@ -293,9 +307,7 @@ class Backlane:
 
     # -- running ----------------------------------------------------------------------
 
-    def worker(
-        self, *, concurrency: int | None = None, queues: list[str] | None = None
-    ) -> Worker:
+    def worker(self, *, concurrency: int | None = None, queues: list[str] | None = None) -> Worker:
         """A worker for this lane (``await worker.run()`` runs it until ``stop()``)."""
         from .worker import Worker
 

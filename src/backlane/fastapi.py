@@ -13,6 +13,7 @@ anyone follow it by id. A request's tasks run one after another in the order add
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import re
@@ -44,7 +45,7 @@ _BATCH = "backlane.batch"
 _JOB_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 
 
-class TaskArgumentsRejected(RequestValidationError, InvalidArguments):
+class TaskArgumentsRejected(RequestValidationError, InvalidArguments):  # type: ignore[misc]
     """``add_task`` arguments that do not fit the task: FastAPI answers 422, nothing stored."""
 
     def __init__(self, exc: InvalidArguments) -> None:
@@ -81,7 +82,7 @@ class RequestBatch:
         with anyio.CancelScope(shield=True):
             stored = await self.lane.enqueue_jobs(self.jobs)
         self.stored = True
-        for handle, job in zip(self.handles, stored):
+        for handle, job in zip(self.handles, stored, strict=True):
             handle.id = job.id
 
     def drop(self) -> None:
@@ -117,7 +118,7 @@ class RequestBatch:
                 if inspect.iscoroutinefunction(func):
                     await func(*args, **kwargs)
                 else:
-                    await anyio.to_thread.run_sync(lambda: func(*args, **kwargs))
+                    await anyio.to_thread.run_sync(functools.partial(func, *args, **kwargs))
             except Exception:
                 log.exception("local background task %r failed", func)
 

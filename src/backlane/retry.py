@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 
-class Retry(Exception):  # noqa: N818 - a signal, not an error
+class Retry(Exception):
     """Raise from a task to run it again later, counted as an attempt.
 
     ``delay`` overrides the policy's backoff for this retry.
@@ -45,5 +45,5 @@ class RetryPolicy:
                 return max(0.0, exc.delay)
         elif exc is not None and not isinstance(exc, self.retry_on):
             return None
-        full = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
+        full = min(self.max_backoff, self.backoff * 2.0 ** (attempt - 1))
         return full / 2 + random.uniform(0, full / 2)

@@ -45,7 +45,11 @@ class _Held:
 def error_record(exc: BaseException, *, message: str | None = None) -> dict[str, Any]:
     """What a failed attempt keeps of its exception: type, message and traceback."""
     kind = type(exc)
-    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    name = (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
     return {
         "type": name,
         "message": message if message is not None else str(exc),
@@ -105,14 +109,13 @@ class Worker:
         self._outcome_ready = anyio.Event()
         await self.lane.open()
         log.info("worker %s started (concurrency %d)", self.id, self.concurrency)
-        async with anyio.create_task_group() as jobs_group:
-            async with anyio.create_task_group() as service:
-                service.start_soon(self._maintain)
-                service.start_soon(self._flush_loop)
-                await self._claim_loop(jobs_group)
-                await self._wind_down()
-                await self._flush()
-                service.cancel_scope.cancel()
+        async with anyio.create_task_group() as jobs_group, anyio.create_task_group() as service:
+            service.start_soon(self._maintain)
+            service.start_soon(self._flush_loop)
+            await self._claim_loop(jobs_group)
+            await self._wind_down()
+            await self._flush()
+            service.cancel_scope.cancel()
         await self._flush()
         log.info("worker %s stopped after %d jobs", self.id, self.processed)
 
@@ -189,7 +192,9 @@ class Worker:
 
     async def _wind_down(self) -> None:
         if self._held:
-            log.info("worker %s waiting up to %ss for %d jobs", self.id, self.grace, len(self._held))
+            log.info(
+                "worker %s waiting up to %ss for %d jobs", self.id, self.grace, len(self._held)
+            )
             with anyio.move_on_after(self.grace):
                 while self._held:
                     await self._slot_free.wait()
@@ -305,7 +310,11 @@ class Worker:
         now: float | None = None,
     ) -> Outcome:
         now = time.time() if now is None else now
-        keep = self.lane.settings.keep_succeeded if state is JobState.SUCCEEDED else self.lane.settings.keep_failed
+        keep = (
+            self.lane.settings.keep_succeeded
+            if state is JobState.SUCCEEDED
+            else self.lane.settings.keep_failed
+        )
         return Outcome(
             job_id=job.id,
             worker_id=self.id,
@@ -332,7 +341,9 @@ class Worker:
                     await self.lane.store.finish(batch)
             except Exception:
                 self._in_flight -= 1
-                log.exception("worker %s could not record %d outcomes; retrying", self.id, len(batch))
+                log.exception(
+                    "worker %s could not record %d outcomes; retrying", self.id, len(batch)
+                )
                 self._outcomes[:0] = batch
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 2.0)
@@ -376,4 +387,3 @@ class Worker:
         if held.context is not None:
             held.context.cancelled.set()
         held.scope.cancel()
-

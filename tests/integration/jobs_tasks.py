@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 import anyio
@@ -75,7 +75,7 @@ def settings() -> dict[str, str]:
 def uses_session(
     label: str,
     db: Annotated[str, Depends(session)],
-    conf: dict[str, str] = Depends(settings),  # noqa: B008
+    conf: dict[str, str] = Depends(settings),
 ) -> str:
     STATE["calls"].append(f"{label}:{db}:{conf['dsn']}")
     assert db not in STATE["closed"]  # still open while the task runs

@@ -1,6 +1,5 @@
 """The BackgroundTasks drop-in keeps FastAPI's semantics and makes them durable (DESIGN §2)."""
 
-
 import json
 import time
 from typing import Annotated, Any
@@ -207,4 +206,3 @@ async def test_stored_before_the_response_leaves_started_only_after(lane_url: st
     after = [(await lane.store.get(i)).state for i in seen["ids"]]  # type: ignore[union-attr]
     assert after == [JobState.QUEUED, JobState.QUEUED]
     await lane.close()
-

@@ -50,7 +50,9 @@ def test_tutorial002(in_tmp: Path) -> None:
         assert "found query: some-query\nmessage to foo@example.com" in f.read()
 
 
-def test_tutorial001_not_eager_uses_embedded_worker(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tutorial001_not_eager_uses_embedded_worker(
+    in_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Without eager mode and without install(), the drop-in still runs the task: a worker
     starts on the app's running loop at first use."""
     monkeypatch.setenv("BACKLANE_EAGER", "0")

@@ -24,8 +24,6 @@ async def lane(lane_url: str) -> AsyncIterator[Backlane]:
         yield lane
 
 
-
-
 async def test_enqueue_and_result(lane: Backlane) -> None:
     add = lane.task(t.add)
     handle = await add.enqueue(2, b=3)
@@ -163,7 +161,10 @@ async def test_corrupt_or_unknown_job_fails_without_crashing_the_worker(lane: Ba
     assert (await lane.store.get(bad_payload.id)).state is JobState.FAILED  # type: ignore[union-attr]
     failed_unknown = await lane.store.get(unknown.id)
     assert failed_unknown is not None and failed_unknown.state is JobState.FAILED
-    assert failed_unknown.error is not None and failed_unknown.error["type"] == "backlane.exceptions.UnknownTask"
+    assert (
+        failed_unknown.error is not None
+        and failed_unknown.error["type"] == "backlane.exceptions.UnknownTask"
+    )
     assert await good.status() is JobState.SUCCEEDED
 
 
@@ -209,7 +210,9 @@ async def test_dead_workers_jobs_come_back(lane: Backlane) -> None:
     add = lane.task(t.add)
     handle = await add.enqueue(1, 1)
     now = time.time()
-    (held,) = await lane.store.claim(worker_id="ghost", queues=None, limit=1, now=now, lease_until=now + 0.3)
+    (held,) = await lane.store.claim(
+        worker_id="ghost", queues=None, limit=1, now=now, lease_until=now + 0.3
+    )
     assert held.id == handle.id
     worker = lane.worker()
     async with anyio.create_task_group() as tg:

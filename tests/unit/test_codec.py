@@ -11,8 +11,8 @@ import pydantic
 import pytest
 
 from backlane import Backlane, InvalidArguments, NotImportable
-from backlane.tasks import ArgumentCodec, import_name, resolve_import_name
 from backlane.exceptions import UnknownTask
+from backlane.tasks import ArgumentCodec, import_name, resolve_import_name
 
 
 class Colour(enum.Enum):
