@@ -190,6 +190,16 @@ async def test_a_higher_priority_job_due_later_does_not_block_others(store: Stor
     assert await take(store) == [due.id]
 
 
+async def test_claim_judges_due_by_the_now_it_is_given(store: Store) -> None:
+    """Workers' clocks differ: a claim with an earlier ``now`` than the last one must not
+    take a job that is due only by the later clock."""
+    urgent = await add(store, priority=9)
+    later = await add(store, run_at=NOW + 50)
+    assert await take(store, "fast-clock", limit=1, now=NOW + 100) == [urgent.id]
+    assert await take(store, "slow-clock", now=NOW) == []
+    assert await take(store, "slow-clock", now=NOW + 50) == [later.id]
+
+
 async def test_claim_takes_only_the_queues_asked_for(store: Store) -> None:
     a = await add(store, queue="a")
     b = await add(store, queue="b")

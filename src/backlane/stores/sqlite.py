@@ -201,9 +201,14 @@ class SQLiteStore(Store):
             "now": now,
             "lease_until": lease_until,
         }
+        query = "claim_any"
         if queues is not None:
-            params["queues"] = _ids(queues)
-        return await self._write(self._claim, params)
+            names = list(dict.fromkeys(queues))
+            if len(names) == 1:
+                query, params["queue"] = "claim_queue", names[0]
+            else:
+                query, params["queues"] = "claim_queues", _ids(names)
+        return await self._write(self._claim, query, params)
 
     async def renew_leases(
         self, *, worker_id: str, ids: Sequence[str], lease_until: float
@@ -438,8 +443,7 @@ class SQLiteStore(Store):
         rows = self._fetch_named(conn, "discard", {"ids": ids, "now": now})
         self._unblock(conn, [row["id"] for row in rows])
 
-    def _claim(self, conn: sqlite3.Connection, params: dict[str, Any]) -> list[Job]:
-        query = "claim_any" if "queues" not in params else "claim_from"
+    def _claim(self, conn: sqlite3.Connection, query: str, params: dict[str, Any]) -> list[Job]:
         rows = self._fetch_named(conn, query, params)
         rows.sort(key=lambda row: (-row["priority"], row["run_at"], row["seq"]))
         return [_decode(row) for row in rows]

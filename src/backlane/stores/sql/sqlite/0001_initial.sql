@@ -3,7 +3,7 @@
 
 CREATE TABLE jobs (
     seq              INTEGER PRIMARY KEY AUTOINCREMENT,
-    id               TEXT    NOT NULL UNIQUE,
+    id               TEXT    NOT NULL,
     task             TEXT    NOT NULL,
     payload          TEXT    NOT NULL,
     queue            TEXT    NOT NULL,
@@ -27,6 +27,8 @@ CREATE TABLE jobs (
     keep_until       REAL,
     meta             TEXT    NOT NULL DEFAULT '{}'
 );
+
+CREATE UNIQUE INDEX jobs_id ON jobs (id);
 
 -- claim, one queue or several: only claimable rows, already in claim order.
 CREATE INDEX jobs_claimable ON jobs (queue, priority DESC, run_at, seq)

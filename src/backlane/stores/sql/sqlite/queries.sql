@@ -1,5 +1,7 @@
 -- The statements of backlane's SQLite store, one per "-- name:" block.
 -- Lists of ids come as one JSON array parameter, read with json_each.
+-- The hot statements name their index (INDEXED BY): their plan must not depend on the
+-- planner's statistics, and a missing index is an error rather than a slow table scan.
 
 -- name: insert_job
 -- Stores one job unless an active job holds its key; returns seq only when stored.
@@ -23,36 +25,49 @@ SELECT * FROM jobs
 WHERE "key" = :key AND state IN ('deferred', 'queued', 'running');
 
 -- name: release
-UPDATE jobs SET state = 'queued'
+UPDATE jobs INDEXED BY jobs_id SET state = 'queued'
 WHERE state = 'deferred' AND id IN (SELECT value FROM json_each(:ids));
 
 -- name: discard
-UPDATE jobs SET state = 'discarded', finished_at = :now
+UPDATE jobs INDEXED BY jobs_id SET state = 'discarded', finished_at = :now
 WHERE state = 'deferred' AND id IN (SELECT value FROM json_each(:ids))
 RETURNING id;
 
 -- name: unblock
 -- Frees the jobs that waited for any of the given (ended or removed) jobs.
-UPDATE jobs SET "after" = NULL WHERE "after" IN (SELECT value FROM json_each(:ids));
+UPDATE jobs INDEXED BY jobs_after SET "after" = NULL
+WHERE "after" IN (SELECT value FROM json_each(:ids));
 
 -- name: claim_any
 UPDATE jobs
 SET state = 'running', attempts = attempts + 1, started_at = :now,
     lease_until = :lease_until, worker_id = :worker_id
 WHERE seq IN (
-    SELECT seq FROM jobs
+    SELECT seq FROM jobs INDEXED BY jobs_claimable_any
     WHERE state = 'queued' AND "after" IS NULL AND run_at <= :now
     ORDER BY priority DESC, run_at, seq
     LIMIT :limit
 )
 RETURNING *;
 
--- name: claim_from
+-- name: claim_queue
 UPDATE jobs
 SET state = 'running', attempts = attempts + 1, started_at = :now,
     lease_until = :lease_until, worker_id = :worker_id
 WHERE seq IN (
-    SELECT seq FROM jobs
+    SELECT seq FROM jobs INDEXED BY jobs_claimable
+    WHERE state = 'queued' AND "after" IS NULL AND run_at <= :now AND queue = :queue
+    ORDER BY priority DESC, run_at, seq
+    LIMIT :limit
+)
+RETURNING *;
+
+-- name: claim_queues
+UPDATE jobs
+SET state = 'running', attempts = attempts + 1, started_at = :now,
+    lease_until = :lease_until, worker_id = :worker_id
+WHERE seq IN (
+    SELECT seq FROM jobs INDEXED BY jobs_claimable
     WHERE state = 'queued' AND "after" IS NULL AND run_at <= :now
       AND queue IN (SELECT value FROM json_each(:queues))
     ORDER BY priority DESC, run_at, seq
@@ -61,7 +76,7 @@ WHERE seq IN (
 RETURNING *;
 
 -- name: renew_leases
-UPDATE jobs SET lease_until = :lease_until
+UPDATE jobs INDEXED BY jobs_id SET lease_until = :lease_until
 WHERE state = 'running' AND worker_id = :worker_id
   AND id IN (SELECT value FROM json_each(:ids))
 RETURNING id, cancel_requested;
@@ -79,18 +94,18 @@ SET state = :state, lease_until = NULL, result = :result, error = :error,
 WHERE id = :id AND state = 'running' AND worker_id = :worker_id;
 
 -- name: hand_back
-UPDATE jobs
+UPDATE jobs INDEXED BY jobs_id
 SET state = 'queued', lease_until = NULL, worker_id = NULL,
     attempts = MAX(attempts - 1, 0)
 WHERE state = 'running' AND worker_id = :worker_id
   AND id IN (SELECT value FROM json_each(:ids));
 
 -- name: requeue_expired_leases
-UPDATE jobs SET state = 'queued', lease_until = NULL, worker_id = NULL
+UPDATE jobs INDEXED BY jobs_lease SET state = 'queued', lease_until = NULL, worker_id = NULL
 WHERE state = 'running' AND lease_until < :now;
 
 -- name: requeue_overdue_deferred
-UPDATE jobs SET state = 'queued'
+UPDATE jobs INDEXED BY jobs_release SET state = 'queued'
 WHERE state = 'deferred' AND release_at IS NOT NULL AND release_at <= :now;
 
 -- name: cancel_waiting
@@ -112,17 +127,17 @@ UPDATE jobs SET progress = :progress, message = :message
 WHERE id = :id AND state = 'running' AND worker_id = :worker_id;
 
 -- name: delete
-DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(:ids));
+DELETE FROM jobs INDEXED BY jobs_id WHERE id IN (SELECT value FROM json_each(:ids));
 
 -- name: purge_kept
 -- A batch of ended jobs past their retention.
-SELECT seq, id FROM jobs
+SELECT seq, id FROM jobs INDEXED BY jobs_keep_until
 WHERE state IN ('succeeded', 'failed', 'cancelled', 'discarded') AND keep_until < :before
 LIMIT :limit;
 
 -- name: purge_finished
 -- A batch of jobs that ended in one of the given states before a time.
-SELECT seq, id FROM jobs
+SELECT seq, id FROM jobs INDEXED BY jobs_finished
 WHERE state IN (SELECT value FROM json_each(:states)) AND finished_at < :before
 LIMIT :limit;
 

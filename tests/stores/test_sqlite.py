@@ -1,0 +1,210 @@
+"""What the SQLite store promises beyond the contract: its URL, its file, its schema, its
+plans, and safety with several processes on one file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from backlane.exceptions import ConfigurationError, StoreError
+from backlane.jobs import Job, JobState
+from backlane.stores.sqlite import SQLiteStore, _migrations, _queries
+
+pytestmark = pytest.mark.anyio
+
+NOW = 1_700_000_000.0
+
+
+def url_of(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+@pytest.mark.parametrize(
+    ("url", "path"),
+    [
+        ("sqlite:///./backlane.db", "./backlane.db"),
+        ("sqlite:///data/jobs.db", "data/jobs.db"),
+        ("sqlite:////var/lib/app/jobs.db", "/var/lib/app/jobs.db"),
+    ],
+)
+def test_url_names_a_relative_or_absolute_file(url: str, path: str) -> None:
+    assert SQLiteStore(url).path == path
+
+
+@pytest.mark.parametrize(
+    ("url", "complaint"),
+    [
+        ("sqlite://localhost/jobs.db", "names a host"),
+        ("sqlite:///", "names no file"),
+        ("sqlite://", "names no file"),
+        ("sqlite:///data/", "names no file"),
+        ("sqlite:///jobs.db?mode=ro", "no query string"),
+        ("postgresql:///jobs", "not a SQLite URL"),
+    ],
+)
+def test_a_bad_url_is_refused_with_the_reason(url: str, complaint: str) -> None:
+    with pytest.raises(ConfigurationError, match=complaint):
+        SQLiteStore(url)
+
+
+async def test_a_relative_path_is_under_the_working_directory_and_its_folder_is_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    store = SQLiteStore("sqlite:///./data/sub/jobs.db")
+    await store.open()
+    await store.close()
+    assert (tmp_path / "data" / "sub" / "jobs.db").is_file()
+
+
+async def test_jobs_survive_closing_and_a_new_store_on_the_file(tmp_path: Path) -> None:
+    first = SQLiteStore(url_of(tmp_path / "jobs.db"))
+    await first.open()
+    job = Job(task="t", payload="[]", created_at=NOW, run_at=NOW)
+    await first.enqueue([job])
+    await first.close()
+    await first.close()
+    second = SQLiteStore(url_of(tmp_path / "jobs.db"))
+    await second.open()
+    try:
+        assert await second.get(job.id) == job
+    finally:
+        await second.close()
+
+
+async def test_the_file_is_tuned_and_at_the_latest_schema_version(tmp_path: Path) -> None:
+    store = SQLiteStore(url_of(tmp_path / "jobs.db"))
+    await store.open()
+    await store.close()
+    conn = sqlite3.connect(tmp_path / "jobs.db")
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == _migrations()[-1][0]
+    finally:
+        conn.close()
+
+
+async def test_a_file_from_a_newer_backlane_is_refused(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "jobs.db")
+    conn.execute("PRAGMA user_version = 999")
+    conn.close()
+    store = SQLiteStore(url_of(tmp_path / "jobs.db"))
+    with pytest.raises(StoreError, match="upgrade backlane"):
+        await store.open()
+    with pytest.raises(StoreError, match="not open"):
+        await store.get("x")
+
+
+async def test_sqlite_errors_become_store_errors(tmp_path: Path) -> None:
+    (tmp_path / "jobs.db").write_bytes(b"this is not a database, just text " * 100)
+    store = SQLiteStore(url_of(tmp_path / "jobs.db"))
+    with pytest.raises(StoreError) as caught:
+        await store.open()
+    assert isinstance(caught.value.__cause__, sqlite3.Error)
+
+
+async def test_a_store_not_open_or_closed_says_so(tmp_path: Path) -> None:
+    store = SQLiteStore(url_of(tmp_path / "jobs.db"))
+    with pytest.raises(StoreError, match="not open"):
+        await store.counts()
+    await store.open()
+    await store.close()
+    with pytest.raises(StoreError, match="not open"):
+        await store.counts()
+
+
+def test_one_store_serves_several_event_loops_in_turn(tmp_path: Path) -> None:
+    store = SQLiteStore(url_of(tmp_path / "jobs.db"))
+    job = Job(task="t", payload="[]", created_at=NOW, run_at=NOW)
+    asyncio.run(store.open())
+    asyncio.run(store.enqueue([job]))
+    assert asyncio.run(store.get(job.id)) == job
+    asyncio.run(store.close())
+
+
+@pytest.mark.parametrize(
+    ("query", "index"),
+    [
+        ("claim_any", "jobs_claimable_any"),
+        ("claim_queue", "jobs_claimable"),
+        ("claim_queues", "jobs_claimable"),
+        ("finish_end", "jobs_id"),
+        ("finish_retry", "jobs_id"),
+        ("renew_leases", "jobs_id"),
+        ("get_key_holder", "jobs_active_key"),
+        ("unblock", "jobs_after"),
+        ("requeue_expired_leases", "jobs_lease"),
+        ("requeue_overdue_deferred", "jobs_release"),
+        ("purge_kept", "jobs_keep_until"),
+        ("purge_finished", "jobs_finished"),
+    ],
+)
+async def test_the_hot_statements_search_an_index(tmp_path: Path, query: str, index: str) -> None:
+    store = SQLiteStore(url_of(tmp_path / "jobs.db"))
+    await store.open()
+    await store.close()
+    params = {
+        "now": NOW, "lease_until": NOW, "worker_id": "w", "limit": 1, "queue": "q",
+        "queues": '["a","b"]', "ids": '["x"]', "id": "x", "key": "k", "before": NOW,
+        "states": '["failed"]', "run_at": NOW, "result": None, "error": None,
+        "state": "failed", "finished_at": NOW, "keep_until": NOW,
+    }  # fmt: skip
+    conn = sqlite3.connect(tmp_path / "jobs.db")
+    try:
+        plan = conn.execute("EXPLAIN QUERY PLAN " + _queries()[query], params).fetchall()
+    finally:
+        conn.close()
+    steps = [step[3] for step in plan]
+    assert any(index in step for step in steps), steps
+    assert not any(step.startswith("SCAN jobs") and "INDEX" not in step for step in steps)
+
+
+async def _enqueue_and_count(url: str, jobs: list[Job]) -> dict[str, dict[JobState, int]]:
+    store = SQLiteStore(url)
+    await store.open()
+    try:
+        await store.enqueue(jobs)
+        return await store.counts()
+    finally:
+        await store.close()
+
+
+@pytest.mark.slow
+def test_processes_sharing_a_file_never_claim_a_job_twice(tmp_path: Path) -> None:
+    url = url_of(tmp_path / "jobs.db")
+    jobs = [Job(task="t", payload="[]", created_at=NOW, run_at=NOW) for _ in range(500)]
+    asyncio.run(_enqueue_and_count(url, jobs))
+
+    script = Path(__file__).with_name("sqlite_claimer.py")
+    start_at = time.time() + 1.5
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(script), url, f"w{n}", str(start_at)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            text=True,
+        )
+        for n in range(3)
+    ]
+    claimed_by: list[list[str]] = []
+    for process in processes:
+        out, err = process.communicate(timeout=60)
+        assert process.returncode == 0, err
+        claimed_by.append(json.loads(out))
+
+    claimed = [job_id for ids in claimed_by for job_id in ids]
+    assert len(claimed) == len(set(claimed)), "a job was claimed twice"
+    assert set(claimed) == {job.id for job in jobs}
+    assert sum(1 for ids in claimed_by if ids) >= 2, "the processes did not overlap"
+    print("jobs claimed per process:", [len(ids) for ids in claimed_by])
+    assert asyncio.run(_enqueue_and_count(url, [])) == {"default": {JobState.SUCCEEDED: 500}}
