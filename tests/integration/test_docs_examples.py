@@ -1,0 +1,72 @@
+"""Every example file in docs/ runs as the docs say, and the docs build cleanly."""
+
+import importlib
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+import anyio
+import pytest
+from fastapi.testclient import TestClient
+
+from backlane.testing import drain
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load(name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> ModuleType:
+    monkeypatch.setenv("BACKLANE_URL", f"sqlite:///{tmp_path}/docs.db")
+    return importlib.reload(importlib.import_module(f"docs.examples.{name}"))
+
+
+def test_dropin_example(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    mod = load("dropin", monkeypatch, tmp_path)
+    mod.LOG.clear()
+    with TestClient(mod.app) as client:
+        reply = client.post("/send-notification/ann@example.com", params={"q": "books"})
+        assert reply.status_code == 200
+        deadline = time.monotonic() + 10
+        while len(mod.LOG) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert mod.LOG == [
+        "found query: books",
+        "message to ann@example.com",
+        "welcome ann@example.com",
+    ]
+
+
+def test_tasks_example(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    mod = load("tasks", monkeypatch, tmp_path)
+
+    async def scenario() -> None:
+        async with mod.lane:
+            job = await mod.export_rows.options(key="k").enqueue("users", limit=400)
+            same = await mod.export_rows.options(key="k").enqueue("users", limit=400)
+            assert same.id == job.id
+            session_job = await mod.count_users.enqueue()
+            await drain(mod.lane)
+            assert await job.result() == {"rows": 400}
+            assert (await job.info()).progress == 1.0
+            assert await session_job.result() is True  # the session was open while it ran
+
+    anyio.run(scenario)
+
+
+def test_eager_example(tmp_path: Path) -> None:
+    mod = importlib.import_module("docs.examples.test_with_eager")
+    mod.test_eager(tmp_path)
+    mod.test_queued_then_drained(tmp_path)
+
+
+def test_docs_build_strict(tmp_path: Path) -> None:
+    mkdocs = Path(sys.executable).with_name("mkdocs")
+    result = subprocess.run(
+        [str(mkdocs), "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
