@@ -110,7 +110,7 @@ def load_lane(target: str) -> Backlane:
         )
     raise _bad_target(
         target,
-        f"{attr} is a {type(found).__name__}, not a Backlane or an app with one installed",
+        f"{attr} is of type {type(found).__name__}, not a Backlane or an app with one installed",
     )
 
 
@@ -208,13 +208,13 @@ def worker(
     if supervised:
         # Ctrl-C reaches the whole process group; the supervisor passes it on as SIGTERM.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _configure_logging(log_level.value)
     queue_list = None
     if queues is not None:
         queue_list = [name.strip() for name in queues.split(",") if name.strip()]
         if not queue_list:
             raise typer.BadParameter("name at least one queue", param_hint="'--queues'")
     lane = load_lane(target)
+    _configure_logging(log_level.value)
     if processes > 1:
         args = ["--log-level", log_level.value]
         if concurrency is not None:
@@ -607,8 +607,11 @@ def purge(
     url: UrlOption = None,
     app: AppOption = None,
 ) -> None:
-    """Remove ended jobs (succeeded, failed, cancelled, discarded) that finished longer ago
-    than --older-than. Queued and running jobs are never removed."""
+    """Remove ended jobs that finished longer ago than --older-than.
+
+    Ended means succeeded, failed, cancelled or discarded; --state narrows it. Waiting and
+    running jobs are never removed.
+    """
     try:
         age = parse_duration(older_than)
     except ValueError as exc:
@@ -672,12 +675,16 @@ def _run(lane: Backlane, action: Callable[[Backlane], Awaitable[T]]) -> T:
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
-    Console(stderr=True).print(Text.assemble(("Error: ", "bold red"), message))
+    Console(stderr=True, soft_wrap=True).print(Text.assemble(("Error: ", "bold red"), message))
     raise typer.Exit(code)
 
 
 def _console() -> Console:
-    return Console(highlight=False)
+    """Where people's output goes: rows stay whole when piped (to ``grep``, a file)."""
+    console = Console(highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = 400
+    return console
 
 
 def _full(job: Job) -> dict[str, Any]:
