@@ -106,6 +106,10 @@ class Backlane:
     """
 
     def __init__(self, url: str | None = None, *, eager: bool | None = None, **settings: Any):
+        unknown = sorted(set(settings) - set(Settings.model_fields))
+        if unknown:
+            known = ", ".join(Settings.model_fields)
+            raise TypeError(f"unknown setting(s) {', '.join(unknown)}; known: {known}")
         given = dict(settings)
         if url is not None:
             given["url"] = url

@@ -80,10 +80,25 @@ class RequestBatch:
         for job in self.jobs:
             job.release_at = hold
         with anyio.CancelScope(shield=True):
-            stored = await self.lane.enqueue_jobs(self.jobs)
+            if any(job.key for job in self.jobs):
+                stored = await self._persist_one_by_one()
+            else:
+                stored = await self.lane.enqueue_jobs(self.jobs)
         self.stored = True
         for handle, job in zip(self.handles, stored, strict=True):
             handle.id = job.id
+
+    async def _persist_one_by_one(self) -> list[Job]:
+        # A job whose idempotency key is taken is not stored; the next task of the request
+        # must then wait for the job that holds the key instead.
+        stored: list[Job] = []
+        for job in self.jobs:
+            if stored:
+                job.after = stored[-1].id
+            (kept,) = await self.lane.enqueue_jobs([job])
+            stored.append(kept)
+        self.jobs = stored
+        return stored
 
     def drop(self) -> None:
         """Forget jobs not yet stored (the request failed)."""

@@ -73,6 +73,13 @@ def make_app(lane: Backlane, workers: int = 1) -> FastAPI:
         background_tasks.add_task(recorder.slow_async, email, seconds="not a number")
         return {"never": "reached"}
 
+    @app.post("/keyed")
+    def keyed(background_tasks: BackgroundTasks) -> dict[str, Any]:
+        task = lane.task_for(recorder.slow_async)
+        first = background_tasks.add_task(task.options(key="only-once"), "keyed", 0.2)
+        after = background_tasks.add_task(recorder.note, "after-keyed")
+        return {"ids": [first.id, after.id]}
+
     @app.websocket("/ws")
     async def ws(websocket: WebSocket, background_tasks: BackgroundTasks) -> None:
         await websocket.accept()
@@ -146,6 +153,19 @@ def test_tasks_kept_where_fastapi_drops_them(lane_url: str) -> None:
         wait_until(lambda: sorted(RECORD.labels()) == ["own-response", "websocket"])
         wait_until(lambda: job_state(lane, via_ws) is JobState.SUCCEEDED)
         assert job_state(lane, own) is JobState.SUCCEEDED
+
+
+def test_idempotency_key_inside_a_request_chain(lane_url: str) -> None:
+    """Two requests add a task with the same key: it runs once, and each request's next
+    task still runs, after it."""
+    lane = Backlane(lane_url)
+    with TestClient(make_app(lane)) as client:
+        one = client.post("/keyed").json()["ids"]
+        two = client.post("/keyed").json()["ids"]
+        assert job_state(lane, two[0]) is None  # not stored: the key was taken
+        wait_until(lambda: job_state(lane, two[1]) is JobState.SUCCEEDED)
+        wait_until(lambda: job_state(lane, one[1]) is JobState.SUCCEEDED)
+    assert RECORD.labels() == ["keyed", "after-keyed", "after-keyed"]
 
 
 def test_bad_argument_is_422_and_nothing_is_stored(lane_url: str) -> None:
