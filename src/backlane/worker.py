@@ -378,7 +378,8 @@ class Worker:
                     next_purge = now_m + settings.purge_interval
             except Exception:
                 log.exception("worker %s maintenance failed; will try again", self.id)
-            await anyio.sleep(heartbeat)
+            wake = min(next_sweep, next_purge) - time.monotonic()
+            await anyio.sleep(max(0.01, min(heartbeat, wake)))
 
     def _cancel_held(self, job_id: str) -> None:
         held = self._held.get(job_id)

@@ -220,3 +220,28 @@ async def test_dead_workers_jobs_come_back(lane: Backlane) -> None:
         assert await handle.result(timeout=5) == 2
         worker.stop()
     assert (await handle.info()).attempts == 2
+
+
+async def test_succeeded_and_failed_jobs_kept_for_their_own_periods(lane_url: str) -> None:
+    lane = Backlane(lane_url, keep_succeeded=0.2, keep_failed=3600, purge_interval=0.1, retries=0)
+    async with lane:
+        ok = await lane.task(t.add).enqueue(1, 2)
+        bad = await lane.task(t.flaky).enqueue("never", fail_times=9)
+        worker = lane.worker()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            with anyio.fail_after(5):
+                while await lane.store.get(ok.id) is not None:
+                    await anyio.sleep(0.05)
+            worker.stop()
+        assert await bad.status() is JobState.FAILED  # still there, kept for an hour
+
+
+def test_settings_come_from_arguments_then_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BACKLANE_URL", "memory://")
+    monkeypatch.setenv("BACKLANE_LEASE_SECONDS", "7")
+    monkeypatch.setenv("BACKLANE_EAGER", "1")
+    lane = Backlane(lease_seconds=9)
+    assert (lane.url, lane.settings.lease_seconds, lane.eager) == ("memory://", 9, True)
+    with pytest.raises(TypeError, match="unknown setting.*lease\\b"):
+        Backlane(lease=5)
