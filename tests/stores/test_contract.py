@@ -732,6 +732,13 @@ async def test_list_jobs_filters_and_pages_newest_first(store: Store) -> None:
     assert listed == [await store.get(j[3])]
 
 
+async def test_list_jobs_pages_through_every_job_once(store: Store) -> None:
+    jobs = [make_job(created_at=NOW + i // 3) for i in range(30)]  # ties: latest stored first
+    await store.enqueue(jobs)
+    pages = [await store.list_jobs(limit=7, offset=offset) for offset in range(0, 35, 7)]
+    assert [job.id for page in pages for job in page] == [job.id for job in reversed(jobs)]
+
+
 async def test_counts_per_queue_and_state(store: Store) -> None:
     assert await store.counts() == {}
     await store.enqueue([make_job(queue="q1") for _ in range(3)])

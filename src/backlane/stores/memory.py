@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import copy
 import heapq
+import itertools
 import threading
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from ..exceptions import StoreError
 from ..jobs import ACTIVE_STATES, TERMINAL_STATES, Job, JobState
@@ -28,9 +30,25 @@ _Due = tuple[int, float, int, str, int]
 _Scheduled = tuple[float, int, str, int]
 
 
+def _copy_json(value: Any) -> Any:
+    """A deep copy of a JSON-like value (dicts, lists and immutable leaves)."""
+    if isinstance(value, dict):
+        return {k: _copy_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_copy_json(v) for v in value]
+    if isinstance(value, (str, int, float, bool, type(None))):
+        return value
+    return copy.deepcopy(value)
+
+
 def _clone(job: Job) -> Job:
     """A copy sharing nothing mutable with ``job``."""
-    return job.copy(error=copy.deepcopy(job.error), meta=copy.deepcopy(job.meta))
+    twin = object.__new__(Job)
+    twin.__dict__.update(job.__dict__)  # copy.copy, minus its generic machinery
+    if job.error is not None:
+        twin.error = _copy_json(job.error)
+    twin.meta = _copy_json(job.meta) if job.meta else {}
+    return twin
 
 
 class _QueueHeaps:
@@ -56,6 +74,11 @@ class MemoryStore(Store):
         self._jobs: dict[str, Job] = {}
         self._seq: dict[str, int] = {}
         self._next_seq = 0
+        self._latest_now = float("-inf")
+        """The latest ``now`` a claim was given: jobs due by then skip the scheduled heap."""
+        self._created_in_order = True
+        """Whether ``created_at`` never decreased in store order (list_jobs can stop early)."""
+        self._latest_created = float("-inf")
         self._keys: dict[str, str] = {}
         """Idempotency key -> id of the active job holding it."""
         self._waiters: dict[str, set[str]] = {}
@@ -137,6 +160,7 @@ class MemoryStore(Store):
         with self._lock:
             names = list(self._queues) if queues is None else list(dict.fromkeys(queues))
             heaps = [self._queues[name] for name in names if name in self._queues]
+            self._latest_now = max(self._latest_now, now)
             for heap in heaps:
                 self._promote(heap, now)
             claimed: list[Job] = []
@@ -190,7 +214,7 @@ class MemoryStore(Store):
                     continue
                 job.lease_until = None
                 job.result = outcome.result
-                job.error = copy.deepcopy(outcome.error)
+                job.error = None if outcome.error is None else _copy_json(outcome.error)
                 if outcome.state is JobState.QUEUED:
                     self._set_state(job, JobState.QUEUED)
                     job.worker_id = None
@@ -324,16 +348,22 @@ class MemoryStore(Store):
         """Copies of the matching jobs, newest ``created_at`` first (ties: latest stored
         first), skipping ``offset`` and returning at most ``limit``."""
         with self._lock:
+            wanted = max(0, offset + limit)
+            # Store order is oldest first; while created_at follows it, read it backwards.
+            jobs = reversed(self._jobs.values()) if self._created_in_order else self._jobs.values()
             matching = (
                 job
-                for job in self._jobs.values()
+                for job in jobs
                 if (state is None or job.state is state)
                 and (task is None or job.task == task)
                 and (queue is None or job.queue == queue)
             )
-            newest = heapq.nlargest(
-                offset + limit, matching, key=lambda job: (job.created_at, self._seq[job.id])
-            )
+            if self._created_in_order:
+                newest = list(itertools.islice(matching, wanted))
+            else:
+                newest = heapq.nlargest(
+                    wanted, matching, key=lambda job: (job.created_at, self._seq[job.id])
+                )
             return [_clone(job) for job in newest[offset:]]
 
     async def counts(self) -> dict[str, dict[JobState, int]]:
@@ -360,6 +390,9 @@ class MemoryStore(Store):
 
     def _insert(self, job: Job) -> None:
         self._next_seq += 1
+        if job.created_at < self._latest_created:
+            self._created_in_order = False
+        self._latest_created = max(self._latest_created, job.created_at)
         self._jobs[job.id] = job
         self._seq[job.id] = self._next_seq
         self._counts.setdefault(job.queue, Counter())[job.state] += 1
@@ -413,7 +446,11 @@ class MemoryStore(Store):
         heaps = self._queues.get(job.queue)
         if heaps is None:
             heaps = self._queues[job.queue] = _QueueHeaps()
-        heapq.heappush(heaps.scheduled, (job.run_at, self._seq[job.id], job.id, token))
+        seq = self._seq[job.id]
+        if job.run_at <= self._latest_now:
+            heapq.heappush(heaps.due, (-job.priority, job.run_at, seq, job.id, token))
+        else:
+            heapq.heappush(heaps.scheduled, (job.run_at, seq, job.id, token))
 
     def _promote(self, heaps: _QueueHeaps, now: float) -> None:
         """Move the scheduled entries that are due by ``now`` into the due heap."""
