@@ -164,13 +164,14 @@ class Worker:
             now = time.time()
             generation = self._flushed
             try:
-                jobs = await self.lane.store.claim(
-                    worker_id=self.id,
-                    queues=self.queues,
-                    limit=free,
-                    now=now,
-                    lease_until=now + self.lease,
-                )
+                with anyio.CancelScope(shield=True):  # a claim that commits must be seen
+                    jobs = await self.lane.store.claim(
+                        worker_id=self.id,
+                        queues=self.queues,
+                        limit=free,
+                        now=now,
+                        lease_until=now + self.lease,
+                    )
             except Exception:
                 log.exception("worker %s could not claim jobs; retrying", self.id)
                 await self.lane.notifier.wait(min(idle * 4, 2.0))
