@@ -158,7 +158,9 @@ class Worker:
         while not self._stopping:
             free = self.concurrency - len(self._held)
             if free <= 0:
-                await self._slot_free.wait()
+                # stop() may come from another thread: look at it again now and then
+                with anyio.move_on_after(settings.poll_max):
+                    await self._slot_free.wait()
                 self._slot_free = anyio.Event()
                 continue
             now = time.time()
