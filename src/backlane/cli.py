@@ -324,18 +324,8 @@ async def _watch_supervisor(one: Worker, supervisor_pid: int) -> None:
 def _supervise(target: str, processes: int, args: list[str]) -> int:
     """Start ``processes`` workers, pass SIGTERM and SIGINT on to them as SIGTERM, wait for
     all. Returns 0 when every one stopped cleanly, else 1."""
-    command = [
-        sys.executable,
-        "-m",
-        "backlane",
-        "worker",
-        target,
-        "--processes",
-        "1",
-        "--supervisor-pid",
-        str(os.getpid()),
-        *args,
-    ]
+    command = [sys.executable, "-m", "backlane", "worker", target, "--processes", "1"]
+    command += ["--supervisor-pid", str(os.getpid()), *args]
     children: list[subprocess.Popen[bytes]] = []
     forwarded: list[int] = []
 
@@ -448,9 +438,9 @@ def jobs(
 
     --json prints a list of the jobs as the status API shows them.
     """
-    lane = _lane_from_options(url, app)
     found = _run(
-        lane,
+        url,
+        app,
         lambda lane: lane.store.list_jobs(
             state=state, task=task, queue=queue, limit=limit, offset=offset
         ),
@@ -463,14 +453,9 @@ def jobs(
         console.print("No jobs match." if offset == 0 else "No more jobs.")
         return
     table = Table(box=None, header_style="bold", pad_edge=False)
-    table.add_column("ID", no_wrap=True)
-    table.add_column("TASK", overflow="fold")
-    table.add_column("QUEUE")
-    table.add_column("STATE", no_wrap=True)
-    table.add_column("ATT", justify="right")
-    table.add_column("PROGRESS", justify="right")
-    table.add_column("CREATED", no_wrap=True)
-    table.add_column("FINISHED", no_wrap=True)
+    for name in ("ID", "TASK", "QUEUE", "STATE", "ATT", "PROGRESS", "CREATED", "FINISHED"):
+        right = name in ("ATT", "PROGRESS")
+        table.add_column(name, no_wrap=name != "TASK", justify="right" if right else "left")
     table.add_column("ERROR", overflow="fold")
     for job in found:
         table.add_row(
@@ -494,8 +479,7 @@ def show(
     job_id: JobId, as_json: JsonOption = False, url: UrlOption = None, app: AppOption = None
 ) -> None:
     """Show one job in full: arguments, timing, worker, result, and error with traceback."""
-    lane = _lane_from_options(url, app)
-    job = _run(lane, lambda lane: lane.store.get(job_id))
+    job = _run(url, app, lambda lane: lane.store.get(job_id))
     if job is None:
         _fail(f"no job with id {job_id!r}")
     if as_json:
@@ -540,7 +524,6 @@ def show(
 @cli.command()
 def retry(job_id: JobId, url: UrlOption = None, app: AppOption = None) -> None:
     """Queue a failed or cancelled job again, to run as soon as a worker is free."""
-    lane = _lane_from_options(url, app)
 
     async def act(lane: Backlane) -> tuple[Job | None, bool]:
         job = await lane.store.get(job_id)
@@ -548,7 +531,7 @@ def retry(job_id: JobId, url: UrlOption = None, app: AppOption = None) -> None:
             return None, False
         return job, await lane.retry(job_id)
 
-    job, done = _run(lane, act)
+    job, done = _run(url, app, act)
     if job is None:
         _fail(f"no job with id {job_id!r}")
     if not done:
@@ -566,7 +549,6 @@ def cancel(job_id: JobId, url: UrlOption = None, app: AppOption = None) -> None:
 
     Exits with code 1 if the job had already ended.
     """
-    lane = _lane_from_options(url, app)
 
     async def act(lane: Backlane) -> tuple[Job | None, JobState | None]:
         job = await lane.store.get(job_id)
@@ -574,7 +556,7 @@ def cancel(job_id: JobId, url: UrlOption = None, app: AppOption = None) -> None:
             return None, None
         return job, await lane.cancel(job_id)
 
-    job, after = _run(lane, act)
+    job, after = _run(url, app, act)
     if job is None or after is None:
         _fail(f"no job with id {job_id!r}")
     if after is JobState.CANCELLED and job.state is not JobState.CANCELLED:
@@ -616,12 +598,9 @@ def purge(
         age = parse_duration(older_than)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="'--older-than'") from None
-    chosen = (
-        [JobState(s.value) for s in states] if states else [JobState(s.value) for s in EndState]
-    )
+    chosen = [JobState(s.value) for s in (states or EndState)]
     before = time.time() - age
-    lane = _lane_from_options(url, app)
-    removed = _run(lane, lambda lane: lane.store.purge(before=before, states=chosen))
+    removed = _run(url, app, lambda lane: lane.store.purge(before=before, states=chosen))
     names = ", ".join(s.value for s in chosen)
     _console().print(f"Removed {removed} jobs ({names}) that ended before {_when(before)}.")
 
@@ -632,11 +611,10 @@ def counts(as_json: JsonOption = False, url: UrlOption = None, app: AppOption = 
 
     --json prints {queue: {state: count}}, leaving out states without jobs.
     """
-    lane = _lane_from_options(url, app)
-    found = _run(lane, lambda lane: lane.store.counts())
+    found = _run(url, app, lambda lane: lane.store.counts())
     if as_json:
         data = {
-            queue: {state.value: n for state, n in sorted(by_state.items(), key=_state_order)}
+            queue: {state.value: by_state[state] for state in JobState if state in by_state}
             for queue, by_state in sorted(found.items())
         }
         typer.echo(json.dumps(data, indent=2))
@@ -659,10 +637,14 @@ def counts(as_json: JsonOption = False, url: UrlOption = None, app: AppOption = 
 # -- helpers ---------------------------------------------------------------------------
 
 
-def _run(lane: Backlane, action: Callable[[Backlane], Awaitable[T]]) -> T:
-    """Open the lane's store, do ``action``, close it; a backlane error ends the command
-    with its message and code 1."""
+def _run(url: str | None, app: str | None, action: Callable[[Backlane], Awaitable[T]]) -> T:
+    """Open the store ``--url`` or ``--app`` chooses, do ``action``, close it; a backlane
+    error ends the command with its message and code 1."""
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    lane = _lane_from_options(url, app)
+    path = getattr(lane.store, "path", None)  # a SQLite file: looking must not create it
+    if isinstance(path, str) and path != ":memory:" and not os.path.exists(path):
+        _fail(f"no SQLite database at {path}; choose the store with --url, --app or BACKLANE_URL")
 
     async def go() -> T:
         async with lane:
@@ -716,7 +698,3 @@ def _when(ts: float | None) -> str:
 
 def _percent(progress: float | None) -> str:
     return "" if progress is None else f"{progress:.0%}"
-
-
-def _state_order(item: tuple[JobState, int]) -> int:
-    return list(JobState).index(item[0])

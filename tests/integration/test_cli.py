@@ -283,6 +283,14 @@ def test_store_from_environment_or_app(
     assert "unsupported store URL" in bad_url.stderr
 
 
+def test_looking_at_a_missing_sqlite_file_does_not_create_it(tmp_path: Path) -> None:
+    absent = tmp_path / "absent.db"
+    result = invoke("jobs", "--url", f"sqlite:///{absent}")
+    assert result.exit_code == 1
+    assert f"no SQLite database at {absent}" in result.stderr
+    assert not absent.exists()
+
+
 not_a_lane = 42
 bare_app = FastAPI()
 
