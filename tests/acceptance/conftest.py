@@ -23,7 +23,7 @@ import anyio
 import pytest
 
 from backlane import Backlane, Job, JobState
-from backlane.tasks import Task
+from backlane.tasks import EnqueueOptions, Task
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TARGET = "tests.acceptance.worker_app:lane"
@@ -132,9 +132,12 @@ class WorkerLab:
         self.workers.append(worker)
         return worker
 
-    def enqueue(self, task: Task[Any, Any], calls: Sequence[dict[str, Any]]) -> list[str]:
+    def enqueue(
+        self, task: Task[Any, Any], calls: Sequence[dict[str, Any]], *, queue: str | None = None
+    ) -> list[str]:
         """Store one job per keyword-argument dict, in one step; their ids in order."""
-        jobs = [task.build_job((), dict(kwargs)) for kwargs in calls]
+        options = EnqueueOptions(queue=queue)
+        jobs = [task.build_job((), dict(kwargs), options) for kwargs in calls]
         stored = anyio.run(self.lane.enqueue_jobs, jobs)
         return [job.id for job in stored]
 

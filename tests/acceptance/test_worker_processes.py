@@ -165,6 +165,22 @@ def test_a_second_signal_exits_at_once(lab: WorkerLab, tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_queues_limits_what_a_worker_takes(lab: WorkerLab) -> None:
+    mail = lab.enqueue(worker_app.record, [{"pause": 0.0}] * 5, queue="mail")
+    urgent = lab.enqueue(worker_app.record, [{"pause": 0.0}] * 5, queue="urgent")
+    other = lab.enqueue(worker_app.record, [{"pause": 0.0}] * 5)
+    worker = lab.start("--queues", "mail, urgent")
+    worker.started()
+    wait_for(lambda: lab.count(JobState.SUCCEEDED) == 10, 20, "the mail and urgent jobs ran")
+    time.sleep(0.5)  # time enough to take the others, were it to
+    assert set(lab.recorded()) == set(mail + urgent)
+    assert all(lab.job(job_id).state is JobState.QUEUED for job_id in other)
+    assert "queues mail,urgent" in worker.output()
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(10) == 0
+
+
+@pytest.mark.timeout(60)
 def test_processes_2_runs_two_workers_and_sigterm_stops_them_all(lab: WorkerLab) -> None:
     ids = lab.enqueue(worker_app.record, [{"pause": 0.05}] * 200)
     parent = lab.start("--processes", "2", "--concurrency", "2")
