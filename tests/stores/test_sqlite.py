@@ -4,18 +4,23 @@ plans, and safety with several processes on one file."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from backlane.exceptions import ConfigurationError, StoreError
 from backlane.jobs import Job, JobState
+from backlane.stores import sqlite as sqlite_module
 from backlane.stores.sqlite import SQLiteStore, _migrations, _queries
 
 pytestmark = pytest.mark.anyio
@@ -130,6 +135,43 @@ def test_one_store_serves_several_event_loops_in_turn(tmp_path: Path) -> None:
     asyncio.run(store.close())
 
 
+def test_several_threads_opening_at_once_share_one_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each thread opens the store from its own event loop, as an app on TestClient's
+    portal thread and a worker thread might; all of them use the one connection."""
+    threads = 4
+    started: list[ThreadPoolExecutor] = []
+    meet = threading.Barrier(threads, timeout=0.5)
+
+    class SlowToStart(ThreadPoolExecutor):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            started.append(self)
+            with contextlib.suppress(threading.BrokenBarrierError):
+                meet.wait()  # holds racing openers here, unless the store lets only one in
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(sqlite_module, "ThreadPoolExecutor", SlowToStart)
+    store = SQLiteStore(url_of(tmp_path / "jobs.db"))
+
+    async def use(n: int) -> int:
+        await store.open()
+        job = Job(task=f"t{n}", payload="[]", created_at=NOW, run_at=NOW)
+        await store.enqueue([job])
+        await store.cancel(job.id, NOW, keep_until=NOW + 1)
+        return len(await store.list_jobs(limit=100))
+
+    try:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            seen = list(pool.map(lambda n: asyncio.run(use(n)), range(threads)))
+    finally:
+        asyncio.run(store.close())
+    assert len(started) == 1
+    assert all(1 <= n <= threads for n in seen)
+    for executor in started:
+        executor.shutdown()
+
+
 @pytest.mark.parametrize(
     ("query", "index"),
     [
@@ -141,6 +183,7 @@ def test_one_store_serves_several_event_loops_in_turn(tmp_path: Path) -> None:
         ("renew_leases", "jobs_id"),
         ("get_key_holder", "jobs_active_key"),
         ("unblock", "jobs_after"),
+        ("cancel_expired_leases", "jobs_lease"),
         ("requeue_expired_leases", "jobs_lease"),
         ("requeue_overdue_deferred", "jobs_release"),
         ("purge_kept", "jobs_keep_until"),

@@ -11,8 +11,11 @@ Rules every store keeps:
   ``queues`` (or any queue when ``queues`` is None). Order: higher ``priority`` first, then
   earlier ``run_at``, then enqueue order.
 * A job whose ``after`` names another job is held until that job ends (any terminal
-  state); ``finish``, ``cancel``, ``discard`` and ``purge`` clear ``after`` on the jobs
-  that waited for the ones they end.
+  state); ``finish``, ``cancel``, ``discard`` and ``requeue_expired`` clear ``after`` on
+  the jobs that waited for the ones they end, ``delete`` and ``purge`` on the jobs that
+  waited for the ones they remove.
+* Every verb that ends a job records its ``finished_at`` and ``keep_until`` (None: kept
+  until removed by hand or by ``purge`` with ``states``).
 * An idempotency ``key`` is unique among active jobs (deferred, queued, running):
   enqueueing a job whose key is taken stores nothing and returns the job holding the key.
 * Verbs on a running job name the worker holding it; a worker that lost its lease changes
@@ -48,8 +51,17 @@ class Outcome:
 
 
 class Store(abc.ABC):
-    """Where jobs live. One instance per ``Backlane``; safe to share between tasks of one
-    event loop."""
+    """Where jobs live. One instance per ``Backlane``.
+
+    Both stores shipped with backlane may be shared by tasks of several event loops on
+    several threads at once (FastAPI's TestClient, for one, runs the app on a thread of its
+    own): every verb is one atomic step whatever loop awaits it, and ``open`` and ``close``
+    may race each other and the verbs (one connection is opened, and closed once).
+    ``MemoryStore`` guards its state with one ``threading.Lock`` it never holds across an
+    ``await``; ``SQLiteStore`` runs every statement on one thread owning the connection,
+    and several processes may share its file. A verb called before ``open`` or after
+    ``close`` raises ``StoreError``, save on ``MemoryStore``, which has nothing to open.
+    Jobs returned are copies: changing one changes nothing stored."""
 
     url: str
 
@@ -73,8 +85,12 @@ class Store(abc.ABC):
         """Move deferred jobs to queued (their request's response has been sent)."""
 
     @abc.abstractmethod
-    async def discard(self, ids: Sequence[str], now: float) -> None:
-        """Move deferred jobs to discarded (their request failed)."""
+    async def discard(
+        self, ids: Sequence[str], now: float, keep_until: float | None = None
+    ) -> None:
+        """Move the deferred jobs among ``ids`` to discarded (their request failed), with
+        ``finished_at = now`` and the given ``keep_until``; jobs in other states and
+        unknown ids are left alone."""
 
     @abc.abstractmethod
     async def claim(
@@ -94,8 +110,9 @@ class Store(abc.ABC):
     async def renew_leases(
         self, *, worker_id: str, ids: Sequence[str], lease_until: float
     ) -> set[str]:
-        """Extend the leases ``worker_id`` still holds among ``ids``. Returns the ids whose
-        cancellation was requested."""
+        """Extend the leases ``worker_id`` still holds among ``ids`` (running for it, even
+        if the lease ended but ``requeue_expired`` has not yet run). Returns those of them
+        whose cancellation was requested."""
 
     @abc.abstractmethod
     async def finish(self, outcomes: Sequence[Outcome]) -> list[str]:
@@ -108,14 +125,25 @@ class Store(abc.ABC):
         attempt not counted."""
 
     @abc.abstractmethod
-    async def requeue_expired(self, now: float) -> int:
-        """Queue again the running jobs whose lease ended before ``now`` (their attempt stays
-        counted) and the deferred jobs whose ``release_at`` passed. Returns how many."""
+    async def requeue_expired(self, now: float, keep_until: float | None = None) -> int:
+        """Sweep up after workers that stopped answering, and overdue deferred jobs.
+
+        A running job whose lease ended before ``now`` is queued again (its attempt stays
+        counted; ``worker_id`` and ``lease_until`` cleared), unless its cancellation was
+        requested: then it ends ``cancelled`` with ``finished_at = now`` and the given
+        ``keep_until``, freeing the jobs waiting for it. A deferred job whose
+        ``release_at`` is not after ``now`` is queued. Returns how many jobs changed
+        (queued or ended)."""
 
     @abc.abstractmethod
-    async def cancel(self, job_id: str, now: float) -> JobState | None:
-        """Cancel a job: deferred or queued becomes cancelled; running gets
-        ``cancel_requested``. Returns the state after, or None for an unknown id."""
+    async def cancel(
+        self, job_id: str, now: float, keep_until: float | None = None
+    ) -> JobState | None:
+        """Cancel a job: deferred or queued ends cancelled with ``finished_at = now`` and
+        the given ``keep_until``; running gets ``cancel_requested`` (nothing else changes:
+        its worker ends it through ``finish``, or ``requeue_expired`` does once its lease
+        ended); an ended job is left alone. Returns the state after, or None for an
+        unknown id."""
 
     @abc.abstractmethod
     async def retry(self, job_id: str, now: float) -> bool:

@@ -138,14 +138,15 @@ class MemoryStore(Store):
                     self._set_state(job, JobState.QUEUED)
                     self._make_claimable(job)
 
-    async def discard(self, ids: Sequence[str], now: float) -> None:
-        """Deferred jobs among ``ids`` end discarded at ``now``; their successors are freed."""
+    async def discard(
+        self, ids: Sequence[str], now: float, keep_until: float | None = None
+    ) -> None:
+        """Deferred jobs among ``ids`` end discarded at ``now``, kept until ``keep_until``;
+        their successors are freed."""
         with self._lock:
             for job in self._existing(ids):
                 if job.state is JobState.DEFERRED:
-                    self._set_state(job, JobState.DISCARDED)
-                    job.finished_at = now
-                    self._unblock(job.id)
+                    self._end(job, JobState.DISCARDED, now, keep_until)
 
     async def claim(
         self,
@@ -236,15 +237,20 @@ class MemoryStore(Store):
                     self._requeue(job)
                     job.attempts = max(0, job.attempts - 1)
 
-    async def requeue_expired(self, now: float) -> int:
-        """Queue running jobs whose lease ended before ``now`` and deferred jobs whose
-        ``release_at`` is not after ``now``; return how many."""
+    async def requeue_expired(self, now: float, keep_until: float | None = None) -> int:
+        """Queue running jobs whose lease ended before ``now`` (those asked to stop end
+        cancelled instead, kept until ``keep_until``) and deferred jobs whose
+        ``release_at`` is not after ``now``; return how many changed."""
         with self._lock:
             count = 0
             for job_id in list(self._running):
                 job = self._jobs[job_id]
                 if job.lease_until is not None and job.lease_until < now:
-                    self._requeue(job)
+                    if job.cancel_requested:
+                        job.lease_until = None
+                        self._end(job, JobState.CANCELLED, now, keep_until)
+                    else:
+                        self._requeue(job)
                     count += 1
             for job_id in list(self._deferred):
                 job = self._jobs[job_id]
@@ -254,18 +260,19 @@ class MemoryStore(Store):
                     count += 1
             return count
 
-    async def cancel(self, job_id: str, now: float) -> JobState | None:
-        """Deferred or queued: cancelled at ``now``. Running: ``cancel_requested`` set.
-        Returns the state after, or None when no job has this id."""
+    async def cancel(
+        self, job_id: str, now: float, keep_until: float | None = None
+    ) -> JobState | None:
+        """Deferred or queued: cancelled at ``now``, kept until ``keep_until``. Running:
+        ``cancel_requested`` set. Returns the state after, or None when no job has this
+        id."""
         with self._lock:
             job = self._jobs.get(job_id)
             if job is None:
                 return None
             if job.state in (JobState.DEFERRED, JobState.QUEUED):
                 self._tokens.pop(job.id, None)
-                self._set_state(job, JobState.CANCELLED)
-                job.finished_at = now
-                self._unblock(job.id)
+                self._end(job, JobState.CANCELLED, now, keep_until)
             elif job.state is JobState.RUNNING:
                 job.cancel_requested = True
             return job.state
@@ -428,6 +435,13 @@ class MemoryStore(Store):
             elif state in ACTIVE_STATES:
                 self._keys.setdefault(job.key, job.id)
         job.state = state
+
+    def _end(self, job: Job, state: JobState, now: float, keep_until: float | None) -> None:
+        """End ``job`` at ``now``, kept until ``keep_until``, and free its successors."""
+        self._set_state(job, state)
+        job.finished_at = now
+        job.keep_until = keep_until
+        self._unblock(job.id)
 
     def _requeue(self, job: Job) -> None:
         """A running job goes back to the queue, claimable at its old ``run_at``."""

@@ -1,8 +1,9 @@
 """The embedded store: one SQLite file, shared safely by several processes.
 
 Every statement runs on one dedicated thread that owns the connection; the event loop only
-awaits it, from whichever loop is running. Writes run in ``BEGIN IMMEDIATE`` transactions,
-so two processes claiming from one file never hand the same job to two workers.
+awaits it, from whichever loop is running, so one instance serves several threads and
+event loops at once. Writes run in ``BEGIN IMMEDIATE`` transactions, so two processes
+claiming from one file never hand the same job to two workers.
 
 The SQL lives in ``sql/sqlite/``: numbered migrations (``0001_initial.sql``, ...) versioned
 by ``PRAGMA user_version``, and the statements of the verbs in ``queries.sql``.
@@ -17,8 +18,9 @@ import functools
 import json
 import re
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import resources
 from importlib.abc import Traversable
 from pathlib import Path
@@ -131,7 +133,11 @@ class SQLiteStore(Store):
     def __init__(self, url: str) -> None:
         self.url = url
         self.path = _path_from_url(url)
+        self._lock = threading.Lock()
+        """Guards ``_executor`` and ``_opening``: open and close may race from any thread."""
         self._executor: ThreadPoolExecutor | None = None
+        self._opening: Future[None] | None = None
+        """The connect of the current opening, awaited by every ``open`` until it is done."""
         self._conn: sqlite3.Connection | None = None
         """Used only on the executor's thread."""
         self._sql = _queries()
@@ -141,28 +147,34 @@ class SQLiteStore(Store):
 
     async def open(self) -> None:
         """Open the file (creating it and its folder if missing), tune it, and bring the
-        schema to the latest version. Idempotent."""
-        if self._executor is not None:
-            return
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="backlane-sqlite")
-        self._executor = executor
+        schema to the latest version. Idempotent, and safe to race from several threads:
+        one connection is opened, and every caller waits until it is."""
+        with self._lock:
+            executor, opening = self._executor, self._opening
+            if executor is None or opening is None:
+                executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="backlane-sqlite")
+                opening = executor.submit(self._guarded, self._connect)
+                self._executor, self._opening = executor, opening
         try:
-            await self._run(self._connect)
+            await asyncio.shield(asyncio.wrap_future(opening))
         except BaseException:
-            self._executor = None
-            executor.shutdown(wait=False)
+            if opening.done() and opening.exception() is not None:  # not merely cancelled
+                with self._lock:
+                    if self._opening is opening:
+                        self._executor = self._opening = None
+                executor.shutdown(wait=False)
             raise
 
     async def close(self) -> None:
         """Close the connection once the work already asked for is done. Idempotent."""
-        executor = self._executor
+        with self._lock:
+            executor = self._executor
+            self._executor = self._opening = None
         if executor is None:
             return
-        self._executor = None
         try:
-            await asyncio.get_running_loop().run_in_executor(
-                executor, functools.partial(self._guarded, self._disconnect)
-            )
+            closing = executor.submit(self._guarded, self._disconnect)
+            await asyncio.shield(asyncio.wrap_future(closing))
         finally:
             executor.shutdown(wait=False)
 
@@ -179,9 +191,12 @@ class SQLiteStore(Store):
         """Deferred jobs among ``ids`` become queued; others are left as they are."""
         await self._write(self._execute, "release", {"ids": _ids(ids)})
 
-    async def discard(self, ids: Sequence[str], now: float) -> None:
-        """Deferred jobs among ``ids`` end discarded at ``now``; their successors are freed."""
-        await self._write(self._discard, _ids(ids), now)
+    async def discard(
+        self, ids: Sequence[str], now: float, keep_until: float | None = None
+    ) -> None:
+        """Deferred jobs among ``ids`` end discarded at ``now``, kept until ``keep_until``;
+        their successors are freed."""
+        await self._write(self._discard, _ids(ids), now, keep_until)
 
     async def claim(
         self,
@@ -233,15 +248,19 @@ class SQLiteStore(Store):
         """Jobs ``worker_id`` holds among ``ids`` are queued again, the attempt uncounted."""
         await self._write(self._execute, "hand_back", {"worker_id": worker_id, "ids": _ids(ids)})
 
-    async def requeue_expired(self, now: float) -> int:
-        """Queue running jobs whose lease ended before ``now`` and deferred jobs whose
-        ``release_at`` is not after ``now``; return how many."""
-        return await self._write(self._requeue_expired, now)
+    async def requeue_expired(self, now: float, keep_until: float | None = None) -> int:
+        """Queue running jobs whose lease ended before ``now`` (those asked to stop end
+        cancelled instead, kept until ``keep_until``) and deferred jobs whose
+        ``release_at`` is not after ``now``; return how many changed."""
+        return await self._write(self._requeue_expired, now, keep_until)
 
-    async def cancel(self, job_id: str, now: float) -> JobState | None:
-        """Deferred or queued: cancelled at ``now``. Running: ``cancel_requested`` set.
-        Returns the state after, or None when no job has this id."""
-        return await self._write(self._cancel, job_id, now)
+    async def cancel(
+        self, job_id: str, now: float, keep_until: float | None = None
+    ) -> JobState | None:
+        """Deferred or queued: cancelled at ``now``, kept until ``keep_until``. Running:
+        ``cancel_requested`` set. Returns the state after, or None when no job has this
+        id."""
+        return await self._write(self._cancel, job_id, now, keep_until)
 
     async def retry(self, job_id: str, now: float) -> bool:
         """A failed or cancelled job is queued again to run at ``now``. False when the job
@@ -439,8 +458,11 @@ class SQLiteStore(Store):
             stored.append(holder)
         return stored
 
-    def _discard(self, conn: sqlite3.Connection, ids: str, now: float) -> None:
-        rows = self._fetch_named(conn, "discard", {"ids": ids, "now": now})
+    def _discard(
+        self, conn: sqlite3.Connection, ids: str, now: float, keep_until: float | None
+    ) -> None:
+        params = {"ids": ids, "now": now, "keep_until": keep_until}
+        rows = self._fetch_named(conn, "discard", params)
         self._unblock(conn, [row["id"] for row in rows])
 
     def _claim(self, conn: sqlite3.Connection, query: str, params: dict[str, Any]) -> list[Job]:
@@ -465,17 +487,26 @@ class SQLiteStore(Store):
                 applied.append(o.job_id)
         return applied
 
-    def _requeue_expired(self, conn: sqlite3.Connection, now: float) -> int:
+    def _requeue_expired(
+        self, conn: sqlite3.Connection, now: float, keep_until: float | None
+    ) -> int:
+        params = {"now": now, "keep_until": keep_until}
+        cancelled = [row["id"] for row in self._fetch_named(conn, "cancel_expired_leases", params)]
+        self._unblock(conn, cancelled)
         expired = self._execute(conn, "requeue_expired_leases", {"now": now})
-        return expired + self._execute(conn, "requeue_overdue_deferred", {"now": now})
+        overdue = self._execute(conn, "requeue_overdue_deferred", {"now": now})
+        return len(cancelled) + expired + overdue
 
-    def _cancel(self, conn: sqlite3.Connection, job_id: str, now: float) -> JobState | None:
+    def _cancel(
+        self, conn: sqlite3.Connection, job_id: str, now: float, keep_until: float | None
+    ) -> JobState | None:
         row = conn.execute(self._sql["get_job"], {"id": job_id}).fetchone()
         if row is None:
             return None
         state = JobState(row["state"])
         if state in (JobState.DEFERRED, JobState.QUEUED):
-            self._execute(conn, "cancel_waiting", {"id": job_id, "now": now})
+            params = {"id": job_id, "now": now, "keep_until": keep_until}
+            self._execute(conn, "cancel_waiting", params)
             self._unblock(conn, [job_id])
             return JobState.CANCELLED
         if state is JobState.RUNNING:

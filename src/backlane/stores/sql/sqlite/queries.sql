@@ -29,7 +29,8 @@ UPDATE jobs INDEXED BY jobs_id SET state = 'queued'
 WHERE state = 'deferred' AND id IN (SELECT value FROM json_each(:ids));
 
 -- name: discard
-UPDATE jobs INDEXED BY jobs_id SET state = 'discarded', finished_at = :now
+UPDATE jobs INDEXED BY jobs_id
+SET state = 'discarded', finished_at = :now, keep_until = :keep_until
 WHERE state = 'deferred' AND id IN (SELECT value FROM json_each(:ids))
 RETURNING id;
 
@@ -100,16 +101,23 @@ SET state = 'queued', lease_until = NULL, worker_id = NULL,
 WHERE state = 'running' AND worker_id = :worker_id
   AND id IN (SELECT value FROM json_each(:ids));
 
+-- name: cancel_expired_leases
+-- Running jobs asked to stop whose worker stopped answering end cancelled, not queued.
+UPDATE jobs INDEXED BY jobs_lease
+SET state = 'cancelled', lease_until = NULL, finished_at = :now, keep_until = :keep_until
+WHERE state = 'running' AND lease_until < :now AND cancel_requested = 1
+RETURNING id;
+
 -- name: requeue_expired_leases
 UPDATE jobs INDEXED BY jobs_lease SET state = 'queued', lease_until = NULL, worker_id = NULL
-WHERE state = 'running' AND lease_until < :now;
+WHERE state = 'running' AND lease_until < :now AND cancel_requested = 0;
 
 -- name: requeue_overdue_deferred
 UPDATE jobs INDEXED BY jobs_release SET state = 'queued'
 WHERE state = 'deferred' AND release_at IS NOT NULL AND release_at <= :now;
 
 -- name: cancel_waiting
-UPDATE jobs SET state = 'cancelled', finished_at = :now
+UPDATE jobs SET state = 'cancelled', finished_at = :now, keep_until = :keep_until
 WHERE id = :id AND state IN ('deferred', 'queued');
 
 -- name: request_cancel
