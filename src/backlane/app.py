@@ -277,7 +277,8 @@ class Backlane:
     async def cancel(self, job_id: str) -> JobState:
         """Cancel a job (see ``JobHandle.cancel``). Raises ``JobNotFound``."""
         await self.open()
-        state = await self.store.cancel(job_id, time.time())
+        now = time.time()
+        state = await self.store.cancel(job_id, now, keep_until=now + self.settings.keep_failed)
         if state is None:
             raise JobNotFound(f"no job with id {job_id!r}")
         self.notifier.notify()

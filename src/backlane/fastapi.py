@@ -111,7 +111,9 @@ class RequestBatch:
         """The request failed: discard whatever was stored."""
         if self.stored and not self.finished:
             with anyio.CancelScope(shield=True):
-                await self.lane.store.discard([j.id for j in self.jobs], time.time())
+                now = time.time()
+                keep = now + self.lane.settings.keep_failed
+                await self.lane.store.discard([j.id for j in self.jobs], now, keep_until=keep)
         self.drop()
         self.finished = True
 

@@ -371,9 +371,12 @@ class Worker:
                     for job_id in asked:
                         self._cancel_held(job_id)
                 if now_m >= next_sweep:
-                    count = await self.lane.store.requeue_expired(time.time())
+                    now = time.time()
+                    count = await self.lane.store.requeue_expired(
+                        now, keep_until=now + settings.keep_failed
+                    )
                     if count:
-                        log.warning("requeued %d jobs whose worker stopped answering", count)
+                        log.warning("took back %d jobs whose worker stopped answering", count)
                         self.lane.notifier.notify()
                     next_sweep = now_m + settings.sweep_interval
                 if now_m >= next_purge:

@@ -22,6 +22,4 @@ def store_from_url(url: str) -> Store:
         from .sqlite import SQLiteStore
 
         return SQLiteStore(url)
-    raise ConfigurationError(
-        f"unsupported store URL {url!r}: use memory://, sqlite:///path/to.db"
-    )
+    raise ConfigurationError(f"unsupported store URL {url!r}: use memory://, sqlite:///path/to.db")
