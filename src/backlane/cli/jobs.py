@@ -1,0 +1,309 @@
+"""Looking after jobs from a shell: ``jobs``, ``show``, ``retry``, ``cancel``, ``purge``,
+``counts``."""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+import time
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from ..app import Backlane
+from ..jobs import Job, JobState
+
+if TYPE_CHECKING:
+    pass
+
+from ._app import AppOption, JobId, JsonOption, UrlOption, _console, _fail, _run, cli
+
+
+class EndState(str, enum.Enum):
+    """The states a job ends in: the only ones ``purge`` removes."""
+
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+    discarded = "discarded"
+
+
+_STATE_STYLE = {
+    JobState.DEFERRED: "dim",
+    JobState.QUEUED: "cyan",
+    JobState.RUNNING: "yellow",
+    JobState.SUCCEEDED: "green",
+    JobState.FAILED: "red",
+    JobState.CANCELLED: "magenta",
+    JobState.DISCARDED: "dim",
+}
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as ``30s``, ``15m``, ``12h`` or ``7d``. Raises
+    ``ValueError`` saying how to write one."""
+    match = _DURATION.fullmatch(text.strip().lower())
+    if match is None:
+        raise ValueError(
+            f"{text!r} is not a duration: write a number and a unit (s, m, h or d), "
+            "like 30s, 15m, 12h or 7d"
+        )
+    return float(match[1]) * _UNIT_SECONDS[match[2]]
+
+
+@cli.command()
+def jobs(
+    state: Annotated[
+        JobState | None, typer.Option(help="Only jobs in this state.", show_default=False)
+    ] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(help="Only jobs of this task (module:qualname).", show_default=False),
+    ] = None,
+    queue: Annotated[
+        str | None, typer.Option(help="Only jobs of this queue.", show_default=False)
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Most jobs to list.")] = 50,
+    offset: Annotated[int, typer.Option(min=0, help="Jobs to skip first.")] = 0,
+    as_json: JsonOption = False,
+    url: UrlOption = None,
+    app: AppOption = None,
+) -> None:
+    """List jobs, newest first, optionally filtered by state, task and queue.
+
+    --json prints a list of the jobs as the status API shows them.
+    """
+    found = _run(
+        url,
+        app,
+        lambda lane: lane.store.list_jobs(
+            state=state, task=task, queue=queue, limit=limit, offset=offset
+        ),
+    )
+    if as_json:
+        typer.echo(json.dumps([job.to_public() for job in found], indent=2))
+        return
+    console = _console()
+    if not found:
+        console.print("No jobs match." if offset == 0 else "No more jobs.")
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for name in ("ID", "TASK", "QUEUE", "STATE", "ATT", "PROGRESS", "CREATED", "FINISHED"):
+        right = name in ("ATT", "PROGRESS")
+        table.add_column(name, no_wrap=name != "TASK", justify="right" if right else "left")
+    table.add_column("ERROR", overflow="fold")
+    for job in found:
+        table.add_row(
+            job.id,
+            job.task,
+            job.queue,
+            Text(job.state.value, style=_STATE_STYLE[job.state]),
+            str(job.attempts),
+            _percent(job.progress),
+            _when(job.created_at),
+            _when(job.finished_at),
+            (job.error or {}).get("type") or "",
+        )
+    console.print(table)
+    if len(found) == limit:
+        console.print(f"Showing {limit} jobs from {offset}; --offset {offset + limit} for more.")
+
+
+@cli.command()
+def show(
+    job_id: JobId, as_json: JsonOption = False, url: UrlOption = None, app: AppOption = None
+) -> None:
+    """Show one job in full: arguments, timing, worker, result, and error with traceback."""
+    job = _run(url, app, lambda lane: lane.store.get(job_id))
+    if job is None:
+        _fail(f"no job with id {job_id!r}")
+    if as_json:
+        typer.echo(json.dumps(_full(job), indent=2))
+        return
+    console = _console()
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column(overflow="fold")
+    rows: list[tuple[str, str | Text]] = [
+        ("id", job.id),
+        ("task", job.task),
+        ("state", Text(job.state.value, style=_STATE_STYLE[job.state])),
+        ("queue", f"{job.queue} (priority {job.priority})"),
+        ("arguments", job.payload),
+        ("attempts", str(job.attempts)),
+        ("key", job.key or "-"),
+        ("created", _when(job.created_at) or "-"),
+        ("run at", _when(job.run_at) or "-"),
+        ("started", _when(job.started_at) or "-"),
+        ("finished", _when(job.finished_at) or "-"),
+        ("worker", job.worker_id or "-"),
+        ("lease until", _when(job.lease_until) or "-"),
+        ("progress", " ".join(p for p in (_percent(job.progress), job.message or "") if p) or "-"),
+        ("waits for", job.after or "-"),
+        ("cancel asked", "yes" if job.cancel_requested else "no"),
+        ("keep until", _when(job.keep_until) or "-"),
+    ]
+    if job.result is not None:
+        rows.append(("result", job.result))
+    if job.error:
+        rows.append(("error", f"{job.error.get('type')}: {job.error.get('message')}"))
+    for name, value in rows:
+        grid.add_row(name, value)
+    console.print(grid)
+    trace = (job.error or {}).get("traceback")
+    if trace:
+        console.print()
+        console.print(Text(trace.rstrip("\n")))
+
+
+@cli.command()
+def retry(job_id: JobId, url: UrlOption = None, app: AppOption = None) -> None:
+    """Queue a failed or cancelled job again, to run as soon as a worker is free."""
+
+    async def act(lane: Backlane) -> tuple[Job | None, bool]:
+        job = await lane.store.get(job_id)
+        if job is None:
+            return None, False
+        return job, await lane.retry(job_id)
+
+    job, done = _run(url, app, act)
+    if job is None:
+        _fail(f"no job with id {job_id!r}")
+    if not done:
+        if job.state in (JobState.FAILED, JobState.CANCELLED) and job.key is not None:
+            _fail(
+                f"job {job_id} was not queued again: another active job holds its key {job.key!r}"
+            )
+        _fail(f"job {job_id} is {job.state.value}: only failed or cancelled jobs can be retried")
+    _console().print(f"Job {job_id} queued again.")
+
+
+@cli.command()
+def cancel(job_id: JobId, url: UrlOption = None, app: AppOption = None) -> None:
+    """Cancel a job: a waiting job ends cancelled at once, a running one is asked to stop.
+
+    Exits with code 1 if the job had already ended.
+    """
+
+    async def act(lane: Backlane) -> tuple[Job | None, JobState | None]:
+        job = await lane.store.get(job_id)
+        if job is None:
+            return None, None
+        return job, await lane.cancel(job_id)
+
+    job, after = _run(url, app, act)
+    if job is None or after is None:
+        _fail(f"no job with id {job_id!r}")
+    if after is JobState.CANCELLED and job.state is not JobState.CANCELLED:
+        _console().print(f"Job {job_id} cancelled.")
+    elif after is JobState.RUNNING:
+        _console().print(f"Job {job_id} is running; its worker was asked to stop it.")
+    else:
+        _fail(f"job {job_id} had already ended {after.value}; nothing to cancel")
+
+
+@cli.command()
+def purge(
+    older_than: Annotated[
+        str,
+        typer.Option(
+            "--older-than",
+            metavar="AGE",
+            help="Remove jobs that ended longer ago than this: 30s, 15m, 12h, 7d.",
+            show_default=False,
+        ),
+    ],
+    states: Annotated[
+        list[EndState] | None,
+        typer.Option(
+            "--state",
+            help="Only jobs that ended in this state (repeatable; default: all).",
+            show_default=False,
+        ),
+    ] = None,
+    url: UrlOption = None,
+    app: AppOption = None,
+) -> None:
+    """Remove ended jobs that finished longer ago than --older-than.
+
+    Ended means succeeded, failed, cancelled or discarded; --state narrows it. Waiting and
+    running jobs are never removed.
+    """
+    try:
+        age = parse_duration(older_than)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--older-than'") from None
+    chosen = [JobState(s.value) for s in (states or EndState)]
+    before = time.time() - age
+    removed = _run(url, app, lambda lane: lane.store.purge(before=before, states=chosen))
+    names = ", ".join(s.value for s in chosen)
+    _console().print(f"Removed {removed} jobs ({names}) that ended before {_when(before)}.")
+
+
+@cli.command()
+def counts(as_json: JsonOption = False, url: UrlOption = None, app: AppOption = None) -> None:
+    """Count jobs per queue and state.
+
+    --json prints {queue: {state: count}}, leaving out states without jobs.
+    """
+    found = _run(url, app, lambda lane: lane.store.counts())
+    if as_json:
+        data = {
+            queue: {state.value: by_state[state] for state in JobState if state in by_state}
+            for queue, by_state in sorted(found.items())
+        }
+        typer.echo(json.dumps(data, indent=2))
+        return
+    console = _console()
+    if not found:
+        console.print("No jobs.")
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    table.add_column("QUEUE")
+    for state in JobState:
+        table.add_column(state.value.upper(), justify="right")
+    table.add_column("TOTAL", justify="right")
+    for queue, by_state in sorted(found.items()):
+        cells = [str(by_state.get(state, 0)) for state in JobState]
+        table.add_row(queue, *cells, str(sum(by_state.values())))
+    console.print(table)
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def _full(job: Job) -> dict[str, Any]:
+    """Everything stored about ``job``: the public view plus arguments and bookkeeping."""
+    data = job.to_public()
+    data.update(
+        arguments=json.loads(job.payload),
+        priority=job.priority,
+        key=job.key,
+        worker_id=job.worker_id,
+        lease_until=_iso(job.lease_until),
+        after=job.after,
+        cancel_requested=job.cancel_requested,
+        keep_until=_iso(job.keep_until),
+        meta=job.meta,
+    )
+    return data
+
+
+def _iso(ts: float | None) -> str | None:
+    """A time for scripts: ISO 8601 in UTC, as the status API gives it."""
+    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
+
+
+def _when(ts: float | None) -> str:
+    """A time for people: local, to the second."""
+    return "" if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _percent(progress: float | None) -> str:
+    return "" if progress is None else f"{progress:.0%}"
