@@ -259,10 +259,14 @@ class Backlane:
 
     # -- jobs -------------------------------------------------------------------------
 
-    async def enqueue_jobs(self, jobs: Sequence[Job]) -> list[Job]:
-        """Store built jobs in one step and wake local workers."""
+    async def enqueue_jobs(self, jobs: Sequence[Job], *, connection: Any = None) -> list[Job]:
+        """Store built jobs in one step (inside ``connection``'s transaction when given) and
+        wake local workers."""
         await self.open()
-        stored = await self.store.enqueue(jobs)
+        if connection is None:
+            stored = await self.store.enqueue(jobs)
+        else:
+            stored = await self.store.enqueue(jobs, connection=connection)
         self.notifier.notify()
         return stored
 

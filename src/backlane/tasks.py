@@ -148,6 +148,8 @@ class EnqueueOptions:
     key: str | None = None
     priority: int | None = None
     queue: str | None = None
+    connection: Any = None
+    """A caller's database connection or session: enqueue inside its transaction."""
 
     def __post_init__(self) -> None:
         if self.delay is not None and self.at is not None:
@@ -229,11 +231,16 @@ class Task(Generic[P, R]):
         key: str | None = None,
         priority: int | None = None,
         queue: str | None = None,
+        connection: Any = None,
     ) -> TaskCall[P, R]:
         """This task with scheduling options: ``delay`` (seconds or timedelta) or ``at``
-        (aware datetime), an idempotency ``key``, ``priority`` (higher first), ``queue``."""
+        (aware datetime), an idempotency ``key``, ``priority`` (higher first), ``queue``, and
+        ``connection``: the caller's database connection (PostgreSQL store), so that the job
+        exists only if the caller's transaction commits."""
         seconds = delay.total_seconds() if isinstance(delay, timedelta) else delay
-        opts = EnqueueOptions(delay=seconds, at=at, key=key, priority=priority, queue=queue)
+        opts = EnqueueOptions(
+            delay=seconds, at=at, key=key, priority=priority, queue=queue, connection=connection
+        )
         return TaskCall(self, opts)
 
 
@@ -248,7 +255,7 @@ class TaskCall(Generic[P, R]):
         """Store a job running the task with these arguments; returns its handle. With a
         ``key`` already held by an unfinished job, returns that job's handle instead."""
         job = self.task.build_job(args, kwargs, self.opts)
-        (stored,) = await self.task.lane.enqueue_jobs([job])
+        (stored,) = await self.task.lane.enqueue_jobs([job], connection=self.opts.connection)
         return JobHandle(self.task.lane, stored.id, stored.task)
 
 
