@@ -8,27 +8,22 @@ the test is skipped on a laptop and fails in CI, where ``BACKLANE_REQUIRE_SERVIC
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import NoReturn
 
 import pytest
 
+from backlane.stores import store_from_url
 from backlane.stores.base import Store
 from backlane.stores.memory import MemoryStore
 from backlane.stores.sqlite import SQLiteStore
+from tests.services import (
+    require_service,  # noqa: F401 - re-exported for store test modules
+    store_url,
+)
 
 StoreFactory = Callable[[Path], AbstractAsyncContextManager[Store]]
-
-
-def require_service(name: str, reason: str) -> NoReturn:
-    """Give up on a test whose server is missing: skip it, or fail it when the environment
-    says services are required (``BACKLANE_REQUIRE_SERVICES=1``, as in CI)."""
-    if os.environ.get("BACKLANE_REQUIRE_SERVICES") == "1":
-        pytest.fail(f"{name} is required (BACKLANE_REQUIRE_SERVICES=1) but {reason}")
-    pytest.skip(f"{name} is not available: {reason}")
 
 
 @asynccontextmanager
@@ -48,9 +43,26 @@ def sqlite_store(tmp_path: Path) -> AbstractAsyncContextManager[Store]:
     return _opened(SQLiteStore(f"sqlite:///{tmp_path / 'jobs.db'}"))
 
 
+@asynccontextmanager
+async def _server_store(kind: str, tmp_path: Path) -> AsyncIterator[Store]:
+    with store_url(kind, tmp_path) as url:
+        async with _opened(store_from_url(url)) as opened:
+            yield opened
+
+
+def redis_store(tmp_path: Path) -> AbstractAsyncContextManager[Store]:
+    return _server_store("redis", tmp_path)
+
+
+def postgres_store(tmp_path: Path) -> AbstractAsyncContextManager[Store]:
+    return _server_store("postgres", tmp_path)
+
+
 STORE_FACTORIES: dict[str, StoreFactory] = {
     "memory": memory_store,
     "sqlite": sqlite_store,
+    "redis": redis_store,
+    "postgres": postgres_store,
 }
 
 
