@@ -14,6 +14,10 @@ from types import TracebackType
 import httpx
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+RECORD_ENV = "WEB_APP_RECORD"
+"""``web_app``: path of the file every finished task appends its number to."""
+SLOW_ENV = "WEB_APP_SLOW_SECONDS"
+"""``web_app``: how long ``record_slow`` sleeps before it records (default 2 s)."""
 
 
 def free_port() -> int:

@@ -15,8 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.acceptance._procs import Uvicorn
-from tests.acceptance.web_app import RECORD_ENV, SLOW_ENV
+from tests.acceptance._procs import RECORD_ENV, SLOW_ENV, Uvicorn
 
 APP = "tests.acceptance.web_app:app"
 REQUESTS = 100

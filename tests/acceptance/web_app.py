@@ -16,11 +16,7 @@ from fastapi.responses import StreamingResponse
 
 from backlane import Backlane
 from backlane.fastapi import BackgroundTasks
-
-RECORD_ENV = "WEB_APP_RECORD"
-"""Path of the file every finished task appends its number to."""
-SLOW_ENV = "WEB_APP_SLOW_SECONDS"
-"""How long ``record_slow`` sleeps before it records (default 2 s)."""
+from tests.acceptance._procs import RECORD_ENV, SLOW_ENV
 
 lane = Backlane()
 app = FastAPI()
