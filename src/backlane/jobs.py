@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 import time
-import uuid
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -49,7 +49,7 @@ ACTIVE_STATES = frozenset({JobState.DEFERRED, JobState.QUEUED, JobState.RUNNING}
 def new_job_id() -> str:
     """A fresh job id: 32 hex digits, sortable by creation time to the millisecond."""
     millis = int(time.time() * 1000)
-    return f"{millis:012x}{uuid.uuid4().hex[:20]}"
+    return f"{millis:012x}{os.urandom(10).hex()}"
 
 
 @dataclass

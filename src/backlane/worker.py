@@ -25,7 +25,7 @@ import anyio
 from .context import TaskContext, resolve_dependencies
 from .jobs import Job, JobState
 from .retry import Retry
-from .stores.base import Outcome
+from .stores.base import Outcome, Store
 
 if TYPE_CHECKING:
     from .app import Backlane
@@ -185,13 +185,40 @@ class Worker:
                     held = _Held(job)
                     self._held[job.id] = held
                     group.start_soon(self._run_one, held, name=f"backlane job {job.id}")
+                if len(jobs) == free:
+                    continue  # there may be more: claim again at once
+                await self._idle(idle)  # took all there was: no empty claim right after
                 continue
             if self._until_idle and not (self._held or self._outcomes or self._in_flight):
                 if generation == self._flushed:
                     return
                 continue
-            await self.lane.notifier.wait(idle)
+            await self._idle(idle)
             idle = min(idle * 2, settings.poll_max)
+
+    async def _idle(self, timeout: float) -> None:
+        """Wait until jobs may be claimable: a change in this process, a change the store
+        reports from elsewhere (if it can), ``stop()``, or ``timeout`` seconds."""
+        store = self.lane.store
+        if type(store).wait_for_work is Store.wait_for_work:
+            await self.lane.notifier.wait(timeout)
+            return
+        async with anyio.create_task_group() as group:
+
+            async def local() -> None:
+                await self.lane.notifier.wait(timeout)
+                group.cancel_scope.cancel()
+
+            async def remote() -> None:
+                try:
+                    await store.wait_for_work(timeout)
+                except Exception:
+                    log.debug("store wake-up failed; polling instead", exc_info=True)
+                    await anyio.sleep(timeout)
+                group.cancel_scope.cancel()
+
+            group.start_soon(local)
+            group.start_soon(remote)
 
     async def _wind_down(self) -> None:
         if self._held:
