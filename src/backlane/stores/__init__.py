@@ -5,9 +5,9 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from ..exceptions import ConfigurationError
-from .base import Outcome, Store
+from .base import Outcome, ScheduleRecord, StatsBucket, Store, WorkerRecord
 
-__all__ = ["Outcome", "Store", "store_from_url"]
+__all__ = ["Outcome", "ScheduleRecord", "StatsBucket", "Store", "WorkerRecord", "store_from_url"]
 
 
 def store_from_url(url: str) -> Store:

@@ -8,8 +8,9 @@ Rules every store keeps:
 
 * ``claim`` hands a job to one worker only, even with many processes claiming at once.
   Claimable means: ``state == queued``, ``run_at <= now``, ``after`` is empty, queue in
-  ``queues`` (or any queue when ``queues`` is None). Order: higher ``priority`` first, then
-  earlier ``run_at``, then enqueue order.
+  ``queues`` (or any queue when ``queues`` is None), and the queue not paused
+  (``pause_queue``). Order: higher ``priority`` first, then earlier ``run_at``, then
+  enqueue order.
 * A job whose ``after`` names another job is held until that job ends (any terminal
   state); ``finish``, ``cancel``, ``discard`` and ``requeue_expired`` clear ``after`` on
   the jobs that waited for the ones they end, ``delete`` and ``purge`` on the jobs that
@@ -20,6 +21,8 @@ Rules every store keeps:
   enqueueing a job whose key is taken stores nothing and returns the job holding the key.
 * Verbs on a running job name the worker holding it; a worker that lost its lease changes
   nothing.
+* A schedule slot is taken once: ``claim_slot`` stores the slot's job only if no slot at or
+  after it was taken for that schedule, in the same atomic step.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import anyio
 
 from ..jobs import Job, JobState
 
@@ -48,6 +53,46 @@ class Outcome:
     error: dict[str, Any] | None = None
     run_at: float | None = None
     keep_until: float | None = None
+
+
+@dataclass(frozen=True)
+class ScheduleRecord:
+    """What a store keeps of a schedule: the latest slot taken (POSIX seconds) and whether
+    it is paused."""
+
+    name: str
+    last_slot: float | None = None
+    paused: bool = False
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    """A worker as its last heartbeat described it."""
+
+    id: str
+    started_at: float
+    seen_at: float
+    concurrency: int
+    queues: tuple[str, ...] | None = None
+    jobs: tuple[str, ...] = ()
+    """Ids of the jobs it held at its last heartbeat."""
+    processed: int = 0
+
+
+@dataclass(frozen=True)
+class StatsBucket:
+    """Jobs that ended within ``[start, start + width)``: how many by end state, and the
+    total and count of their waits (``started_at - run_at`` of the last attempt, seconds).
+    A job whose last attempt never started (cancelled while queued, or queued again and
+    ended before it started again: ``started_at`` missing or before ``run_at``) counts in
+    its state but has no wait."""
+
+    start: float
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    wait_total: float = 0.0
+    wait_count: int = 0
 
 
 class Store(abc.ABC):
@@ -73,11 +118,22 @@ class Store(abc.ABC):
     async def close(self) -> None:
         """Release connections. Idempotent."""
 
+    async def wait_for_work(self, timeout: float) -> None:
+        """Return when jobs may have become claimable (enqueued, released, retried or
+        freed by another process), or after ``timeout`` seconds. Idle workers call it
+        between claims; a store with a way to be told (Redis pub/sub or blocking pop,
+        PostgreSQL LISTEN/NOTIFY) returns within milliseconds of the change. The default
+        just sleeps: the worker then polls with a growing interval."""
+        await anyio.sleep(timeout)
+
     # -- write side -------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def enqueue(self, jobs: Sequence[Job]) -> list[Job]:
-        """Store ``jobs`` in one atomic step, in order. Returns, for each job, the job as
+    async def enqueue(self, jobs: Sequence[Job], *, connection: Any = None) -> list[Job]:
+        """Store ``jobs`` in one atomic step, in order. With ``connection`` (a caller's
+        database connection or session, PostgreSQL only), the jobs are written inside the
+        caller's open transaction and exist only if it commits; a store that cannot do that
+        raises ``ConfigurationError``. Returns, for each job, the job as
         stored, or the active job already holding its ``key``."""
 
     @abc.abstractmethod
@@ -179,11 +235,66 @@ class Store(abc.ABC):
         state: JobState | None = None,
         task: str | None = None,
         queue: str | None = None,
+        text: str | None = None,
         limit: int = 50,
         offset: int = 0,
     ) -> list[Job]:
-        """Jobs matching the filters, newest first."""
+        """Jobs matching the filters, newest first. ``text`` matches, case-insensitively, a
+        substring of the id, the task name, the arguments (``payload``, as stored) or the
+        error message (``error["message"]``); every character of ``text`` is literal (no
+        wildcards). SQLite folds the case of ASCII letters only."""
 
     @abc.abstractmethod
     async def counts(self) -> dict[str, dict[JobState, int]]:
         """Number of jobs per queue and state (states with no job may be left out)."""
+
+    @abc.abstractmethod
+    async def stats(self, *, since: float, width: float) -> list[StatsBucket]:
+        """Jobs that ended succeeded, failed or cancelled (not discarded) at or after
+        ``since``, in buckets of ``width`` seconds aligned on multiples of ``width`` (a job
+        that ended at ``t`` is in the bucket starting at ``floor(t / width) * width``), oldest
+        first; buckets with no job may be left out. ``width`` must be above zero
+        (``StoreError`` otherwise)."""
+
+    # -- schedules ----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def claim_slot(self, schedule: str, slot: float, job: Job) -> bool:
+        """Take ``slot`` of ``schedule`` and store ``job`` in one atomic step. False, and
+        nothing stored, when that slot or a later one was already taken. The job is stored
+        as ``enqueue`` stores it (if an active job holds its ``key``, the slot is taken and
+        nothing else stored); a job that cannot be stored raises ``StoreError`` and leaves
+        the slot free. Whether the schedule is paused is the caller's business: this
+        neither looks at the pause nor changes it."""
+
+    @abc.abstractmethod
+    async def schedules(self) -> dict[str, ScheduleRecord]:
+        """Every schedule the store knows (one has taken a slot or been paused)."""
+
+    @abc.abstractmethod
+    async def pause_schedule(self, name: str, paused: bool) -> None:
+        """Pause or resume a schedule (known or not yet); its ``last_slot`` is kept."""
+
+    # -- queues and workers ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def pause_queue(self, queue: str, paused: bool) -> None:
+        """Pause a queue (``claim`` takes nothing from it, whatever ``queues`` it is
+        given) or resume it. Idempotent; the queue need hold no job."""
+
+    @abc.abstractmethod
+    async def paused_queues(self) -> set[str]:
+        """Names of the paused queues."""
+
+    @abc.abstractmethod
+    async def beat(self, worker: WorkerRecord) -> None:
+        """Record a worker's heartbeat (replacing its previous record)."""
+
+    @abc.abstractmethod
+    async def workers(self, *, seen_since: float) -> list[WorkerRecord]:
+        """Workers whose last heartbeat is at or after ``seen_since``, oldest started first.
+        Records older than that may be dropped."""
+
+    @abc.abstractmethod
+    async def forget_worker(self, worker_id: str) -> None:
+        """Remove a worker's record (it stopped)."""

@@ -9,20 +9,23 @@ runs the app on a portal thread). Claimable jobs sit in per-queue heaps, so a cl
 from __future__ import annotations
 
 import copy
+import dataclasses
 import heapq
 import itertools
+import math
 import threading
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from ..exceptions import StoreError
+from ..exceptions import ConfigurationError, StoreError
 from ..jobs import ACTIVE_STATES, TERMINAL_STATES, Job, JobState
-from .base import Outcome, Store
+from .base import Outcome, ScheduleRecord, StatsBucket, Store, WorkerRecord
 
 _OUTCOME_STATES = frozenset(
     {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED}
 )
+_STATS_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 
 # A due entry orders claimable jobs: (-priority, run_at, seq, job id, token).
 _Due = tuple[int, float, int, str, int]
@@ -39,6 +42,13 @@ def _copy_json(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool, type(None))):
         return value
     return copy.deepcopy(value)
+
+
+def _matches_text(job: Job, needle: str) -> bool:
+    """Whether ``needle`` (lower case) is in the id, task, payload or error message."""
+    message = job.error.get("message") if job.error else None
+    fields = (job.id, job.task, job.payload, None if message is None else str(message))
+    return any(needle in field.lower() for field in fields if field is not None)
 
 
 def _clone(job: Job) -> Job:
@@ -90,6 +100,9 @@ class MemoryStore(Store):
         self._running: set[str] = set()
         self._deferred: set[str] = set()
         self._counts: dict[str, Counter[JobState]] = {}
+        self._schedules: dict[str, ScheduleRecord] = {}
+        self._paused: set[str] = set()
+        self._workers: dict[str, WorkerRecord] = {}
 
     def __repr__(self) -> str:
         return f"<MemoryStore {self.url} jobs={len(self._jobs)}>"
@@ -102,33 +115,20 @@ class MemoryStore(Store):
 
     # -- write side -------------------------------------------------------------------
 
-    async def enqueue(self, jobs: Sequence[Job]) -> list[Job]:
+    async def enqueue(self, jobs: Sequence[Job], *, connection: Any = None) -> list[Job]:
         """Store ``jobs`` in order, all or none; a job whose active key is taken is not
         stored and the holder is returned in its place. A later job of the batch whose
         ``after`` names a job replaced that way waits for the holder instead, and an
-        ``after`` naming no stored active job is dropped (nothing to wait for)."""
+        ``after`` naming no stored active job is dropped (nothing to wait for). A
+        ``connection`` is refused with ``ConfigurationError``: there is no transaction of
+        the caller's to join."""
+        if connection is not None:
+            raise ConfigurationError(
+                "transactional enqueue needs the PostgreSQL store: the memory store cannot "
+                "write inside the transaction of your connection; leave connection unset"
+            )
         with self._lock:
-            ids = [job.id for job in jobs]
-            if len(set(ids)) != len(ids) or any(job_id in self._jobs for job_id in ids):
-                raise StoreError("enqueue refused: a job id is already stored or repeated")
-            stored: list[Job] = []
-            replaced: dict[str, str] = {}
-            for given in jobs:
-                job = _clone(given)
-                if job.after is not None:
-                    job.after = replaced.get(job.after, job.after)
-                holder = self._keys.get(job.key) if job.key is not None else None
-                if holder is not None and job.state in ACTIVE_STATES:
-                    replaced[job.id] = holder
-                    stored.append(_clone(self._jobs[holder]))
-                    continue
-                if job.after is not None:
-                    before = self._jobs.get(job.after)
-                    if before is None or before.state.terminal:
-                        job.after = None
-                self._insert(job)
-                stored.append(_clone(job))
-            return stored
+            return self._enqueue(jobs)
 
     async def release(self, ids: Sequence[str]) -> None:
         """Deferred jobs among ``ids`` become queued; others are left as they are."""
@@ -157,10 +157,15 @@ class MemoryStore(Store):
         now: float,
         lease_until: float,
     ) -> list[Job]:
-        """Up to ``limit`` claimable jobs, now running for ``worker_id``, in claim order."""
+        """Up to ``limit`` claimable jobs of queues not paused, now running for
+        ``worker_id``, in claim order."""
         with self._lock:
             names = list(self._queues) if queues is None else list(dict.fromkeys(queues))
-            heaps = [self._queues[name] for name in names if name in self._queues]
+            heaps = [
+                self._queues[name]
+                for name in names
+                if name in self._queues and name not in self._paused
+            ]
             self._latest_now = max(self._latest_now, now)
             for heap in heaps:
                 self._promote(heap, now)
@@ -349,11 +354,14 @@ class MemoryStore(Store):
         state: JobState | None = None,
         task: str | None = None,
         queue: str | None = None,
+        text: str | None = None,
         limit: int = 50,
         offset: int = 0,
     ) -> list[Job]:
         """Copies of the matching jobs, newest ``created_at`` first (ties: latest stored
-        first), skipping ``offset`` and returning at most ``limit``."""
+        first), skipping ``offset`` and returning at most ``limit``. ``text`` is looked
+        for, ignoring case, in the id, task, payload and error message."""
+        needle = None if text is None else text.lower()
         with self._lock:
             wanted = max(0, offset + limit)
             # Store order is oldest first; while created_at follows it, read it backwards.
@@ -364,6 +372,7 @@ class MemoryStore(Store):
                 if (state is None or job.state is state)
                 and (task is None or job.task == task)
                 and (queue is None or job.queue == queue)
+                and (needle is None or _matches_text(job, needle))
             )
             if self._created_in_order:
                 newest = list(itertools.islice(matching, wanted))
@@ -383,7 +392,118 @@ class MemoryStore(Store):
                     result[name] = present
             return result
 
+    async def stats(self, *, since: float, width: float) -> list[StatsBucket]:
+        """Jobs that ended succeeded, failed or cancelled at or after ``since``, in buckets
+        of ``width`` seconds starting at multiples of ``width``, oldest first; empty
+        buckets are left out."""
+        if not width > 0:
+            raise StoreError(f"stats needs a bucket width above zero, got {width!r}")
+        with self._lock:
+            buckets: dict[int, list[Any]] = {}
+            for job in self._jobs.values():
+                ended = job.finished_at
+                if job.state not in _STATS_STATES or ended is None or ended < since:
+                    continue
+                row = buckets.setdefault(math.floor(ended / width), [Counter(), 0.0, 0])
+                row[0][job.state] += 1
+                started = job.started_at
+                if started is not None and started >= job.run_at:
+                    row[1] += started - job.run_at
+                    row[2] += 1
+        return [
+            StatsBucket(
+                start=index * width,
+                succeeded=counter[JobState.SUCCEEDED],
+                failed=counter[JobState.FAILED],
+                cancelled=counter[JobState.CANCELLED],
+                wait_total=wait_total,
+                wait_count=wait_count,
+            )
+            for index, (counter, wait_total, wait_count) in sorted(buckets.items())
+        ]
+
+    # -- schedules ----------------------------------------------------------------------
+
+    async def claim_slot(self, schedule: str, slot: float, job: Job) -> bool:
+        """Record ``slot`` as the latest of ``schedule`` and store ``job`` (as ``enqueue``
+        does), unless that slot or a later one was taken; then store nothing, return
+        False."""
+        with self._lock:
+            record = self._schedules.get(schedule) or ScheduleRecord(name=schedule)
+            if record.last_slot is not None and record.last_slot >= slot:
+                return False
+            self._enqueue([job])
+            self._schedules[schedule] = dataclasses.replace(record, last_slot=slot)
+            return True
+
+    async def schedules(self) -> dict[str, ScheduleRecord]:
+        """Every schedule that took a slot or was paused, by name."""
+        with self._lock:
+            return dict(self._schedules)
+
+    async def pause_schedule(self, name: str, paused: bool) -> None:
+        """Pause or resume ``name``, recording it if it is not known yet."""
+        with self._lock:
+            record = self._schedules.get(name) or ScheduleRecord(name=name)
+            self._schedules[name] = dataclasses.replace(record, paused=paused)
+
+    # -- queues and workers ---------------------------------------------------------------
+
+    async def pause_queue(self, queue: str, paused: bool) -> None:
+        """Pause ``queue`` (``claim`` skips it) or resume it."""
+        with self._lock:
+            if paused:
+                self._paused.add(queue)
+            else:
+                self._paused.discard(queue)
+
+    async def paused_queues(self) -> set[str]:
+        """Names of the paused queues."""
+        with self._lock:
+            return set(self._paused)
+
+    async def beat(self, worker: WorkerRecord) -> None:
+        """Record ``worker`` in place of its previous record."""
+        with self._lock:
+            self._workers[worker.id] = worker
+
+    async def workers(self, *, seen_since: float) -> list[WorkerRecord]:
+        """Workers seen at or after ``seen_since``, oldest started first (ties by id);
+        records of the others are dropped."""
+        with self._lock:
+            for stale in [w.id for w in self._workers.values() if w.seen_at < seen_since]:
+                del self._workers[stale]
+            return sorted(self._workers.values(), key=lambda w: (w.started_at, w.id))
+
+    async def forget_worker(self, worker_id: str) -> None:
+        """Remove the record of ``worker_id`` (nothing if there is none)."""
+        with self._lock:
+            self._workers.pop(worker_id, None)
+
     # -- helpers (called with the lock held) -----------------------------------------------
+
+    def _enqueue(self, jobs: Sequence[Job]) -> list[Job]:
+        ids = [job.id for job in jobs]
+        if len(set(ids)) != len(ids) or any(job_id in self._jobs for job_id in ids):
+            raise StoreError("enqueue refused: a job id is already stored or repeated")
+        stored: list[Job] = []
+        replaced: dict[str, str] = {}
+        for given in jobs:
+            job = _clone(given)
+            if job.after is not None:
+                job.after = replaced.get(job.after, job.after)
+            holder = self._keys.get(job.key) if job.key is not None else None
+            if holder is not None and job.state in ACTIVE_STATES:
+                replaced[job.id] = holder
+                stored.append(_clone(self._jobs[holder]))
+                continue
+            if job.after is not None:
+                before = self._jobs.get(job.after)
+                if before is None or before.state.terminal:
+                    job.after = None
+            self._insert(job)
+            stored.append(_clone(job))
+        return stored
 
     def _existing(self, ids: Iterable[str]) -> Iterable[Job]:
         for job_id in dict.fromkeys(ids):

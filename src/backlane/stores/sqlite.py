@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 from ..exceptions import ConfigurationError, StoreError
 from ..jobs import ACTIVE_STATES, TERMINAL_STATES, Job, JobState
-from .base import Outcome, Store
+from .base import Outcome, ScheduleRecord, StatsBucket, Store, WorkerRecord
 
 T = TypeVar("T")
 
@@ -40,6 +40,7 @@ _OUTCOME_STATES = frozenset(
 _PURGE_BATCH = 1000
 """Most jobs removed per transaction by ``purge``, so no lock is held for long."""
 _MIGRATION_NAME = re.compile(r"^(\d+)_\w+\.sql$")
+_LIKE_SPECIAL = re.compile(r"([\\%_])")
 
 
 def _path_from_url(url: str) -> str:
@@ -127,6 +128,25 @@ def _ids(ids: Sequence[str]) -> str:
     return json.dumps(list(ids))
 
 
+def _like_pattern(text: str) -> str:
+    """A ``LIKE ... ESCAPE '\\'`` pattern matching any value that contains ``text``."""
+    escaped = _LIKE_SPECIAL.sub(r"\\\1", text)
+    return f"%{escaped}%"
+
+
+def _decode_worker(row: sqlite3.Row) -> WorkerRecord:
+    queues = row["queues"]
+    return WorkerRecord(
+        id=row["id"],
+        started_at=row["started_at"],
+        seen_at=row["seen_at"],
+        concurrency=row["concurrency"],
+        queues=None if queues is None else tuple(json.loads(queues)),
+        jobs=tuple(json.loads(row["jobs"])),
+        processed=row["processed"],
+    )
+
+
 class SQLiteStore(Store):
     """Jobs in a SQLite file (``sqlite:///relative/path.db``, ``sqlite:////abs/path.db``)."""
 
@@ -180,11 +200,18 @@ class SQLiteStore(Store):
 
     # -- write side -------------------------------------------------------------------
 
-    async def enqueue(self, jobs: Sequence[Job]) -> list[Job]:
+    async def enqueue(self, jobs: Sequence[Job], *, connection: Any = None) -> list[Job]:
         """Store ``jobs`` in order in one transaction; a job whose active key is taken is
         not stored and the holder is returned in its place. A later job of the batch whose
         ``after`` names a job replaced that way waits for the holder instead, and an
-        ``after`` naming no stored active job is dropped (nothing to wait for)."""
+        ``after`` naming no stored active job is dropped (nothing to wait for). A
+        ``connection`` is refused with ``ConfigurationError``: the jobs live in the store's
+        own file, outside any transaction of the caller's."""
+        if connection is not None:
+            raise ConfigurationError(
+                "transactional enqueue needs the PostgreSQL store: the SQLite store cannot "
+                "write inside the transaction of your connection; leave connection unset"
+            )
         return await self._write(self._enqueue, list(jobs))
 
     async def release(self, ids: Sequence[str]) -> None:
@@ -207,7 +234,8 @@ class SQLiteStore(Store):
         now: float,
         lease_until: float,
     ) -> list[Job]:
-        """Up to ``limit`` claimable jobs, now running for ``worker_id``, in claim order."""
+        """Up to ``limit`` claimable jobs of queues not paused, now running for
+        ``worker_id``, in claim order."""
         if limit <= 0 or (queues is not None and not queues):
             return []
         params: dict[str, Any] = {
@@ -216,14 +244,8 @@ class SQLiteStore(Store):
             "now": now,
             "lease_until": lease_until,
         }
-        query = "claim_any"
-        if queues is not None:
-            names = list(dict.fromkeys(queues))
-            if len(names) == 1:
-                query, params["queue"] = "claim_queue", names[0]
-            else:
-                query, params["queues"] = "claim_queues", _ids(names)
-        return await self._write(self._claim, query, params)
+        names = None if queues is None else list(dict.fromkeys(queues))
+        return await self._write(self._claim, names, params)
 
     async def renew_leases(
         self, *, worker_id: str, ids: Sequence[str], lease_until: float
@@ -309,16 +331,22 @@ class SQLiteStore(Store):
         state: JobState | None = None,
         task: str | None = None,
         queue: str | None = None,
+        text: str | None = None,
         limit: int = 50,
         offset: int = 0,
     ) -> list[Job]:
         """The matching jobs, newest ``created_at`` first (ties: latest stored first),
-        skipping ``offset`` and returning at most ``limit``."""
+        skipping ``offset`` and returning at most ``limit``. ``text`` is looked for in the
+        id, task, payload and error message with ``LIKE``, which ignores the case of ASCII
+        letters only."""
         filters = {"state": None if state is None else state.value, "task": task, "queue": queue}
         terms = [f"{name} = :{name}" for name, value in filters.items() if value is not None]
+        params: dict[str, Any] = {**filters, "limit": limit, "offset": offset}
+        if text is not None:
+            terms.append(f"({self._sql['text_matches']})")
+            params["pattern"] = _like_pattern(text)
         where = f"WHERE {' AND '.join(terms)}" if terms else ""
         query = f"SELECT * FROM jobs {where} ORDER BY created_at DESC, seq DESC LIMIT :limit"
-        params = {**filters, "limit": limit, "offset": offset}
         rows = await self._run(self._fetch, query + " OFFSET :offset", params)
         return [_decode(row) for row in rows]
 
@@ -328,6 +356,77 @@ class SQLiteStore(Store):
         for row in await self._run(self._fetch, self._sql["counts"], {}):
             result.setdefault(row["queue"], {})[JobState(row["state"])] = row["n"]
         return result
+
+    async def stats(self, *, since: float, width: float) -> list[StatsBucket]:
+        """Jobs that ended succeeded, failed or cancelled at or after ``since``, in buckets
+        of ``width`` seconds starting at multiples of ``width``, oldest first; empty
+        buckets are left out. Counted in SQL over the index of end times."""
+        if not width > 0:
+            raise StoreError(f"stats needs a bucket width above zero, got {width!r}")
+        params = {"since": since, "width": width}
+        return [
+            StatsBucket(
+                start=row["bucket"] * width,
+                succeeded=row["succeeded"],
+                failed=row["failed"],
+                cancelled=row["cancelled"],
+                wait_total=row["wait_total"],
+                wait_count=row["wait_count"],
+            )
+            for row in await self._run(self._fetch, self._sql["stats"], params)
+        ]
+
+    # -- schedules ----------------------------------------------------------------------
+
+    async def claim_slot(self, schedule: str, slot: float, job: Job) -> bool:
+        """Record ``slot`` as the latest of ``schedule`` and store ``job`` (as ``enqueue``
+        does) in one transaction, unless that slot or a later one was taken; then store
+        nothing, return False."""
+        return await self._write(self._claim_slot, schedule, slot, job)
+
+    async def schedules(self) -> dict[str, ScheduleRecord]:
+        """Every schedule that took a slot or was paused, by name."""
+        rows = await self._run(self._fetch, self._sql["schedules"], {})
+        return {
+            row["name"]: ScheduleRecord(
+                name=row["name"], last_slot=row["last_slot"], paused=bool(row["paused"])
+            )
+            for row in rows
+        }
+
+    async def pause_schedule(self, name: str, paused: bool) -> None:
+        """Pause or resume ``name``, recording it if it is not known yet."""
+        params = {"name": name, "paused": int(paused)}
+        await self._write(self._execute, "pause_schedule", params)
+
+    # -- queues and workers ---------------------------------------------------------------
+
+    async def pause_queue(self, queue: str, paused: bool) -> None:
+        """Pause ``queue`` (``claim`` skips it) or resume it."""
+        query = "pause_queue" if paused else "resume_queue"
+        await self._write(self._execute, query, {"queue": queue})
+
+    async def paused_queues(self) -> set[str]:
+        """Names of the paused queues."""
+        rows = await self._run(self._fetch, self._sql["paused_queues"], {})
+        return {row["queue"] for row in rows}
+
+    async def beat(self, worker: WorkerRecord) -> None:
+        """Record ``worker`` in place of its previous record."""
+        params = dataclasses.asdict(worker)
+        params["queues"] = None if worker.queues is None else _ids(worker.queues)
+        params["jobs"] = _ids(worker.jobs)
+        await self._write(self._execute, "beat", params)
+
+    async def workers(self, *, seen_since: float) -> list[WorkerRecord]:
+        """Workers seen at or after ``seen_since``, oldest started first (ties by id);
+        records of the others are dropped."""
+        rows = await self._write(self._workers, seen_since)
+        return [_decode_worker(row) for row in rows]
+
+    async def forget_worker(self, worker_id: str) -> None:
+        """Remove the record of ``worker_id`` (nothing if there is none)."""
+        await self._write(self._execute, "forget_worker", {"id": worker_id})
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -465,7 +564,19 @@ class SQLiteStore(Store):
         rows = self._fetch_named(conn, "discard", params)
         self._unblock(conn, [row["id"] for row in rows])
 
-    def _claim(self, conn: sqlite3.Connection, query: str, params: dict[str, Any]) -> list[Job]:
+    def _claim(
+        self, conn: sqlite3.Connection, queues: list[str] | None, params: dict[str, Any]
+    ) -> list[Job]:
+        query = "claim_any"
+        if queues is not None:
+            paused = {row["queue"] for row in self._fetch_named(conn, "paused_queues", {})}
+            names = [name for name in queues if name not in paused]
+            if not names:
+                return []
+            if len(names) == 1:
+                query, params = "claim_queue", {**params, "queue": names[0]}
+            else:
+                query, params = "claim_queues", {**params, "queues": _ids(names)}
         rows = self._fetch_named(conn, query, params)
         rows.sort(key=lambda row: (-row["priority"], row["run_at"], row["seq"]))
         return [_decode(row) for row in rows]
@@ -524,6 +635,17 @@ class SQLiteStore(Store):
             after = None
         self._execute(conn, "retry", {"id": job_id, "now": now, "after": after})
         return True
+
+    def _claim_slot(self, conn: sqlite3.Connection, schedule: str, slot: float, job: Job) -> bool:
+        taken = self._fetch_named(conn, "take_slot", {"name": schedule, "slot": slot})
+        if not taken:
+            return False
+        self._enqueue(conn, [job])
+        return True
+
+    def _workers(self, conn: sqlite3.Connection, seen_since: float) -> list[sqlite3.Row]:
+        self._execute(conn, "drop_stale_workers", {"seen_since": seen_since})
+        return self._fetch_named(conn, "workers", {})
 
     def _delete(self, conn: sqlite3.Connection, ids: str) -> int:
         removed = self._execute(conn, "delete", {"ids": ids})

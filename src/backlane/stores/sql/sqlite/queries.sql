@@ -46,18 +46,26 @@ SET state = 'running', attempts = attempts + 1, started_at = :now,
 WHERE seq IN (
     SELECT seq FROM jobs INDEXED BY jobs_claimable_any
     WHERE state = 'queued' AND "after" IS NULL AND run_at <= :now
+      AND queue NOT IN (SELECT queue FROM paused_queues)
     ORDER BY priority DESC, run_at, seq
     LIMIT :limit
 )
 RETURNING *;
 
+-- name: paused_queues
+SELECT queue FROM paused_queues;
+
 -- name: claim_queue
+-- The store leaves paused queues out of the names it gives claim_queue and claim_queues,
+-- so that a paused queue's backlog is never scanned; the clause on paused_queues states
+-- the rule all the same.
 UPDATE jobs
 SET state = 'running', attempts = attempts + 1, started_at = :now,
     lease_until = :lease_until, worker_id = :worker_id
 WHERE seq IN (
     SELECT seq FROM jobs INDEXED BY jobs_claimable
     WHERE state = 'queued' AND "after" IS NULL AND run_at <= :now AND queue = :queue
+      AND queue NOT IN (SELECT queue FROM paused_queues)
     ORDER BY priority DESC, run_at, seq
     LIMIT :limit
 )
@@ -71,6 +79,7 @@ WHERE seq IN (
     SELECT seq FROM jobs INDEXED BY jobs_claimable
     WHERE state = 'queued' AND "after" IS NULL AND run_at <= :now
       AND queue IN (SELECT value FROM json_each(:queues))
+      AND queue NOT IN (SELECT queue FROM paused_queues)
     ORDER BY priority DESC, run_at, seq
     LIMIT :limit
 )
@@ -152,5 +161,69 @@ LIMIT :limit;
 -- name: delete_seqs
 DELETE FROM jobs WHERE seq IN (SELECT value FROM json_each(:seqs));
 
+-- name: text_matches
+-- list_jobs' text filter: a LIKE pattern (with \ escaping % and _) against the id, task,
+-- arguments and error message.
+id LIKE :pattern ESCAPE '\' OR task LIKE :pattern ESCAPE '\'
+OR payload LIKE :pattern ESCAPE '\'
+OR json_extract(error, '$.message') LIKE :pattern ESCAPE '\'
+
 -- name: counts
 SELECT queue, state, COUNT(*) AS n FROM jobs GROUP BY queue, state;
+
+-- name: stats
+-- Jobs that ended since a time, per bucket of a width: the bucket is the number of widths
+-- since the epoch, rounded down (CAST rounds toward zero, hence the correction).
+SELECT bucket,
+       SUM(state = 'succeeded') AS succeeded,
+       SUM(state = 'failed') AS failed,
+       SUM(state = 'cancelled') AS cancelled,
+       TOTAL(CASE WHEN started_at >= run_at THEN started_at - run_at END) AS wait_total,
+       COUNT(CASE WHEN started_at >= run_at THEN 1 END) AS wait_count
+FROM (
+    SELECT state, started_at, run_at,
+           CAST(finished_at / :width AS INTEGER)
+           - (finished_at / :width < CAST(finished_at / :width AS INTEGER)) AS bucket
+    FROM jobs INDEXED BY jobs_finished
+    WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at >= :since
+)
+GROUP BY bucket
+ORDER BY bucket;
+
+-- name: take_slot
+-- Records a slot as the schedule's latest unless it or a later one was taken; returns the
+-- name only when the slot was taken now.
+INSERT INTO schedules (name, last_slot) VALUES (:name, :slot)
+ON CONFLICT (name) DO UPDATE SET last_slot = excluded.last_slot
+WHERE last_slot IS NULL OR last_slot < excluded.last_slot
+RETURNING name;
+
+-- name: schedules
+SELECT name, last_slot, paused FROM schedules ORDER BY name;
+
+-- name: pause_schedule
+INSERT INTO schedules (name, paused) VALUES (:name, :paused)
+ON CONFLICT (name) DO UPDATE SET paused = excluded.paused;
+
+-- name: pause_queue
+INSERT INTO paused_queues (queue) VALUES (:queue) ON CONFLICT (queue) DO NOTHING;
+
+-- name: resume_queue
+DELETE FROM paused_queues WHERE queue = :queue;
+
+-- name: beat
+INSERT INTO workers (id, started_at, seen_at, concurrency, queues, jobs, processed)
+VALUES (:id, :started_at, :seen_at, :concurrency, :queues, :jobs, :processed)
+ON CONFLICT (id) DO UPDATE SET
+    started_at = excluded.started_at, seen_at = excluded.seen_at,
+    concurrency = excluded.concurrency, queues = excluded.queues, jobs = excluded.jobs,
+    processed = excluded.processed;
+
+-- name: drop_stale_workers
+DELETE FROM workers WHERE seen_at < :seen_since;
+
+-- name: workers
+SELECT * FROM workers ORDER BY started_at, id;
+
+-- name: forget_worker
+DELETE FROM workers WHERE id = :id;
