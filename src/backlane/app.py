@@ -7,11 +7,12 @@ import threading
 import time
 import typing
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .exceptions import JobNotFound, UnknownTask
+from .exceptions import ConfigurationError, InvalidArguments, JobNotFound, UnknownTask
 from .jobs import Job, JobHandle, JobState
 from .retry import RetryPolicy
 from .stores import Store, store_from_url
@@ -20,6 +21,7 @@ from .tasks import P, R, Task, import_name, resolve_import_name
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from .scheduler import Missed, Schedule, Scheduler
     from .worker import Worker
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -120,6 +122,7 @@ class Backlane:
         self.notifier = Notifier()
         self._tasks: dict[str, Task[Any, Any]] = {}
         self._by_function: dict[Callable[..., Any], Task[Any, Any]] = {}
+        self._schedules: dict[str, Schedule] = {}
         self._opened = False
 
     def __repr__(self) -> str:
@@ -198,6 +201,8 @@ class Backlane:
         """
 
         def register(fn: Callable[..., Any]) -> Task[Any, Any]:
+            if isinstance(fn, Task):  # a task of another lane: this lane's options
+                fn = fn.func
             policy = RetryPolicy(
                 retries=self.settings.retries if retries is None else retries,
                 backoff=self.settings.backoff if backoff is None else backoff,
@@ -220,6 +225,75 @@ class Backlane:
         if func is not None:
             return register(func)
         return typing.cast(TaskDecorator, register)
+
+    # -- schedules ----------------------------------------------------------------------
+
+    @property
+    def schedules(self) -> dict[str, Schedule]:
+        """The schedules declared on this lane, by name."""
+        return dict(self._schedules)
+
+    def cron(
+        self,
+        expression: str,
+        *,
+        tz: str = "UTC",
+        missed: Missed = "run_once",
+        name: str | None = None,
+        **options: Any,
+    ) -> TaskDecorator:
+        """Run the decorated function on a cron schedule (``"0 3 * * *"``: 03:00 daily) in
+        time zone ``tz``, correct across DST changes. After downtime, ``missed="run_once"``
+        runs one catch-up job, ``"skip"`` none. ``options`` are those of ``task()``. The
+        function takes no arguments (a ``TaskContext`` and ``Depends`` are fine)."""
+        return self._scheduled(name, options, cron=expression, tz=tz, missed=missed)
+
+    def every(
+        self,
+        interval: timedelta | float,
+        *,
+        missed: Missed = "run_once",
+        name: str | None = None,
+        **options: Any,
+    ) -> TaskDecorator:
+        """Run the decorated function every ``interval`` (a timedelta or seconds, at least
+        1 s), on slots aligned to multiples of the interval. See ``cron`` for the rest."""
+        seconds = interval.total_seconds() if isinstance(interval, timedelta) else float(interval)
+        return self._scheduled(name, options, every=seconds, missed=missed)
+
+    def _scheduled(self, name: str | None, options: dict[str, Any], **how: Any) -> TaskDecorator:
+        def register(fn: Callable[..., Any]) -> Task[Any, Any]:
+            task = fn if isinstance(fn, Task) else self.task(**options)(fn)
+            try:
+                task.codec.encode((), {})
+            except InvalidArguments as exc:
+                raise ConfigurationError(
+                    f"scheduled task {task.name!r} must be callable without arguments: {exc}"
+                ) from None
+            from .scheduler import Schedule
+
+            schedule = Schedule(name=name or task.name, task=task, **how)
+            if schedule.name in self._schedules:
+                raise ConfigurationError(f"a schedule named {schedule.name!r} already exists")
+            self._schedules[schedule.name] = schedule
+            return task
+
+        return typing.cast(TaskDecorator, register)
+
+    async def pause_schedule(self, name: str, paused: bool = True) -> None:
+        """Pause (or, with ``paused=False``, resume) a schedule for every scheduler."""
+        if name not in self._schedules:
+            raise ConfigurationError(
+                f"no schedule named {name!r}; known: {', '.join(self._schedules) or 'none'}"
+            )
+        await self.open()
+        await self.store.pause_schedule(name, paused)
+
+    def scheduler(self, *, tick: float = 1.0) -> Scheduler:
+        """A scheduler for this lane's schedules (``await scheduler.run()`` until ``stop()``)."""
+        from .scheduler import Scheduler
+
+        return Scheduler(self, tick=tick)
 
     def _register(self, task: Task[Any, Any]) -> None:
         existing = self._tasks.get(task.name)
@@ -329,11 +403,21 @@ class Backlane:
         workers: int = 1,
         concurrency: int | None = None,
         queues: list[str] | None = None,
+        scheduler: bool | None = None,
         prefix: str = "/backlane",
     ) -> None:
         """Wire this lane into ``app``: open the store at startup, run ``workers`` embedded
-        worker loops (0 for a web-only process) and stop them gracefully at shutdown; keep
+        worker loops (0 for a web-only process) and, if the lane has schedules (or
+        ``scheduler=True``), an embedded scheduler; stop them gracefully at shutdown; keep
         every request's tasks durable; serve the status API at ``{prefix}/jobs/{id}``."""
         from .fastapi import install
 
-        install(self, app, workers=workers, concurrency=concurrency, queues=queues, prefix=prefix)
+        install(
+            self,
+            app,
+            workers=workers,
+            concurrency=concurrency,
+            queues=queues,
+            scheduler=scheduler,
+            prefix=prefix,
+        )

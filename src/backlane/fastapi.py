@@ -272,6 +272,7 @@ def install(
     workers: int = 1,
     concurrency: int | None = None,
     queues: list[str] | None = None,
+    scheduler: bool | None = None,
     prefix: str = "/backlane",
 ) -> None:
     """See ``Backlane.install``."""
@@ -291,16 +292,23 @@ def install(
         await lane.open()
         count = 0 if lane.eager else workers
         embedded = [lane.worker(concurrency=concurrency, queues=queues) for _ in range(count)]
+        schedules = (
+            lane.scheduler() if (scheduler is None and lane.schedules) or scheduler else None
+        )
         try:
             async with anyio.create_task_group() as group:
                 for worker in embedded:
                     group.start_soon(worker.run)
+                if schedules is not None:
+                    group.start_soon(schedules.run)
                 try:
                     async with original(application) as state:
                         yield state
                 finally:
                     for worker in embedded:
                         worker.stop()
+                    if schedules is not None:
+                        schedules.stop()
         finally:
             await lane.close()
 

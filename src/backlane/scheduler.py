@@ -1,0 +1,184 @@
+"""Periodic work: cron and interval schedules that fire exactly once per slot.
+
+A schedule cuts time into slots (each cron fire time, or each multiple of an interval since
+the epoch). Any number of schedulers may run, embedded in web processes or as
+``backlane scheduler``: each slot becomes one job, because the store takes a slot and
+stores its job in one atomic step (``Store.claim_slot``) — there is no leader to elect.
+
+After downtime a schedule follows its ``missed`` policy: ``"run_once"`` enqueues one
+catch-up job for the latest missed slot, ``"skip"`` none; either way it carries on with the
+next slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from cronsim import CronSim, CronSimError
+
+from .exceptions import ConfigurationError
+from .tasks import EnqueueOptions, Task
+
+if TYPE_CHECKING:
+    from .app import Backlane
+
+log = logging.getLogger("backlane.scheduler")
+
+Missed = Literal["run_once", "skip"]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When a task runs by itself: a cron expression in a time zone, or a fixed interval."""
+
+    name: str
+    task: Task[Any, Any]
+    cron: str | None = None
+    every: float | None = None
+    tz: str = "UTC"
+    missed: Missed = "run_once"
+    on_time: float = 5.0
+    """A slot fired at most this late counts as on time; later, it is a missed slot."""
+
+    def __post_init__(self) -> None:
+        if (self.cron is None) == (self.every is None):
+            raise ConfigurationError(
+                f"schedule {self.name!r}: give a cron expression or an interval"
+            )
+        if self.missed not in ("run_once", "skip"):
+            raise ConfigurationError(
+                f"schedule {self.name!r}: missed must be 'run_once' or 'skip', not {self.missed!r}"
+            )
+        if self.every is not None and self.every < 1:
+            raise ConfigurationError(f"schedule {self.name!r}: the interval must be at least 1 s")
+        try:
+            zone = ZoneInfo(self.tz)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ConfigurationError(
+                f"schedule {self.name!r}: unknown time zone {self.tz!r}"
+            ) from exc
+        if self.cron is not None:
+            try:
+                CronSim(self.cron, datetime.now(zone))
+            except CronSimError as exc:
+                raise ConfigurationError(
+                    f"schedule {self.name!r}: bad cron expression {self.cron!r}: {exc}"
+                ) from exc
+
+    @property
+    def expression(self) -> str:
+        """The schedule as people write it."""
+        if self.cron is not None:
+            return f"{self.cron} ({self.tz})"
+        return f"every {timedelta(seconds=self.every or 0)}"
+
+    def latest_slot(self, now: float) -> float | None:
+        """The latest slot at or before ``now`` (POSIX seconds)."""
+        if self.every is not None:
+            return math.floor(now / self.every) * self.every
+        assert self.cron is not None
+        zone = ZoneInfo(self.tz)
+        start = datetime.fromtimestamp(now, zone) + timedelta(microseconds=1)
+        try:
+            return next(CronSim(self.cron, start, reverse=True)).timestamp()
+        except StopIteration:
+            return None
+
+    def next_slot(self, after: float) -> float | None:
+        """The first slot strictly after ``after``."""
+        if self.every is not None:
+            return (math.floor(after / self.every) + 1) * self.every
+        assert self.cron is not None
+        zone = ZoneInfo(self.tz)
+        try:
+            return next(CronSim(self.cron, datetime.fromtimestamp(after, zone))).timestamp()
+        except StopIteration:
+            return None
+
+    def tolerance(self) -> float:
+        """How late a slot may fire and still be on time (at most half an interval)."""
+        if self.every is not None:
+            return min(self.on_time, self.every / 2)
+        return self.on_time
+
+
+class Scheduler:
+    """Turns a lane's due schedule slots into jobs until ``stop()``."""
+
+    def __init__(self, lane: Backlane, *, tick: float = 1.0) -> None:
+        self.lane = lane
+        self.tick = tick
+        self._tried: dict[str, float] = {}
+        self._stopping = False
+        self.fired = 0
+
+    def stop(self) -> None:
+        """Ask the scheduler to stop after its current step. Safe from any thread."""
+        self._stopping = True
+        self.lane.notifier.notify()
+
+    async def run(self) -> None:
+        """Fire due slots until ``stop()``; sleeps until the next slot in between."""
+        await self.lane.open()
+        names = ", ".join(self.lane.schedules) or "none"
+        log.info("scheduler started (schedules: %s)", names)
+        while not self._stopping:
+            try:
+                await self.step(time.time())
+            except Exception:
+                log.exception("scheduler step failed; trying again")
+            wait = self._until_next(time.time())
+            if wait > 0:
+                await self.lane.notifier.wait(wait)
+        log.info("scheduler stopped after firing %d slots", self.fired)
+
+    async def step(self, now: float) -> int:
+        """Fire what is due at ``now``: the on-time slot of each schedule, or, after
+        downtime, one catch-up job where the policy says ``run_once``. Returns how many
+        jobs this scheduler stored (other schedulers may have taken the rest)."""
+        schedules = self.lane.schedules
+        if not schedules:
+            return 0
+        records = await self.lane.store.schedules()
+        fired = 0
+        for schedule in schedules.values():
+            record = records.get(schedule.name)
+            if record is not None and record.paused:
+                continue
+            slot = schedule.latest_slot(now)
+            if slot is None or self._tried.get(schedule.name, -math.inf) >= slot:
+                continue
+            last = record.last_slot if record is not None else None
+            if last is not None and last >= slot:
+                self._tried[schedule.name] = slot
+                continue
+            late = now - slot > schedule.tolerance()
+            if late and (schedule.missed == "skip" or last is None):
+                self._tried[schedule.name] = slot  # a missed slot, not to be caught up
+                continue
+            job = schedule.task.build_job((), {}, EnqueueOptions(), now=now)
+            job.run_at = slot
+            job.meta = {"schedule": schedule.name, "slot": slot, "catch_up": late}
+            if await self.lane.store.claim_slot(schedule.name, slot, job):
+                fired += 1
+                self.lane.notifier.notify()
+                log.info(
+                    "schedule %s: %s slot %s",
+                    schedule.name,
+                    "caught up" if late else "fired",
+                    datetime.fromtimestamp(slot, timezone.utc).isoformat(),
+                )
+            self._tried[schedule.name] = slot
+        self.fired += fired
+        return fired
+
+    def _until_next(self, now: float) -> float:
+        upcoming = [s.next_slot(now) for s in self.lane.schedules.values()]
+        soonest = min((t for t in upcoming if t is not None), default=now + self.tick)
+        return max(0.0, min(self.tick, soonest - now))

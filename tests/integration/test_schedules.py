@@ -1,0 +1,84 @@
+"""Schedulers fire each slot once, follow the missed-slot policy, and can be paused."""
+
+import math
+import time
+
+import anyio
+import pytest
+
+from backlane import Backlane, JobState
+from backlane.testing import drain
+from tests.integration import schedule_tasks
+
+pytestmark = pytest.mark.anyio
+
+T0 = 1_800_000_000.0  # a whole minute: 2027-01-15T08:00:00Z
+
+
+async def jobs_of(lane: Backlane, name: str) -> list[float]:
+    jobs = await lane.store.list_jobs(limit=1000)
+    return sorted(j.meta["slot"] for j in jobs if j.meta.get("schedule") == name)
+
+
+async def test_every_slot_once_however_many_schedulers(lane_url: str) -> None:
+    lane = Backlane(lane_url)
+    lane.every(60, name="minutely")(schedule_tasks.tick)
+    async with lane:
+        schedulers = [lane.scheduler() for _ in range(3)]
+        for minute in range(5):
+            now = T0 + minute * 60 + 0.2
+            async with anyio.create_task_group() as tg:
+                for s in schedulers:
+                    tg.start_soon(s.step, now)
+        assert await jobs_of(lane, "minutely") == [T0 + m * 60 for m in range(5)]
+        assert sum(s.fired for s in schedulers) == 5
+
+
+@pytest.mark.parametrize(("missed", "expected_catch_up"), [("run_once", 1), ("skip", 0)])
+async def test_downtime_follows_the_missed_policy(
+    lane_url: str, missed: str, expected_catch_up: int
+) -> None:
+    lane = Backlane(lane_url)
+    lane.every(60, name="m", missed=missed)(schedule_tasks.tick)  # type: ignore[arg-type]
+    async with lane:
+        first = lane.scheduler()
+        assert await first.step(T0 + 0.5) == 1  # slot T0, on time
+        # down for ten slots; another scheduler comes up 30 s after the tenth
+        later = lane.scheduler()
+        assert await later.step(T0 + 600 + 30) == expected_catch_up
+        assert await later.step(T0 + 600 + 40) == 0  # nothing more for the missed slots
+        assert await later.step(T0 + 660 + 0.1) == 1  # then the schedule carries on
+        slots = await jobs_of(lane, "m")
+    caught_up = [T0 + 600] if expected_catch_up else []
+    assert slots == [T0, *caught_up, T0 + 660]
+
+
+async def test_a_new_schedule_does_not_fire_old_slots(lane_url: str) -> None:
+    lane = Backlane(lane_url)
+    lane.cron("0 3 * * *", tz="Asia/Shanghai", name="nightly")(schedule_tasks.tick)
+    async with lane:
+        assert await lane.scheduler().step(T0) == 0  # 03:00 Shanghai was hours ago
+
+
+async def test_paused_schedule_fires_nothing_until_resumed(lane_url: str) -> None:
+    lane = Backlane(lane_url)
+    lane.every(60, name="p", missed="skip")(schedule_tasks.tick)
+    async with lane:
+        await lane.pause_schedule("p")
+        assert await lane.scheduler().step(T0 + 1) == 0
+        assert (await lane.store.schedules())["p"].paused
+        await lane.pause_schedule("p", paused=False)
+        assert await lane.scheduler().step(T0 + 61) == 1
+
+
+async def test_scheduled_job_runs(lane_url: str) -> None:
+    schedule_tasks.RUNS.clear()
+    lane = Backlane(lane_url)
+    task = lane.every(60, name="runs")(schedule_tasks.tick)
+    minute = math.floor(time.time() / 60) * 60  # a slot that has come: its job may run now
+    async with lane:
+        await lane.scheduler().step(minute + 1)
+        await drain(lane)
+        (job,) = await lane.store.list_jobs(task=task.name)
+        assert job.state is JobState.SUCCEEDED
+    assert schedule_tasks.RUNS == ["tick"]

@@ -1,0 +1,39 @@
+"""``backlane schedules``: list, pause, resume."""
+
+import json
+
+from typer.testing import CliRunner
+
+from backlane.cli import cli
+
+APP = "tests.acceptance.schedule_app:lane"
+runner = CliRunner()
+
+
+def listed() -> dict[str, dict[str, object]]:
+    result = runner.invoke(cli, ["schedules", "--app", APP, "--json"])
+    assert result.exit_code == 0, result.output
+    return {row["name"]: row for row in json.loads(result.output)}
+
+
+def test_list_pause_resume() -> None:
+    rows = listed()
+    row = rows["every-second"]
+    assert row["expression"] == "every 0:00:01" and row["paused"] is False
+    assert row["next_run"] is not None and row["missed"] == "run_once"
+    table = runner.invoke(cli, ["schedules", "--app", APP])
+    assert "every-second" in table.output and "next run" in table.output
+
+    paused = runner.invoke(cli, ["schedules", "pause", "every-second", "--app", APP])
+    assert paused.exit_code == 0 and "paused" in paused.output
+    assert listed()["every-second"]["paused"] is True
+    assert runner.invoke(cli, ["schedules", "resume", "every-second", "--app", APP]).exit_code == 0
+    assert listed()["every-second"]["paused"] is False
+
+
+def test_unknown_schedule_and_missing_app() -> None:
+    unknown = runner.invoke(cli, ["schedules", "pause", "nope", "--app", APP])
+    assert unknown.exit_code == 2 and "no schedule named 'nope'" in unknown.output
+    assert runner.invoke(cli, ["schedules"]).exit_code == 2
+    no_schedules = runner.invoke(cli, ["scheduler", "tests.acceptance.worker_app:lane"])
+    assert no_schedules.exit_code == 2 and "declares no schedules" in no_schedules.output

@@ -1,0 +1,101 @@
+"""Slot arithmetic of schedules: cron in a time zone across DST changes, and intervals."""
+
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from backlane import Backlane, ConfigurationError
+from backlane.scheduler import Schedule
+from tests.integration import schedule_tasks
+
+BERLIN = ZoneInfo("Europe/Berlin")
+
+
+def schedule(**how: object) -> Schedule:
+    lane = Backlane("memory://")
+    return Schedule(name="s", task=lane.task(schedule_tasks.tick), **how)  # type: ignore[arg-type]
+
+
+def local(ts: float | None) -> str:
+    assert ts is not None
+    return datetime.fromtimestamp(ts, BERLIN).isoformat()
+
+
+def fire_times(s: Schedule, start: datetime, count: int) -> list[str]:
+    out, t = [], start.timestamp()
+    for _ in range(count):
+        nxt = s.next_slot(t)
+        out.append(local(nxt))
+        t = nxt  # type: ignore[assignment]
+    return out
+
+
+def test_daily_cron_across_spring_forward() -> None:
+    """02:30 does not exist on 2026-03-29 in Berlin: the job runs at 03:00 CEST, once."""
+    s = schedule(cron="30 2 * * *", tz="Europe/Berlin")
+    assert fire_times(s, datetime(2026, 3, 27, 12, tzinfo=BERLIN), 4) == [
+        "2026-03-28T02:30:00+01:00",
+        "2026-03-29T03:00:00+02:00",
+        "2026-03-30T02:30:00+02:00",
+        "2026-03-31T02:30:00+02:00",
+    ]
+
+
+def test_daily_cron_across_fall_back() -> None:
+    """02:30 happens twice on 2026-10-25 in Berlin: a daily job runs once, the first time."""
+    s = schedule(cron="30 2 * * *", tz="Europe/Berlin")
+    times = fire_times(s, datetime(2026, 10, 23, 12, tzinfo=BERLIN), 3)
+    assert times == [
+        "2026-10-24T02:30:00+02:00",
+        "2026-10-25T02:30:00+02:00",
+        "2026-10-26T02:30:00+01:00",
+    ]
+
+
+def test_frequent_cron_runs_in_both_repeated_hours() -> None:
+    s = schedule(cron="*/30 * * * *", tz="Europe/Berlin")
+    times = fire_times(s, datetime(2026, 10, 25, 1, 50, tzinfo=BERLIN), 5)
+    assert times == [
+        "2026-10-25T02:00:00+02:00",
+        "2026-10-25T02:30:00+02:00",
+        "2026-10-25T02:00:00+01:00",
+        "2026-10-25T02:30:00+01:00",
+        "2026-10-25T03:00:00+01:00",
+    ]
+
+
+def test_latest_slot_is_at_or_before_now() -> None:
+    s = schedule(cron="0 3 * * *", tz="Asia/Shanghai")
+    shanghai = ZoneInfo("Asia/Shanghai")
+    at_three = datetime(2026, 5, 1, 3, 0, tzinfo=shanghai).timestamp()
+    assert s.latest_slot(at_three) == at_three
+    assert s.latest_slot(at_three - 1) == at_three - 86400
+    assert s.next_slot(at_three) == at_three + 86400
+
+
+def test_interval_slots_are_aligned() -> None:
+    s = schedule(every=60.0)
+    assert s.latest_slot(125.5) == 120 and s.next_slot(120) == 180
+    assert s.tolerance() == 5.0 and schedule(every=1.0).tolerance() == 0.5
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ({"cron": "61 * * * *"}, "bad cron expression"),
+        ({"cron": "* * * * *", "tz": "Mars/Olympus"}, "unknown time zone"),
+        ({"every": 0.5}, "at least 1 s"),
+        ({}, "give a cron expression or an interval"),
+        ({"every": 5.0, "missed": "sometimes"}, "run_once"),
+    ],
+)
+def test_bad_schedules_are_refused(how: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        schedule(**how)
+
+
+def test_scheduled_task_must_take_no_arguments() -> None:
+    lane = Backlane("memory://")
+    with pytest.raises(ConfigurationError, match="without arguments"):
+        lane.every(timedelta(seconds=5))(schedule_tasks.needs_argument)
