@@ -25,7 +25,7 @@ import anyio
 from .context import TaskContext, resolve_dependencies
 from .jobs import Job, JobState
 from .retry import Retry
-from .stores.base import Outcome, Store
+from .stores.base import Outcome, Store, WorkerRecord
 
 if TYPE_CHECKING:
     from .app import Backlane
@@ -85,6 +85,7 @@ class Worker:
         self._outcome_ready = anyio.Event()
         self._limiter: anyio.CapacityLimiter | None = None
         self._until_idle = False
+        self.started_at = time.time()
         self._in_flight = 0
         self._flushed = 0
         self.processed = 0
@@ -105,6 +106,7 @@ class Worker:
     async def run(self) -> None:
         """Claim and run jobs until ``stop()``; then finish or hand back what is held."""
         self._limiter = anyio.CapacityLimiter(self.threads)
+        self.started_at = time.time()
         self._slot_free = anyio.Event()
         self._outcome_ready = anyio.Event()
         await self.lane.open()
@@ -117,6 +119,11 @@ class Worker:
             await self._flush()
             service.cancel_scope.cancel()
         await self._flush()
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.lane.store.forget_worker(self.id)
+            except Exception:
+                log.warning("worker %s could not remove its heartbeat record", self.id)
         log.info("worker %s stopped after %d jobs", self.id, self.processed)
 
     async def run_until_idle(self) -> int:
@@ -390,6 +397,7 @@ class Worker:
         while True:
             now_m = time.monotonic()
             try:
+                await self.lane.store.beat(self._record())
                 if self._held:
                     ids = list(self._held)
                     asked = await self.lane.store.renew_leases(
@@ -413,6 +421,17 @@ class Worker:
                 log.exception("worker %s maintenance failed; will try again", self.id)
             wake = min(next_sweep, next_purge) - time.monotonic()
             await anyio.sleep(max(0.01, min(heartbeat, wake)))
+
+    def _record(self) -> WorkerRecord:
+        return WorkerRecord(
+            id=self.id,
+            started_at=self.started_at,
+            seen_at=time.time(),
+            concurrency=self.concurrency,
+            queues=tuple(self.queues) if self.queues else None,
+            jobs=tuple(self._held),
+            processed=self.processed,
+        )
 
     def _cancel_held(self, job_id: str) -> None:
         held = self._held.get(job_id)

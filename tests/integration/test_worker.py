@@ -245,3 +245,21 @@ def test_settings_come_from_arguments_then_environment(monkeypatch: pytest.Monke
     assert (lane.url, lane.settings.lease_seconds, lane.eager) == ("memory://", 9, True)
     with pytest.raises(TypeError, match="unknown setting.*lease\\b"):
         Backlane(lease=5)
+
+
+async def test_running_workers_are_visible_with_the_jobs_they_hold(lane: Backlane) -> None:
+    slow = lane.task(t.sleeps)
+    handle = await slow.enqueue(0.5)
+    worker = lane.worker(concurrency=3)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        with anyio.fail_after(5):
+            while True:
+                seen = await lane.store.workers(seen_since=time.time() - 60)
+                if seen and seen[0].jobs:
+                    break
+                await anyio.sleep(0.05)
+        assert seen[0].id == worker.id and seen[0].concurrency == 3
+        assert seen[0].jobs == (handle.id,)
+        worker.stop()
+    assert await lane.store.workers(seen_since=0) == []  # gone when it stopped
