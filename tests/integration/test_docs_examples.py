@@ -70,3 +70,15 @@ def test_docs_build_strict(tmp_path: Path) -> None:
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_schedules_example(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    mod = load("schedules", monkeypatch, tmp_path)
+    assert set(mod.lane.schedules) == {
+        "docs.examples.schedules:nightly_report",
+        "docs.examples.schedules:refresh_cache",
+    }
+    nightly = mod.lane.schedules["docs.examples.schedules:nightly_report"]
+    assert nightly.expression == "0 3 * * * (Asia/Shanghai)" and nightly.missed == "run_once"
+    every = mod.lane.schedules["docs.examples.schedules:refresh_cache"]
+    assert every.next_slot(1_800_000_001) == 1_800_000_300 and every.missed == "skip"
