@@ -76,7 +76,7 @@ def make_app(lane: Backlane, workers: int = 1) -> FastAPI:
     @app.post("/keyed")
     def keyed(background_tasks: BackgroundTasks) -> dict[str, Any]:
         task = lane.task_for(recorder.slow_async)
-        first = background_tasks.add_task(task.options(key="only-once"), "keyed", 0.2)
+        first = background_tasks.add_task(task.options(key="only-once"), "keyed", 1.0)
         after = background_tasks.add_task(recorder.note, "after-keyed")
         return {"ids": [first.id, after.id]}
 
