@@ -1,0 +1,289 @@
+"""Mail: sending through SMTP (aiosmtplib), and a local SMTP sink for development (aiosmtpd).
+
+SMTP settings come only from the environment (``BACKLANE_SMTP_HOST``, ``_PORT``, ``_USER``,
+``_PASSWORD``, ``_FROM``, ``_TLS``, ``_STARTTLS``, ``_TIMEOUT``), never from code::
+
+    await send_mail(SmtpSettings(), to="ann@example.com", subject="Hello", body="...")
+
+``MailSink`` is a real SMTP server on a loopback port that accepts every message and keeps
+it as one JSON line in a mailbox file; ``read_mailbox`` reads them back. Errors from the SMTP
+client (``aiosmtplib.SMTPException`` and its subclasses) are left to the caller, so that a
+task can be retried on them; ``TRANSIENT_MAIL_ERRORS`` names them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+from email.utils import make_msgid
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import aiosmtplib
+from aiosmtpd.smtp import SMTP, Envelope, Session
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = [
+    "TRANSIENT_MAIL_ERRORS",
+    "MailSink",
+    "ReceivedMail",
+    "SmtpSettings",
+    "build_message",
+    "read_mailbox",
+    "send_mail",
+]
+
+TRANSIENT_MAIL_ERRORS: tuple[type[BaseException], ...] = (aiosmtplib.SMTPException, OSError)
+"""What ``send_mail`` raises when the server is down, slow or refuses for now: worth a retry."""
+
+
+class SmtpSettings(BaseSettings):
+    """Where mail goes: from ``BACKLANE_SMTP_*`` environment variables only."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BACKLANE_SMTP_", extra="ignore", populate_by_name=True
+    )
+
+    host: str | None = None
+    """The SMTP server; None means no server is configured."""
+    port: int | None = None
+    """Default: 465 with ``tls``, 587 with ``starttls``, else 25."""
+    user: str | None = None
+    password: SecretStr | None = None
+    sender: str = Field(default="backlane@localhost", validation_alias="BACKLANE_SMTP_FROM")
+    """The ``From`` address (``BACKLANE_SMTP_FROM``)."""
+    tls: bool = False
+    """Connect with implicit TLS (port 465 style)."""
+    starttls: bool | None = None
+    """Upgrade with STARTTLS: True requires it, False never, None when the server offers it."""
+    timeout: float = 10.0
+    """Seconds for each network step."""
+
+    def describe(self) -> str:
+        """The server as ``host:port`` (never the password), for logs and pages."""
+        return f"{self.host or '(none)'}:{self.port or 'default'}"
+
+
+def build_message(*, sender: str, to: str, subject: str, body: str) -> EmailMessage:
+    """A plain-text message. Raises ``ValueError`` for a header with a line break (no header
+    injection)."""
+    message = EmailMessage(policy=policy.SMTP)
+    message["From"] = sender
+    message["To"] = to
+    message["Subject"] = subject
+    message["Message-ID"] = make_msgid(domain="backlane.local")
+    message.set_content(body)
+    return message
+
+
+async def send_mail(settings: SmtpSettings, *, to: str, subject: str, body: str) -> str:
+    """Send one plain-text message through the configured SMTP server; returns its
+    Message-ID. Raises ``aiosmtplib.SMTPException`` (or ``OSError``) when the server cannot
+    be reached or refuses it, and ``ValueError`` when no server is configured."""
+    if not settings.host:
+        raise ValueError("no SMTP server configured: set BACKLANE_SMTP_HOST (and _PORT)")
+    message = build_message(sender=settings.sender, to=to, subject=subject, body=body)
+    password = settings.password.get_secret_value() if settings.password else None
+    await aiosmtplib.send(
+        message,
+        hostname=settings.host,
+        port=settings.port,
+        username=settings.user or None,
+        password=password if settings.user else None,
+        use_tls=settings.tls,
+        start_tls=settings.starttls,
+        timeout=settings.timeout,
+    )
+    return str(message["Message-ID"])
+
+
+# -- the local sink ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReceivedMail:
+    """One message the sink accepted."""
+
+    to: str
+    """The envelope recipients, comma-separated."""
+    subject: str
+    body: str
+    received_at: str
+    """ISO 8601, UTC."""
+    sender: str = ""
+
+
+class _KeepEverything:
+    """aiosmtpd handler: append every message to the mailbox file."""
+
+    def __init__(self, mailbox: Path) -> None:
+        self.mailbox = mailbox
+        self.lock = threading.Lock()
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        content = envelope.original_content or envelope.content or b""
+        raw = content if isinstance(content, bytes) else content.encode()
+        mail = _parse(raw, sender=envelope.mail_from or "", recipients=envelope.rcpt_tos)
+        line = json.dumps(asdict(mail), ensure_ascii=False) + "\n"
+        await asyncio.to_thread(self._append, line)
+        return "250 Message accepted for delivery"
+
+    def _append(self, line: str) -> None:
+        with self.lock, self.mailbox.open("a", encoding="utf-8") as out:
+            out.write(line)
+
+
+def _parse(raw: bytes, *, sender: str, recipients: list[str]) -> ReceivedMail:
+    parsed = BytesParser(policy=policy.default).parsebytes(raw)
+    part = parsed.get_body(preferencelist=("plain", "html"))
+    body = ""
+    if part is not None:
+        with contextlib.suppress(LookupError, ValueError):
+            body = str(part.get_content()).replace("\r\n", "\n")
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+    return ReceivedMail(
+        to=", ".join(recipients),
+        subject=str(parsed.get("Subject", "")),
+        body=body,
+        received_at=f"{stamp}+00:00",
+        sender=sender,
+    )
+
+
+def read_mailbox(mailbox: Path, *, limit: int = 200) -> list[ReceivedMail]:
+    """The last ``limit`` messages a sink kept in ``mailbox``, oldest first (none if the
+    file does not exist)."""
+    try:
+        with mailbox.open(encoding="utf-8") as lines:
+            last = deque(lines, maxlen=limit)
+    except FileNotFoundError:
+        return []
+    found = []
+    for line in last:
+        with contextlib.suppress(ValueError, TypeError):
+            data: dict[str, Any] = json.loads(line)
+            found.append(ReceivedMail(**data))
+    return found
+
+
+class MailSink:
+    """A development SMTP server on ``host:port`` (port 0: a free one) that accepts every
+    message up to ``max_bytes`` and keeps it in ``mailbox`` (JSON lines). It runs on a
+    thread of its own, so it serves whatever event loop the caller has, or none.
+
+    ``with MailSink(path) as sink:`` starts and stops it; ``sink.port`` is the bound port.
+    """
+
+    def __init__(
+        self,
+        mailbox: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        max_bytes: int = 1024 * 1024,
+    ) -> None:
+        self.mailbox = Path(mailbox)
+        self.host = host
+        self.port = port
+        self.max_bytes = max_bytes
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped: asyncio.Event | None = None
+
+    def __repr__(self) -> str:
+        return f"<MailSink {self.host}:{self.port} -> {self.mailbox}>"
+
+    def start(self, timeout: float = 10.0) -> MailSink:
+        """Listen, and return once the server accepts connections. Raises ``OSError`` if
+        the address cannot be bound."""
+        if self._thread is not None:
+            raise RuntimeError("this sink is already running")
+        self.mailbox.parent.mkdir(parents=True, exist_ok=True)
+        ready = threading.Event()
+        failure: list[BaseException] = []
+        thread = threading.Thread(
+            target=self._serve, args=(ready, failure), name="backlane-mail-sink", daemon=True
+        )
+        thread.start()
+        if not ready.wait(timeout):
+            raise TimeoutError(f"the mail sink did not start within {timeout}s")
+        if failure:
+            thread.join()
+            raise failure[0]
+        self._thread = thread
+        return self
+
+    def stop(self) -> None:
+        """Stop listening and wait for the server thread to end (idempotent)."""
+        thread, loop, stopped = self._thread, self._loop, self._stopped
+        if thread is None or loop is None or stopped is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop already closed
+            loop.call_soon_threadsafe(stopped.set)
+        thread.join(timeout=10)
+        self._thread = None
+
+    def messages(self, limit: int = 200) -> list[ReceivedMail]:
+        """What the sink kept so far, oldest first."""
+        return read_mailbox(self.mailbox, limit=limit)
+
+    def __enter__(self) -> MailSink:
+        return self.start()
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _serve(self, ready: threading.Event, failure: list[BaseException]) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._run(ready, failure))
+        finally:
+            loop.close()
+
+    async def _run(self, ready: threading.Event, failure: list[BaseException]) -> None:
+        loop = asyncio.get_running_loop()
+        handler = _KeepEverything(self.mailbox)
+        self._stopped = asyncio.Event()
+        try:
+            server = await loop.create_server(
+                lambda: SMTP(
+                    handler,
+                    hostname="localhost",
+                    data_size_limit=self.max_bytes,
+                    enable_SMTPUTF8=True,
+                    loop=loop,
+                ),
+                host=self.host,
+                port=self.port,
+            )
+        except BaseException as exc:
+            failure.append(exc)
+            ready.set()
+            return
+        self.port = server.sockets[0].getsockname()[1]
+        ready.set()
+        try:
+            await self._stopped.wait()
+        finally:
+            server.close()
+            await server.wait_closed()
+            sessions = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for session in sessions:  # still connected: end them
+                session.cancel()
+            await asyncio.gather(*sessions, return_exceptions=True)
