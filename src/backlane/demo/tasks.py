@@ -49,6 +49,7 @@ _REPORT_EVERY = 1024 * 1024
 # -- what tasks depend on ---------------------------------------------------------------
 
 
+# --8<-- [start:dependencies]
 def demo_settings() -> DemoSettings:
     """The demo's settings, read from the environment when the job runs."""
     return DemoSettings()
@@ -73,6 +74,7 @@ def demo_database(
 Settings = Annotated[DemoSettings, Depends(demo_settings)]
 Smtp = Annotated[SmtpSettings, Depends(smtp_settings)]
 Database = Annotated[sqlite3.Connection, Depends(demo_database)]
+# --8<-- [end:dependencies]
 
 
 def register(lane: Backlane) -> None:
@@ -85,9 +87,13 @@ def register(lane: Backlane) -> None:
 # -- mail -------------------------------------------------------------------------------
 
 
+# --8<-- [start:mail]
 async def send_email(to: EmailStr, subject: str, body: str, smtp: Smtp) -> str:
     """Send one mail through SMTP; returns its Message-ID."""
     return await send_mail(smtp, to=to, subject=subject, body=body)
+
+
+# --8<-- [end:mail]
 
 
 async def send_welcome_email(email: EmailStr, name: str, smtp: Smtp) -> str:
