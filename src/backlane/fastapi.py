@@ -26,6 +26,7 @@ import anyio
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -245,16 +246,52 @@ class DurableTasksMiddleware:
                 batch.drop()
 
 
-def status_router(lane: Backlane) -> APIRouter:
-    """The status API: ``GET /jobs/{id}``."""
+def status_router(lane: Backlane, *, stream_seconds: float = 60.0) -> APIRouter:
+    """The status API, open to whoever knows a job's id (80 random bits; unguessable):
+
+    * ``GET /jobs/{id}``: the job's state, progress, result and error, as JSON.
+    * ``GET /jobs/{id}/events``: server-sent events. The job, as ``/jobs/{id}`` shows it,
+      comes at once as a JSON ``data:`` line, then again whenever its state, attempts,
+      progress or message change. The stream ends after the event showing the job ended;
+      with an ``event: gone`` if the job is removed; or after ``stream_seconds``, when a
+      client reconnects (``EventSource`` does so by itself). Changes made by this
+      process's workers show within milliseconds, other processes' within half a second.
+    """
     router = APIRouter()
 
-    @router.get("/jobs/{job_id}", summary="A job's state, progress, result and error")
-    async def job_status(job_id: str) -> dict[str, Any]:
+    # Annotations naming a local (Depends(existing_job)) would not resolve: defaults do.
+    async def existing_job(job_id: str) -> Job:
         job = await lane.store.get(job_id) if _JOB_ID.match(job_id) else None
         if job is None:
             raise HTTPException(status_code=404, detail=f"no job with id {job_id!r}")
+        return job
+
+    @router.get("/jobs/{job_id}", summary="A job's state, progress, result and error")
+    async def job_status(job: Job = Depends(existing_job)) -> dict[str, Any]:
         return job.to_public()
+
+    @router.get(
+        "/jobs/{job_id}/events",
+        response_class=EventSourceResponse,
+        summary="A job's state and progress as server-sent events, until it ends",
+    )
+    async def job_events(job: Job = Depends(existing_job)) -> AsyncIterator[ServerSentEvent]:
+        deadline = time.monotonic() + stream_seconds
+        shown: tuple[Any, ...] | None = None
+        current: Job | None = job
+        while current is not None:
+            now_showing = (current.state, current.attempts, current.progress, current.message)
+            if now_showing != shown:
+                yield ServerSentEvent(
+                    data=current.to_public(), retry=1000 if shown is None else None
+                )
+                shown = now_showing
+            if current.state.terminal or time.monotonic() >= deadline:
+                return
+            await lane.wait_for_change(0.5)
+            await anyio.sleep(0.02)  # one read for a burst of changes
+            current = await lane.store.get(job.id)
+        yield ServerSentEvent(event="gone", data={"id": job.id})
 
     return router
 
@@ -274,16 +311,34 @@ def install(
     queues: list[str] | None = None,
     scheduler: bool | None = None,
     prefix: str = "/backlane",
+    dashboard: bool = False,
+    dashboard_auth: Callable[..., Any] | None = None,
+    metrics: bool | None = None,
 ) -> None:
-    """See ``Backlane.install``."""
+    """See ``Backlane.install``. Also: with ``dashboard=True`` the web dashboard at
+    ``{prefix}/``; with ``metrics=True`` Prometheus metrics at ``{prefix}/metrics``
+    (default: with the dashboard, when prometheus-client is installed). Both follow the
+    dashboard's access rule (``backlane.dashboard.access``): the FastAPI dependency
+    ``dashboard_auth`` if given, else the token in ``BACKLANE_DASHBOARD_TOKEN``, else
+    loopback requests only."""
     current = getattr(app.state, "backlane", None)
     if current is not None and current is not lane:
         raise ConfigurationError("this app already has another Backlane installed")
     if workers < 0:
         raise ValueError(f"workers must be 0 or more, got {workers}")
+    if dashboard_auth is not None and not (dashboard or metrics):
+        raise ConfigurationError("dashboard_auth= guards the dashboard: add dashboard=True")
     app.state.backlane = lane
     app.add_middleware(DurableTasksMiddleware, lane=lane)
     app.include_router(status_router(lane), prefix=prefix, tags=["backlane"])
+    if dashboard or metrics:
+        from .dashboard import dashboard_router
+
+        app.include_router(
+            dashboard_router(
+                lane, prefix=prefix, auth=dashboard_auth, pages=dashboard, metrics=metrics
+            )
+        )
     app.add_exception_handler(InvalidArguments, _invalid_arguments)
     original = app.router.lifespan_context
 

@@ -1,0 +1,277 @@
+"""What each dashboard page shows, read from the lane: plain data for the templates."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from ..jobs import Job, JobState
+from ..stores.base import ScheduleRecord, WorkerRecord
+from . import charts
+
+if TYPE_CHECKING:
+    from ..app import Backlane
+
+PAGE_SIZE = 50
+SHOWN_CHARS = 100_000
+"""Arguments, results and tracebacks longer than this are cut (the API has them whole)."""
+STATE_ORDER = [s.value for s in JobState]
+WORKERS_SEEN_WITHIN = 60.0
+"""Workers whose last heartbeat is older than this are not shown (seconds)."""
+
+
+def iso(ts: float | None) -> str:
+    """POSIX seconds as ISO 8601 UTC (empty for None)."""
+    if ts is None:
+        return ""
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
+
+
+def pretty_json(text: str | None) -> str:
+    """JSON text indented for reading (as is if it does not parse), cut past
+    ``SHOWN_CHARS``."""
+    if text is None:
+        return ""
+    try:
+        shown = json.dumps(json.loads(text), indent=2, ensure_ascii=False)
+    except ValueError:
+        shown = text
+    return cut(shown)
+
+
+def cut(text: str) -> str:
+    if len(text) <= SHOWN_CHARS:
+        return text
+    return text[:SHOWN_CHARS] + f"\n… ({len(text) - SHOWN_CHARS} more characters)"
+
+
+@dataclass
+class QueueRow:
+    name: str
+    counts: dict[str, int]
+    paused: bool
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+@dataclass
+class Overview:
+    queues: list[QueueRow]
+    totals: dict[str, int]
+    throughput: Any
+    wait: Any
+    ended_last_hour: int
+    workers: int
+    schedules: int
+    now: float
+
+
+async def overview(lane: Backlane) -> Overview:
+    """Queues with counts by state, the last hour's charts, and how many workers live."""
+    store = lane.store
+    now = time.time()
+    counts = await store.counts()
+    paused = await store.paused_queues()
+    buckets = await store.stats(since=now - 3600 + 60 - now % 60, width=60)
+    workers = await store.workers(seen_since=now - WORKERS_SEEN_WITHIN)
+    names = set(counts) | paused | {task.queue for task in lane.tasks.values()}
+    rows = []
+    totals = dict.fromkeys(STATE_ORDER, 0)
+    for name in sorted(names):
+        by_state = {s.value: counts.get(name, {}).get(s, 0) for s in JobState}
+        for key, value in by_state.items():
+            totals[key] += value
+        rows.append(QueueRow(name, by_state, name in paused))
+    series = charts.minutes(buckets, now=now, width=60, count=60)
+    return Overview(
+        queues=rows,
+        totals=totals,
+        throughput=charts.throughput_chart(series),
+        wait=charts.wait_chart(series),
+        ended_last_hour=sum(m.ended for m in series),
+        workers=len(workers),
+        schedules=len(lane.schedules),
+        now=now,
+    )
+
+
+@dataclass
+class JobFilters:
+    """The job list's filters, as given in the query string."""
+
+    state: str = ""
+    task: str = ""
+    queue: str = ""
+    text: str = ""
+    page: int = 1
+
+    @classmethod
+    def parse(cls, query: dict[str, str]) -> JobFilters:
+        state = query.get("state", "")
+        if state not in STATE_ORDER:
+            state = ""
+        try:
+            page = max(1, min(int(query.get("page", "1")), 100_000))
+        except ValueError:
+            page = 1
+        return cls(
+            state=state,
+            task=query.get("task", "").strip()[:200],
+            queue=query.get("queue", "").strip()[:200],
+            text=query.get("text", "").strip()[:200],
+            page=page,
+        )
+
+    def query(self, **changes: Any) -> dict[str, str]:
+        """The query string for these filters with ``changes`` (empty values left out)."""
+        values = {
+            "state": self.state,
+            "task": self.task,
+            "queue": self.queue,
+            "text": self.text,
+            "page": str(self.page) if self.page > 1 else "",
+        }
+        values.update({k: str(v) if v is not None else "" for k, v in changes.items()})
+        if values.get("page") == "1":
+            values["page"] = ""
+        return {k: v for k, v in values.items() if v}
+
+
+@dataclass
+class JobList:
+    filters: JobFilters
+    jobs: list[Job]
+    has_next: bool
+    tasks: list[str]
+    queues: list[str]
+
+
+async def job_list(lane: Backlane, filters: JobFilters) -> JobList:
+    """One page of jobs, newest first, and whether another page follows."""
+    found = await lane.store.list_jobs(
+        state=JobState(filters.state) if filters.state else None,
+        task=filters.task or None,
+        queue=filters.queue or None,
+        text=filters.text or None,
+        limit=PAGE_SIZE + 1,
+        offset=(filters.page - 1) * PAGE_SIZE,
+    )
+    queues = {task.queue for task in lane.tasks.values()}
+    queues.update(await lane.store.counts())
+    return JobList(
+        filters=filters,
+        jobs=found[:PAGE_SIZE],
+        has_next=len(found) > PAGE_SIZE,
+        tasks=sorted(lane.tasks),
+        queues=sorted(queues),
+    )
+
+
+@dataclass
+class Step:
+    """One line of a job's timeline."""
+
+    at: float
+    what: str
+
+
+@dataclass
+class JobPage:
+    job: Job
+    arguments: str
+    result: str
+    error: dict[str, str] | None
+    timeline: list[Step]
+    held_by: str | None
+    public: dict[str, Any] = field(default_factory=dict)
+
+
+def job_page(job: Job) -> JobPage:
+    """A job as its page shows it: arguments, result, error and the steps of its life."""
+    steps = [Step(job.created_at, "created")]
+    if job.run_at and job.run_at > job.created_at + 0.5:
+        steps.append(Step(job.run_at, "due (delayed or retried)"))
+    if job.started_at is not None:
+        steps.append(Step(job.started_at, f"attempt {job.attempts} started"))
+    if job.finished_at is not None:
+        steps.append(Step(job.finished_at, f"ended {job.state.value}"))
+    steps.sort(key=lambda s: s.at)
+    error = None
+    if job.error:
+        error = {
+            "type": str(job.error.get("type", "")),
+            "message": cut(str(job.error.get("message", ""))),
+            "traceback": cut(str(job.error.get("traceback", ""))),
+        }
+    return JobPage(
+        job=job,
+        arguments=pretty_json(job.payload),
+        result=pretty_json(job.result),
+        error=error,
+        timeline=steps,
+        held_by=job.worker_id if job.state is JobState.RUNNING else None,
+        public=job.to_public(),
+    )
+
+
+@dataclass
+class ScheduleRow:
+    name: str
+    task: str
+    expression: str
+    next_run: float | None
+    last_run: float | None
+    paused: bool
+    missed: str
+    declared: bool
+
+
+async def schedule_rows(lane: Backlane) -> list[ScheduleRow]:
+    """The lane's schedules with their next fire times, plus any the store knows that this
+    lane does not declare."""
+    records: dict[str, ScheduleRecord] = await lane.store.schedules()
+    now = time.time()
+    rows = []
+    for schedule in lane.schedules.values():
+        record = records.get(schedule.name)
+        rows.append(
+            ScheduleRow(
+                name=schedule.name,
+                task=schedule.task.name,
+                expression=schedule.expression,
+                next_run=schedule.next_slot(now),
+                last_run=record.last_slot if record else None,
+                paused=bool(record and record.paused),
+                missed=schedule.missed,
+                declared=True,
+            )
+        )
+    for name, record in sorted(records.items()):
+        if name not in lane.schedules:
+            rows.append(
+                ScheduleRow(name, "", "(not declared here)", None, record.last_slot,
+                            record.paused, "", declared=False)
+            )  # fmt: skip
+    return rows
+
+
+@dataclass
+class WorkerRow:
+    record: WorkerRecord
+    age: float
+    queues: str
+
+
+async def worker_rows(lane: Backlane) -> list[WorkerRow]:
+    """Workers heard from in the last minute, with the jobs they held at their last beat."""
+    now = time.time()
+    found = await lane.store.workers(seen_since=now - WORKERS_SEEN_WITHIN)
+    return [
+        WorkerRow(w, max(0.0, now - w.seen_at), ", ".join(w.queues) if w.queues else "all")
+        for w in found
+    ]
