@@ -13,6 +13,7 @@ import csv
 import gzip
 import io
 import os
+import shutil
 import statistics
 import time
 import uuid
@@ -211,6 +212,52 @@ def test_cleanup_removes_only_old_files_in_its_own_folder(demo: DemoServer, tmp_
     assert sorted(p.name for p in tmp.iterdir()) == ["fresh.part"]
     assert elsewhere.read_text() == "keep"
     assert sorted(os.listdir("/etc")) == etc
+
+
+# -- the home page, in a browser ------------------------------------------------------------
+
+
+def test_the_home_page_sends_its_forms_and_shows_the_jobs_live(demo: DemoServer) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    address = unique("browser")
+    problems: list[str] = []
+    with sync_api.sync_playwright() as playwright:
+        executable = next(
+            filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))),
+            None,
+        )
+        try:
+            browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        except sync_api.Error as exc:
+            pytest.skip(f"no browser to drive: {exc}")
+        try:
+            page = browser.new_page()
+            page.on("pageerror", lambda error: problems.append(str(error)))
+            page.goto(f"{demo.url}/")
+            page.fill("#send-notification input[name=email]", address)
+            page.click("#send-notification button")
+            link = page.wait_for_selector("#send-notification output .job-links a")
+            assert link is not None
+            job_id = (link.get_attribute("href") or "").rpartition("/")[2]
+            assert len(job_id) == 32, job_id
+            page.wait_for_selector(f"#jobs tr.state-succeeded a[title='{job_id}']", timeout=10_000)
+
+            page.select_option("#export select[name=dataset]", "users")
+            page.click("#export button")
+            page.wait_for_selector(
+                "#export output a:has-text('download the result')", timeout=10_000
+            )
+
+            page.fill("#cleanup input[name=directory]", "/etc")
+            page.click("#cleanup button")
+            page.wait_for_selector("#cleanup output .bad:has-text('422')")
+        finally:
+            browser.close()
+    assert problems == []
+    assert demo.job(job_id)["state"] == "succeeded"
+    assert [m["subject"] for m in demo.mail_to(address)] == [
+        "A notification from the backlane demo"
+    ]
 
 
 # -- a long computation -----------------------------------------------------------------

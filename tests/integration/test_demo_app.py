@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
+from backlane.cli import cli
 from backlane.demo import create_app
 from backlane.demo.app import prefers_json
 from backlane.demo.safety import confined, csv_cell, display_name, one_line
@@ -422,3 +424,12 @@ def test_text_for_logs_and_spreadsheets() -> None:
 )
 def test_mailbox_answers_json_only_when_asked(accept: str, json: bool) -> None:
     assert prefers_json(accept) is json
+
+
+def test_the_demo_command_is_offered_with_its_options() -> None:
+    shown = CliRunner().invoke(cli, ["demo", "--help"])
+    assert shown.exit_code == 0, shown.output
+    for option in ("--host", "--port", "--data-dir"):
+        assert option in shown.output
+    refused = CliRunner().invoke(cli, ["demo", "--port", "0"])
+    assert refused.exit_code == 2

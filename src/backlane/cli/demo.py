@@ -21,7 +21,7 @@ _NEEDS = ("uvicorn", "jinja2", "multipart", "email_validator", "aiosmtplib", "ai
 @cli.command()
 def demo(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
     data_dir: Annotated[
         Path,
         typer.Option(

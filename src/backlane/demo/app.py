@@ -109,7 +109,7 @@ def pages_router(lane: Backlane, settings: DemoSettings) -> APIRouter:
             smtp=smtp.describe(),
             local_smtp=settings.local_smtp,
             admin_email=settings.admin_email,
-            max_upload=settings.max_upload_bytes,
+            max_upload=size_text(settings.max_upload_bytes),
         )
 
     @router.get("/demo/jobs")
@@ -173,6 +173,14 @@ def prefers_json(accept: str) -> bool:
                     quality = 0.0
         rank[media.lower()] = max(rank[media.lower()], quality)
     return rank["application/json"] > rank["text/html"]
+
+
+def size_text(size: int) -> str:
+    """A size in bytes for people: ``10 MiB``, ``256 KiB``, ``100 bytes``."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.3g} {unit}"
+    return f"{size} bytes"
 
 
 def redacted(url: str) -> str:

@@ -34,14 +34,16 @@
   }
 
   function request(form) {
-    let path = form.dataset.path;
+    // getAttribute, not form.dataset: a form's fields are also its properties, and the
+    // export form has a field named "dataset".
+    let path = form.getAttribute("data-path");
     const query = new URLSearchParams();
     const json = {};
     let hasJson = false;
     let body = null;
     const headers = { Accept: "application/json" };
     for (const field of form.querySelectorAll("[data-in]")) {
-      const where = field.dataset.in;
+      const where = field.getAttribute("data-in");
       if (where === "path") {
         path = path.replace(`{${field.name}}`, encodeURIComponent(field.value));
       } else if (where === "query") {
