@@ -1,0 +1,340 @@
+-- Shared by every script of backlane's Redis store: the store prepends this file to each
+-- verb's script. KEYS[1] is the lane's key prefix; every key below starts with it, so a
+-- prefix with a hash tag ("{app}:") keeps a lane's keys in one cluster slot.
+--
+-- Keys (P = the prefix):
+--   P job:<id>        hash: the job's fields (absent field = None), its store order
+--                     (seq) and, once a job waits for it, waited = 1
+--   P seq             counter giving each stored job its seq
+--   P keys            hash: idempotency key -> id of the active job holding it
+--   P queues          set: every queue a job was stored in
+--   P paused          set: paused queues
+--   P prio:<q>        set: priorities that have (or had) claimable jobs in queue q
+--   P due:<q>:<p>     zset: claimable jobs of queue q and priority p (score run_at,
+--                     member <seq, 16 digits><id>: ties go in store order)
+--   P run             zset: running jobs by lease_until
+--   P defer           zset: deferred jobs with a release_at, by release_at
+--   P wait:<id>       set: jobs whose `after` names <id>
+--   P all             zset: every job by created_at (member as in due)
+--   P state:<s>       zset: the jobs in state s by created_at (member as in due)
+--   P kept            zset: ended jobs with a keep_until, by keep_until
+--   P fin:<s>         zset: jobs that ended in state s, by finished_at
+--   P counts          hash: "<state>:<queue>" -> number of jobs
+--   P sched           hash: schedule name -> latest slot taken ("" for none yet)
+--   P sched:paused    set: paused schedules
+--   P workers         hash: worker id -> JSON record;  P workers:seen  zset by seen_at
+--   P idle            set, with an expiry, by a claim that found nothing: a worker may
+--                     be waiting, so scripts that make work claimable publish on P wake
+--   P reply:<token>   the reply of a call, kept a few minutes: a call the client sends
+--                     again after a lost connection gets the first reply, not a second run
+--
+-- Changes to sorted sets (but the due sets, which claim reads) and to counts are
+-- buffered and applied by flush() at the end of each script, one command per key: a
+-- batch of 1000 jobs costs a handful of ZADDs, not thousands. No script reads a buffered
+-- key after writing it.
+
+local P = KEYS[1]
+local ACTIVE = {deferred = true, queued = true, running = true}
+local TERMINAL = {succeeded = true, failed = true, cancelled = true, discarded = true}
+local FIELDS = {'state', 'queue', 'priority', 'seq', 'created_at', 'run_at', 'key', 'after',
+                'worker_id', 'cancel_requested', 'waited'}
+local woke = false
+local zsets, zorder, deltas, added = {}, {}, {}, {}
+
+local function zput(key, score, m)
+    local t = zsets[key]
+    if not t then
+        t = {}
+        zsets[key] = t
+        zorder[#zorder + 1] = key
+    end
+    t[m] = score
+end
+
+local function zdel(key, m)
+    local t = zsets[key]
+    if not t then
+        t = {}
+        zsets[key] = t
+        zorder[#zorder + 1] = key
+    end
+    t[m] = false
+end
+
+local function count(state, queue, delta)
+    local field = state .. ':' .. queue
+    deltas[field] = (deltas[field] or 0) + delta
+end
+
+local function sadd_once(key, value)
+    local seen = key .. '\n' .. value
+    if not added[seen] then
+        added[seen] = true
+        redis.call('SADD', key, value)
+    end
+end
+
+-- Apply the buffered changes, then tell waiting workers (if any may be waiting) that
+-- claimable work appeared.
+local function flush()
+    for _, key in ipairs(zorder) do
+        local put, gone = {}, {}
+        for m, score in pairs(zsets[key]) do
+            if score then
+                put[#put + 1] = score
+                put[#put + 1] = m
+            else
+                gone[#gone + 1] = m
+            end
+        end
+        for i = 1, #put, 2000 do
+            redis.call('ZADD', key, unpack(put, i, math.min(i + 1999, #put)))
+        end
+        for i = 1, #gone, 1000 do
+            redis.call('ZREM', key, unpack(gone, i, math.min(i + 999, #gone)))
+        end
+    end
+    local counts = P .. 'counts'
+    for field, delta in pairs(deltas) do
+        if delta ~= 0 and redis.call('HINCRBY', counts, field, delta) <= 0 then
+            redis.call('HDEL', counts, field)
+        end
+    end
+    if woke and redis.call('EXISTS', P .. 'idle') == 1 then
+        redis.call('PUBLISH', P .. 'wake', '1')
+    end
+end
+
+local function jkey(id)
+    return P .. 'job:' .. id
+end
+
+local function member(job)
+    return string.format('%016d', tonumber(job.seq)) .. job.id
+end
+
+-- The fields of job <id> the scripts decide on, or nil when there is no such job.
+local function load(id)
+    local values = redis.call('HMGET', jkey(id), unpack(FIELDS))
+    if not values[1] then
+        return nil
+    end
+    local job = {id = id}
+    for i, name in ipairs(FIELDS) do
+        if values[i] then
+            job[name] = values[i]
+        end
+    end
+    return job
+end
+
+local function due_key(job)
+    return P .. 'due:' .. job.queue .. ':' .. job.priority
+end
+
+-- Account for a job moving to another state: counts, state indexes and keys. The caller
+-- writes the state field itself, with the job's other changed fields.
+local function move(job, state)
+    local old = job.state
+    if old == state then
+        return
+    end
+    count(old, job.queue, -1)
+    count(state, job.queue, 1)
+    local m = member(job)
+    zdel(P .. 'state:' .. old, m)
+    zput(P .. 'state:' .. state, job.created_at, m)
+    if job.key then
+        local keys = P .. 'keys'
+        if TERMINAL[state] then
+            if redis.call('HGET', keys, job.key) == job.id then
+                redis.call('HDEL', keys, job.key)
+            end
+        else
+            redis.call('HSETNX', keys, job.key, job.id)
+        end
+    end
+    job.state = state
+end
+
+-- A queued job with nothing to wait for goes into its queue's claim order.
+local function make_claimable(job)
+    if job.state ~= 'queued' or job.after then
+        return
+    end
+    redis.call('ZADD', due_key(job), job.run_at, member(job))
+    sadd_once(P .. 'prio:' .. job.queue, job.priority)
+    woke = true
+end
+
+-- Clear `after` on the jobs that waited for <id> (it ended or is gone).
+local function unblock(id)
+    local wkey = P .. 'wait:' .. id
+    for _, waiter_id in ipairs(redis.call('SMEMBERS', wkey)) do
+        local waiter = load(waiter_id)
+        if waiter and waiter.after == id then
+            redis.call('HDEL', jkey(waiter_id), 'after')
+            waiter.after = nil
+            make_claimable(waiter)
+        end
+    end
+    redis.call('DEL', wkey)
+end
+
+-- End a job that holds no lease (any lease already cleared from it and from P run).
+local function end_job(job, state, now, keep_until)
+    move(job, state)
+    local jk = jkey(job.id)
+    if keep_until and keep_until ~= '' then
+        redis.call('HSET', jk, 'state', state, 'finished_at', now, 'keep_until', keep_until)
+        zput(P .. 'kept', keep_until, job.id)
+    else
+        redis.call('HSET', jk, 'state', state, 'finished_at', now)
+        redis.call('HDEL', jk, 'keep_until')
+        zdel(P .. 'kept', job.id)
+    end
+    zput(P .. 'fin:' .. state, now, job.id)
+    if job.waited then
+        unblock(job.id)
+    end
+end
+
+-- Queue again a running job (lease ended, or handed back), claimable at its old run_at.
+local function requeue(job, attempts)
+    zdel(P .. 'run', job.id)
+    local jk = jkey(job.id)
+    if attempts then
+        redis.call('HSET', jk, 'state', 'queued', 'attempts', attempts)
+    else
+        redis.call('HSET', jk, 'state', 'queued')
+    end
+    redis.call('HDEL', jk, 'lease_until', 'worker_id')
+    move(job, 'queued')
+    make_claimable(job)
+end
+
+-- Remove a job and every trace of it; returns whether the caller must free the jobs
+-- that waited for it (once all the removed jobs are gone).
+local function remove(job)
+    redis.call('DEL', jkey(job.id))
+    local m = member(job)
+    local state = job.state
+    zdel(P .. 'all', m)
+    zdel(P .. 'state:' .. state, m)
+    count(state, job.queue, -1)
+    if state == 'queued' then
+        redis.call('ZREM', due_key(job), m)
+    elseif state == 'running' then
+        zdel(P .. 'run', job.id)
+    elseif state == 'deferred' then
+        zdel(P .. 'defer', job.id)
+    else
+        zdel(P .. 'kept', job.id)
+        zdel(P .. 'fin:' .. state, job.id)
+    end
+    if job.key and redis.call('HGET', P .. 'keys', job.key) == job.id then
+        redis.call('HDEL', P .. 'keys', job.key)
+    end
+    if job.after then
+        redis.call('SREM', P .. 'wait:' .. job.after, job.id)
+    end
+    return job.waited ~= nil
+end
+
+-- Store one job given as a table of string fields, with store order `seq`, unless an
+-- active job holds its key. `replaced` maps the ids of jobs not stored (key taken) to
+-- the holder's id, so a later job of the same batch waits for the holder. Returns the
+-- job's `after` as stored ('' for none), or the holder's fields.
+local function insert(fields, replaced, seq)
+    local after = fields.after
+    if after then
+        after = replaced[after] or after
+    end
+    local state = fields.state
+    local active = ACTIVE[state]
+    local key = fields.key
+    if key and active then
+        local holder = redis.call('HGET', P .. 'keys', key)
+        if holder then
+            replaced[fields.id] = holder
+            return redis.call('HGETALL', jkey(holder))
+        end
+    end
+    if after then
+        local before = redis.call('HGET', jkey(after), 'state')
+        if not before or not ACTIVE[before] then
+            after = nil
+        end
+    end
+    local args = {'seq', seq}
+    for name, value in pairs(fields) do
+        if name ~= 'after' then
+            args[#args + 1] = name
+            args[#args + 1] = value
+        end
+    end
+    local id = fields.id
+    if after then
+        args[#args + 1] = 'after'
+        args[#args + 1] = after
+        redis.call('SADD', P .. 'wait:' .. after, id)
+        redis.call('HSET', jkey(after), 'waited', '1')
+    end
+    redis.call('HSET', jkey(id), unpack(args))
+    local job = {id = id, seq = seq, state = state, queue = fields.queue,
+                 priority = fields.priority, run_at = fields.run_at, after = after}
+    local m = member(job)
+    zput(P .. 'all', fields.created_at, m)
+    zput(P .. 'state:' .. state, fields.created_at, m)
+    count(state, job.queue, 1)
+    sadd_once(P .. 'queues', job.queue)
+    if key and active then
+        redis.call('HSET', P .. 'keys', key, id)
+    end
+    if state == 'queued' then
+        make_claimable(job)
+    elseif state == 'running' then
+        if fields.lease_until then
+            zput(P .. 'run', fields.lease_until, id)
+        end
+    elseif state == 'deferred' then
+        if fields.release_at then
+            zput(P .. 'defer', fields.release_at, id)
+        end
+    else
+        if fields.keep_until then
+            zput(P .. 'kept', fields.keep_until, id)
+        end
+        if fields.finished_at then
+            zput(P .. 'fin:' .. state, fields.finished_at, id)
+        end
+    end
+    return after or ''
+end
+
+-- Refuse a batch naming an id that is stored already or twice, before anything is written.
+local function check_new(batch)
+    local seen = {}
+    for _, fields in ipairs(batch) do
+        if seen[fields.id] or redis.call('EXISTS', jkey(fields.id)) == 1 then
+            return redis.error_reply(
+                'BACKLANE enqueue refused: job id ' .. fields.id .. ' is already stored or repeated')
+        end
+        seen[fields.id] = true
+    end
+    return nil
+end
+
+local function replayed(token)
+    if token == '' then
+        return false
+    end
+    return redis.call('GET', P .. 'reply:' .. token)
+end
+
+local function remember(token, reply)
+    if token ~= '' then
+        redis.call('SET', P .. 'reply:' .. token, reply, 'EX', 300)
+    end
+end
+

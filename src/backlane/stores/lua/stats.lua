@@ -1,0 +1,35 @@
+-- stats: part of the jobs that ended in one state at or after `since`, counted per bucket.
+-- ARGV: state, since, width, offset, count.
+-- Returns {walked, bucket, jobs, wait_total, wait_count, bucket, ...}; numbers that may
+-- have fractions come as strings.
+local key = P .. 'fin:' .. ARGV[1]
+local width = tonumber(ARGV[3])
+local found = redis.call('ZRANGEBYSCORE', key, ARGV[2], '+inf', 'WITHSCORES', 'LIMIT', tonumber(ARGV[4]), tonumber(ARGV[5]))
+local buckets, order = {}, {}
+for i = 1, #found, 2 do
+    local index = math.floor(tonumber(found[i + 1]) / width)
+    local bucket = buckets[index]
+    if not bucket then
+        bucket = {0, 0.0, 0}
+        buckets[index] = bucket
+        order[#order + 1] = index
+    end
+    bucket[1] = bucket[1] + 1
+    local times = redis.call('HMGET', jkey(found[i]), 'started_at', 'run_at')
+    if times[1] and times[2] then
+        local started, run_at = tonumber(times[1]), tonumber(times[2])
+        if started >= run_at then
+            bucket[2] = bucket[2] + (started - run_at)
+            bucket[3] = bucket[3] + 1
+        end
+    end
+end
+local out = {#found / 2}
+for _, index in ipairs(order) do
+    local bucket = buckets[index]
+    out[#out + 1] = string.format('%.17g', index)
+    out[#out + 1] = bucket[1]
+    out[#out + 1] = string.format('%.17g', bucket[2])
+    out[#out + 1] = bucket[3]
+end
+return out

@@ -1,0 +1,467 @@
+"""The Redis store: jobs in one Redis server, shared by web processes and workers on many
+hosts.
+
+Every verb that changes jobs is one Lua script (``stores/lua/``), so it is atomic on the
+server; scripts are sent once and then called by their SHA1 (sent again after a server
+restart). A job is a hash; sorted sets index what the verbs look up (claimable jobs per
+queue and priority, leases, retention, listing order); ``common.lua`` lists every key.
+All keys of a lane start with its prefix (``?prefix=``, default ``backlane:``), so several
+lanes share one Redis.
+
+Waiting for work costs Redis nothing but an open connection: a claim that finds nothing
+marks the lane idle for a few seconds, and while it is, a script that makes work
+claimable publishes on the lane's wake channel; ``wait_for_work`` returns on that
+message, or when the next delayed job the last claim saw becomes due.
+
+A call whose connection broke is sent again by redis-py; scripts that must not run twice
+(enqueue, claim, claim_slot) carry a token, and a second run with the same token returns
+the first run's reply instead of acting again. ``docs/redis.md`` says what each Redis
+persistence setting guarantees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..exceptions import ConfigurationError, StoreError
+from ..jobs import TERMINAL_STATES, Job, JobState
+from .base import Outcome, ScheduleRecord, StatsBucket, Store, WorkerRecord
+from .redis_codec import (
+    decode_job,
+    decode_worker,
+    job_fields,
+    jobs_json,
+    number,
+    outcomes_json,
+    worker_json,
+)
+from .redis_link import Link, Links, call, command, load_scripts, parse_redis_url
+
+_OUTCOME_STATES = frozenset(
+    {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED}
+)
+_STATS_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+_BATCH = 1000
+"""Most jobs one script call of ``purge``, ``requeue_expired`` or ``stats`` handles, so
+that no call holds the server for long."""
+_SCAN = 2000
+"""Index entries one call of a filtered ``list_jobs`` walks."""
+_IDLE_MS = 10_000
+"""How long a claim that found nothing keeps the lane marked idle (wake-ups published)."""
+_LONGEST_WAIT = _IDLE_MS / 1000 / 2
+"""``wait_for_work`` returns at the latest this long after the task's last claim, so
+that the claim that follows renews the idle mark before it lapses."""
+
+
+@dataclass(frozen=True)
+class _ClaimMark:
+    """What a task's last claim saw: the wake generation when it started, the earliest
+    delayed job left, and when it ran (monotonic)."""
+
+    link: Link
+    generation: int | None
+    next_due: float | None
+    at: float
+
+
+def _token() -> str:
+    return os.urandom(8).hex()
+
+
+def _opt(value: float | None) -> str:
+    return "" if value is None else number(value)
+
+
+class RedisStore(Store):
+    """Jobs in Redis (``redis://[:password@]host:6379/0``, ``rediss://`` for TLS,
+    ``unix:///path/redis.sock?db=0``), under the key prefix ``?prefix=`` (default
+    ``backlane:``). Other query parameters go to redis-py (``socket_timeout=5``, ...)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        parsed = parse_redis_url(url)
+        self.prefix = parsed.prefix
+        self._links = Links(parsed)
+        self._scripts = load_scripts()
+        self._mark: contextvars.ContextVar[_ClaimMark | None] = contextvars.ContextVar(
+            f"backlane_redis_claim_{id(self)}", default=None
+        )
+
+    def __repr__(self) -> str:
+        return f"<RedisStore {self._links.url.safe} prefix={self.prefix!r}>"
+
+    async def open(self) -> None:
+        """Connect (checking that Redis answers) and send the scripts. Idempotent; raises
+        ``StoreError`` when Redis cannot be reached."""
+        if self._links.open:
+            return
+        self._links.open = True
+        try:
+            link = await self._links.get()
+            await asyncio.gather(
+                *(command(link, "SCRIPT", "LOAD", script.text) for script in self._scripts.values())
+            )
+        except BaseException:
+            await self._links.close()
+            raise
+
+    async def close(self) -> None:
+        """Close the connections of every event loop. Idempotent."""
+        await self._links.close()
+
+    async def _call(self, name: str, *args: str | int) -> Any:
+        return await call(await self._links.get(), self._scripts[name], *args)
+
+    # -- write side -------------------------------------------------------------------
+
+    async def enqueue(self, jobs: Sequence[Job], *, connection: Any = None) -> list[Job]:
+        """Store ``jobs`` in order in one script; a job whose active key is taken is not
+        stored and the holder is returned in its place. A later job of the batch whose
+        ``after`` names a job replaced that way waits for the holder instead, and an
+        ``after`` naming no stored active job is dropped. A ``connection`` is refused with
+        ``ConfigurationError``: Redis has no transaction of the caller's to join."""
+        if connection is not None:
+            raise ConfigurationError(
+                "transactional enqueue needs the PostgreSQL store: the Redis store cannot "
+                "write inside the transaction of your connection; leave connection unset"
+            )
+        if not jobs:
+            return []
+        replies = await self._call("enqueue", _token(), jobs_json(jobs))
+        stored: list[Job] = []
+        for job, reply in zip(jobs, replies, strict=True):
+            if isinstance(reply, list):
+                stored.append(decode_job(reply))
+            else:
+                copy = job.copy(after=reply or None, error=_copy(job.error), meta=_copy(job.meta))
+                stored.append(copy)
+        return stored
+
+    async def release(self, ids: Sequence[str]) -> None:
+        """Deferred jobs among ``ids`` become queued; others are left as they are."""
+        if ids:
+            await self._call("release", *ids)
+
+    async def discard(
+        self, ids: Sequence[str], now: float, keep_until: float | None = None
+    ) -> None:
+        """Deferred jobs among ``ids`` end discarded at ``now``, kept until ``keep_until``;
+        their successors are freed."""
+        if ids:
+            await self._call("discard", number(now), _opt(keep_until), *ids)
+
+    async def claim(
+        self,
+        *,
+        worker_id: str,
+        queues: Sequence[str] | None,
+        limit: int,
+        now: float,
+        lease_until: float,
+    ) -> list[Job]:
+        """Up to ``limit`` claimable jobs of queues not paused, now running for
+        ``worker_id``, in claim order. Remembers, for ``wait_for_work`` in the same task,
+        what the claim saw."""
+        if limit <= 0 or (queues is not None and not queues):
+            return []
+        link = await self._links.get()
+        generation = None if link.wakes is None else link.wakes.generation
+        names = "" if queues is None else _json_list(dict.fromkeys(queues))
+        reply = await call(
+            link,
+            self._scripts["claim"],
+            _token(),
+            worker_id,
+            number(now),
+            number(lease_until),
+            limit,
+            names,
+            _IDLE_MS,
+        )
+        next_due = float(reply[0]) if reply[0] else None
+        self._mark.set(_ClaimMark(link, generation, next_due, time.monotonic()))
+        claimed = []
+        for fields in reply[1:]:
+            job = decode_job(fields)
+            job.state = JobState.RUNNING
+            job.attempts += 1
+            job.started_at = now
+            job.lease_until = lease_until
+            job.worker_id = worker_id
+            claimed.append(job)
+        return claimed
+
+    async def renew_leases(
+        self, *, worker_id: str, ids: Sequence[str], lease_until: float
+    ) -> set[str]:
+        """Extend the leases ``worker_id`` holds among ``ids``; return those of them whose
+        cancellation was requested."""
+        if not ids:
+            return set()
+        return set(await self._call("renew", worker_id, number(lease_until), *ids))
+
+    async def finish(self, outcomes: Sequence[Outcome]) -> list[str]:
+        """Apply each outcome whose worker still holds its job; return the ids applied."""
+        for outcome in outcomes:
+            if outcome.state not in _OUTCOME_STATES:
+                raise StoreError(
+                    f"an outcome ends a job succeeded, failed or cancelled, or queues it "
+                    f"again; got {outcome.state.value!r} for job {outcome.job_id}"
+                )
+        if not outcomes:
+            return []
+        return list(await self._call("finish", outcomes_json(outcomes)))
+
+    async def hand_back(self, *, worker_id: str, ids: Sequence[str]) -> None:
+        """Jobs ``worker_id`` holds among ``ids`` are queued again, the attempt uncounted."""
+        if ids:
+            await self._call("hand_back", worker_id, *ids)
+
+    async def requeue_expired(self, now: float, keep_until: float | None = None) -> int:
+        """Queue running jobs whose lease ended before ``now`` (those asked to stop end
+        cancelled instead, kept until ``keep_until``) and deferred jobs whose
+        ``release_at`` is not after ``now``; return how many changed. Works in steps of
+        at most ``_BATCH`` jobs of each kind."""
+        total = 0
+        while True:
+            changed, more = await self._call(
+                "requeue_expired", number(now), _opt(keep_until), _BATCH
+            )
+            total += int(changed)
+            if not more:
+                return total
+
+    async def cancel(
+        self, job_id: str, now: float, keep_until: float | None = None
+    ) -> JobState | None:
+        """Deferred or queued: cancelled at ``now``, kept until ``keep_until``. Running:
+        ``cancel_requested`` set. Returns the state after, or None when no job has this
+        id."""
+        state = await self._call("cancel", job_id, number(now), _opt(keep_until))
+        return None if state is None else JobState(state)
+
+    async def retry(self, job_id: str, now: float) -> bool:
+        """A failed or cancelled job is queued again to run at ``now``. False when the job
+        is missing, in another state, or its key is held by another active job."""
+        return bool(await self._call("retry", job_id, number(now)))
+
+    async def set_progress(
+        self, job_id: str, *, worker_id: str, progress: float | None, message: str | None
+    ) -> None:
+        """Record progress and message of a job ``worker_id`` holds; otherwise nothing."""
+        has_message = "0" if message is None else "1"
+        await self._call("progress", job_id, worker_id, _opt(progress), has_message, message or "")
+
+    async def delete(self, ids: Sequence[str]) -> int:
+        """Remove the jobs among ``ids`` whatever their state; successors are freed."""
+        if not ids:
+            return 0
+        return int(await self._call("delete", *ids))
+
+    async def purge(self, *, before: float, states: Sequence[JobState] | None = None) -> int:
+        """Remove ended jobs whose ``keep_until`` (or, with ``states``, ``finished_at``) is
+        before ``before``; return how many. Works in steps of at most ``_BATCH`` jobs,
+        letting other work in between."""
+        names: list[str] = []
+        if states is not None:
+            names = sorted(state.value for state in TERMINAL_STATES.intersection(states))
+            if not names:
+                return 0
+        total = 0
+        while True:
+            removed, more = await self._call("purge", number(before), _BATCH, *names)
+            total += int(removed)
+            if not more:
+                return total
+
+    # -- read side --------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> Job | None:
+        """The job with this id, or None."""
+        fields = await command(await self._links.get(), "HGETALL", self.prefix + "job:" + job_id)
+        return decode_job(fields) if fields else None
+
+    async def list_jobs(
+        self,
+        *,
+        state: JobState | None = None,
+        task: str | None = None,
+        queue: str | None = None,
+        text: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[Job]:
+        """The matching jobs, newest ``created_at`` first (ties: latest stored first),
+        skipping ``offset`` and returning at most ``limit``. ``text`` is looked for in the
+        id, task, arguments and error message, ignoring the case of ASCII letters only.
+
+        With ``task``, ``queue`` or ``text``, the index (of one state, or of all jobs) is
+        walked in steps of ``_SCAN`` entries: each step is atomic, the whole walk is not,
+        so jobs stored or removed meanwhile may shift a page."""
+        index = "all" if state is None else f"state:{state.value}"
+        limit, offset = max(0, limit), max(0, offset)
+        if limit == 0:
+            return []
+        if task is None and queue is None and text is None:
+            rows = await self._call("page", index, offset, limit)
+            return [decode_job(fields) for fields in rows]
+        found: list[Job] = []
+        start, skip = 0, offset
+        while start >= 0 and len(found) < limit:
+            reply = await self._call(
+                "scan",
+                index,
+                start,
+                _SCAN,
+                skip,
+                limit - len(found),
+                task or "",
+                queue or "",
+                "0" if text is None else "1",
+                text or "",
+            )
+            start, skip = int(reply[0]), skip - int(reply[1])
+            found.extend(decode_job(fields) for fields in reply[2:])
+        return found
+
+    async def counts(self) -> dict[str, dict[JobState, int]]:
+        """Jobs per queue and state; states without jobs are left out."""
+        flat = await command(await self._links.get(), "HGETALL", self.prefix + "counts")
+        result: dict[str, dict[JobState, int]] = {}
+        for field, n in zip(flat[::2], flat[1::2], strict=True):
+            state, _, queue = field.partition(":")
+            if int(n) > 0:
+                result.setdefault(queue, {})[JobState(state)] = int(n)
+        return result
+
+    async def stats(self, *, since: float, width: float) -> list[StatsBucket]:
+        """Jobs that ended succeeded, failed or cancelled at or after ``since``, in buckets
+        of ``width`` seconds starting at multiples of ``width``, oldest first; empty
+        buckets are left out. Counted on the server, ``_BATCH`` jobs per call."""
+        if not width > 0 or not math.isfinite(width):
+            raise StoreError(f"stats needs a bucket width above zero, got {width!r}")
+        buckets: dict[int, list[Any]] = {}
+        for state in _STATS_STATES:
+            offset = 0
+            while True:
+                reply = await self._call(
+                    "stats", state.value, number(since), number(width), offset, _BATCH
+                )
+                walked = int(reply[0])
+                for i in range(1, len(reply), 4):
+                    index = int(float(reply[i]))
+                    row = buckets.setdefault(index, [{}, 0.0, 0])
+                    row[0][state] = row[0].get(state, 0) + int(reply[i + 1])
+                    row[1] += float(reply[i + 2])
+                    row[2] += int(reply[i + 3])
+                offset += walked
+                if walked < _BATCH:
+                    break
+        return [
+            StatsBucket(
+                start=index * width,
+                succeeded=counted.get(JobState.SUCCEEDED, 0),
+                failed=counted.get(JobState.FAILED, 0),
+                cancelled=counted.get(JobState.CANCELLED, 0),
+                wait_total=wait_total,
+                wait_count=wait_count,
+            )
+            for index, (counted, wait_total, wait_count) in sorted(buckets.items())
+        ]
+
+    # -- schedules ----------------------------------------------------------------------
+
+    async def claim_slot(self, schedule: str, slot: float, job: Job) -> bool:
+        """Record ``slot`` as the latest of ``schedule`` and store ``job`` (as ``enqueue``
+        does) in one script, unless that slot or a later one was taken; then store
+        nothing, return False."""
+        fields = _json_object(job_fields(job))
+        return bool(await self._call("claim_slot", _token(), schedule, number(slot), fields))
+
+    async def schedules(self) -> dict[str, ScheduleRecord]:
+        """Every schedule that took a slot or was paused, by name."""
+        flat, paused = await self._call("schedules")
+        slots = dict(zip(flat[::2], flat[1::2], strict=True))
+        return {
+            name: ScheduleRecord(
+                name=name, last_slot=float(slot) if slot else None, paused=name in paused
+            )
+            for name, slot in sorted(slots.items())
+        }
+
+    async def pause_schedule(self, name: str, paused: bool) -> None:
+        """Pause or resume ``name``, recording it if it is not known yet."""
+        await self._call("pause_schedule", name, "1" if paused else "0")
+
+    # -- queues and workers ---------------------------------------------------------------
+
+    async def pause_queue(self, queue: str, paused: bool) -> None:
+        """Pause ``queue`` (``claim`` skips it) or resume it (waking waiting workers)."""
+        await self._call("pause_queue", queue, "1" if paused else "0")
+
+    async def paused_queues(self) -> set[str]:
+        """Names of the paused queues."""
+        return set(await command(await self._links.get(), "SMEMBERS", self.prefix + "paused"))
+
+    async def beat(self, worker: WorkerRecord) -> None:
+        """Record ``worker`` in place of its previous record."""
+        await self._call("beat", worker.id, number(worker.seen_at), worker_json(worker))
+
+    async def workers(self, *, seen_since: float) -> list[WorkerRecord]:
+        """Workers seen at or after ``seen_since``, oldest started first (ties by id);
+        records of the others are dropped."""
+        records = [decode_worker(text) for text in await self._call("workers", number(seen_since))]
+        return sorted(records, key=lambda w: (w.started_at, w.id))
+
+    async def forget_worker(self, worker_id: str) -> None:
+        """Remove the record of ``worker_id`` (nothing if there is none)."""
+        await self._call("forget_worker", worker_id)
+
+    # -- waiting for work -----------------------------------------------------------------
+
+    async def wait_for_work(self, timeout: float) -> None:
+        """Wait until there may be work to claim, at most ``timeout`` seconds.
+
+        Returns within milliseconds of any process making work claimable after this
+        task's last ``claim`` began (enqueue, release, a retry or a requeued lease, a job
+        freed by the one before it, a queue resumed), when the earliest delayed job that
+        claim saw becomes due, or after ``timeout`` — and never later than a few seconds
+        after that claim, so that waiting workers keep the lane marked idle. The first
+        call in an event loop subscribes to the lane's wake channel and returns once
+        subscribed. While Redis cannot be reached it simply waits ``timeout``."""
+        link = await self._links.get()
+        wakes = link.wakes_started()
+        mark = self._mark.get()
+        if mark is None or mark.link is not link or mark.generation is None:
+            generation = wakes.generation
+        else:
+            generation = mark.generation
+            timeout = min(timeout, mark.at + _LONGEST_WAIT - time.monotonic())
+            if mark.next_due is not None:
+                timeout = min(timeout, mark.next_due - time.time())
+        await wakes.wait(generation, timeout)
+
+
+def _copy(value: Any) -> Any:
+    """A deep copy of a JSON-like value."""
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
+
+
+def _json_list(items: Any) -> str:
+    return json.dumps(list(items), ensure_ascii=False)
+
+
+def _json_object(fields: dict[str, str]) -> str:
+    return json.dumps(fields, ensure_ascii=False)

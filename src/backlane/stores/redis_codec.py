@@ -1,0 +1,154 @@
+"""How the Redis store writes jobs and workers as Redis strings, and reads them back.
+
+A job is a hash of its fields, each a string; a field that is None is left out. Floats are
+written with ``repr`` and read with ``float``, so every time comes back exactly as given;
+``error`` and ``meta`` are JSON. The scripts never format a number they did not receive,
+so nothing is rounded on the way.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from ..jobs import Job, JobState
+from .base import Outcome, WorkerRecord
+
+_STATES = {state.value: state for state in JobState}
+
+
+def number(value: float) -> str:
+    """A float as a string that reads back as the same float (in Python and in Lua)."""
+    return repr(float(value))
+
+
+def job_fields(job: Job) -> dict[str, str]:
+    """``job`` as the string fields of its hash (None fields left out)."""
+    fields = {
+        "task": job.task,
+        "payload": job.payload,
+        "id": job.id,
+        "queue": job.queue,
+        "priority": str(int(job.priority)),
+        "state": job.state.value,
+        "attempts": str(int(job.attempts)),
+        "run_at": number(job.run_at),
+        "created_at": number(job.created_at),
+        "meta": json.dumps(job.meta, separators=(",", ":"), ensure_ascii=False),
+    }
+    for name in ("key", "worker_id", "message", "result", "after"):
+        text = getattr(job, name)
+        if text is not None:
+            fields[name] = text
+    for name in (
+        "started_at",
+        "finished_at",
+        "lease_until",
+        "progress",
+        "release_at",
+        "keep_until",
+    ):
+        value = getattr(job, name)
+        if value is not None:
+            fields[name] = number(value)
+    if job.error is not None:
+        fields["error"] = json.dumps(job.error, separators=(",", ":"), ensure_ascii=False)
+    if job.cancel_requested:
+        fields["cancel_requested"] = "1"
+    return fields
+
+
+def jobs_json(jobs: Sequence[Job]) -> str:
+    """A batch of jobs as the JSON array the ``enqueue`` script reads."""
+    return json.dumps([job_fields(job) for job in jobs], ensure_ascii=False)
+
+
+def _opt_float(value: str | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def decode_job(flat: Sequence[str]) -> Job:
+    """The job whose hash ``HGETALL`` returned as ``flat`` (name, value, name, value...)."""
+    it = iter(flat)
+    h = dict(zip(it, it, strict=False))
+    error = h.get("error")
+    meta = h.get("meta")
+    return Job(
+        task=h["task"],
+        payload=h["payload"],
+        id=h["id"],
+        queue=h["queue"],
+        priority=int(h["priority"]),
+        state=_STATES[h["state"]],
+        key=h.get("key"),
+        attempts=int(h["attempts"]),
+        run_at=float(h["run_at"]),
+        created_at=float(h["created_at"]),
+        started_at=_opt_float(h.get("started_at")),
+        finished_at=_opt_float(h.get("finished_at")),
+        lease_until=_opt_float(h.get("lease_until")),
+        worker_id=h.get("worker_id"),
+        progress=_opt_float(h.get("progress")),
+        message=h.get("message"),
+        result=h.get("result"),
+        error=None if error is None else json.loads(error),
+        after=h.get("after"),
+        cancel_requested=h.get("cancel_requested") == "1",
+        release_at=_opt_float(h.get("release_at")),
+        keep_until=_opt_float(h.get("keep_until")),
+        meta={} if meta is None else json.loads(meta),
+    )
+
+
+def outcomes_json(outcomes: Sequence[Outcome]) -> str:
+    """Outcomes as the JSON array the ``finish`` script reads."""
+    rows: list[dict[str, str]] = []
+    for o in outcomes:
+        row = {
+            "id": o.job_id,
+            "worker_id": o.worker_id,
+            "state": o.state.value,
+            "finished_at": number(o.finished_at),
+        }
+        if o.result is not None:
+            row["result"] = o.result
+        if o.error is not None:
+            row["error"] = json.dumps(o.error, separators=(",", ":"), ensure_ascii=False)
+        if o.run_at is not None:
+            row["run_at"] = number(o.run_at)
+        if o.keep_until is not None:
+            row["keep_until"] = number(o.keep_until)
+        rows.append(row)
+    return json.dumps(rows, ensure_ascii=False)
+
+
+def worker_json(worker: WorkerRecord) -> str:
+    """A worker's record as JSON (floats as JSON numbers, which read back exactly)."""
+    return json.dumps(
+        {
+            "id": worker.id,
+            "started_at": worker.started_at,
+            "seen_at": worker.seen_at,
+            "concurrency": worker.concurrency,
+            "queues": None if worker.queues is None else list(worker.queues),
+            "jobs": list(worker.jobs),
+            "processed": worker.processed,
+        },
+        ensure_ascii=False,
+    )
+
+
+def decode_worker(text: str) -> WorkerRecord:
+    """The worker record ``worker_json`` wrote."""
+    data: dict[str, Any] = json.loads(text)
+    queues = data["queues"]
+    return WorkerRecord(
+        id=data["id"],
+        started_at=float(data["started_at"]),
+        seen_at=float(data["seen_at"]),
+        concurrency=int(data["concurrency"]),
+        queues=None if queues is None else tuple(queues),
+        jobs=tuple(data["jobs"]),
+        processed=int(data["processed"]),
+    )
