@@ -44,7 +44,8 @@ __all__ = [
 ]
 
 TRANSIENT_MAIL_ERRORS: tuple[type[BaseException], ...] = (aiosmtplib.SMTPException, OSError)
-"""What ``send_mail`` raises when the server is down, slow or refuses for now: worth a retry."""
+"""What ``send_mail`` raises when the SMTP exchange fails (the server down, too slow, or
+refusing the message): the errors a mail task retries on."""
 
 
 class SmtpSettings(BaseSettings):
