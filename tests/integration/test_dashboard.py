@@ -280,3 +280,36 @@ def test_the_standalone_app_serves_at_the_root(lane: Backlane) -> None:
         assert client.get("/jobs/0123456789abcdef").status_code == 404  # the status API
         if importlib.util.find_spec("prometheus_client") is not None:
             assert client.get("/metrics").status_code == 200
+
+
+def test_the_charts_read_settled_minutes_once() -> None:
+    from backlane.dashboard.views import MinuteCache
+
+    lane = Backlane("memory://")
+    now = (time.time() // 60) * 60 + 30
+    old = [ended(JobState.SUCCEEDED, finished_at=now - 600) for _ in range(3)]
+    recent = [ended(JobState.FAILED, finished_at=now - 20)]
+    outside = [ended(JobState.SUCCEEDED, finished_at=now - 4000)]
+    cache = MinuteCache()
+
+    async def go() -> None:
+        await lane.store.enqueue([*old, *recent, *outside])
+        first = await cache.last_hour(lane.store, now)
+        assert [(b.start, b.succeeded, b.failed) for b in first] == [
+            ((now // 60) * 60 - 600, 3, 0),
+            ((now // 60) * 60, 0, 1),
+        ]
+        asked: list[float] = []
+        original = lane.store.stats
+
+        async def spy(*, since: float, width: float) -> Any:
+            asked.append(since)
+            return await original(since=since, width=width)
+
+        lane.store.stats = spy  # type: ignore[method-assign]
+        await lane.store.enqueue([ended(JobState.SUCCEEDED, finished_at=now - 10)])
+        second = await cache.last_hour(lane.store, now + 5)
+        assert asked == [(now // 60) * 60 - 120]  # only the minutes not yet settled
+        assert [(b.succeeded, b.failed) for b in second] == [(3, 0), (1, 1)]
+
+    anyio.run(go)

@@ -170,6 +170,7 @@ class _Site:
         self.prefix = prefix
         self.access = access
         self.assets = _load_assets()
+        self.minutes = views.MinuteCache()
         self.templates = Environment(
             loader=PackageLoader("backlane.dashboard", "templates"),
             autoescape=True,
@@ -308,7 +309,7 @@ class _Site:
     # -- pages -----------------------------------------------------------------------
 
     async def overview(self, request: Request) -> Response:
-        data = await views.overview(self.lane)
+        data = await views.overview(self.lane, self.minutes)
         return self.render(request, "overview.html", page="overview", data=data)
 
     async def jobs(self, request: Request) -> Response:

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from ..jobs import Job, JobState
-from ..stores.base import ScheduleRecord, WorkerRecord
+from ..stores.base import ScheduleRecord, StatsBucket, Store, WorkerRecord
 from . import charts
 
 if TYPE_CHECKING:
@@ -71,13 +71,40 @@ class Overview:
     now: float
 
 
-async def overview(lane: Backlane) -> Overview:
+class MinuteCache:
+    """The last hour's per-minute stats, read from the store once per minute: a minute
+    that ended more than ``SETTLED`` seconds ago is final (its jobs have been recorded),
+    so each overview asks the store only for the minutes since. One per dashboard."""
+
+    WIDTH = 60.0
+    SETTLED = 120.0
+
+    def __init__(self) -> None:
+        self.final: dict[float, StatsBucket] = {}
+        self.final_until = 0.0
+        """Every bucket starting before this is in ``final`` (or had no job)."""
+
+    async def last_hour(self, store: Store, now: float) -> list[StatsBucket]:
+        window = (now // self.WIDTH) * self.WIDTH - 59 * self.WIDTH
+        since = max(window, self.final_until)
+        fresh = await store.stats(since=since, width=self.WIDTH)
+        settled = ((now - self.SETTLED) // self.WIDTH) * self.WIDTH
+        for bucket in fresh:
+            if bucket.start < settled:
+                self.final[bucket.start] = bucket
+        self.final_until = max(settled, window)
+        self.final = {start: b for start, b in self.final.items() if start >= window}
+        recent = [b for b in fresh if b.start >= self.final_until]
+        return sorted(self.final.values(), key=lambda b: b.start) + recent
+
+
+async def overview(lane: Backlane, minutes: MinuteCache) -> Overview:
     """Queues with counts by state, the last hour's charts, and how many workers live."""
     store = lane.store
     now = time.time()
     counts = await store.counts()
     paused = await store.paused_queues()
-    buckets = await store.stats(since=now - 3600 + 60 - now % 60, width=60)
+    buckets = await minutes.last_hour(store, now)
     workers = await store.workers(seen_since=now - WORKERS_SEEN_WITHIN)
     names = set(counts) | paused | {task.queue for task in lane.tasks.values()}
     rows = []
