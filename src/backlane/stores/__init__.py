@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from ..exceptions import ConfigurationError
+from ..exceptions import ConfigurationError, DriverMissing
 from .base import Outcome, ScheduleRecord, StatsBucket, Store, WorkerRecord
 
 __all__ = ["Outcome", "ScheduleRecord", "StatsBucket", "Store", "WorkerRecord", "store_from_url"]
 
 
 def store_from_url(url: str) -> Store:
-    """The store for ``url``: ``memory://``, ``sqlite:///path.db`` (and later ``redis://``,
-    ``postgresql://``). Raises ``ConfigurationError`` naming what is wrong."""
+    """The store for ``url``: ``memory://``, ``sqlite:///path.db``, ``redis://``,
+    ``rediss://``, ``unix://`` or ``postgresql://``. Raises ``ConfigurationError`` naming
+    what is wrong, and ``DriverMissing`` naming the extra to install."""
     scheme = urlsplit(url).scheme
     if scheme == "memory":
         from .memory import MemoryStore
@@ -22,4 +23,21 @@ def store_from_url(url: str) -> Store:
         from .sqlite import SQLiteStore
 
         return SQLiteStore(url)
-    raise ConfigurationError(f"unsupported store URL {url!r}: use memory://, sqlite:///path/to.db")
+    if scheme in ("redis", "rediss", "unix"):
+        try:
+            from .redis import RedisStore
+        except ImportError as exc:
+            raise _missing(exc, "redis", "redis") from exc
+        return RedisStore(url)
+    raise ConfigurationError(
+        f"unsupported store URL {url!r}: use memory://, sqlite:///path/to.db, "
+        "redis://host:6379/0 or postgresql://user@host/db"
+    )
+
+
+def _missing(exc: ImportError, driver: str, extra: str) -> Exception:
+    if (exc.name or "").partition(".")[0] in (driver, f"{driver}_pool", "hiredis"):
+        return DriverMissing(
+            f"the {extra} store needs its driver: pip install 'backlane[{extra}]' ({exc})"
+        )
+    return exc
