@@ -433,3 +433,22 @@ def test_the_demo_command_is_offered_with_its_options() -> None:
         assert option in shown.output
     refused = CliRunner().invoke(cli, ["demo", "--port", "0"])
     assert refused.exit_code == 2
+
+
+def test_cleanup_also_runs_daily_on_a_cron_schedule(demo: Demo) -> None:
+    import anyio
+
+    lane = demo.client.app.state.backlane  # type: ignore[attr-defined]
+    schedule = lane.schedules["daily-cleanup"]
+    assert schedule.cron == "0 3 * * *" and schedule.missed == "run_once"
+    tmp = demo.data / "tmp"
+    stale = tmp / "stale.txt"
+    stale.write_text("old")
+    old = time.time() - 8 * 86400
+    os.utime(stale, (old, old))
+    (tmp / "fresh.txt").write_text("new")
+    handle = anyio.run(schedule.task.enqueue)  # what the scheduler stores at 03:00
+    job = demo.wait(handle.id)
+    assert job["state"] == "succeeded", job
+    assert job["result"]["removed"] == ["stale.txt"]
+    assert (tmp / "fresh.txt").exists() and not stale.exists()

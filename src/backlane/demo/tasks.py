@@ -82,6 +82,7 @@ def register(lane: Backlane) -> None:
     SMTP server is down or refuses for now; any other error fails the job at once."""
     for mail_task in (send_email, send_welcome_email, notify_admin, send_notification):
         lane.task(retry_on=TRANSIENT_MAIL_ERRORS)(mail_task)
+    lane.cron("0 3 * * *", missed="run_once", name="daily-cleanup")(scheduled_cleanup)
 
 
 # -- mail -------------------------------------------------------------------------------
@@ -209,6 +210,11 @@ def export_csv(
     os.replace(partial, target)
     ctx.progress_sync(1.0, f"{written} rows")
     return {"export_id": export_id, "dataset": dataset, "rows": written}
+
+
+def scheduled_cleanup(settings: Settings) -> dict[str, Any]:
+    """The daily cleanup (03:00 UTC): files older than 7 days in the temporary folder."""
+    return cleanup_temp(7, ".", settings)
 
 
 def cleanup_temp(days: float, directory: str, settings: Settings) -> dict[str, Any]:
