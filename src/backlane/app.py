@@ -17,6 +17,7 @@ from .jobs import Job, JobHandle, JobState
 from .retry import RetryPolicy
 from .stores import Store, store_from_url
 from .tasks import P, R, Task, import_name, resolve_import_name
+from .tracing import inject_context
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -337,6 +338,8 @@ class Backlane:
         """Store built jobs in one step (inside ``connection``'s transaction when given) and
         wake local workers."""
         await self.open()
+        for job in jobs:
+            inject_context(job.meta)  # the caller's trace travels with the job (otel extra)
         if connection is None:
             stored = await self.store.enqueue(jobs)
         else:
@@ -405,11 +408,19 @@ class Backlane:
         queues: list[str] | None = None,
         scheduler: bool | None = None,
         prefix: str = "/backlane",
+        dashboard: bool = False,
+        dashboard_auth: Callable[..., Any] | None = None,
+        metrics: bool | None = None,
     ) -> None:
         """Wire this lane into ``app``: open the store at startup, run ``workers`` embedded
         worker loops (0 for a web-only process) and, if the lane has schedules (or
         ``scheduler=True``), an embedded scheduler; stop them gracefully at shutdown; keep
-        every request's tasks durable; serve the status API at ``{prefix}/jobs/{id}``."""
+        every request's tasks durable; serve the status API at ``{prefix}/jobs/{id}`` (and
+        its live events at ``{prefix}/jobs/{id}/events``). With ``dashboard=True``, the web
+        dashboard at ``{prefix}/``, closed to non-loopback requests unless
+        ``BACKLANE_DASHBOARD_TOKEN`` is set or ``dashboard_auth`` (a FastAPI dependency)
+        decides; ``metrics`` serves Prometheus metrics at ``{prefix}/metrics`` (default: with
+        the dashboard)."""
         from .fastapi import install
 
         install(
@@ -420,4 +431,7 @@ class Backlane:
             queues=queues,
             scheduler=scheduler,
             prefix=prefix,
+            dashboard=dashboard,
+            dashboard_auth=dashboard_auth,
+            metrics=metrics,
         )

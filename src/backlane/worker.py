@@ -24,8 +24,10 @@ import anyio
 
 from .context import TaskContext, resolve_dependencies
 from .jobs import Job, JobState
+from .metrics import observe_attempt
 from .retry import Retry
 from .stores.base import Outcome, Store, WorkerRecord
+from .tracing import job_span
 
 if TYPE_CHECKING:
     from .app import Backlane
@@ -149,7 +151,10 @@ class Worker:
                 release_at=None,
             )
             await self.lane.enqueue_jobs([job])
-            outcome = await self.execute(_Held(job))
+            with job_span(job, worker_id=self.id) as span:
+                outcome = await self.execute(_Held(job))
+                span.ended(outcome)
+            observe_attempt(self.lane, job, outcome)
             if outcome is None:
                 continue
             if outcome.state is JobState.QUEUED:  # no retries inline: the attempt failed
@@ -247,7 +252,10 @@ class Worker:
 
     async def _run_one(self, held: _Held) -> None:
         try:
-            outcome = await self.execute(held)
+            with job_span(held.job, worker_id=self.id) as span:
+                outcome = await self.execute(held)
+                span.ended(outcome)
+            observe_attempt(self.lane, held.job, outcome)
         finally:
             self._held.pop(held.job.id, None)
             self._slot_free.set()

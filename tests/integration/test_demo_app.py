@@ -452,3 +452,10 @@ def test_cleanup_also_runs_daily_on_a_cron_schedule(demo: Demo) -> None:
     assert job["state"] == "succeeded", job
     assert job["result"]["removed"] == ["stale.txt"]
     assert (tmp / "fresh.txt").exists() and not stale.exists()
+
+
+def test_demo_serves_the_dashboard_on_loopback(demo: Demo) -> None:
+    home = demo.client.get("/")
+    assert 'href="/backlane/"' in home.text
+    # TestClient's server is "testserver", not loopback: the dashboard stays closed
+    assert demo.client.get("/backlane/").status_code == 401

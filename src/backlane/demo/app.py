@@ -68,7 +68,7 @@ def create_app(lane: Backlane | None = None) -> FastAPI:
     app.include_router(guide_router(lane, settings, database))
     app.include_router(pages_router(lane, settings))
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
-    lane.install(app, workers=1)
+    lane.install(app, workers=1, dashboard=True)
 
     def body_limit(path: str) -> int:
         if path == "/upload":
