@@ -1,0 +1,686 @@
+"""backlane beside FastAPI's BackgroundTasks and every peer, on this machine, in one run.
+
+    python benchmarks/compare.py [--quick] [--only NAME,...]
+
+Installs the peers at the versions pinned in ``requirements-peers.txt`` into their own
+virtual environments (``benchmarks/.venv-peers/``; backlane runs from its own, ``.venv``),
+then measures, side by side:
+
+* the guide's exercise: 100 concurrent POSTs to a uvicorn app, each adding one task (an
+  async 100 ms sleep; a ~20 ms CPU task): reply latency p50/p99, and the time from the first
+  request until every task has finished;
+* no-op throughput: N jobs enqueued while the workers are paused (SIGSTOP), then drained by
+  1 and by 2 worker processes, timed from the first job finished to the last;
+* enqueue rate from one client, one call per job and, where the peer has one, batched;
+* enqueue-to-start latency p50/p99 at a fixed arrival rate (2 worker processes);
+* worker memory (RSS of every process of the 1-process set-up) idle, and after 100,000 jobs
+  (or as many as its drain rate allows within the soak's time cap).
+
+Each figure is the median of ``--runs`` runs. The Markdown report goes between markers in
+``docs/benchmarks.md`` and the chart to ``docs/images/benchmarks.png`` (a run of every
+system; ``--quick`` and ``--only`` print the report and write the docs only with
+``--write``). Redis database 12 and the PostgreSQL database ``backlane_bench`` belong to the
+benchmark: both are emptied before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+VENVS = HERE / ".venv-peers"
+REQUIREMENTS = HERE / "requirements-peers.txt"
+DOC = ROOT / "docs" / "benchmarks.md"
+CHART = ROOT / "docs" / "images" / "benchmarks.png"
+MAIN_PYTHON = VENVS / "main" / "bin" / "python"
+WARM_UP = 100
+"""Jobs queued while a set of workers starts: they show it is ready, and how fast it goes."""
+
+
+# -- environments ---------------------------------------------------------------------------
+
+
+def sections(text: str) -> dict[str, list[str]]:
+    """The requirement lines of each ``# [name]`` section of requirements-peers.txt."""
+    found: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("# [") and line.endswith("]"):
+            current = found.setdefault(line[3:-1], [])
+        elif line and not line.startswith("#") and current is not None:
+            current.append(line)
+    return found
+
+
+def ensure_venvs() -> None:
+    """Create (or bring up to date) one virtual environment per section."""
+    VENVS.mkdir(exist_ok=True)
+    (VENVS / ".gitignore").write_text("*\n")
+    for name, lines in sections(REQUIREMENTS.read_text()).items():
+        venv = VENVS / name
+        stamp = venv / "requirements.txt"
+        wanted = "\n".join(lines) + "\n"
+        if (venv / "bin" / "python").exists() and stamp.exists() and stamp.read_text() == wanted:
+            continue
+        note(f"installing the {name} peers into {venv.relative_to(ROOT)} (once)")
+        if venv.exists():
+            shutil.rmtree(venv)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+        subprocess.run([*pip, "--upgrade", "pip"], check=True)
+        with tempfile.NamedTemporaryFile("w", suffix=".txt") as req:
+            req.write(wanted)
+            req.flush()
+            subprocess.run([*pip, "-r", req.name], check=True)
+        stamp.write_text(wanted)
+
+
+def backlane_python(given: str | None) -> str:
+    """The interpreter of backlane's own environment."""
+    candidates = [given, os.environ.get("BENCH_BACKLANE_PYTHON"), str(ROOT / ".venv/bin/python")]
+    candidates.append(sys.executable)
+    for candidate in candidates:
+        if candidate and Path(candidate).exists():
+            probe = subprocess.run([candidate, "-c", "import backlane"], capture_output=True)
+            if probe.returncode == 0:
+                return candidate
+    sys.exit("cannot find a Python with backlane installed: pass --backlane-python")
+
+
+# -- plan -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    runs: int
+    drain_s: float
+    """Each drain is sized to keep the workers busy about this long."""
+    min_jobs: int
+    max_jobs: int
+    single_s: float
+    """Each fill enqueues one call per job for this long, then batches the rest."""
+    batch: int
+    rate: float
+    latency_s: float
+    soak_jobs: int
+    soak_s: float
+    exercise_runs: int
+
+
+FULL = Plan(3, 1.5, 100, 30_000, 0.5, 1000, 200.0, 3.0, 100_000, 14.0, 3)
+QUICK = Plan(1, 0.5, 100, 8000, 0.25, 1000, 200.0, 1.0, 0, 0.0, 1)
+
+
+def note(message: str) -> None:
+    stamp = time.strftime("%H:%M:%S")
+    print(f"[{stamp}] {message}", file=sys.stderr, flush=True)
+
+
+# -- one peer -------------------------------------------------------------------------------
+
+
+class Driver:
+    """A peer's client process (``peers/_driver.py``) in the peer's environment."""
+
+    def __init__(self, python: str, module: str, env: dict[str, str], log: Path) -> None:
+        self.log = log.open("ab")
+        self.proc = subprocess.Popen(
+            [python, "-m", "peers._driver", module],
+            cwd=HERE,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+        )
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {op} client exited (see {self.log.name})")
+        answer: dict[str, Any] = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(f"{op}: {answer['error']}")
+        return answer
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+@dataclass
+class Figures:
+    """One system's measurements, each a list over runs."""
+
+    name: str
+    info: dict[str, Any] = field(default_factory=dict)
+    drain: dict[str, list[float]] = field(default_factory=lambda: {"1": [], "2": []})
+    drain_jobs: dict[str, int] = field(default_factory=dict)
+    drained: dict[str, int] = field(default_factory=lambda: {"1": 0, "2": 0})
+    cpu_us: dict[str, list[float]] = field(default_factory=lambda: {"1": [], "2": []})
+    """CPU time of every worker process per job drained (user + system, microseconds)."""
+    enqueue: list[float] = field(default_factory=list)
+    enqueue_batch: list[float] = field(default_factory=list)
+    p50_ms: list[float] = field(default_factory=list)
+    p99_ms: list[float] = field(default_factory=list)
+    rss_idle: tuple[int, int] | None = None
+    rss_after: tuple[int, int] | None = None
+    soaked: int = 0
+    latency_rate: float = 0.0
+    load: float = 0.0
+    seconds: float = 0.0
+    error: str | None = None
+
+
+class Bench:
+    """Runs the measurements; owns the Redis database and PostgreSQL database used."""
+
+    def __init__(self, args: argparse.Namespace, plan: Plan) -> None:
+        import redis
+
+        self.args = args
+        self.plan = plan
+        self.redis = redis.Redis.from_url(args.redis_url, decode_responses=True)
+        self.scratch = Path(tempfile.mkdtemp(prefix="backlane-compare-"))
+        self.logs = self.scratch / "logs"
+        self.logs.mkdir()
+        self.pythons = {
+            "backlane": args.backlane_python,
+            **{name: str(VENVS / name / "bin" / "python") for name in sections(
+                REQUIREMENTS.read_text())},
+        }  # fmt: skip
+        pg_url = args.pg_admin_url.rsplit("/", 1)[0] + "/" + args.pg_db
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": str(HERE),
+            "BENCH_REDIS_URL": args.redis_url,
+            "BENCH_KEY": "bench:m",
+            "BENCH_PG_URL": pg_url,
+            "BENCH_DIR": str(self.scratch),
+            "BENCH_CPU_LOOPS": str(args.cpu_loops),
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
+        from peers import _common
+
+        self.keys = _common
+        self.versions = {
+            "python": platform.python_version(),
+            "redis": self.redis.info("server")["redis_version"],
+            "postgres": self._pg("SHOW server_version")[0],
+        }
+
+    def _pg(self, query: str) -> Any:
+        import psycopg
+
+        with psycopg.connect(self.args.pg_admin_url, autocommit=True) as conn:
+            return conn.execute(query).fetchone()
+
+    # -- the stores the benchmark owns --
+
+    def reset_stores(self) -> None:
+        self.redis.flushdb()
+        import psycopg
+
+        with psycopg.connect(self.args.pg_admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{self.args.pg_db}" WITH (FORCE)')
+            conn.execute(f'CREATE DATABASE "{self.args.pg_db}"')
+        for path in self.scratch.iterdir():
+            if path.is_file():
+                path.unlink()
+
+    def drop_stores(self) -> None:
+        self.redis.flushdb()
+        import psycopg
+
+        with psycopg.connect(self.args.pg_admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{self.args.pg_db}" WITH (FORCE)')
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+    # -- waiting on the tallies the tasks keep --
+
+    def wait_count(self, count: int, timeout: float, workers: Any = None) -> None:
+        deadline = time.monotonic() + timeout
+        while int(self.redis.get(self.keys.COUNT) or 0) < count:
+            if time.monotonic() > deadline:
+                done = self.redis.get(self.keys.COUNT)
+                raise RuntimeError(f"only {done} of {count} jobs done after {timeout:.0f}s")
+            if workers is not None:
+                workers.check()
+            time.sleep(0.01)
+
+    def wait_list(self, key: str, count: int, timeout: float, workers: Any = None) -> list[float]:
+        deadline = time.monotonic() + timeout
+        while self.redis.llen(key) < count:
+            if time.monotonic() > deadline:
+                done = self.redis.llen(key)
+                raise RuntimeError(f"only {done} of {count} jobs reported after {timeout:.0f}s")
+            if workers is not None:
+                workers.check()
+            time.sleep(0.01)
+        return [float(v) for v in self.redis.lrange(key, 0, -1)]
+
+    def clear(self) -> None:
+        k = self.keys
+        self.redis.delete(k.COUNT, k.MARKS, k.LAT, k.DONE)
+
+    # -- measurements --
+
+    def drain(
+        self, driver: Driver, workers: Any, jobs: int, sqlite_file: str | None, single_s: float
+    ) -> tuple[float, dict[str, Any]]:
+        """Enqueue ``jobs`` no-ops while the workers are paused, resume, time the drain."""
+        from peers._stats import drain_rate
+
+        self.clear()
+        workers.pause(sqlite_file)
+        try:
+            filled = driver.call(
+                "fill", total=jobs, count=jobs, single_s=single_s, batch=self.plan.batch
+            )
+        finally:
+            workers.resume()
+        self.wait_count(jobs, timeout=max(60.0, jobs / 50), workers=workers)
+        marks = self.wait_list(self.keys.MARKS, 2, timeout=10)
+        return drain_rate(jobs, min(marks), max(marks)), filled
+
+    def latency(self, driver: Driver, workers: Any, rate: float) -> tuple[float, float]:
+        from peers._stats import percentile
+
+        self.clear()
+        sent = driver.call("paced", rate=rate, seconds=self.plan.latency_s)
+        waits = self.wait_list(self.keys.LAT, sent["count"], timeout=60, workers=workers)
+        return percentile(waits, 0.5) * 1000, percentile(waits, 0.99) * 1000
+
+    def drains(
+        self,
+        fig: Figures,
+        key: str,
+        driver: Driver,
+        workers: Any,
+        guess: float,
+        info: dict[str, Any],
+        single_s: float,
+    ) -> None:
+        """``runs`` timed drains, each sized to last about ``drain_s`` (a drain that ends much
+        sooner than planned is not counted: it resizes the next one)."""
+        from peers._stats import sized
+
+        plan = self.plan
+        jobs = sized(guess, plan.drain_s, plan.min_jobs, plan.max_jobs)
+        resized = 0
+        while len(fig.drain[key]) < plan.runs:
+            cpu = workers.cpu_seconds()
+            rate, filled = self.drain(driver, workers, jobs, info["sqlite_file"], single_s)
+            cpu = workers.cpu_seconds() - cpu
+            self.record_fill(fig, filled)
+            if jobs / rate < plan.drain_s / 2 and jobs < plan.max_jobs and resized < 3:
+                resized += 1
+                jobs = sized(rate, plan.drain_s, plan.min_jobs, plan.max_jobs)
+                continue
+            fig.drain[key].append(rate)
+            fig.cpu_us[key].append(cpu / jobs * 1e6)
+            fig.drained[key] += jobs
+        fig.drain_jobs[key] = jobs
+
+    def warm_up(self, driver: Driver, workers: Any, sqlite_file: str | None) -> float:
+        """Queue a few jobs while the workers start (paused), then let them run: waits until
+        the workers are ready, and returns their drain rate as a first guess."""
+        rate, _ = self.drain(driver, workers, WARM_UP, sqlite_file, 60.0)
+        return rate
+
+    def record_fill(self, fig: Figures, filled: dict[str, Any]) -> None:
+        """Enqueue rates from a fill: one call per job (the whole fill when the peer has no
+        batch call), and batched."""
+        single, took = filled["single"], filled["single_s"]
+        if not filled["rest_batched"]:
+            single, took = single + filled["rest"], took + filled["rest_s"]
+        elif filled["rest"] >= 500 and filled["rest_s"] > 0:
+            fig.enqueue_batch.append(filled["rest"] / filled["rest_s"])
+        if single >= 50 and took > 0:
+            fig.enqueue.append(single / took)
+
+    def system(self, system: Any) -> Figures:
+        from peers._procs import Workers
+        from peers._stats import median
+
+        fig = Figures(system.name)
+        fig.load = os.getloadavg()[0]
+        started = time.monotonic()
+        self.reset_stores()
+        env = {**self.env, **system.env}
+        log = self.logs / f"{system.name}.log"
+        driver = Driver(self.pythons[system.venv], system.module, env, log)
+        plan = self.plan
+        try:
+            info = driver.call("describe", processes=[1, 2])
+            fig.info = info
+            driver.call("setup")
+            sqlite_file = info["sqlite_file"]
+            note(f"{system.name}: {info['library']} {info['version']} on {info['store']}")
+            # Two worker processes: throughput, then latency at a rate they can sustain.
+            with Workers(info["workers"]["2"], cwd=HERE, env=env, log=log) as workers:
+                guess = self.warm_up(driver, workers, sqlite_file)
+                self.drains(fig, "2", driver, workers, guess, info, plan.single_s)
+                capacity = median(fig.drain["2"]) or 0.0
+                arrivals = plan.rate if capacity >= 1.25 * plan.rate else max(1.0, capacity / 2)
+                fig.latency_rate = arrivals
+                for _ in range(plan.runs):
+                    p50, p99 = self.latency(driver, workers, arrivals)
+                    fig.p50_ms.append(p50)
+                    fig.p99_ms.append(p99)
+                note(
+                    f"  2 processes: {_fmt(fig.drain['2'])} jobs/s ({fig.drain_jobs['2']} jobs, "
+                    f"{_fmt(fig.cpu_us['2'])} us CPU each); start latency "
+                    f"at {arrivals:.0f}/s p50 {_fmt(fig.p50_ms, 2)} p99 {_fmt(fig.p99_ms, 2)} ms"
+                )
+            # One worker process: memory idle, throughput, memory after the soak.
+            with Workers(info["workers"]["1"], cwd=HERE, env=env, log=log) as workers:
+                guess = self.warm_up(driver, workers, sqlite_file)
+                time.sleep(1.0)
+                fig.rss_idle = workers.rss()
+                self.drains(fig, "1", driver, workers, guess, info, 0.0)
+                done = WARM_UP + fig.drained["1"]
+                rate = median(fig.drain["1"]) or guess
+                done += self.soak(driver, workers, plan.soak_jobs - done, rate)
+                time.sleep(0.5)
+                fig.rss_after = workers.rss()
+                fig.soaked = done
+                note(
+                    f"  1 process: {_fmt(fig.drain['1'])} jobs/s ({fig.drain_jobs['1']} jobs, "
+                    f"{_fmt(fig.cpu_us['1'])} us CPU each); enqueue "
+                    f"{_fmt(fig.enqueue)}/s, batch {_fmt(fig.enqueue_batch)}/s; RSS idle "
+                    f"{fig.rss_idle[0] / 2**20:.0f} MB, after {done:,} jobs "
+                    f"{fig.rss_after[0] / 2**20:.0f} MB"
+                )
+            driver.call("teardown")
+        except Exception as exc:
+            fig.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            note(f"  {system.name} FAILED: {exc}")
+        finally:
+            driver.close()
+        fig.seconds = time.monotonic() - started
+        note(f"  ({fig.seconds:.0f} s)")
+        return fig
+
+    def soak(self, driver: Driver, workers: Any, jobs: int, rate: float) -> int:
+        """Run up to ``jobs`` more no-ops through the workers, feeding as they drain, for at
+        most the plan's soak time; returns how many ran."""
+        if jobs <= 0 or self.plan.soak_s <= 0:
+            return 0
+        self.clear()
+        chunk = max(self.plan.batch, min(20_000, int(rate * 0.5)))
+        deadline = time.monotonic() + self.plan.soak_s
+        fed = 0
+        while fed < jobs and time.monotonic() < deadline:
+            size = min(chunk, jobs - fed)
+            driver.call("fill", total=0, count=size, single_s=0.0, batch=self.plan.batch)
+            fed += size
+            # keep at most about two chunks waiting
+            self.wait_count(fed - chunk, timeout=120, workers=workers)
+        self.wait_count(fed, timeout=120, workers=workers)
+        return fed
+
+    # -- the guide's exercise --
+
+    def exercise(self, app: Any) -> dict[str, Any]:
+        from peers._procs import Workers
+        from peers._stats import percentile
+
+        self.reset_stores()
+        env = {**self.env, **app.env}
+        log = self.logs / f"web-{app.name.split()[0]}.log"
+        python = self.pythons[app.venv]
+        commands: list[list[str]] = []
+        if app.workers == "celery":
+            commands.append(
+                [
+                    python,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "peers.with_celery",
+                    "worker",
+                    "--pool",
+                    "prefork",
+                    "--concurrency",
+                    "2",
+                    "--loglevel",
+                    "WARNING",
+                ]
+            )
+        elif app.workers == "backlane":
+            commands.append([python, "-m", "backlane", "worker", "peers.with_backlane:lane",
+                             "--processes", "2", "--log-level", "warning"])  # fmt: skip
+        port = _free_port()
+        commands.append([python, "-m", "uvicorn", app.app, "--port", str(port), "--no-access-log",
+                         "--log-level", "warning"])  # fmt: skip
+        out: dict[str, Any] = {"sleep": {}, "cpu": {}, "error": None}
+        try:
+            with Workers(commands, cwd=HERE, env=env, log=log) as procs:
+                _wait_http(port, procs)
+                for path in ("sleep", "cpu"):
+                    self.clear()
+                    asyncio.run(_burst(port, path, 5))
+                    self.wait_list(self.keys.DONE, 5, timeout=60, workers=procs)
+                for path in ("sleep", "cpu"):
+                    runs: dict[str, list[float]] = {"p50": [], "p99": [], "done": []}
+                    for _ in range(self.plan.exercise_runs):
+                        self.clear()
+                        t0 = time.time()
+                        replies = asyncio.run(_burst(port, path, 100))
+                        finished = self.wait_list(self.keys.DONE, 100, timeout=120, workers=procs)
+                        runs["p50"].append(percentile(replies, 0.5) * 1000)
+                        runs["p99"].append(percentile(replies, 0.99) * 1000)
+                        runs["done"].append(max(finished) - t0)
+                    out[path] = runs
+                    note(
+                        f"  {app.name} /{path}: reply p50 {_fmt(runs['p50'], 1)} ms, p99 "
+                        f"{_fmt(runs['p99'], 1)} ms; all done in {_fmt(runs['done'], 2)} s"
+                    )
+        except Exception as exc:
+            out["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            note(f"  {app.name} FAILED: {exc}")
+        return out
+
+
+def _fmt(values: list[float], digits: int = 0) -> str:
+    from peers._stats import median
+
+    value = median(values)
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _wait_http(port: int, procs: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        procs.check()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: bench\r\n\r\n")
+                if sock.recv(12).startswith(b"HTTP/1.1 200"):
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not answer")
+        time.sleep(0.05)
+
+
+async def _burst(port: int, path: str, count: int) -> list[float]:
+    """``count`` POSTs sent at once, each on its own (already open) connection; returns each
+    reply's latency in seconds, from its send to the end of its body."""
+    conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(count)]
+    request = f"POST /{path} HTTP/1.1\r\nHost: bench\r\nContent-Length: 0\r\n\r\n".encode()
+
+    async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> float:
+        start = time.perf_counter()
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = head.split(b" ", 2)[1]
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        await reader.readexactly(length)
+        took = time.perf_counter() - start
+        if status != b"200":
+            raise RuntimeError(f"POST /{path} answered {status.decode()}")
+        return took
+
+    try:
+        return list(await asyncio.gather(*(one(r, w) for r, w in conns)))
+    finally:
+        for _, writer in conns:
+            writer.close()
+
+
+def calibrate_cpu(target_s: float = 0.020) -> int:
+    """Loop iterations of the CPU task that take ``target_s`` here (median of 7)."""
+    from peers import _common
+
+    loops = 200_000
+    _common.CPU_LOOPS = loops
+    times = []
+    for _ in range(7):
+        start = time.perf_counter()
+        _common.burn()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return int(loops * target_s / times[3])
+
+
+# -- main -----------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one run, small drains (< 2 min)")
+    parser.add_argument("--only", help="comma-separated systems (and 'exercise' or web apps)")
+    parser.add_argument("--runs", type=int, help="runs per figure (default 3; quick 1)")
+    parser.add_argument("--write", action="store_true", help="write the docs even if partial")
+    parser.add_argument("--no-write", action="store_true", help="never write the docs")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/12")
+    parser.add_argument("--pg-admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--pg-db", default="backlane_bench")
+    parser.add_argument("--backlane-python")
+    parser.add_argument("--cpu-loops", type=int, help="CPU task iterations (default: ~20 ms)")
+    parser.add_argument("--list", action="store_true", help="list the systems and exit")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    if Path(sys.prefix).resolve() != (VENVS / "main").resolve():
+        # First the environments, then the same command again from the peers' environment.
+        started = time.monotonic()
+        ensure_venvs()
+        os.environ["BENCH_BACKLANE_PYTHON"] = backlane_python(args.backlane_python)
+        os.environ["BENCH_STARTED"] = str(time.time() - (time.monotonic() - started))
+        os.execv(str(MAIN_PYTHON), [str(MAIN_PYTHON), __file__, *argv])
+    sys.path.insert(0, str(HERE))
+    from peers import SYSTEMS, WEB_APPS, _report
+
+    started_at = float(os.environ.get("BENCH_STARTED", time.time()))
+    args.backlane_python = backlane_python(args.backlane_python)
+    if args.list:
+        print("systems:", ", ".join(s.name for s in SYSTEMS))
+        print("exercise:", ", ".join(_web_key(a.name) for a in WEB_APPS))
+        return
+    plan = QUICK if args.quick else FULL
+    if args.runs:
+        plan = Plan(**{**plan.__dict__, "runs": args.runs, "exercise_runs": args.runs})
+    wanted = {name.strip().lower() for name in (args.only or "").split(",") if name.strip()}
+    systems = [s for s in SYSTEMS if not wanted or s.name in wanted]
+    apps = [a for a in WEB_APPS if not wanted or "exercise" in wanted or _web_key(a.name) in wanted]
+    skipped = store_notes(args.backlane_python)
+    systems = [s for s in systems if s.name not in skipped]
+    apps = [a for a in apps if _web_key(a.name) not in skipped]
+    args.cpu_loops = args.cpu_loops or calibrate_cpu()
+    bench = Bench(args, plan)
+    load_start = os.getloadavg()
+    note(f"scratch folder {bench.scratch}; CPU task {args.cpu_loops:,} loops")
+    results: dict[str, Any] = {"systems": {}, "exercise": {}, "skipped": skipped}
+    try:
+        if apps:
+            note("the guide's exercise: 100 concurrent requests, each adding one task")
+        for app in apps:
+            results["exercise"][app.name] = {**bench.exercise(app), "durable": app.durable}
+        for system in systems:
+            fig = bench.system(system)
+            results["systems"][system.name] = fig.__dict__
+    finally:
+        logs = VENVS / "last-logs"
+        shutil.rmtree(logs, ignore_errors=True)
+        shutil.copytree(bench.logs, logs)
+        bench.drop_stores()
+    took = time.time() - started_at
+    results["meta"] = _report.machine(
+        took=took,
+        quick=args.quick,
+        runs=plan.runs,
+        plan=plan.__dict__,
+        cpu_loops=args.cpu_loops,
+        load_start=load_start,
+        **bench.versions,
+    )
+    (VENVS / "last-results.json").write_text(json.dumps(results, indent=1, default=str))
+    text = _report.markdown(results)
+    print(text)
+    complete = not wanted and not args.quick
+    if not args.no_write and (complete or args.write):
+        _report.write_doc(DOC, text)
+        _report.chart(results, CHART)
+        note(f"wrote {DOC.relative_to(ROOT)} and {CHART.relative_to(ROOT)}")
+    note(f"done in {took:.0f} s (raw figures and logs in {VENVS.relative_to(ROOT)}/)")
+
+
+def _web_key(name: str) -> str:
+    return name.lower().replace(" (embedded)", "-embedded")
+
+
+def store_notes(python: str) -> dict[str, str]:
+    """backlane's Redis and PostgreSQL stores, where they do not import yet: name -> why."""
+    skipped: dict[str, str] = {}
+    for store, module in (("redis", "redis"), ("postgres", "postgres")):
+        probe = subprocess.run(
+            [python, "-c", f"import backlane.stores.{module}"], capture_output=True, text=True
+        )
+        if probe.returncode != 0:
+            why = (probe.stderr.strip().splitlines() or ["import failed"])[-1]
+            skipped[f"backlane-{store}"] = f"backlane.stores.{module} does not import: {why}"
+    return skipped
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,155 @@
+"""Worker processes of one peer: start, pause, resume, stop, and their memory (Linux /proc).
+
+Each command runs in a session of its own, so one signal to its process group reaches the
+processes it forks (Celery's pool, Dramatiq's and Huey's worker processes, backlane's
+supervised workers). ``pause`` is how a drain starts from a full queue with warm workers:
+SIGSTOP the workers, enqueue, SIGCONT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        tree.setdefault(ppid, []).append(int(entry))
+    return tree
+
+
+def descendants(roots: list[int]) -> list[int]:
+    """``roots`` and every process under them."""
+    tree = _children()
+    found: list[int] = []
+    todo = list(roots)
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(tree.get(pid, []))
+    return found
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of one process (0 if it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process and its reaped children (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+class Workers:
+    """Worker processes started from ``commands``; their output goes to ``log``."""
+
+    def __init__(
+        self, commands: list[list[str]], *, cwd: Path, env: dict[str, str], log: Path
+    ) -> None:
+        self.log = log
+        self.procs: list[subprocess.Popen[bytes]] = []
+        with log.open("ab") as out:
+            for command in commands:
+                self.procs.append(
+                    subprocess.Popen(
+                        command,
+                        cwd=cwd,
+                        env=env,
+                        stdin=subprocess.DEVNULL,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def check(self) -> None:
+        """Raise if a worker process has exited."""
+        for proc in self.procs:
+            if proc.poll() is not None:
+                tail = self.log.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"a worker exited with code {proc.returncode}:\n{tail}")
+
+    def pids(self) -> list[int]:
+        return descendants([proc.pid for proc in self.procs])
+
+    def rss(self) -> tuple[int, int]:
+        """Total resident memory of every worker process, and how many processes."""
+        pids = self.pids()
+        return sum(rss_bytes(pid) for pid in pids), len(pids)
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) used so far by every worker process, and by the children
+        they have reaped (RQ's per-job forks)."""
+        return sum(cpu_seconds(pid) for pid in self.pids())
+
+    def _signal(self, sig: signal.Signals) -> None:
+        for proc in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+
+    def pause(self, sqlite_file: str | None = None) -> None:
+        """Stop every worker process; with ``sqlite_file``, make sure none is stopped while
+        holding its write lock (resume briefly and try again until it is free)."""
+        for _ in range(200):
+            self._signal(signal.SIGSTOP)
+            if sqlite_file is None or not Path(sqlite_file).exists() or _writable(sqlite_file):
+                return
+            self._signal(signal.SIGCONT)
+            time.sleep(0.01)
+        raise RuntimeError(f"a paused worker kept holding {sqlite_file}")
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        """Kill every process of their groups. Only called once every job has finished, so
+        nothing is lost, and no peer's graceful shutdown adds to the run's time. Then wait
+        a moment: a killed worker blocked in a pop (BRPOP, XREADGROUP) must be seen gone by
+        Redis before new jobs arrive, or Redis hands the first of them to the dead client."""
+        self.resume()
+        self._signal(signal.SIGKILL)
+        for proc in self.procs:
+            proc.wait()
+        time.sleep(0.3)
+
+
+def _writable(path: str) -> bool:
+    conn = sqlite3.connect(path, timeout=0.05, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+        return True
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        conn.close()
