@@ -64,24 +64,37 @@ class RequestBatch:
         self.jobs: list[Job] = []
         self.handles: list[JobHandle] = []
         self.local: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = []
+        self.connections: list[Any] = []
+        """For each job, the caller's connection whose transaction it joins, or None."""
         self.stored = False
         self.finished = False
 
-    def add(self, job: Job, handle: JobHandle) -> None:
+    def add(self, job: Job, handle: JobHandle, connection: Any = None) -> None:
+        """Add a job after the others. With ``connection``, the job — and every later job
+        of the request, which waits for it — joins that connection's transaction."""
         job.after = self.jobs[-1].id if self.jobs else None
+        if connection is None and self.connections:
+            connection = self.connections[-1]
         self.jobs.append(job)
         self.handles.append(handle)
+        self.connections.append(connection)
 
     async def persist(self) -> None:
-        """Store the jobs (deferred) before the response leaves."""
+        """Store the jobs before the response leaves: deferred until ``after_response``
+        releases them, or, for jobs given a connection, queued inside the transaction open
+        on it, so they exist only once the caller commits it (a request-scoped dependency
+        commits after the response has been sent)."""
         if self.stored or not self.jobs or self.lane.eager:
             return
         now = time.time()
         hold = now + self.lane.settings.release_grace
-        for job in self.jobs:
-            job.release_at = hold
+        for job, connection in zip(self.jobs, self.connections, strict=True):
+            if connection is None:
+                job.release_at = hold
+            else:
+                job.state, job.release_at = JobState.QUEUED, None
         with anyio.CancelScope(shield=True):
-            if any(job.key for job in self.jobs):
+            if any(job.key for job in self.jobs) or self.connections[-1] is not None:
                 stored = await self._persist_one_by_one()
             else:
                 stored = await self.lane.enqueue_jobs(self.jobs)
@@ -91,12 +104,13 @@ class RequestBatch:
 
     async def _persist_one_by_one(self) -> list[Job]:
         # A job whose idempotency key is taken is not stored; the next task of the request
-        # must then wait for the job that holds the key instead.
+        # must then wait for the job that holds the key instead. Each job goes through its
+        # own connection, if it was given one.
         stored: list[Job] = []
-        for job in self.jobs:
+        for job, connection in zip(self.jobs, self.connections, strict=True):
             if stored:
                 job.after = stored[-1].id
-            (kept,) = await self.lane.enqueue_jobs([job])
+            (kept,) = await self.lane.enqueue_jobs([job], connection=connection)
             stored.append(kept)
         self.jobs = stored
         return stored
@@ -105,6 +119,7 @@ class RequestBatch:
         """Forget jobs not yet stored (the request failed)."""
         if not self.stored:
             self.jobs.clear()
+            self.connections.clear()
             self.local.clear()
             self.finished = True
 
@@ -163,6 +178,9 @@ class DurableBackgroundTasks:
         ``func`` is a plain module-level function (found by its import path), a
         ``@lane.task``, or ``task.options(...)`` for a delay, priority, queue or key.
         Arguments are checked against its signature now: a mismatch is a 422.
+        With ``task.options(connection=session)`` (PostgreSQL store) the job joins the
+        transaction open on that connection when the response starts, and exists only if
+        it commits; later tasks of the request join it too.
         """
         lane = self._batch.lane
         options = None
@@ -175,7 +193,7 @@ class DurableBackgroundTasks:
         except InvalidArguments as exc:
             raise TaskArgumentsRejected(exc) from None
         handle = JobHandle(lane, job.id, task.name)
-        self._batch.add(job, handle)
+        self._batch.add(job, handle, None if options is None else options.connection)
         return handle
 
     def add_local_task(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> None:

@@ -29,6 +29,12 @@ def store_from_url(url: str) -> Store:
         except ImportError as exc:
             raise _missing(exc, "redis", "redis") from exc
         return RedisStore(url)
+    if scheme in ("postgresql", "postgres"):
+        try:
+            from .postgres import PostgresStore
+        except ImportError as exc:
+            raise _missing(exc, "psycopg", "postgres") from exc
+        return PostgresStore(url)
     raise ConfigurationError(
         f"unsupported store URL {url!r}: use memory://, sqlite:///path/to.db, "
         "redis://host:6379/0 or postgresql://user@host/db"

@@ -1,0 +1,623 @@
+"""The PostgreSQL store: jobs in the database an application already runs.
+
+``postgresql://user:password@host:5432/db?schema=backlane``: every table lives in one
+schema (created if missing), brought up to date at open unless ``auto_migrate=0`` (then
+``backlane migrate`` does it, and open only checks the version). Claims take rows with
+``FOR UPDATE SKIP LOCKED``, so any number of worker processes on any number of machines
+share one queue without handing a job to two of them. A trigger announces claimable work
+on a LISTEN/NOTIFY channel; ``wait_for_work`` returns when it does, so a waiting worker
+starts a job within milliseconds instead of polling (polling stays the fallback).
+
+``enqueue(jobs, connection=...)`` writes the jobs inside a caller's own transaction (a
+psycopg ``AsyncConnection``, or a SQLAlchemy ``AsyncSession`` or ``AsyncConnection``): they
+exist, and wake workers, only if it commits.
+
+The pool (``psycopg_pool``) and the LISTEN connection live on an event loop of the
+store's own, on a thread of its own (see ``postgres_loop``), so one store serves callers on
+any loop and thread. Driver errors become ``StoreError``; a statement that lost a deadlock
+is tried again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import json
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg import sql as pg_sql
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from ..exceptions import StoreError
+from ..jobs import TERMINAL_STATES, Job, JobState
+from .base import Outcome, ScheduleRecord, StatsBucket, Store, WorkerRecord
+from .postgres_jobs import (
+    PsycopgSession,
+    Row,
+    caller_session,
+    decode,
+    enqueue_on,
+    sort_claimed,
+)
+from .postgres_loop import LoopClosed, LoopThread, WorkSignal
+from .postgres_schema import check_version, migrate, parse_url, rendered_queries
+
+log = logging.getLogger("backlane.postgres")
+
+T = TypeVar("T")
+
+_OUTCOME_STATES = frozenset(
+    {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED}
+)
+_PURGE_BATCH = 1000
+"""Most jobs removed per statement by ``purge``, so no lock is held for long."""
+_DEADLOCK_ATTEMPTS = 3
+_LISTEN_RETRY_MAX = 5.0
+_CLOSE_GRACE = 10.0
+"""Seconds ``close`` waits for verbs in flight before closing their connections."""
+
+
+async def _rows(conn: Any, sql: str, params: dict[str, Any] | None = None) -> list[Row]:
+    async with conn.cursor(row_factory=dict_row) as cursor:
+        await cursor.execute(sql, params or {})
+        rows: list[Row] = await cursor.fetchall() if cursor.description else []
+        return rows
+
+
+async def _changed(conn: Any, sql: str, params: dict[str, Any]) -> int:
+    async with conn.cursor() as cursor:
+        await cursor.execute(sql, params)
+        count: int = cursor.rowcount
+        return count
+
+
+def _float(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
+
+class PostgresStore(Store):
+    """Jobs in PostgreSQL (``postgresql://user@host/db?schema=backlane``)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.settings = parse_url(url)
+        self._sql = rendered_queries(self.settings)
+        self._lock = threading.Lock()
+        """Guards ``_runner`` and ``_opening``: open and close may race from any thread."""
+        self._runner: LoopThread | None = None
+        self._opening: concurrent.futures.Future[None] | None = None
+        self._pool: AsyncConnectionPool[Any] | None = None
+        """Used on the runner's loop only, as is ``_listener``."""
+        self._listener: asyncio.Task[None] | None = None
+        self._listening = False
+        self._in_flight: set[asyncio.Task[Any]] = set()
+        """The verbs running on the runner's loop, which ``close`` lets finish."""
+        self._signal = WorkSignal()
+
+    def __repr__(self) -> str:
+        return f"<PostgresStore schema={self.settings.schema}>"
+
+    @property
+    def listening(self) -> bool:
+        """Whether announcements of work arrive now (else ``wait_for_work`` only waits)."""
+        return self._listening
+
+    async def open(self) -> None:
+        """Connect, bring the schema up to date (or, with ``auto_migrate=0``, check that it
+        is), open the pool and start listening for work. Idempotent, and safe to race from
+        several threads: one pool is opened, and every caller waits until it is."""
+        with self._lock:
+            runner, opening = self._runner, self._opening
+            if runner is None or opening is None:
+                runner = LoopThread(f"backlane-postgres-{self.settings.schema}")
+                opening = asyncio.run_coroutine_threadsafe(self._start(), runner.loop)
+                self._runner, self._opening = runner, opening
+        try:
+            await asyncio.shield(asyncio.wrap_future(opening))
+        except BaseException:
+            if opening.done() and not opening.cancelled() and opening.exception() is not None:
+                with self._lock:
+                    if self._opening is opening:
+                        self._runner = self._opening = None
+                runner.stop()
+            raise
+
+    async def close(self) -> None:
+        """Stop listening and close the pool once the work already asked for is done.
+        Idempotent."""
+        with self._lock:
+            runner, opening = self._runner, self._opening
+            self._runner = self._opening = None
+        if runner is None:
+            return
+        try:
+            await runner.run(self._stop(opening))
+        finally:
+            runner.stop()
+
+    async def wait_for_work(self, timeout: float) -> None:
+        """Return once work may have become claimable — a job queued, released, retried,
+        handed back or freed, by any process using this schema — or after ``timeout``
+        seconds. Work announced since the last ``claim`` began in the calling task (or in
+        the task that started it) returns at once, so a claim that found nothing and this
+        wait miss no job between them. While the store cannot listen (the connection broke;
+        it reconnects), it only waits out the timeout: callers keep polling as their
+        fallback."""
+        await self._signal.wait(timeout)
+
+    # -- write side -------------------------------------------------------------------
+
+    async def enqueue(self, jobs: Sequence[Job], *, connection: Any = None) -> list[Job]:
+        """Store ``jobs`` in order in one transaction; a job whose active key is taken is
+        not stored and the holder is returned in its place. A later job of the batch whose
+        ``after`` names a job replaced that way waits for the holder instead, and an
+        ``after`` naming no stored active job is dropped (nothing to wait for).
+
+        With ``connection`` (psycopg ``AsyncConnection``, SQLAlchemy ``AsyncSession`` or
+        ``AsyncConnection``, on this store's database) the jobs are written in the
+        transaction open on it, or that the statement begins, and exist only once it
+        commits; an error aborts that transaction, as any failed statement does. A psycopg
+        connection in autocommit mode outside a transaction gets one of its own, committed
+        at once."""
+        batch = list(jobs)
+        if connection is None:
+            return await self._run(self._enqueue, batch)
+        if self._runner is None:
+            raise self._not_open()
+        session, wrap = await caller_session(connection)
+        try:
+            if wrap is not None:
+                async with wrap.transaction():
+                    return await enqueue_on(session, self._sql, batch)
+            return await enqueue_on(session, self._sql, batch)
+        except psycopg.Error as exc:
+            raise self._error(exc) from exc
+        except Exception as exc:
+            if type(exc).__module__ == "sqlalchemy.exc":
+                raise StoreError(f"PostgreSQL store, through your connection: {exc}") from exc
+            raise
+
+    async def release(self, ids: Sequence[str]) -> None:
+        """Deferred jobs among ``ids`` become queued; others are left as they are."""
+        await self._run(self._execute, "release", {"ids": list(ids)})
+
+    async def discard(
+        self, ids: Sequence[str], now: float, keep_until: float | None = None
+    ) -> None:
+        """Deferred jobs among ``ids`` end discarded at ``now``, kept until ``keep_until``;
+        their successors are freed."""
+        params = {"ids": list(ids), "now": float(now), "keep_until": _float(keep_until)}
+        await self._run(self._execute, "discard", params)
+
+    async def claim(
+        self,
+        *,
+        worker_id: str,
+        queues: Sequence[str] | None,
+        limit: int,
+        now: float,
+        lease_until: float,
+    ) -> list[Job]:
+        """Up to ``limit`` claimable jobs of queues not paused, now running for
+        ``worker_id``, in claim order. Rows being claimed by others are skipped, never
+        waited for."""
+        self._signal.mark()
+        if limit <= 0 or (queues is not None and not queues):
+            return []
+        params: dict[str, Any] = {
+            "worker_id": worker_id,
+            "limit": limit,
+            "now": float(now),
+            "lease_until": float(lease_until),
+        }
+        query = "claim_any"
+        if queues is not None:
+            query, params["queues"] = "claim_queues", list(dict.fromkeys(queues))
+        rows = await self._run(self._fetch, query, params)
+        return sort_claimed(rows)
+
+    async def renew_leases(
+        self, *, worker_id: str, ids: Sequence[str], lease_until: float
+    ) -> set[str]:
+        """Extend the leases ``worker_id`` holds among ``ids``; return those of them whose
+        cancellation was requested."""
+        params = {"worker_id": worker_id, "ids": list(ids), "lease_until": float(lease_until)}
+        rows = await self._run(self._fetch, "renew_leases", params)
+        return {row["id"] for row in rows if row["cancel_requested"]}
+
+    async def finish(self, outcomes: Sequence[Outcome]) -> list[str]:
+        """Apply each outcome whose worker still holds its job (the first, when one job has
+        several); return the ids applied, in the order given."""
+        for outcome in outcomes:
+            if outcome.state not in _OUTCOME_STATES:
+                raise StoreError(
+                    f"an outcome ends a job succeeded, failed or cancelled, or queues it "
+                    f"again; got {outcome.state.value!r} for job {outcome.job_id}"
+                )
+        if not outcomes:
+            return []
+        params: dict[str, list[Any]] = {
+            "id": [o.job_id for o in outcomes],
+            "worker_id": [o.worker_id for o in outcomes],
+            "state": [o.state.value for o in outcomes],
+            "finished_at": [float(o.finished_at) for o in outcomes],
+            "result": [o.result for o in outcomes],
+            "error": [None if o.error is None else json.dumps(o.error) for o in outcomes],
+            "run_at": [_float(o.run_at) for o in outcomes],
+            "keep_until": [_float(o.keep_until) for o in outcomes],
+        }
+        rows = await self._run(self._fetch, "finish", params)
+        return [row["id"] for row in rows]
+
+    async def hand_back(self, *, worker_id: str, ids: Sequence[str]) -> None:
+        """Jobs ``worker_id`` holds among ``ids`` are queued again, the attempt uncounted."""
+        await self._run(self._execute, "hand_back", {"worker_id": worker_id, "ids": list(ids)})
+
+    async def requeue_expired(self, now: float, keep_until: float | None = None) -> int:
+        """Queue running jobs whose lease ended before ``now`` (those asked to stop end
+        cancelled instead, kept until ``keep_until``) and deferred jobs whose
+        ``release_at`` is not after ``now``; return how many changed. Rows another session
+        is changing right now are left for the next sweep."""
+        return await self._run(self._requeue_expired, float(now), _float(keep_until))
+
+    async def cancel(
+        self, job_id: str, now: float, keep_until: float | None = None
+    ) -> JobState | None:
+        """Deferred or queued: cancelled at ``now``, kept until ``keep_until``. Running:
+        ``cancel_requested`` set. Returns the state after, or None when no job has this
+        id."""
+        return await self._run(self._cancel, job_id, float(now), _float(keep_until))
+
+    async def retry(self, job_id: str, now: float) -> bool:
+        """A failed or cancelled job is queued again to run at ``now``. False when the job
+        is missing, in another state, or its key is held by another active job."""
+        return await self._run(self._retry, job_id, float(now))
+
+    async def set_progress(
+        self, job_id: str, *, worker_id: str, progress: float | None, message: str | None
+    ) -> None:
+        """Record progress and message of a job ``worker_id`` holds; otherwise nothing."""
+        params = {
+            "id": job_id,
+            "worker_id": worker_id,
+            "progress": _float(progress),
+            "message": message,
+        }
+        await self._run(self._execute, "set_progress", params)
+
+    async def delete(self, ids: Sequence[str]) -> int:
+        """Remove the jobs among ``ids`` whatever their state; successors are freed."""
+        if not ids:
+            return 0
+        rows = await self._run(self._fetch, "delete", {"ids": list(dict.fromkeys(ids))})
+        return int(rows[0]["n"])
+
+    async def purge(self, *, before: float, states: Sequence[JobState] | None = None) -> int:
+        """Remove ended jobs whose ``keep_until`` (or, with ``states``, ``finished_at``) is
+        before ``before``; return how many. Works in statements of at most
+        ``_PURGE_BATCH`` jobs, each its own short transaction that skips rows other
+        sessions hold, so workers claiming meanwhile never wait for it."""
+        params: dict[str, Any] = {"before": float(before), "limit": _PURGE_BATCH}
+        query = "purge_kept"
+        if states is not None:
+            wanted = sorted(s.value for s in TERMINAL_STATES.intersection(states))
+            if not wanted:
+                return 0
+            query, params["states"] = "purge_finished", wanted
+        total = 0
+        while True:
+            rows = await self._run(self._fetch, query, params)
+            removed = int(rows[0]["n"])
+            total += removed
+            if removed < _PURGE_BATCH:
+                return total
+
+    # -- read side --------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> Job | None:
+        """The job with this id, or None."""
+        rows = await self._run(self._fetch, "get_job", {"id": job_id})
+        return decode(rows[0]) if rows else None
+
+    async def list_jobs(
+        self,
+        *,
+        state: JobState | None = None,
+        task: str | None = None,
+        queue: str | None = None,
+        text: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[Job]:
+        """The matching jobs, newest ``created_at`` first (ties: latest stored first),
+        skipping ``offset`` and returning at most ``limit``. ``text`` is looked for,
+        literally and ignoring case, in the id, task, payload and error message."""
+        filters = {"state": None if state is None else state.value, "task": task, "queue": queue}
+        terms = [f"{name} = %({name})s" for name, value in filters.items() if value is not None]
+        params: dict[str, Any] = {**filters, "limit": max(0, limit), "offset": max(0, offset)}
+        if text is not None:
+            terms.append(self._sql["text_matches"])
+            params["text"] = text
+        where = f"WHERE {' AND '.join(terms)}" if terms else ""
+        query = (
+            f"SELECT * FROM {self.settings.quoted_schema}.jobs {where} "
+            "ORDER BY created_at DESC, seq DESC LIMIT %(limit)s OFFSET %(offset)s"
+        )
+        rows = await self._run(self._fetch_sql, query, params)
+        return [decode(row) for row in rows]
+
+    async def counts(self) -> dict[str, dict[JobState, int]]:
+        """Jobs per queue and state; states without jobs are left out."""
+        result: dict[str, dict[JobState, int]] = {}
+        for row in await self._run(self._fetch, "counts", {}):
+            result.setdefault(row["queue"], {})[JobState(row["state"])] = int(row["n"])
+        return result
+
+    async def stats(self, *, since: float, width: float) -> list[StatsBucket]:
+        """Jobs that ended succeeded, failed or cancelled at or after ``since``, in buckets
+        of ``width`` seconds starting at multiples of ``width``, oldest first; empty
+        buckets are left out. Counted in SQL over the index of end times."""
+        if not width > 0:
+            raise StoreError(f"stats needs a bucket width above zero, got {width!r}")
+        params = {"since": float(since), "width": float(width)}
+        return [
+            StatsBucket(
+                start=int(row["bucket"]) * width,
+                succeeded=int(row["succeeded"]),
+                failed=int(row["failed"]),
+                cancelled=int(row["cancelled"]),
+                wait_total=float(row["wait_total"]),
+                wait_count=int(row["wait_count"]),
+            )
+            for row in await self._run(self._fetch, "stats", params)
+        ]
+
+    # -- schedules ----------------------------------------------------------------------
+
+    async def claim_slot(self, schedule: str, slot: float, job: Job) -> bool:
+        """Record ``slot`` as the latest of ``schedule`` and store ``job`` (as ``enqueue``
+        does) in one transaction, unless that slot or a later one was taken; then store
+        nothing, return False. Racing schedulers wait on the schedule's row, so each slot
+        is taken once."""
+        return await self._run(self._claim_slot, schedule, float(slot), job)
+
+    async def schedules(self) -> dict[str, ScheduleRecord]:
+        """Every schedule that took a slot or was paused, by name."""
+        rows = await self._run(self._fetch, "schedules", {})
+        return {
+            row["name"]: ScheduleRecord(
+                name=row["name"], last_slot=row["last_slot"], paused=bool(row["paused"])
+            )
+            for row in rows
+        }
+
+    async def pause_schedule(self, name: str, paused: bool) -> None:
+        """Pause or resume ``name``, recording it if it is not known yet."""
+        await self._run(self._execute, "pause_schedule", {"name": name, "paused": paused})
+
+    # -- queues and workers ---------------------------------------------------------------
+
+    async def pause_queue(self, queue: str, paused: bool) -> None:
+        """Pause ``queue`` (``claim`` skips it) or resume it."""
+        query = "pause_queue" if paused else "resume_queue"
+        await self._run(self._execute, query, {"queue": queue})
+
+    async def paused_queues(self) -> set[str]:
+        """Names of the paused queues."""
+        return {row["queue"] for row in await self._run(self._fetch, "paused_queues", {})}
+
+    async def beat(self, worker: WorkerRecord) -> None:
+        """Record ``worker`` in place of its previous record."""
+        params = dataclasses.asdict(worker)
+        params["queues"] = None if worker.queues is None else list(worker.queues)
+        params["jobs"] = list(worker.jobs)
+        params["started_at"], params["seen_at"] = float(worker.started_at), float(worker.seen_at)
+        await self._run(self._execute, "beat", params)
+
+    async def workers(self, *, seen_since: float) -> list[WorkerRecord]:
+        """Workers seen at or after ``seen_since``, oldest started first (ties by id);
+        records of the others are dropped."""
+        rows = await self._run(self._fetch, "workers", {"seen_since": float(seen_since)})
+        return [
+            WorkerRecord(
+                id=row["id"],
+                started_at=row["started_at"],
+                seen_at=row["seen_at"],
+                concurrency=row["concurrency"],
+                queues=None if row["queues"] is None else tuple(row["queues"]),
+                jobs=tuple(row["jobs"]),
+                processed=int(row["processed"]),
+            )
+            for row in rows
+        ]
+
+    async def forget_worker(self, worker_id: str) -> None:
+        """Remove the record of ``worker_id`` (nothing if there is none)."""
+        await self._run(self._execute, "forget_worker", {"id": worker_id})
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def _not_open(self) -> StoreError:
+        return StoreError(f"the store {self.url} is not open; await store.open() first")
+
+    def _error(self, exc: psycopg.Error) -> StoreError:
+        if isinstance(exc, pg_errors.UndefinedTable):
+            return StoreError(
+                f"PostgreSQL store: {exc}; is the connection to the store's database, and "
+                f"was the schema {self.settings.schema!r} migrated?"
+            )
+        return StoreError(f"PostgreSQL store (schema {self.settings.schema}): {exc}")
+
+    async def _run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """``fn(connection, *args)`` on the store's loop, with a pooled connection."""
+        runner = self._runner
+        if runner is None:
+            raise self._not_open()
+        try:
+            return await runner.run(self._on_pool(fn, *args))
+        except LoopClosed as exc:  # a close() raced this call
+            raise StoreError(f"the store {self.url} is closed") from exc
+
+    async def _on_pool(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        # Runs on the store's loop.
+        task = asyncio.current_task()
+        assert task is not None
+        self._in_flight.add(task)
+        try:
+            return await self._with_connection(fn, *args)
+        finally:
+            self._in_flight.discard(task)
+
+    async def _with_connection(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        pool = self._pool
+        if pool is None:
+            opening = self._opening
+            if opening is None:
+                raise self._not_open()
+            await asyncio.wrap_future(opening)
+            pool = self._pool
+            if pool is None:  # pragma: no cover - closed while opening
+                raise self._not_open()
+        for attempt in range(1, _DEADLOCK_ATTEMPTS + 1):
+            try:
+                async with pool.connection() as conn:
+                    return await fn(conn, *args)
+            except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure) as exc:
+                if attempt == _DEADLOCK_ATTEMPTS:
+                    raise self._error(exc) from exc
+                log.debug("retrying a statement that lost a deadlock: %s", exc)
+            except psycopg.Error as exc:
+                raise self._error(exc) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _start(self) -> None:
+        # Runs on the store's loop: schema, pool, listener.
+        settings = self.settings
+        try:
+            async with await psycopg.AsyncConnection.connect(
+                settings.conninfo, autocommit=True
+            ) as conn:
+                if settings.auto_migrate:
+                    await migrate(conn, settings)
+                else:
+                    await check_version(conn, settings)
+            pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+                settings.conninfo,
+                min_size=min(2, settings.pool_size),
+                max_size=settings.pool_size,
+                kwargs={"autocommit": True},
+                open=False,
+                name=f"backlane-{settings.schema}",
+            )
+            await pool.open(wait=True, timeout=30.0)
+        except psycopg.Error as exc:
+            raise self._error(exc) from exc
+        self._pool = pool
+        self._listener = asyncio.get_running_loop().create_task(self._listen())
+
+    async def _stop(self, opening: concurrent.futures.Future[None] | None) -> None:
+        # Runs on the store's loop.
+        if opening is not None and not opening.done():
+            with contextlib.suppress(Exception):  # its caller heard of it
+                await asyncio.wrap_future(opening)
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+        if self._in_flight:  # verbs in flight end their transactions first
+            await asyncio.wait(set(self._in_flight), timeout=_CLOSE_GRACE)
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    async def _listen(self) -> None:
+        # Runs on the store's loop until cancelled: LISTEN, and announce each notification;
+        # reconnect with growing pauses when the connection breaks.
+        listen = pg_sql.SQL("LISTEN {}").format(pg_sql.Identifier(self.settings.channel))
+        pause = 0.1
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self.settings.conninfo, autocommit=True
+                ) as conn:
+                    await conn.execute(listen)
+                    self._listening = True
+                    pause = 0.1
+                    self._signal.announce()  # work may have come while we were not listening
+                    async for _ in conn.notifies():
+                        self._signal.announce()
+            except psycopg.Error as exc:
+                log.warning(
+                    "PostgreSQL store: listening for work failed (%s); polling until it "
+                    "reconnects in %.1fs",
+                    exc,
+                    pause,
+                )
+            self._listening = False
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _LISTEN_RETRY_MAX)
+
+    # -- the verbs' statements (on the store's loop) ---------------------------------------
+
+    async def _fetch(self, conn: Any, name: str, params: dict[str, Any]) -> list[Row]:
+        return await _rows(conn, self._sql[name], params)
+
+    async def _fetch_sql(self, conn: Any, sql: str, params: dict[str, Any]) -> list[Row]:
+        return await _rows(conn, sql, params)
+
+    async def _execute(self, conn: Any, name: str, params: dict[str, Any]) -> int:
+        return await _changed(conn, self._sql[name], params)
+
+    async def _enqueue(self, conn: Any, jobs: list[Job]) -> list[Job]:
+        if not jobs:
+            return []
+        async with conn.transaction():
+            return await enqueue_on(PsycopgSession(conn), self._sql, jobs)
+
+    async def _requeue_expired(self, conn: Any, now: float, keep_until: float | None) -> int:
+        params = {"now": now, "keep_until": keep_until}
+        total = 0
+        async with conn.transaction():
+            for name in ("cancel_expired_leases", "requeue_expired_leases"):
+                total += int((await self._fetch(conn, name, params))[0]["n"])
+            total += int((await self._fetch(conn, "requeue_overdue_deferred", params))[0]["n"])
+        return total
+
+    async def _cancel(
+        self, conn: Any, job_id: str, now: float, keep_until: float | None
+    ) -> JobState | None:
+        async with conn.transaction():
+            rows = await self._fetch(conn, "lock_job", {"id": job_id})
+            if not rows:
+                return None
+            state = JobState(rows[0]["state"])
+            if state in (JobState.DEFERRED, JobState.QUEUED):
+                params = {"id": job_id, "now": now, "keep_until": keep_until}
+                await self._execute(conn, "cancel_waiting", params)
+                return JobState.CANCELLED
+            if state is JobState.RUNNING:
+                await self._execute(conn, "request_cancel", {"id": job_id})
+            return state
+
+    async def _retry(self, conn: Any, job_id: str, now: float) -> bool:
+        try:
+            async with conn.transaction():
+                return await self._execute(conn, "retry", {"id": job_id, "now": now}) > 0
+        except pg_errors.UniqueViolation:  # another active job holds its key
+            return False
+
+    async def _claim_slot(self, conn: Any, schedule: str, slot: float, job: Job) -> bool:
+        async with conn.transaction():
+            if not await self._fetch(conn, "take_slot", {"name": schedule, "slot": slot}):
+                return False
+            await enqueue_on(PsycopgSession(conn), self._sql, [job])
+            return True

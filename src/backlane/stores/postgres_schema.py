@@ -1,0 +1,196 @@
+"""The PostgreSQL store's settings and schema: its URL, its SQL, and its migrations.
+
+The SQL lives in ``sql/postgres/``: ``schema.sql`` (the whole current schema, for a fresh
+install), numbered migrations (``0001_jobs.sql``, ...) that bring an older schema up to
+date, and ``queries.sql`` (the statements of the verbs). Every table lives in one schema
+(``?schema=``, default ``backlane``); ``{schema}`` in the SQL is that schema, quoted, and
+``{channel}`` the LISTEN/NOTIFY channel on which the schema announces work.
+
+Migrations run in one transaction under an advisory lock, so processes starting together
+migrate once; ``schema.migrations`` records the versions applied.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from importlib import resources
+from importlib.abc import Traversable
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from ..exceptions import ConfigurationError, StoreError
+
+DEFAULT_SCHEMA = "backlane"
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,47}$")
+_MIGRATION_NAME = re.compile(r"^(\d{4})_(\w+)\.sql$")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class PostgresSettings:
+    """What a ``postgresql://`` URL asks of the store."""
+
+    conninfo: str
+    """The URL as libpq takes it: backlane's own query parameters removed."""
+    schema: str
+    auto_migrate: bool
+    pool_size: int
+
+    @property
+    def quoted_schema(self) -> str:
+        return f'"{self.schema}"'
+
+    @property
+    def channel(self) -> str:
+        """The LISTEN/NOTIFY channel on which this schema announces claimable work."""
+        return f"{self.schema}.work"
+
+
+def parse_url(url: str) -> PostgresSettings:
+    """The settings of a ``postgresql://`` (or ``postgres://``) URL.
+
+    backlane reads and removes three query parameters: ``schema`` (default ``backlane``;
+    lower-case letters, digits and underscores), ``auto_migrate`` (default ``1``: bring
+    the schema up to date at open; ``0``: only check it) and ``pool_size`` (most
+    connections, default 10). Any other parameter goes to libpq (``sslmode``, ...).
+    Raises ``ConfigurationError`` saying what is wrong."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigurationError(f"not a PostgreSQL URL: {url!r}; write postgresql://user@host/db")
+    schema, auto_migrate, pool_size = DEFAULT_SCHEMA, True, 10
+    rest: list[tuple[str, str]] = []
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name == "schema":
+            schema = value
+        elif name == "auto_migrate":
+            if value.lower() not in (*_TRUE, *_FALSE):
+                raise ConfigurationError(
+                    f"PostgreSQL URL: auto_migrate must be 1 or 0, got {value!r}"
+                )
+            auto_migrate = value.lower() in _TRUE
+        elif name == "pool_size":
+            if not value.isdigit() or int(value) < 1:
+                raise ConfigurationError(
+                    f"PostgreSQL URL: pool_size must be a whole number above 0, got {value!r}"
+                )
+            pool_size = int(value)
+        else:
+            rest.append((name, value))
+    if not _SCHEMA_NAME.match(schema):
+        raise ConfigurationError(
+            f"PostgreSQL URL: schema {schema!r} is not a plain name; use at most 48 "
+            "lower-case letters, digits and underscores, not starting with a digit"
+        )
+    conninfo = urlunsplit(parts._replace(query=urlencode(rest)))
+    return PostgresSettings(
+        conninfo=conninfo, schema=schema, auto_migrate=auto_migrate, pool_size=pool_size
+    )
+
+
+def _sql_folder() -> Traversable:
+    return resources.files("backlane.stores") / "sql" / "postgres"
+
+
+def render(sql: str, settings: PostgresSettings) -> str:
+    """``sql`` with ``{schema}`` and ``{channel}`` filled in for ``settings``."""
+    return sql.replace("{schema}", settings.quoted_schema).replace("{channel}", settings.channel)
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """The migrations shipped with backlane as (version, name, SQL script), in order."""
+    found = []
+    for entry in _sql_folder().iterdir():
+        match = _MIGRATION_NAME.match(entry.name)
+        if match:
+            version, name = int(match.group(1)), match.group(2)
+            found.append((version, name, entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+def fresh_schema() -> str:
+    """The whole current schema (``schema.sql``), as a fresh install creates it."""
+    return (_sql_folder() / "schema.sql").read_text(encoding="utf-8")
+
+
+def latest_version() -> int:
+    return migrations()[-1][0]
+
+
+@functools.cache
+def queries() -> dict[str, str]:
+    """The statements of ``queries.sql`` by name, with ``{schema}`` still to fill in."""
+    text = (_sql_folder() / "queries.sql").read_text(encoding="utf-8")
+    blocks = re.split(r"^-- name: *", text, flags=re.MULTILINE)[1:]
+    return {name.strip(): body.strip() for name, _, body in (b.partition("\n") for b in blocks)}
+
+
+def rendered_queries(settings: PostgresSettings) -> dict[str, str]:
+    """The statements of ``queries.sql`` for the schema of ``settings``."""
+    return {name: render(sql, settings) for name, sql in queries().items()}
+
+
+async def migrate(conn: Any, settings: PostgresSettings) -> tuple[int, int]:
+    """Bring the schema of ``settings`` to the latest version over ``conn`` (a psycopg
+    ``AsyncConnection`` in autocommit mode), creating the schema if it is missing: a fresh
+    schema gets ``schema.sql`` whole, an older one the migrations it lacks, all in one
+    transaction. Returns (version before, version after); raises ``StoreError`` when the
+    schema is newer than this backlane knows."""
+    sql = rendered_queries(settings)
+    latest = latest_version()
+    async with conn.transaction():
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext(%s))", (f"backlane:{settings.schema}",)
+        )
+        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {settings.quoted_schema}")
+        await conn.execute(sql["migrations_table"])
+        current = await _version(conn, sql)
+        if current is not None and current > latest:
+            raise _too_new(settings, current, latest)
+        if current is None:
+            await conn.execute(render(fresh_schema(), settings))
+            for version, name, _ in migrations():
+                await conn.execute(sql["record_migration"], {"version": version, "name": name})
+        else:
+            for version, name, script in migrations():
+                if version > current:
+                    await conn.execute(render(script, settings))
+                    await conn.execute(sql["record_migration"], {"version": version, "name": name})
+    return (current or 0, latest)
+
+
+async def check_version(conn: Any, settings: PostgresSettings) -> None:
+    """Make sure the schema of ``settings`` is at the latest version, changing nothing;
+    raises ``StoreError`` saying how to migrate when it is missing or older, and to upgrade
+    backlane when it is newer."""
+    sql = rendered_queries(settings)
+    latest = latest_version()
+    cursor = await conn.execute(
+        "SELECT to_regclass(%s) IS NOT NULL", (f"{settings.quoted_schema}.migrations",)
+    )
+    row = await cursor.fetchone()
+    current = await _version(conn, sql) if row and row[0] else None
+    if current is not None and current > latest:
+        raise _too_new(settings, current, latest)
+    if current != latest:
+        found = "no backlane schema" if current is None else f"schema version {current}"
+        raise StoreError(
+            f"PostgreSQL store: {found} in schema {settings.schema!r}, and this backlane "
+            f"needs version {latest}; run `backlane migrate --url URL` (or open the store "
+            "once without auto_migrate=0)"
+        )
+
+
+async def _version(conn: Any, sql: dict[str, str]) -> int | None:
+    cursor = await conn.execute(sql["schema_version"])
+    row = await cursor.fetchone()
+    return None if row is None or row[0] is None else int(row[0])
+
+
+def _too_new(settings: PostgresSettings, current: int, latest: int) -> StoreError:
+    return StoreError(
+        f"PostgreSQL store: schema {settings.schema!r} is at version {current}, newer than "
+        f"this backlane knows ({latest}); upgrade backlane"
+    )
