@@ -48,7 +48,13 @@ from .postgres_jobs import (
     sort_claimed,
 )
 from .postgres_loop import LoopClosed, LoopThread, WorkSignal
-from .postgres_schema import check_version, migrate, parse_url, rendered_queries
+from .postgres_schema import (
+    check_version,
+    latest_version,
+    migrate,
+    parse_url,
+    rendered_queries,
+)
 
 log = logging.getLogger("backlane.postgres")
 
@@ -142,6 +148,24 @@ class PostgresStore(Store):
             await runner.run(self._stop(opening))
         finally:
             runner.stop()
+
+    async def migrate(self, *, check: bool = False) -> tuple[int, int]:
+        """Bring the schema up to date now, whatever ``auto_migrate`` says, over a
+        connection of its own (the store need not be open), creating the schema if it is
+        missing. Returns (version before, version after; 0 for no schema). With
+        ``check``, change nothing: raise ``StoreError`` unless it is up to date."""
+        settings = self.settings
+        try:
+            async with await psycopg.AsyncConnection.connect(
+                settings.conninfo, autocommit=True, application_name=settings.application_name
+            ) as conn:
+                if check:
+                    await check_version(conn, settings)
+                    latest = latest_version()
+                    return (latest, latest)
+                return await migrate(conn, settings)
+        except psycopg.Error as exc:
+            raise self._error(exc) from exc
 
     async def wait_for_work(self, timeout: float) -> None:
         """Return once work may have become claimable — a job queued, released, retried,
@@ -503,7 +527,7 @@ class PostgresStore(Store):
         settings = self.settings
         try:
             async with await psycopg.AsyncConnection.connect(
-                settings.conninfo, autocommit=True
+                settings.conninfo, autocommit=True, application_name=settings.application_name
             ) as conn:
                 if settings.auto_migrate:
                     await migrate(conn, settings)
@@ -513,7 +537,7 @@ class PostgresStore(Store):
                 settings.conninfo,
                 min_size=min(2, settings.pool_size),
                 max_size=settings.pool_size,
-                kwargs={"autocommit": True},
+                kwargs={"autocommit": True, "application_name": settings.application_name},
                 open=False,
                 name=f"backlane-{settings.schema}",
             )
@@ -547,7 +571,9 @@ class PostgresStore(Store):
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
-                    self.settings.conninfo, autocommit=True
+                    self.settings.conninfo,
+                    autocommit=True,
+                    application_name=f"{self.settings.application_name} listen",
                 ) as conn:
                     await conn.execute(listen)
                     self._listening = True

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from importlib import resources
 from importlib.abc import Traversable
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from ..exceptions import ConfigurationError, StoreError
 
@@ -38,6 +38,9 @@ class PostgresSettings:
     schema: str
     auto_migrate: bool
     pool_size: int
+    application_name: str = "backlane"
+    """How the store's sessions show in ``pg_stat_activity`` (its listener's with
+    ``listen`` after it)."""
 
     @property
     def quoted_schema(self) -> str:
@@ -55,12 +58,13 @@ def parse_url(url: str) -> PostgresSettings:
     backlane reads and removes three query parameters: ``schema`` (default ``backlane``;
     lower-case letters, digits and underscores), ``auto_migrate`` (default ``1``: bring
     the schema up to date at open; ``0``: only check it) and ``pool_size`` (most
-    connections, default 10). Any other parameter goes to libpq (``sslmode``, ...).
-    Raises ``ConfigurationError`` saying what is wrong."""
+    connections, default 10). Any other parameter goes to libpq (``sslmode``, ...);
+    ``application_name`` defaults to ``backlane``. Raises ``ConfigurationError`` saying
+    what is wrong."""
     parts = urlsplit(url)
     if parts.scheme not in ("postgresql", "postgres"):
         raise ConfigurationError(f"not a PostgreSQL URL: {url!r}; write postgresql://user@host/db")
-    schema, auto_migrate, pool_size = DEFAULT_SCHEMA, True, 10
+    schema, auto_migrate, pool_size, application_name = DEFAULT_SCHEMA, True, 10, "backlane"
     rest: list[tuple[str, str]] = []
     for name, value in parse_qsl(parts.query, keep_blank_values=True):
         if name == "schema":
@@ -77,6 +81,8 @@ def parse_url(url: str) -> PostgresSettings:
                     f"PostgreSQL URL: pool_size must be a whole number above 0, got {value!r}"
                 )
             pool_size = int(value)
+        elif name == "application_name":
+            application_name = value
         else:
             rest.append((name, value))
     if not _SCHEMA_NAME.match(schema):
@@ -84,9 +90,14 @@ def parse_url(url: str) -> PostgresSettings:
             f"PostgreSQL URL: schema {schema!r} is not a plain name; use at most 48 "
             "lower-case letters, digits and underscores, not starting with a digit"
         )
-    conninfo = urlunsplit(parts._replace(query=urlencode(rest)))
+    base = url.split("?", 1)[0].split("#", 1)[0]  # urlunsplit would drop an empty host
+    conninfo = f"{base}?{urlencode(rest)}" if rest else base
     return PostgresSettings(
-        conninfo=conninfo, schema=schema, auto_migrate=auto_migrate, pool_size=pool_size
+        conninfo=conninfo,
+        schema=schema,
+        auto_migrate=auto_migrate,
+        pool_size=pool_size,
+        application_name=application_name,
     )
 
 

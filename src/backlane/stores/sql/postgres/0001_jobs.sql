@@ -38,8 +38,11 @@ CREATE TABLE {schema}.jobs (
 ALTER TABLE {schema}.jobs SET (autovacuum_vacuum_scale_factor = 0.02,
                                autovacuum_analyze_scale_factor = 0.02);
 
--- claim from given queues: only claimable rows, already in claim order.
-CREATE INDEX jobs_claimable ON {schema}.jobs (queue, priority DESC, run_at, seq)
+-- claim from given queues: only claimable rows, already in claim order. It orders by
+-- -priority rather than priority DESC so that only the per-queue claim, which orders the
+-- same way, can read it in order: the planner never serves that claim from
+-- jobs_claimable_any, which would walk past every other queue's backlog.
+CREATE INDEX jobs_claimable ON {schema}.jobs (queue, (-priority), run_at, seq)
     WHERE state = 'queued' AND "after" IS NULL;
 
 -- claim from any queue.

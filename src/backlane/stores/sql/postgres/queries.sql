@@ -88,46 +88,45 @@ FROM ended e
 WHERE w."after" = e.id AND w.id <> ALL(%(ids)s::text[]);
 
 -- name: claim_any
--- The best claimable jobs of any queue not paused, skipping rows other claimers hold.
-WITH picked AS MATERIALIZED (
-    SELECT id FROM {schema}.jobs c
-    WHERE state = 'queued' AND "after" IS NULL AND run_at <= %(now)s
-      AND NOT EXISTS (SELECT 1 FROM {schema}.paused_queues p WHERE p.queue = c.queue)
-    ORDER BY priority DESC, run_at, seq
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
-)
+-- The best claimable jobs of any queue not paused, skipping rows other claimers hold. The
+-- ids are picked by an uncorrelated sub-select (evaluated once, reading jobs_claimable_any
+-- in claim order and stopping at the limit) and the rows updated through the primary key:
+-- a plan that cannot turn into a sort of the whole backlog, whatever the statistics say.
 UPDATE {schema}.jobs j
 SET state = 'running', attempts = j.attempts + 1, started_at = %(now)s,
     lease_until = %(lease_until)s, worker_id = %(worker_id)s
-FROM picked
-WHERE j.id = picked.id
+WHERE j.id = ANY (ARRAY(
+    SELECT c.id FROM {schema}.jobs c
+    WHERE c.state = 'queued' AND c."after" IS NULL AND c.run_at <= %(now)s
+      AND c.queue <> ALL (ARRAY(SELECT p.queue FROM {schema}.paused_queues p))
+    ORDER BY c.priority DESC, c.run_at, c.seq
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+))
 RETURNING j.*;
 
 -- name: claim_queues
 -- The best claimable jobs of the given queues not paused: the best few of each queue (an
--- ordered index scan per queue), then the best of those.
-WITH wanted AS (
-    SELECT DISTINCT q.name FROM unnest(%(queues)s::text[]) AS q(name)
-    WHERE NOT EXISTS (SELECT 1 FROM {schema}.paused_queues p WHERE p.queue = q.name)
-), candidates AS MATERIALIZED (
-    SELECT c.id, c.priority, c.run_at, c.seq
-    FROM wanted CROSS JOIN LATERAL (
-        SELECT id, priority, run_at, seq FROM {schema}.jobs
-        WHERE queue = wanted.name AND state = 'queued' AND "after" IS NULL
-          AND run_at <= %(now)s
-        ORDER BY priority DESC, run_at, seq
-        LIMIT %(limit)s
-        FOR UPDATE SKIP LOCKED
-    ) c
-), picked AS (
-    SELECT id FROM candidates ORDER BY priority DESC, run_at, seq LIMIT %(limit)s
-)
+-- ordered scan of jobs_claimable per queue, skipping rows other claimers hold), then the
+-- best of those; rows updated through the primary key.
 UPDATE {schema}.jobs j
 SET state = 'running', attempts = j.attempts + 1, started_at = %(now)s,
     lease_until = %(lease_until)s, worker_id = %(worker_id)s
-FROM picked
-WHERE j.id = picked.id
+WHERE j.id = ANY (ARRAY(
+    SELECT c.id
+    FROM unnest(%(queues)s::text[]) AS q(name)
+    CROSS JOIN LATERAL (
+        SELECT id, priority, run_at, seq FROM {schema}.jobs
+        WHERE queue = q.name AND state = 'queued' AND "after" IS NULL
+          AND run_at <= %(now)s
+        ORDER BY -priority, run_at, seq  -- jobs_claimable's order
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    ) c
+    WHERE q.name <> ALL (ARRAY(SELECT p.queue FROM {schema}.paused_queues p))
+    ORDER BY c.priority DESC, c.run_at, c.seq
+    LIMIT %(limit)s
+))
 RETURNING j.*;
 
 -- name: renew_leases
