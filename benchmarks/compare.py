@@ -26,12 +26,10 @@ benchmark: both are emptied before and after.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +37,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from peers import SYSTEMS, WEB_APPS, _common, _report
+from peers._exercise import calibrate_cpu, exercise
+from peers._log import fmt, note
+from peers._procs import Workers
+from peers._stats import drain_rate, median, percentile, sized
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -120,15 +124,12 @@ class Plan:
     soak_jobs: int
     soak_s: float
     exercise_runs: int
+    settle_s: float
+    """Idle time before the idle worker's memory is read."""
 
 
-FULL = Plan(3, 1.5, 100, 30_000, 0.5, 1000, 200.0, 3.0, 100_000, 14.0, 3)
-QUICK = Plan(1, 0.5, 100, 8000, 0.25, 1000, 200.0, 1.0, 0, 0.0, 1)
-
-
-def note(message: str) -> None:
-    stamp = time.strftime("%H:%M:%S")
-    print(f"[{stamp}] {message}", file=sys.stderr, flush=True)
+FULL = Plan(3, 1.5, 100, 30_000, 0.5, 1000, 200.0, 3.0, 100_000, 14.0, 3, 1.0)
+QUICK = Plan(1, 0.5, 100, 8000, 0.25, 1000, 200.0, 0.5, 0, 0.0, 1, 0.3)
 
 
 # -- one peer -------------------------------------------------------------------------------
@@ -224,13 +225,34 @@ class Bench:
             "BENCH_CPU_LOOPS": str(args.cpu_loops),
             "PYTHONDONTWRITEBYTECODE": "1",
         }
-        from peers import _common
-
         self.keys = _common
         self.versions = {
             "python": platform.python_version(),
             "redis": self.redis.info("server")["redis_version"],
             "postgres": self._pg("SHOW server_version")[0],
+        }
+
+    def baselines(self) -> dict[str, float]:
+        """What one round trip costs here: a Redis PING, and a one-row PostgreSQL commit
+        (medians, milliseconds), to read the figures against."""
+        import psycopg
+
+        pings = []
+        for _ in range(500):
+            start = time.perf_counter()
+            self.redis.ping()
+            pings.append(time.perf_counter() - start)
+        commits = []
+        self.reset_stores()
+        with psycopg.connect(self.env["BENCH_PG_URL"], autocommit=True) as conn:
+            conn.execute("CREATE TABLE probe (n int)")
+            for n in range(200):
+                start = time.perf_counter()
+                conn.execute("INSERT INTO probe VALUES (%s)", (n,))
+                commits.append(time.perf_counter() - start)
+        return {
+            "redis_ping_ms": percentile(pings, 0.5) * 1000,
+            "pg_commit_ms": percentile(commits, 0.5) * 1000,
         }
 
     def _pg(self, query: str) -> Any:
@@ -293,8 +315,6 @@ class Bench:
         self, driver: Driver, workers: Any, jobs: int, sqlite_file: str | None, single_s: float
     ) -> tuple[float, dict[str, Any]]:
         """Enqueue ``jobs`` no-ops while the workers are paused, resume, time the drain."""
-        from peers._stats import drain_rate
-
         self.clear()
         workers.pause(sqlite_file)
         try:
@@ -308,8 +328,6 @@ class Bench:
         return drain_rate(jobs, min(marks), max(marks)), filled
 
     def latency(self, driver: Driver, workers: Any, rate: float) -> tuple[float, float]:
-        from peers._stats import percentile
-
         self.clear()
         sent = driver.call("paced", rate=rate, seconds=self.plan.latency_s)
         waits = self.wait_list(self.keys.LAT, sent["count"], timeout=60, workers=workers)
@@ -327,8 +345,6 @@ class Bench:
     ) -> None:
         """``runs`` timed drains, each sized to last about ``drain_s`` (a drain that ends much
         sooner than planned is not counted: it resizes the next one)."""
-        from peers._stats import sized
-
         plan = self.plan
         jobs = sized(guess, plan.drain_s, plan.min_jobs, plan.max_jobs)
         resized = 0
@@ -364,9 +380,6 @@ class Bench:
             fig.enqueue.append(single / took)
 
     def system(self, system: Any) -> Figures:
-        from peers._procs import Workers
-        from peers._stats import median
-
         fig = Figures(system.name)
         fig.load = os.getloadavg()[0]
         started = time.monotonic()
@@ -393,14 +406,14 @@ class Bench:
                     fig.p50_ms.append(p50)
                     fig.p99_ms.append(p99)
                 note(
-                    f"  2 processes: {_fmt(fig.drain['2'])} jobs/s ({fig.drain_jobs['2']} jobs, "
-                    f"{_fmt(fig.cpu_us['2'])} us CPU each); start latency "
-                    f"at {arrivals:.0f}/s p50 {_fmt(fig.p50_ms, 2)} p99 {_fmt(fig.p99_ms, 2)} ms"
+                    f"  2 processes: {fmt(fig.drain['2'])} jobs/s ({fig.drain_jobs['2']} jobs, "
+                    f"{fmt(fig.cpu_us['2'])} us CPU each); start latency "
+                    f"at {arrivals:.0f}/s p50 {fmt(fig.p50_ms, 2)} p99 {fmt(fig.p99_ms, 2)} ms"
                 )
             # One worker process: memory idle, throughput, memory after the soak.
             with Workers(info["workers"]["1"], cwd=HERE, env=env, log=log) as workers:
                 guess = self.warm_up(driver, workers, sqlite_file)
-                time.sleep(1.0)
+                time.sleep(plan.settle_s)
                 fig.rss_idle = workers.rss()
                 self.drains(fig, "1", driver, workers, guess, info, 0.0)
                 done = WARM_UP + fig.drained["1"]
@@ -410,9 +423,9 @@ class Bench:
                 fig.rss_after = workers.rss()
                 fig.soaked = done
                 note(
-                    f"  1 process: {_fmt(fig.drain['1'])} jobs/s ({fig.drain_jobs['1']} jobs, "
-                    f"{_fmt(fig.cpu_us['1'])} us CPU each); enqueue "
-                    f"{_fmt(fig.enqueue)}/s, batch {_fmt(fig.enqueue_batch)}/s; RSS idle "
+                    f"  1 process: {fmt(fig.drain['1'])} jobs/s ({fig.drain_jobs['1']} jobs, "
+                    f"{fmt(fig.cpu_us['1'])} us CPU each); enqueue "
+                    f"{fmt(fig.enqueue)}/s, batch {fmt(fig.enqueue_batch)}/s; RSS idle "
                     f"{fig.rss_idle[0] / 2**20:.0f} MB, after {done:,} jobs "
                     f"{fig.rss_after[0] / 2**20:.0f} MB"
                 )
@@ -446,139 +459,6 @@ class Bench:
 
     # -- the guide's exercise --
 
-    def exercise(self, app: Any) -> dict[str, Any]:
-        from peers._procs import Workers
-        from peers._stats import percentile
-
-        self.reset_stores()
-        env = {**self.env, **app.env}
-        log = self.logs / f"web-{app.name.split()[0]}.log"
-        python = self.pythons[app.venv]
-        commands: list[list[str]] = []
-        if app.workers == "celery":
-            commands.append(
-                [
-                    python,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "peers.with_celery",
-                    "worker",
-                    "--pool",
-                    "prefork",
-                    "--concurrency",
-                    "2",
-                    "--loglevel",
-                    "WARNING",
-                ]
-            )
-        elif app.workers == "backlane":
-            commands.append([python, "-m", "backlane", "worker", "peers.with_backlane:lane",
-                             "--processes", "2", "--log-level", "warning"])  # fmt: skip
-        port = _free_port()
-        commands.append([python, "-m", "uvicorn", app.app, "--port", str(port), "--no-access-log",
-                         "--log-level", "warning"])  # fmt: skip
-        out: dict[str, Any] = {"sleep": {}, "cpu": {}, "error": None}
-        try:
-            with Workers(commands, cwd=HERE, env=env, log=log) as procs:
-                _wait_http(port, procs)
-                for path in ("sleep", "cpu"):
-                    self.clear()
-                    asyncio.run(_burst(port, path, 5))
-                    self.wait_list(self.keys.DONE, 5, timeout=60, workers=procs)
-                for path in ("sleep", "cpu"):
-                    runs: dict[str, list[float]] = {"p50": [], "p99": [], "done": []}
-                    for _ in range(self.plan.exercise_runs):
-                        self.clear()
-                        t0 = time.time()
-                        replies = asyncio.run(_burst(port, path, 100))
-                        finished = self.wait_list(self.keys.DONE, 100, timeout=120, workers=procs)
-                        runs["p50"].append(percentile(replies, 0.5) * 1000)
-                        runs["p99"].append(percentile(replies, 0.99) * 1000)
-                        runs["done"].append(max(finished) - t0)
-                    out[path] = runs
-                    note(
-                        f"  {app.name} /{path}: reply p50 {_fmt(runs['p50'], 1)} ms, p99 "
-                        f"{_fmt(runs['p99'], 1)} ms; all done in {_fmt(runs['done'], 2)} s"
-                    )
-        except Exception as exc:
-            out["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-            note(f"  {app.name} FAILED: {exc}")
-        return out
-
-
-def _fmt(values: list[float], digits: int = 0) -> str:
-    from peers._stats import median
-
-    value = median(values)
-    return "-" if value is None else f"{value:,.{digits}f}"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _wait_http(port: int, procs: Any, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        procs.check()
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-                sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: bench\r\n\r\n")
-                if sock.recv(12).startswith(b"HTTP/1.1 200"):
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not answer")
-        time.sleep(0.05)
-
-
-async def _burst(port: int, path: str, count: int) -> list[float]:
-    """``count`` POSTs sent at once, each on its own (already open) connection; returns each
-    reply's latency in seconds, from its send to the end of its body."""
-    conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(count)]
-    request = f"POST /{path} HTTP/1.1\r\nHost: bench\r\nContent-Length: 0\r\n\r\n".encode()
-
-    async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> float:
-        start = time.perf_counter()
-        writer.write(request)
-        head = await reader.readuntil(b"\r\n\r\n")
-        status = head.split(b" ", 2)[1]
-        length = 0
-        for line in head.split(b"\r\n"):
-            if line.lower().startswith(b"content-length:"):
-                length = int(line.split(b":", 1)[1])
-        await reader.readexactly(length)
-        took = time.perf_counter() - start
-        if status != b"200":
-            raise RuntimeError(f"POST /{path} answered {status.decode()}")
-        return took
-
-    try:
-        return list(await asyncio.gather(*(one(r, w) for r, w in conns)))
-    finally:
-        for _, writer in conns:
-            writer.close()
-
-
-def calibrate_cpu(target_s: float = 0.020) -> int:
-    """Loop iterations of the CPU task that take ``target_s`` here (median of 7)."""
-    from peers import _common
-
-    loops = 200_000
-    _common.CPU_LOOPS = loops
-    times = []
-    for _ in range(7):
-        start = time.perf_counter()
-        _common.burn()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return int(loops * target_s / times[3])
-
 
 # -- main -----------------------------------------------------------------------------------
 
@@ -608,8 +488,6 @@ def main(argv: list[str]) -> None:
         os.environ["BENCH_BACKLANE_PYTHON"] = backlane_python(args.backlane_python)
         os.environ["BENCH_STARTED"] = str(time.time() - (time.monotonic() - started))
         os.execv(str(MAIN_PYTHON), [str(MAIN_PYTHON), __file__, *argv])
-    sys.path.insert(0, str(HERE))
-    from peers import SYSTEMS, WEB_APPS, _report
 
     started_at = float(os.environ.get("BENCH_STARTED", time.time()))
     args.backlane_python = backlane_python(args.backlane_python)
@@ -629,13 +507,14 @@ def main(argv: list[str]) -> None:
     args.cpu_loops = args.cpu_loops or calibrate_cpu()
     bench = Bench(args, plan)
     load_start = os.getloadavg()
+    baselines = bench.baselines()
     note(f"scratch folder {bench.scratch}; CPU task {args.cpu_loops:,} loops")
     results: dict[str, Any] = {"systems": {}, "exercise": {}, "skipped": skipped}
     try:
         if apps:
             note("the guide's exercise: 100 concurrent requests, each adding one task")
         for app in apps:
-            results["exercise"][app.name] = {**bench.exercise(app), "durable": app.durable}
+            results["exercise"][app.name] = {**exercise(bench, app), "durable": app.durable}
         for system in systems:
             fig = bench.system(system)
             results["systems"][system.name] = fig.__dict__
@@ -653,6 +532,7 @@ def main(argv: list[str]) -> None:
         cpu_loops=args.cpu_loops,
         load_start=load_start,
         **bench.versions,
+        **baselines,
     )
     (VENVS / "last-results.json").write_text(json.dumps(results, indent=1, default=str))
     text = _report.markdown(results)

@@ -53,13 +53,15 @@ def sync_redis() -> Any:
 
 
 def async_redis() -> Any:
-    """The running event loop's asyncio Redis client."""
+    """The running event loop's asyncio Redis client. Its pool makes a task wait for a free
+    connection rather than fail (redis-py 8 otherwise refuses a 101st at once)."""
     loop = asyncio.get_running_loop()
     client = _async.get(id(loop))
     if client is None:
         import redis.asyncio
 
-        client = _async[id(loop)] = redis.asyncio.Redis.from_url(REDIS_URL)
+        pool = redis.asyncio.BlockingConnectionPool.from_url(REDIS_URL, max_connections=100)
+        client = _async[id(loop)] = redis.asyncio.Redis(connection_pool=pool)
     return client
 
 

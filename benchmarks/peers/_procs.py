@@ -140,7 +140,7 @@ class Workers:
         self._signal(signal.SIGKILL)
         for proc in self.procs:
             proc.wait()
-        time.sleep(0.3)
+        time.sleep(0.2)
 
 
 def _writable(path: str) -> bool:

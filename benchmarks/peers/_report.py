@@ -93,6 +93,12 @@ def markdown(results: dict[str, Any]) -> str:
         f"{'s' if runs != 1 else ''} per figure, {meta['took'] / 60:.1f} min in all; "
         f"load average (1, 5, 15 min) {load} at the start, {load_end} at the end."
     )
+    if "redis_ping_ms" in meta:
+        out.append("")
+        out.append(
+            f"One round trip here: a Redis PING {meta['redis_ping_ms']:.3f} ms, a one-row "
+            f"PostgreSQL commit {meta['pg_commit_ms']:.3f} ms (medians)."
+        )
     if exercise:
         out += ["", "#### The guide's exercise: 100 concurrent requests, each adding one task", ""]
         out.append(
@@ -119,15 +125,16 @@ def markdown(results: dict[str, Any]) -> str:
         out.append(
             "| system | version | store | drain, 1 process (jobs/s) | drain, 2 processes "
             "| enqueue, one call per job (/s) | enqueue, batched (/s) "
-            "| start latency p50 ms | p99 ms | RSS idle MB (processes) | RSS after jobs MB |"
+            "| start latency p50 ms | p99 ms | RSS idle MB (processes) | RSS after jobs MB "
+            "| worker CPU per job, us |"
         )
-        out.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        out.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for name, s in systems.items():
             info = s.get("info") or {}
             if s.get("error"):
                 version = info.get("version", "")
                 out.append(f"| {name} | {version} | {info.get('store', '')} | failed: "
-                           f"{s['error']} | | | | | | | |")  # fmt: skip
+                           f"{s['error']} | | | | | | | | |")  # fmt: skip
                 continue
             idle = s.get("rss_idle")
             after = s.get("rss_after")
@@ -140,7 +147,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {_num(_med(s, 'drain', '1'))} | {_num(_med(s, 'drain', '2'))} "
                 f"| {_num(_med(s, 'enqueue'))} | {_num(_med(s, 'enqueue_batch'))} "
                 f"| {_ms(_med(s, 'p50_ms'))}{slower} | {_ms(_med(s, 'p99_ms'))} "
-                f"| {idle_cell} | {after_cell} |"
+                f"| {idle_cell} | {after_cell} | {_num(_med(s, 'cpu_us', '1'))} |"
             )
         out += ratios(systems)
         out += settings(systems)
