@@ -106,6 +106,13 @@ class RedisStore(Store):
         self._links.open = True
         try:
             link = await self._links.get()
+            info = await command(link, "INFO", "cluster")
+            if "cluster_enabled:1" in info:
+                raise ConfigurationError(
+                    f"{self._links.url.safe} is a Redis Cluster node: the Redis store does "
+                    "not support Redis Cluster yet; use a standalone Redis (with replicas "
+                    "and Sentinel-free failover by your platform, if need be)"
+                )
             await asyncio.gather(
                 *(command(link, "SCRIPT", "LOAD", script.text) for script in self._scripts.values())
             )

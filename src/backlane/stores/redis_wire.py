@@ -23,7 +23,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import hiredis
@@ -146,8 +146,8 @@ class _Protocol(asyncio.Protocol):
         """When data last came (monotonic)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not subclasses of asyncio.Transport, but behave as one
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
@@ -267,8 +267,8 @@ class Wire:
                 return await protocol.send(args)
             except AuthenticationError:
                 raise
-            except (ConnectionError, TimeoutError):
-                pass
+            except (ConnectionError, TimeoutError) as exc:
+                error: Exception = exc
             failures = 1
         else:
             failures = 0
@@ -277,15 +277,17 @@ class Wire:
             if failures:
                 if failures > self.retries:
                     raise ConnectionError(
-                        f"Redis at {self.endpoint.describe()} did not answer after {failures} tries"
-                    )
+                        f"Redis at {self.endpoint.describe()} did not answer "
+                        f"({failures} tries): {error}"
+                    ) from error
                 await asyncio.sleep(backoff.compute(failures))
             try:
                 protocol = await self.connected()
                 return await protocol.send(args)
             except AuthenticationError:
                 raise
-            except (ConnectionError, TimeoutError):
+            except (ConnectionError, TimeoutError) as exc:
+                error = exc
                 failures += 1
 
     async def connected(self) -> _Protocol:

@@ -1,0 +1,782 @@
+"""What the Redis store promises beyond the contract: its URLs, its key prefix, its
+scripts, calls sent twice after a lost reply, reconnection after a restart, waking waiting
+workers within milliseconds, use from several event loops, and Redis Cluster refused.
+
+The machine's Redis (``BACKLANE_TEST_REDIS``) serves the tests that only need a server;
+tests that kill, restart or reconfigure Redis start a private ``redis-server``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from backlane.exceptions import ConfigurationError, StoreError
+from backlane.jobs import Job, JobState
+from backlane.stores import store_from_url
+from backlane.stores.base import Outcome
+from backlane.stores.memory import MemoryStore
+from backlane.stores.redis import RedisStore
+from backlane.stores.redis_codec import decode_job
+from backlane.stores.redis_link import call, command, load_scripts
+from tests.acceptance.redis_lab import PrivateRedis
+from tests.services import REDIS_URL, require_service, store_url
+from tests.stores.test_contract import LEASE, NOW, make_job
+
+pytestmark = pytest.mark.anyio
+
+S = JobState
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> Iterator[str]:
+    """A fresh prefix on the machine's Redis."""
+    with store_url("redis", tmp_path) as fresh:
+        yield fresh
+
+
+@pytest.fixture
+async def store(url: str) -> AsyncIterator[RedisStore]:
+    opened = RedisStore(url)
+    await opened.open()
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+@pytest.fixture
+def private(tmp_path: Path) -> Iterator[PrivateRedis]:
+    """A ``redis-server`` of this test's own, with an append-only file."""
+    if not PrivateRedis.available():
+        require_service("redis-server", "no redis-server binary on PATH")
+    with PrivateRedis(tmp_path / "redis") as server:
+        yield server
+
+
+def raw_keys(server: PrivateRedis) -> list[str]:
+    import redis
+
+    client = redis.Redis(port=server.port, password=server.password, decode_responses=True)
+    try:
+        return sorted(client.keys("*"))
+    finally:
+        client.close()
+
+
+# -- URLs --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "where", "db", "prefix"),
+    [
+        ("redis://127.0.0.1:6379/0", "127.0.0.1:6379", 0, "backlane:"),
+        ("redis://cache.internal/3?prefix=shop:", "cache.internal:6379", 3, "shop:"),
+        ("redis://:secret@h:6380/1?prefix={shop}:", "h:6380", 1, "{shop}:"),
+        ("rediss://user:pw@h:6390/2?ssl_cert_reqs=none", "h:6390", 2, "backlane:"),
+        ("unix:///run/redis.sock?db=5&prefix=a:", "/run/redis.sock", 5, "a:"),
+    ],
+)
+def test_url_forms(given: str, where: str, db: int, prefix: str) -> None:
+    store = RedisStore(given)
+    endpoint = store._links.url.endpoint
+    assert store.url == given
+    assert store.prefix == prefix
+    assert endpoint.describe() == f"{where} db {db}"
+    assert endpoint.tls is given.startswith("rediss:")
+    assert "secret" not in repr(store) and "pw@" not in repr(store)
+
+
+def test_store_from_url_picks_the_redis_store() -> None:
+    for scheme in ("redis://h/0", "rediss://h/0", "unix:///tmp/r.sock"):
+        assert isinstance(store_from_url(scheme), RedisStore)
+
+
+@pytest.mark.parametrize(
+    ("given", "complaint"),
+    [
+        ("redis://h/0?prefix=", "empty prefix"),
+        ("redis://h/0?prefix=a:&prefix=b:", "prefix twice"),
+        ("redis://h/0?max_connections=5", "unsupported option"),
+        ("redis://h/0?socket_timeout=soon", "socket_timeout"),
+        ("rediss://h/0?ssl_cert_reqs=maybe", "ssl_cert_reqs"),
+        ("http://h/0", "not a Redis URL"),
+    ],
+)
+def test_a_bad_url_is_refused_with_the_reason(given: str, complaint: str) -> None:
+    with pytest.raises(ConfigurationError, match=complaint):
+        RedisStore(given)
+
+
+async def test_a_password_never_shows_in_errors(tmp_path: Path) -> None:
+    if not PrivateRedis.available():
+        require_service("redis-server", "no redis-server binary on PATH")
+    with PrivateRedis(tmp_path / "redis", password="s3cret") as server:
+        wrong = RedisStore(f"redis://:wrong-pw@127.0.0.1:{server.port}/0")
+        with pytest.raises(StoreError) as caught:
+            await wrong.open()
+        assert "wrong-pw" not in str(caught.value) and "***" in str(caught.value)
+        right = RedisStore(server.url)
+        await right.open()
+        (job,) = await right.enqueue([make_job()])
+        assert await right.get(job.id) == job
+        await right.close()
+
+
+async def test_unix_socket_with_a_password_and_a_database(tmp_path: Path) -> None:
+    if not PrivateRedis.available():
+        require_service("redis-server", "no redis-server binary on PATH")
+    with PrivateRedis(tmp_path / "r", password="pw", unix_socket=True) as server:
+        store = RedisStore(f"unix://:pw@{server.socket}?db=2&prefix=u:")
+        await store.open()
+        (job,) = await store.enqueue([make_job()])
+        assert [j.id for j in await store.claim(**claim_args())] == [job.id]
+        await store.close()
+        import redis
+
+        client = redis.Redis(unix_socket_path=str(server.socket), password="pw", db=2)
+        assert client.exists(f"u:job:{job.id}") == 1
+        client.close()
+
+
+def test_open_refuses_a_server_that_does_not_answer() -> None:
+    store = RedisStore(f"redis://127.0.0.1:{_closed_port()}/0?socket_connect_timeout=1")
+    started = time.monotonic()
+    with pytest.raises(StoreError, match="cannot connect"):
+        anyio.run(store.open)
+    assert time.monotonic() - started < 10
+
+
+def _closed_port() -> int:
+    from tests.acceptance._procs import free_port
+
+    return free_port()
+
+
+# -- keys and prefixes ---------------------------------------------------------------------
+
+
+def claim_args(**changes: Any) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "worker_id": "w1",
+        "queues": None,
+        "limit": 100,
+        "now": NOW,
+        "lease_until": NOW + LEASE,
+    }
+    values.update(changes)
+    return values
+
+
+async def _lifecycle(store: RedisStore) -> None:
+    """Touch every kind of key a lane writes."""
+    first, then, deferred = make_job(key="k"), make_job(), make_job(state=S.DEFERRED)
+    then.after = first.id
+    deferred.release_at = NOW + 5
+    await store.enqueue([first, then, deferred, make_job(run_at=NOW + 99, queue="later")])
+    (claimed,) = await store.claim(**claim_args(limit=1))
+    await store.finish(
+        [Outcome(claimed.id, "w1", S.SUCCEEDED, NOW + 1, result="1", keep_until=NOW + 9)]
+    )
+    await store.claim(**claim_args(worker_id="w2"))
+    await store.claim(**claim_args(worker_id="w3"))  # finds nothing: marks the lane idle
+    await store.requeue_expired(NOW + 1000)
+    await store.pause_queue("later", True)
+    await store.claim_slot("nightly", NOW, make_job())
+    await store.pause_schedule("weekly", True)
+    from backlane.stores.base import WorkerRecord
+
+    await store.beat(WorkerRecord(id="w1", started_at=NOW, seen_at=NOW, concurrency=1))
+
+
+async def test_every_key_starts_with_the_prefix_and_lanes_never_meet(
+    private: PrivateRedis,
+) -> None:
+    a = RedisStore(f"{private.url}?prefix=app-a:")
+    b = RedisStore(f"{private.url}?prefix={{app-b}}:")
+    await a.open()
+    await b.open()
+    try:
+        await _lifecycle(a)
+        await _lifecycle(b)
+        keys = raw_keys(private)
+        assert keys and all(k.startswith(("app-a:", "{app-b}:")) for k in keys), keys
+
+        def kinds(prefix: str) -> set[str]:
+            return {k.removeprefix(prefix).split(":")[0] for k in keys if k.startswith(prefix)}
+
+        assert kinds("app-a:") == kinds("{app-b}:")
+        a_ids = {job.id for job in await a.list_jobs(limit=100)}
+        b_ids = {job.id for job in await b.list_jobs(limit=100)}
+        assert a_ids and b_ids and not a_ids & b_ids
+        assert await a.counts() == await b.counts()
+        assert await a.paused_queues() == {"later"}
+        await b.pause_queue("later", False)
+        assert await a.paused_queues() == {"later"}
+        assert await b.paused_queues() == set()
+        await a.purge(before=math.inf, states=list(S))
+        assert await a.counts() != {}  # active jobs are not purged
+        assert await b.get(next(iter(b_ids))) is not None
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_lane_removes_its_last_job_and_leaves_only_bookkeeping(
+    private: PrivateRedis,
+) -> None:
+    """After every job is gone, what remains is the lane's own bookkeeping (counter,
+    queue names, schedules, workers, replies expiring by themselves), not job data."""
+    store = RedisStore(f"{private.url}?prefix=p:")
+    await store.open()
+    await _lifecycle(store)
+    ids = [job.id for job in await store.list_jobs(limit=100)]
+    assert await store.delete(ids) == len(ids)
+    await store.close()
+    left = {k for k in raw_keys(private) if not k.startswith("p:reply:")}
+    assert left <= {
+        "p:seq",
+        "p:queues",
+        "p:paused",
+        "p:sched",
+        "p:sched:paused",
+        "p:workers",
+        "p:workers:seen",
+        "p:idle",
+        "p:prio:later",
+        "p:prio:default",
+    }, left
+
+
+# -- scripts and replays -----------------------------------------------------------------
+
+
+async def test_scripts_are_sent_again_when_the_server_forgot_them(store: RedisStore) -> None:
+    (job,) = await store.enqueue([make_job()])
+    link = await store._links.get()
+    assert await command(link, "SCRIPT", "FLUSH") == "OK"
+    assert [j.id for j in await store.claim(**claim_args())] == [job.id]
+    scripts = load_scripts()
+    exists = await command(link, "SCRIPT", "EXISTS", scripts["claim"].sha)
+    assert exists == [1]
+
+
+async def test_an_enqueue_sent_twice_after_a_lost_reply_stores_once(store: RedisStore) -> None:
+    from backlane.stores.redis_codec import jobs_json
+
+    link = await store._links.get()
+    script = load_scripts()["enqueue"]
+    holder = make_job(key="k")
+    batch = [make_job(), make_job(key="k")]
+    await store.enqueue([holder])
+    first = await call(link, script, "token-1", jobs_json(batch))
+    again = await call(link, script, "token-1", jobs_json(batch))
+    assert again == first
+    assert await store.counts() == {"default": {S.QUEUED: 2}}
+    with pytest.raises(StoreError, match="already stored"):
+        await call(link, script, "token-2", jobs_json(batch))
+
+
+async def test_a_claim_sent_twice_after_a_lost_reply_claims_once(store: RedisStore) -> None:
+    await store.enqueue([make_job() for _ in range(3)])
+    link = await store._links.get()
+    script = load_scripts()["claim"]
+    args = ("w1", str(NOW), str(NOW + LEASE), 2, "", 1000)
+    first = await call(link, script, "token-c", *args)
+    again = await call(link, script, "token-c", *args)
+    assert [decode_job(f).id for f in again[1:]] == [decode_job(f).id for f in first[1:]]
+    assert all(decode_job(f).attempts == 0 for f in again[1:])  # as before the claim
+    jobs = await store.list_jobs(state=S.RUNNING)
+    assert len(jobs) == 2 and all(job.attempts == 1 for job in jobs)
+    assert len(await store.claim(**claim_args())) == 1
+
+
+async def test_times_and_text_come_back_exactly(store: RedisStore) -> None:
+    rng = random.Random(7)
+    jobs = []
+    for _ in range(50):
+        t = rng.uniform(-1e10, 1e10)
+        jobs.append(
+            make_job(
+                run_at=t,
+                created_at=rng.random() * 2e9,
+                started_at=math.nextafter(t, math.inf),
+                progress=rng.random(),
+                message='\u00e9t\u00e9 \U0001f600 \x00 nul "quoted" \\ back',
+                payload=json.dumps({"args": ["\U0001f680", "\n\t", 1e-300]}),
+                key=f"k\x00{rng.random()}",
+                meta={"big": 2**62, "tiny": 5e-324, "list": [None, True, "\u2603"]},
+                error={"message": "\u00fc", "n": float("1e308")},
+            )
+        )
+    stored = await store.enqueue(jobs)
+    assert stored == jobs
+    for job in jobs:
+        assert await store.get(job.id) == job
+
+
+# -- connections: loops, closing, restarts ---------------------------------------------------
+
+
+def test_one_store_serves_several_event_loops_and_closes_cleanly(url: str) -> None:
+    store = RedisStore(url)
+    anyio.run(store.open)  # opened on a loop that ends at once
+    (job,) = anyio.run(store.enqueue, [make_job()])
+    found: list[Job | None] = []
+
+    def elsewhere() -> None:
+        found.append(asyncio.run(store.get(job.id)))
+
+    threads = [threading.Thread(target=elsewhere) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert found == [job] * 4
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        anyio.run(store.close)
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+    assert store._links._links == {}
+    with pytest.raises(StoreError, match="not open"):
+        anyio.run(store.get, job.id)
+
+
+async def test_a_loop_running_on_another_thread_is_closed_on_that_loop(url: str) -> None:
+    store = RedisStore(url)
+    await store.open()
+    ready, leave = threading.Event(), threading.Event()
+
+    def serve() -> None:
+        async def main() -> None:
+            await store.get("x")
+            ready.set()
+            while not leave.is_set():
+                await asyncio.sleep(0.01)
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    ready.wait(10)
+    assert len(store._links._links) == 2
+    await store.close()
+    assert store._links._links == {}
+    leave.set()
+    thread.join(10)
+
+
+async def test_a_restart_costs_errors_meanwhile_then_work_goes_on(private: PrivateRedis) -> None:
+    store = RedisStore(private.url + "?socket_connect_timeout=0.5")
+    await store.open()
+    (kept,) = await store.enqueue([make_job()])
+    await asyncio.sleep(1.2)  # appendfsync everysec; a clean stop would flush anyway
+    private.kill()
+    started = time.monotonic()
+    with pytest.raises(StoreError):
+        await store.enqueue([make_job()])
+    assert time.monotonic() - started < 10
+    private.start()
+    assert await store.get(kept.id) == kept  # reconnected by itself, data from the AOF
+    (claimed,) = await store.claim(**claim_args())
+    assert claimed.id == kept.id
+    await store.close()
+
+
+async def test_a_call_during_a_short_outage_waits_and_succeeds(private: PrivateRedis) -> None:
+    store = RedisStore(private.url)
+    await store.open()
+    private.stop()
+    restart = threading.Timer(0.5, private.start)
+    restart.start()
+    (job,) = await store.enqueue([make_job()])  # retried with backoff until Redis is back
+    restart.join()
+    assert await store.get(job.id) == job
+    await store.close()
+
+
+async def test_redis_cluster_is_refused_with_the_reason(tmp_path: Path) -> None:
+    if not PrivateRedis.available():
+        require_service("redis-server", "no redis-server binary on PATH")
+    with PrivateRedis(tmp_path / "c", extra=("--cluster-enabled", "yes")) as server:
+        store = RedisStore(server.url)
+        with pytest.raises(ConfigurationError, match="Cluster"):
+            await store.open()
+
+
+# -- waking waiting workers ----------------------------------------------------------------
+
+
+async def _idle_worker(store: RedisStore) -> None:
+    """Claim nothing (the lane is marked idle), subscribed, as an idle worker is."""
+    assert await store.claim(**claim_args(now=time.time())) == []
+    link = await store._links.get()
+    if link.wakes is None or not link.wakes.connected:
+        await store.wait_for_work(5.0)  # the first wait returns once subscribed
+        assert await store.claim(**claim_args(now=time.time())) == []
+
+
+_ENQUEUER = """
+import asyncio, sys, time
+from backlane.jobs import Job
+from backlane.stores.redis import RedisStore
+
+async def main():
+    store = RedisStore(sys.argv[1])
+    await store.open()
+    for line in sys.stdin:
+        await store.enqueue([Job(task="t", payload="[]", created_at=time.time())])
+        print(repr(time.time()), flush=True)
+    await store.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_waiting_worker_wakes_within_milliseconds_of_an_enqueue_elsewhere(
+    store: RedisStore, url: str
+) -> None:
+    proc = await anyio.to_thread.run_sync(
+        lambda: subprocess.Popen(
+            [sys.executable, "-c", _ENQUEUER, url],
+            cwd=REPO_ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    delays = []
+    try:
+        for _ in range(20):
+            await _idle_worker(store)
+            woken: list[float] = []
+
+            async def wait(woken: list[float] = woken) -> None:
+                await store.wait_for_work(10.0)
+                woken.append(time.time())
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait)
+                await anyio.sleep(0.01)
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+                stored_at = float(await anyio.to_thread.run_sync(proc.stdout.readline))
+            delays.append(woken[0] - stored_at)
+            await store.claim(**claim_args(now=time.time()))
+    finally:
+        proc.stdin.close()
+        proc.wait(10)
+        proc.stdout.close()
+    delays.sort()
+    print(
+        f"\nwake after an enqueue in another process: p50 {delays[10] * 1000:.2f} ms, "
+        f"max {delays[-1] * 1000:.2f} ms"
+    )
+    assert delays[10] < 0.01
+    assert delays[-1] < 0.1
+
+
+async def test_wait_for_work_returns_when_the_next_delayed_job_is_due(store: RedisStore) -> None:
+    await _idle_worker(store)
+    await store.enqueue([make_job(run_at=time.time() + 0.3)])
+    assert await store.claim(**claim_args(now=time.time())) == []
+    started = time.monotonic()
+    await store.wait_for_work(5.0)
+    assert 0.25 < time.monotonic() - started < 1.0
+
+
+async def test_wait_for_work_without_news_waits_its_timeout(store: RedisStore) -> None:
+    await _idle_worker(store)
+    started = time.monotonic()
+    await store.wait_for_work(0.3)
+    assert 0.28 < time.monotonic() - started < 1.0
+
+
+@pytest.mark.parametrize(
+    "event", ["release", "finish-retry", "unblock", "resume", "requeue", "retry", "hand_back"]
+)
+async def test_every_way_work_becomes_claimable_wakes_a_waiting_worker(
+    store: RedisStore, event: str
+) -> None:
+    now = time.time()
+    other = RedisStore(store.url)  # another process, as far as Redis can tell
+    await other.open()
+    deferred = make_job(state=S.DEFERRED)
+    first, then, solo = make_job(queue="first"), make_job(queue="then"), make_job(queue="solo")
+    then.after = first.id
+    paused = make_job(queue="paused")
+    await other.pause_queue("paused", True)
+    await other.enqueue([deferred, first, then, paused, solo])
+    claimed = await other.claim(
+        **claim_args(queues=["first", "solo"], now=now, lease_until=now + 1)
+    )
+    assert [job.id for job in claimed] == [first.id, solo.id]
+    held = claimed[1]
+    await _idle_worker(store)
+    wait = anyio.Event()
+
+    async def waiter() -> None:
+        await store.wait_for_work(10.0)
+        wait.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter)
+        await anyio.sleep(0.05)
+        assert not wait.is_set()
+        started = time.monotonic()
+        if event == "release":
+            await other.release([deferred.id])
+        elif event == "finish-retry":
+            await other.finish([Outcome(held.id, "w1", S.QUEUED, now, run_at=now)])
+        elif event == "unblock":
+            await other.finish([Outcome(first.id, "w1", S.SUCCEEDED, now)])
+        elif event == "resume":
+            await other.pause_queue("paused", False)
+        elif event == "requeue":
+            assert await other.requeue_expired(now + 2) == 2
+        elif event == "retry":
+            await other.finish([Outcome(held.id, "w1", S.FAILED, now)])
+            await anyio.sleep(0.05)
+            assert not wait.is_set()  # a failed job is nothing to claim
+            started = time.monotonic()
+            assert await other.retry(held.id, now)
+        else:
+            await other.hand_back(worker_id="w1", ids=[held.id])
+        with anyio.fail_after(1):
+            await wait.wait()
+    assert time.monotonic() - started < 0.1
+    await other.close()
+
+
+async def test_no_message_is_published_while_no_worker_is_idle(store: RedisStore) -> None:
+    import redis.asyncio as aioredis
+
+    listener = aioredis.Redis.from_url(REDIS_URL)
+    pubsub = listener.pubsub()
+    await pubsub.subscribe(store.prefix + "wake")
+    assert (await pubsub.get_message(timeout=1))["type"] == "subscribe"
+    await store.enqueue([make_job()])  # nobody claimed in vain yet: no one to wake
+    assert await pubsub.get_message(timeout=0.2) is None
+    assert len(await store.claim(**claim_args())) == 1
+    assert await store.claim(**claim_args()) == []  # a worker goes idle
+    await store.enqueue([make_job()])
+    message = await pubsub.get_message(timeout=1)
+    assert message is not None and message["type"] == "message"
+    await pubsub.aclose()
+    await listener.aclose()
+
+
+async def test_the_wake_listener_comes_back_after_a_restart(private: PrivateRedis) -> None:
+    store = RedisStore(private.url)
+    other = RedisStore(private.url)
+    await store.open()
+    await _idle_worker(store)
+    private.stop()
+    private.start()
+    await other.open()
+    with anyio.fail_after(5):  # resubscribed: the generation moved on
+        await store.wait_for_work(10.0)
+    await _idle_worker(store)
+    started = time.monotonic()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(store.wait_for_work, 10.0)
+        await anyio.sleep(0.05)
+        await other.enqueue([make_job()])
+    assert time.monotonic() - started < 0.5
+    await store.close()
+    await other.close()
+
+
+# -- the same answers as the memory store ------------------------------------------------
+
+
+class _Twin:
+    """Runs each operation on a memory store and on the Redis store and compares."""
+
+    def __init__(self, redis_store: RedisStore, rng: random.Random) -> None:
+        self.memory = MemoryStore()
+        self.redis = redis_store
+        self.rng = rng
+        self.ids: list[str] = []
+        self.workers = ["w1", "w2", "w3"]
+        self.now = NOW
+
+    async def both(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        expected = await getattr(self.memory, name)(*args, **kwargs)
+        got = await getattr(self.redis, name)(*args, **kwargs)
+        if name == "claim" or name == "enqueue" or name == "list_jobs":
+            assert got == expected, (name, args, kwargs)
+        elif name == "finish":
+            assert sorted(got) == sorted(expected), (name, args, kwargs)
+        else:
+            assert got == expected, (name, args, kwargs)
+        return expected
+
+    def job(self) -> Job:
+        rng = self.rng
+        job = make_job(
+            queue=rng.choice(["a", "b", "c"]),
+            priority=rng.choice([0, 0, 1, 5, -2]),
+            run_at=self.now + rng.choice([-5.0, 0.0, 0.0, 3.0, 20.0]),
+            created_at=self.now + rng.choice([0.0, 1.0, 2.0]),
+            key=rng.choice([None, None, None, "k1", "k2"]),
+            state=rng.choice([S.QUEUED, S.QUEUED, S.QUEUED, S.DEFERRED]),
+        )
+        if job.state is S.DEFERRED and rng.random() < 0.5:
+            job.release_at = self.now + rng.choice([1.0, 10.0])
+        if self.ids and rng.random() < 0.3:
+            job.after = rng.choice(self.ids)
+        return job
+
+    async def step(self) -> None:
+        rng = self.rng
+        kind = rng.choice(
+            ["enqueue"] * 4
+            + ["claim"] * 4
+            + ["finish"] * 4
+            + [
+                "cancel",
+                "retry",
+                "requeue",
+                "hand_back",
+                "release",
+                "discard",
+                "delete",
+                "purge",
+                "pause",
+                "renew",
+                "tick",
+            ]
+        )
+        ids = self.ids
+        pick = [rng.choice(ids) for _ in range(rng.randint(1, 3))] if ids else ["none"]
+        if kind == "enqueue":
+            jobs = [self.job() for _ in range(rng.randint(1, 4))]
+            self.ids.extend(job.id for job in jobs)
+            await self.both("enqueue", jobs)
+        elif kind == "claim":
+            queues = rng.choice([None, ["a"], ["b", "c"], ["c", "a", "a"]])
+            await self.both(
+                "claim",
+                worker_id=rng.choice(self.workers),
+                queues=queues,
+                limit=rng.randint(1, 4),
+                now=self.now,
+                lease_until=self.now + 10,
+            )
+        elif kind == "finish":
+            running = [j for j in await self.memory.list_jobs(state=S.RUNNING, limit=100)]
+            outcomes = []
+            for job in running[: rng.randint(1, 3)]:
+                state = rng.choice([S.SUCCEEDED, S.FAILED, S.CANCELLED, S.QUEUED])
+                worker = job.worker_id if rng.random() < 0.9 else "stranger"
+                assert worker is not None
+                outcomes.append(
+                    Outcome(
+                        job.id,
+                        worker,
+                        state,
+                        self.now,
+                        result=rng.choice([None, '"r"']),
+                        error=rng.choice([None, {"message": "boom"}]),
+                        run_at=self.now + 2 if state is S.QUEUED else None,
+                        keep_until=self.now + rng.choice([5.0, 50.0]),
+                    )
+                )
+            await self.both("finish", outcomes)
+        elif kind == "cancel":
+            await self.both("cancel", pick[0], self.now, self.now + 30)
+        elif kind == "retry":
+            await self.both("retry", pick[0], self.now)
+        elif kind == "requeue":
+            await self.both("requeue_expired", self.now, self.now + 40)
+        elif kind == "hand_back":
+            await self.both("hand_back", worker_id=rng.choice(self.workers), ids=pick)
+        elif kind == "release":
+            await self.both("release", pick)
+        elif kind == "discard":
+            await self.both("discard", pick, self.now, self.now + 20)
+        elif kind == "delete":
+            await self.both("delete", pick[:1])
+        elif kind == "purge":
+            states = rng.choice([None, [S.FAILED], [S.SUCCEEDED, S.CANCELLED]])
+            await self.both("purge", before=self.now, states=states)
+        elif kind == "pause":
+            await self.both("pause_queue", rng.choice(["a", "b"]), rng.random() < 0.5)
+        elif kind == "renew":
+            await self.both(
+                "renew_leases",
+                worker_id=rng.choice(self.workers),
+                ids=pick,
+                lease_until=self.now + 10,
+            )
+        else:
+            self.now += rng.choice([1.0, 4.0, 11.0])
+
+    async def compare_all(self) -> None:
+        everything = await self.both("list_jobs", limit=10_000)
+        for job in everything:
+            assert await self.redis.get(job.id) == job
+        assert await self.redis.counts() == await self.memory.counts()
+        for state in S:
+            await self.both("list_jobs", state=state, limit=7, offset=1)
+        await self.both("list_jobs", queue="b", text="tests:", limit=5)
+        assert await self.redis.paused_queues() == await self.memory.paused_queues()
+        assert await self.redis.stats(since=0, width=7.0) == await self.memory.stats(
+            since=0, width=7.0
+        )
+
+
+@pytest.mark.parametrize("seed", range(int(os.environ.get("BACKLANE_TWIN_SEEDS", "12"))))
+async def test_random_operations_give_the_memory_stores_answers(
+    store: RedisStore, seed: int
+) -> None:
+    """150 random operations per seed (``BACKLANE_TWIN_SEEDS``, default 12, for more)."""
+    twin = _Twin(store, random.Random(seed))
+    for n in range(150):
+        await twin.step()
+        if n % 50 == 49:
+            await twin.compare_all()
+    await twin.compare_all()
+
+
+def test_every_script_is_a_lua_file_with_the_shared_helpers() -> None:
+    scripts = load_scripts()
+    folder = REPO_ROOT / "src" / "backlane" / "stores" / "lua"
+    assert set(scripts) == {p.stem for p in folder.glob("*.lua")} - {"common"}
+    common = (folder / "common.lua").read_text()
+    assert all(script.text.startswith(common) for script in scripts.values())
+    assert len({script.sha for script in scripts.values()}) == len(scripts)
+
+
+def test_the_store_runs_on_uvloop(url: str) -> None:
+    """uvicorn runs apps on uvloop when it is installed: its transports are not
+    asyncio's."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> None:
+        store = RedisStore(url)
+        await store.open()
+        (job,) = await store.enqueue([make_job()])
+        assert [j.id for j in await store.claim(**claim_args())] == [job.id]
+        await store.close()
+
+    uvloop.run(main())
