@@ -343,8 +343,8 @@ class Bench:
         info: dict[str, Any],
         single_s: float,
     ) -> None:
-        """``runs`` timed drains, each sized to last about ``drain_s`` (a drain that ends much
-        sooner than planned is not counted: it resizes the next one)."""
+        """``runs`` timed drains, each sized to last about ``drain_s``: a drain that ends in
+        less than half that is not counted, and one that is far off resizes the next."""
         plan = self.plan
         jobs = sized(guess, plan.drain_s, plan.min_jobs, plan.max_jobs)
         resized = 0
@@ -353,13 +353,16 @@ class Bench:
             rate, filled = self.drain(driver, workers, jobs, info["sqlite_file"], single_s)
             cpu = workers.cpu_seconds() - cpu
             self.record_fill(fig, filled)
-            if jobs / rate < plan.drain_s / 2 and jobs < plan.max_jobs and resized < 3:
+            took = jobs / rate
+            if took < plan.drain_s / 2 and jobs < plan.max_jobs and resized < 3:
                 resized += 1
                 jobs = sized(rate, plan.drain_s, plan.min_jobs, plan.max_jobs)
                 continue
             fig.drain[key].append(rate)
             fig.cpu_us[key].append(cpu / jobs * 1e6)
             fig.drained[key] += jobs
+            if took > 2 * plan.drain_s:
+                jobs = sized(rate, plan.drain_s, plan.min_jobs, plan.max_jobs)
         fig.drain_jobs[key] = jobs
 
     def warm_up(self, driver: Driver, workers: Any, sqlite_file: str | None) -> float:
@@ -445,7 +448,7 @@ class Bench:
         if jobs <= 0 or self.plan.soak_s <= 0:
             return 0
         self.clear()
-        chunk = max(self.plan.batch, min(20_000, int(rate * 0.5)))
+        chunk = max(50, min(20_000, int(rate * 0.5)))
         deadline = time.monotonic() + self.plan.soak_s
         fed = 0
         while fed < jobs and time.monotonic() < deadline:

@@ -193,15 +193,16 @@ def ratios(systems: dict[str, dict[str, Any]]) -> list[str]:
 def settings(systems: dict[str, dict[str, Any]]) -> list[str]:
     out = ["", "#### Set-ups", ""]
     out.append(
-        "| system | how its workers run | batch enqueue | jobs per drain (1 / 2 processes) |"
+        "| system | how its workers run | batch enqueue | jobs per drain (1 / 2 processes) "
+        "| load average when its turn began |"
     )
-    out.append("|---|---|---|---|")
+    out.append("|---|---|---|---|---:|")
     for name, s in systems.items():
         info = s.get("info") or {}
         jobs = s.get("drain_jobs") or {}
         out.append(
             f"| {name} | {info.get('settings', '')} | {info.get('batch') or '-'} "
-            f"| {_num(jobs.get('1'))} / {_num(jobs.get('2'))} |"
+            f"| {_num(jobs.get('1'))} / {_num(jobs.get('2'))} | {s.get('load', 0):.1f} |"
         )
     return out
 
@@ -209,10 +210,17 @@ def settings(systems: dict[str, dict[str, Any]]) -> list[str]:
 # -- the issue's targets --------------------------------------------------------------------
 
 
+def _partly(oks: list[bool]) -> bool | str:
+    """True when every backlane set-up meets a target, False when none does."""
+    if all(oks):
+        return True
+    return "partly" if any(oks) else False
+
+
 def targets(results: dict[str, Any]) -> list[str]:
     systems: dict[str, dict[str, Any]] = results["systems"]
     exercise: dict[str, dict[str, Any]] = results["exercise"]
-    rows: list[tuple[str, str, bool | None]] = []
+    rows: list[tuple[str, str, bool | str | None]] = []
 
     def ok(s: str) -> dict[str, Any] | None:
         found = systems.get(s)
@@ -280,35 +288,39 @@ def targets(results: dict[str, Any]) -> list[str]:
     }
     if ours_apps and base and not base.get("error"):
         b50 = median(base["sleep"].get("p50", []))
-        cells, met = [], True
+        cells, oks = [], []
         for n, e in ours_apps.items():
-            r = advantage(median(e["sleep"].get("p50", [])), b50, higher_is_better=True)
-            r = None if r is None else 1 / r
+            p50 = median(e["sleep"].get("p50", []))
+            r = None if p50 is None or not b50 else p50 / b50
             cells.append(f"{n} {_x(r)}")
-            met = met and r is not None and r <= 1.3
-        rows.append(("Exercise: drop-in reply p50 within 1.3x of BackgroundTasks (sleep)",
+            oks.append(r is not None and r <= 1.3)
+        met = _partly(oks)
+        rows.append((f"Exercise: drop-in reply p50 within 1.3x of BackgroundTasks' ({_ms(b50)} ms)",
                      "; ".join(cells), met))  # fmt: skip
-        cells, met = [], True
+        cells, oks = [], []
         for n, e in ours_apps.items():
             done = median(e["sleep"].get("done", []))
             cells.append(f"{n} {_num(done, 2)} s")
-            met = met and done is not None and done <= 0.5
+            oks.append(done is not None and done <= 0.5)
+        met = _partly(oks)
         rows.append(("Exercise: all 100 sleep tasks done within 0.5 s", "; ".join(cells), met))
     if ours_apps and celery and not celery.get("error"):
         c50 = median(celery["cpu"].get("p50", []))
-        cells, met = [], True
+        cells, oks = [], []
         for n, e in ours_apps.items():
             p50 = median(e["cpu"].get("p50", []))
             done = median(e["cpu"].get("done", []))
             cells.append(f"{n} p50 {_ms(p50)} ms, done {_num(done, 2)} s")
-            met = met and p50 is not None and c50 is not None and p50 <= c50
-            met = met and done is not None and done <= 1.3
+            oks.append(
+                p50 is not None and c50 is not None and p50 <= c50
+                and done is not None and done <= 1.3
+            )  # fmt: skip
         rows.append(
             (
                 f"Exercise, CPU task: replies no slower than Celery's (p50 {_ms(c50)} ms), "
                 "all done within 1.3 s",
                 "; ".join(cells),
-                met,
+                _partly(oks),
             )
         )
     idle = {n: _rss(s.get("rss_idle")) for n, s in systems.items()
@@ -318,7 +330,7 @@ def targets(results: dict[str, Any]) -> list[str]:
             (
                 "Idle worker memory ≤ 40 MB RSS",
                 "; ".join(f"{n} {_num(v)} MB" for n, v in idle.items()),
-                all(v is not None and v <= 40 for v in idle.values()),
+                _partly([v is not None and v <= 40 for v in idle.values()]),
             )
         )
     if not rows:
@@ -327,7 +339,7 @@ def targets(results: dict[str, Any]) -> list[str]:
     out.append("| target | measured | met |")
     out.append("|---|---|---|")
     for target, measured, met in rows:
-        mark = "-" if met is None else ("yes" if met else "**no**")
+        mark = {None: "-", True: "yes", False: "**no**"}.get(met, met)
         out.append(f"| {target} | {measured} | {mark} |")
     return out
 
@@ -383,7 +395,11 @@ def chart(results: dict[str, Any], path: Path) -> None:
         if log:
             ax.set_xscale("log")
         ax.set_xlabel(unit, fontsize=8)
-        ax.legend(fontsize=7, loc="lower right")
+        from matplotlib.patches import Patch
+
+        shades = [Patch(color="#555555", alpha=1.0 if i == 0 else 0.55, label=label)
+                  for i, (label, _) in enumerate(series)]  # fmt: skip
+        ax.legend(handles=shades, fontsize=7, loc="best")
         ax.margins(x=0.18)
 
     names = list(systems)
@@ -413,8 +429,8 @@ def chart(results: dict[str, Any], path: Path) -> None:
         ], log=True, unit="ms, log scale")  # fmt: skip
     meta = results["meta"]
     fig.suptitle(
-        f"backlane and its peers — {meta['cpu']}, {meta['cores']} cores, {meta['date']} "
-        f"(median of {meta['runs']})",
+        f"backlane (blue) and its peers - {meta['cpu']}, {meta['cores']} cores, {meta['date']}"
+        f" (median of {meta['runs']})",
         fontsize=11,
     )
     fig.tight_layout(rect=(0, 0, 1, 0.97))
