@@ -242,14 +242,15 @@ async def test_a_lane_removes_its_last_job_and_leaves_only_bookkeeping(
     private: PrivateRedis,
 ) -> None:
     """After every job is gone, what remains is the lane's own bookkeeping (counter,
-    queue names, schedules, workers, replies expiring by themselves), not job data."""
+    queue names, schedules, workers, each worker's last claim), not job data; nothing
+    grows with the number of calls."""
     store = RedisStore(f"{private.url}?prefix=p:")
     await store.open()
     await _lifecycle(store)
     ids = [job.id for job in await store.list_jobs(limit=100)]
     assert await store.delete(ids) == len(ids)
     await store.close()
-    left = {k for k in raw_keys(private) if not k.startswith("p:reply:")}
+    left = {k for k in raw_keys(private) if not k.startswith("p:claim:")}
     assert left <= {
         "p:seq",
         "p:queues",
@@ -291,6 +292,21 @@ async def test_an_enqueue_sent_twice_after_a_lost_reply_stores_once(store: Redis
     assert await store.counts() == {"default": {S.QUEUED: 2}}
     with pytest.raises(StoreError, match="already stored"):
         await call(link, script, "token-2", jobs_json(batch))
+
+
+async def test_a_slot_claim_sent_twice_after_a_lost_reply_is_taken_once(
+    store: RedisStore,
+) -> None:
+    from backlane.stores.redis_codec import job_fields
+
+    link = await store._links.get()
+    script = load_scripts()["claim_slot"]
+    job = make_job()
+    fields = json.dumps(job_fields(job))
+    assert await call(link, script, "nightly", str(NOW), fields) == 1
+    assert await call(link, script, "nightly", str(NOW), fields) == 1
+    assert await store.claim_slot("nightly", NOW, make_job()) is False
+    assert await store.counts() == {"default": {S.QUEUED: 1}}
 
 
 async def test_a_claim_sent_twice_after_a_lost_reply_claims_once(store: RedisStore) -> None:

@@ -13,10 +13,10 @@ marks the lane idle for a few seconds, and while it is, a script that makes work
 claimable publishes on the lane's wake channel; ``wait_for_work`` returns on that
 message, or when the next delayed job the last claim saw becomes due.
 
-A call whose connection broke is sent again by redis-py; scripts that must not run twice
-(enqueue, claim, claim_slot) carry a token, and a second run with the same token returns
-the first run's reply instead of acting again. ``docs/redis.md`` says what each Redis
-persistence setting guarantees.
+A call whose connection broke is sent again (``redis_wire``); none acts twice: an
+enqueue and a claim carry a token by which a second run recognises the first run's work
+(see ``common.lua``), a schedule slot is recognised by its job. ``docs/redis.md`` says
+what each Redis persistence setting guarantees.
 """
 
 from __future__ import annotations
@@ -100,7 +100,8 @@ class RedisStore(Store):
 
     async def open(self) -> None:
         """Connect (checking that Redis answers) and send the scripts. Idempotent; raises
-        ``StoreError`` when Redis cannot be reached."""
+        ``StoreError`` when Redis cannot be reached, ``ConfigurationError`` when it is a
+        Redis Cluster node."""
         if self._links.open:
             return
         self._links.open = True
@@ -110,8 +111,7 @@ class RedisStore(Store):
             if "cluster_enabled:1" in info:
                 raise ConfigurationError(
                     f"{self._links.url.safe} is a Redis Cluster node: the Redis store does "
-                    "not support Redis Cluster yet; use a standalone Redis (with replicas "
-                    "and Sentinel-free failover by your platform, if need be)"
+                    "not support Redis Cluster yet; point it at a standalone Redis"
                 )
             await asyncio.gather(
                 *(command(link, "SCRIPT", "LOAD", script.text) for script in self._scripts.values())
@@ -391,7 +391,7 @@ class RedisStore(Store):
         does) in one script, unless that slot or a later one was taken; then store
         nothing, return False."""
         fields = _json_object(job_fields(job))
-        return bool(await self._call("claim_slot", _token(), schedule, number(slot), fields))
+        return bool(await self._call("claim_slot", schedule, number(slot), fields))
 
     async def schedules(self) -> dict[str, ScheduleRecord]:
         """Every schedule that took a slot or was paused, by name."""

@@ -8,10 +8,12 @@
 -- after now among the jobs left in those queues ('' if none, or if the limit was reached).
 local token, worker, now, lease = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local limit = tonumber(ARGV[5])
-local cached = replayed(token)
-if cached then
+local last_claim = P .. 'claim:' .. worker
+local last = redis.call('GET', last_claim)
+if last and string.sub(last, 1, #token + 1) == token .. ' ' then
+    -- sent again after a lost reply: the same jobs, as the first run returned them
     local out = {''}
-    for _, id in ipairs(cjson.decode(cached)) do
+    for _, id in ipairs(cjson.decode(string.sub(last, #token + 2))) do
         local fields = redis.call('HGETALL', jkey(id))
         local job = {}
         for i = 1, #fields, 2 do
@@ -139,7 +141,7 @@ end
 if #ids == 0 then
     redis.call('SET', P .. 'idle', '1', 'PX', ARGV[7])
 else
-    remember(token, cjson.encode(ids))
+    redis.call('SET', last_claim, token .. ' ' .. cjson.encode(ids), 'EX', 120)
 end
 flush()
 return out

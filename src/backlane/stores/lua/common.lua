@@ -4,7 +4,8 @@
 --
 -- Keys (P = the prefix):
 --   P job:<id>        hash: the job's fields (absent field = None), its store order
---                     (seq) and, once a job waits for it, waited = 1
+--                     (seq), once a job waits for it waited = 1, and on the first job
+--                     an enqueue stored, that call's token (tok)
 --   P seq             counter giving each stored job its seq
 --   P keys            hash: idempotency key -> id of the active job holding it
 --   P queues          set: every queue a job was stored in
@@ -25,8 +26,12 @@
 --   P workers         hash: worker id -> JSON record;  P workers:seen  zset by seen_at
 --   P idle            set, with an expiry, by a claim that found nothing: a worker may
 --                     be waiting, so scripts that make work claimable publish on P wake
---   P reply:<token>   the reply of a call, kept a few minutes: a call the client sends
---                     again after a lost connection gets the first reply, not a second run
+--   P claim:<worker>  the token and job ids of the worker's last claim (two minutes)
+--
+-- A call the client sends again after its connection broke (Redis may have run it) must
+-- not act twice: enqueue finds its jobs stored under its token and stores only the rest;
+-- claim finds its token in P claim:<worker> and returns the same jobs; claim_slot finds
+-- the slot taken with its own job. The other verbs give the same result when repeated.
 --
 -- Changes to sorted sets (but the due sets, which claim reads) and to counts are
 -- buffered and applied by flush() at the end of each script, one command per key: a
@@ -241,11 +246,11 @@ local function remove(job)
     return job.waited ~= nil
 end
 
--- Store one job given as a table of string fields, with store order `seq`, unless an
--- active job holds its key. `replaced` maps the ids of jobs not stored (key taken) to
+-- Store one job given as a table of string fields, with store order `seq` (and the
+-- call's `token`, if given), unless an active job holds its key. `replaced` maps the ids of jobs not stored (key taken) to
 -- the holder's id, so a later job of the same batch waits for the holder. Returns the
 -- job's `after` as stored ('' for none), or the holder's fields.
-local function insert(fields, replaced, seq)
+local function insert(fields, replaced, seq, token)
     local after = fields.after
     if after then
         after = replaced[after] or after
@@ -267,6 +272,10 @@ local function insert(fields, replaced, seq)
         end
     end
     local args = {'seq', seq}
+    if token then
+        args[3] = 'tok'
+        args[4] = token
+    end
     for name, value in pairs(fields) do
         if name ~= 'after' then
             args[#args + 1] = name
@@ -312,29 +321,39 @@ local function insert(fields, replaced, seq)
     return after or ''
 end
 
--- Refuse a batch naming an id that is stored already or twice, before anything is written.
-local function check_new(batch)
-    local seen = {}
+-- Refuse a batch naming an id twice, or an id already stored, unless it was stored by an
+-- earlier run of this very call (one of its jobs carries the call's token): returns an
+-- error reply, or nil and the set of ids that earlier run stored.
+local function check_new(batch, token)
+    local seen, stored = {}, {}
+    local any = false
     for _, fields in ipairs(batch) do
-        if seen[fields.id] or redis.call('EXISTS', jkey(fields.id)) == 1 then
-            return redis.error_reply(
-                'BACKLANE enqueue refused: job id ' .. fields.id .. ' is already stored or repeated')
+        local id = fields.id
+        if seen[id] then
+            return redis.error_reply('BACKLANE enqueue refused: job id ' .. id .. ' is repeated')
         end
-        seen[fields.id] = true
+        seen[id] = true
+        if redis.call('EXISTS', jkey(id)) == 1 then
+            stored[id] = true
+            any = true
+        end
     end
-    return nil
-end
-
-local function replayed(token)
-    if token == '' then
-        return false
+    if any then
+        local ours = false
+        if token ~= '' then
+            for id in pairs(stored) do
+                if redis.call('HGET', jkey(id), 'tok') == token then
+                    ours = true
+                    break
+                end
+            end
+        end
+        if not ours then
+            for id in pairs(stored) do
+                return redis.error_reply(
+                    'BACKLANE enqueue refused: job id ' .. id .. ' is already stored')
+            end
+        end
     end
-    return redis.call('GET', P .. 'reply:' .. token)
+    return nil, stored
 end
-
-local function remember(token, reply)
-    if token ~= '' then
-        redis.call('SET', P .. 'reply:' .. token, reply, 'EX', 300)
-    end
-end
-

@@ -1,23 +1,29 @@
 -- enqueue: store a batch of jobs, all or none.
--- ARGV: token, JSON array of jobs (objects of string fields, None fields left out).
+-- ARGV: token (unique to this call), JSON array of jobs (objects of string fields, None
+-- fields left out).
 -- Returns, per job, its `after` as stored ('' for none) or, when an active job holds its
--- key, the holder's fields.
+-- key, the holder's fields. Sent again after a lost reply, it stores only what the first
+-- run did not, and returns the same.
 local token = ARGV[1]
-local cached = replayed(token)
-if cached then
-    return cjson.decode(cached)
-end
 local batch = cjson.decode(ARGV[2])
-local refused = check_new(batch)
+local refused, stored = check_new(batch, token)
 if refused then
     return refused
 end
 local seq = redis.call('INCRBY', P .. 'seq', #batch) - #batch
 local replaced = {}
 local out = {}
+local tag = token
 for i, fields in ipairs(batch) do
-    out[i] = insert(fields, replaced, seq + i)
+    if stored[fields.id] then
+        out[i] = redis.call('HGET', jkey(fields.id), 'after') or ''
+        tag = nil
+    else
+        out[i] = insert(fields, replaced, seq + i, tag)
+        if type(out[i]) == 'string' then
+            tag = nil
+        end
+    end
 end
-remember(token, cjson.encode(out))
 flush()
 return out
