@@ -40,7 +40,8 @@ def migrate(
     migrate_store = getattr(store, "migrate", None)
     if migrate_store is None:
         _console().print(
-            f"{shown}: this store brings its schema (if any) up to date itself when it opens; nothing to do."
+            f"{shown}: this store brings its schema (if any) up to date itself when it "
+            "opens; nothing to do."
         )
         return
     try:

@@ -13,28 +13,21 @@ psycopg ``AsyncConnection``, or a SQLAlchemy ``AsyncSession`` or ``AsyncConnecti
 exist, and wake workers, only if it commits.
 
 The pool (``psycopg_pool``) and the LISTEN connection live on an event loop of the
-store's own, on a thread of its own (see ``postgres_loop``), so one store serves callers on
+store's own, on a thread of its own (see ``postgres_link``), so one store serves callers on
 any loop and thread. Driver errors become ``StoreError``; a statement that lost a deadlock
-is tried again.
+is tried again. The SQL is in ``sql/postgres/`` (see ``postgres_schema``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import contextlib
 import dataclasses
 import json
-import logging
-import threading
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import psycopg
 from psycopg import errors as pg_errors
-from psycopg import sql as pg_sql
 from psycopg.rows import dict_row
-from psycopg_pool import AsyncConnectionPool
 
 from ..exceptions import StoreError
 from ..jobs import TERMINAL_STATES, Job, JobState
@@ -47,28 +40,14 @@ from .postgres_jobs import (
     enqueue_on,
     sort_claimed,
 )
-from .postgres_loop import LoopClosed, LoopThread, WorkSignal
-from .postgres_schema import (
-    check_version,
-    latest_version,
-    migrate,
-    parse_url,
-    rendered_queries,
-)
-
-log = logging.getLogger("backlane.postgres")
-
-T = TypeVar("T")
+from .postgres_link import PostgresLink, store_error
+from .postgres_schema import parse_url, rendered_queries
 
 _OUTCOME_STATES = frozenset(
     {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED}
 )
 _PURGE_BATCH = 1000
 """Most jobs removed per statement by ``purge``, so no lock is held for long."""
-_DEADLOCK_ATTEMPTS = 3
-_LISTEN_RETRY_MAX = 5.0
-_CLOSE_GRACE = 10.0
-"""Seconds ``close`` waits for verbs in flight before closing their connections."""
 
 
 async def _rows(conn: Any, sql: str, params: dict[str, Any] | None = None) -> list[Row]:
@@ -96,17 +75,8 @@ class PostgresStore(Store):
         self.url = url
         self.settings = parse_url(url)
         self._sql = rendered_queries(self.settings)
-        self._lock = threading.Lock()
-        """Guards ``_runner`` and ``_opening``: open and close may race from any thread."""
-        self._runner: LoopThread | None = None
-        self._opening: concurrent.futures.Future[None] | None = None
-        self._pool: AsyncConnectionPool[Any] | None = None
-        """Used on the runner's loop only, as is ``_listener``."""
-        self._listener: asyncio.Task[None] | None = None
-        self._listening = False
-        self._in_flight: set[asyncio.Task[Any]] = set()
-        """The verbs running on the runner's loop, which ``close`` lets finish."""
-        self._signal = WorkSignal()
+        self._link = PostgresLink(url, self.settings)
+        self._run = self._link.run
 
     def __repr__(self) -> str:
         return f"<PostgresStore schema={self.settings.schema}>"
@@ -114,58 +84,25 @@ class PostgresStore(Store):
     @property
     def listening(self) -> bool:
         """Whether announcements of work arrive now (else ``wait_for_work`` only waits)."""
-        return self._listening
+        return self._link.listening
 
     async def open(self) -> None:
         """Connect, bring the schema up to date (or, with ``auto_migrate=0``, check that it
         is), open the pool and start listening for work. Idempotent, and safe to race from
         several threads: one pool is opened, and every caller waits until it is."""
-        with self._lock:
-            runner, opening = self._runner, self._opening
-            if runner is None or opening is None:
-                runner = LoopThread(f"backlane-postgres-{self.settings.schema}")
-                opening = asyncio.run_coroutine_threadsafe(self._start(), runner.loop)
-                self._runner, self._opening = runner, opening
-        try:
-            await asyncio.shield(asyncio.wrap_future(opening))
-        except BaseException:
-            if opening.done() and not opening.cancelled() and opening.exception() is not None:
-                with self._lock:
-                    if self._opening is opening:
-                        self._runner = self._opening = None
-                runner.stop()
-            raise
+        await self._link.open()
 
     async def close(self) -> None:
-        """Stop listening and close the pool once the work already asked for is done.
+        """Stop listening and close the pool once the verbs in flight are done.
         Idempotent."""
-        with self._lock:
-            runner, opening = self._runner, self._opening
-            self._runner = self._opening = None
-        if runner is None:
-            return
-        try:
-            await runner.run(self._stop(opening))
-        finally:
-            runner.stop()
+        await self._link.close()
 
     async def migrate(self, *, check: bool = False) -> tuple[int, int]:
         """Bring the schema up to date now, whatever ``auto_migrate`` says, over a
         connection of its own (the store need not be open), creating the schema if it is
         missing. Returns (version before, version after; 0 for no schema). With
         ``check``, change nothing: raise ``StoreError`` unless it is up to date."""
-        settings = self.settings
-        try:
-            async with await psycopg.AsyncConnection.connect(
-                settings.conninfo, autocommit=True, application_name=settings.application_name
-            ) as conn:
-                if check:
-                    await check_version(conn, settings)
-                    latest = latest_version()
-                    return (latest, latest)
-                return await migrate(conn, settings)
-        except psycopg.Error as exc:
-            raise self._error(exc) from exc
+        return await self._link.migrate(check=check)
 
     async def wait_for_work(self, timeout: float) -> None:
         """Return once work may have become claimable — a job queued, released, retried,
@@ -175,7 +112,7 @@ class PostgresStore(Store):
         wait miss no job between them. While the store cannot listen (the connection broke;
         it reconnects), it only waits out the timeout: callers keep polling as their
         fallback."""
-        await self._signal.wait(timeout)
+        await self._link.signal.wait(timeout)
 
     # -- write side -------------------------------------------------------------------
 
@@ -194,8 +131,8 @@ class PostgresStore(Store):
         batch = list(jobs)
         if connection is None:
             return await self._run(self._enqueue, batch)
-        if self._runner is None:
-            raise self._not_open()
+        if not self._link.is_open:
+            raise self._link.not_open()
         session, wrap = await caller_session(connection)
         try:
             if wrap is not None:
@@ -203,7 +140,7 @@ class PostgresStore(Store):
                     return await enqueue_on(session, self._sql, batch)
             return await enqueue_on(session, self._sql, batch)
         except psycopg.Error as exc:
-            raise self._error(exc) from exc
+            raise store_error(self.settings, exc) from exc
         except Exception as exc:
             if type(exc).__module__ == "sqlalchemy.exc":
                 raise StoreError(f"PostgreSQL store, through your connection: {exc}") from exc
@@ -233,7 +170,7 @@ class PostgresStore(Store):
         """Up to ``limit`` claimable jobs of queues not paused, now running for
         ``worker_id``, in claim order. Rows being claimed by others are skipped, never
         waited for."""
-        self._signal.mark()
+        self._link.signal.mark()
         if limit <= 0 or (queues is not None and not queues):
             return []
         params: dict[str, Any] = {
@@ -469,129 +406,6 @@ class PostgresStore(Store):
 
     # -- plumbing ---------------------------------------------------------------------
 
-    def _not_open(self) -> StoreError:
-        return StoreError(f"the store {self.url} is not open; await store.open() first")
-
-    def _error(self, exc: psycopg.Error) -> StoreError:
-        if isinstance(exc, pg_errors.UndefinedTable):
-            return StoreError(
-                f"PostgreSQL store: {exc}; is the connection to the store's database, and "
-                f"was the schema {self.settings.schema!r} migrated?"
-            )
-        return StoreError(f"PostgreSQL store (schema {self.settings.schema}): {exc}")
-
-    async def _run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """``fn(connection, *args)`` on the store's loop, with a pooled connection."""
-        runner = self._runner
-        if runner is None:
-            raise self._not_open()
-        try:
-            return await runner.run(self._on_pool(fn, *args))
-        except LoopClosed as exc:  # a close() raced this call
-            raise StoreError(f"the store {self.url} is closed") from exc
-
-    async def _on_pool(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        # Runs on the store's loop.
-        task = asyncio.current_task()
-        assert task is not None
-        self._in_flight.add(task)
-        try:
-            return await self._with_connection(fn, *args)
-        finally:
-            self._in_flight.discard(task)
-
-    async def _with_connection(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        pool = self._pool
-        if pool is None:
-            opening = self._opening
-            if opening is None:
-                raise self._not_open()
-            await asyncio.wrap_future(opening)
-            pool = self._pool
-            if pool is None:  # pragma: no cover - closed while opening
-                raise self._not_open()
-        for attempt in range(1, _DEADLOCK_ATTEMPTS + 1):
-            try:
-                async with pool.connection() as conn:
-                    return await fn(conn, *args)
-            except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure) as exc:
-                if attempt == _DEADLOCK_ATTEMPTS:
-                    raise self._error(exc) from exc
-                log.debug("retrying a statement that lost a deadlock: %s", exc)
-            except psycopg.Error as exc:
-                raise self._error(exc) from exc
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    async def _start(self) -> None:
-        # Runs on the store's loop: schema, pool, listener.
-        settings = self.settings
-        try:
-            async with await psycopg.AsyncConnection.connect(
-                settings.conninfo, autocommit=True, application_name=settings.application_name
-            ) as conn:
-                if settings.auto_migrate:
-                    await migrate(conn, settings)
-                else:
-                    await check_version(conn, settings)
-            pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-                settings.conninfo,
-                min_size=min(2, settings.pool_size),
-                max_size=settings.pool_size,
-                kwargs={"autocommit": True, "application_name": settings.application_name},
-                open=False,
-                name=f"backlane-{settings.schema}",
-            )
-            await pool.open(wait=True, timeout=30.0)
-        except psycopg.Error as exc:
-            raise self._error(exc) from exc
-        self._pool = pool
-        self._listener = asyncio.get_running_loop().create_task(self._listen())
-
-    async def _stop(self, opening: concurrent.futures.Future[None] | None) -> None:
-        # Runs on the store's loop.
-        if opening is not None and not opening.done():
-            with contextlib.suppress(Exception):  # its caller heard of it
-                await asyncio.wrap_future(opening)
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
-        if self._in_flight:  # verbs in flight end their transactions first
-            await asyncio.wait(set(self._in_flight), timeout=_CLOSE_GRACE)
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            await pool.close()
-
-    async def _listen(self) -> None:
-        # Runs on the store's loop until cancelled: LISTEN, and announce each notification;
-        # reconnect with growing pauses when the connection breaks.
-        listen = pg_sql.SQL("LISTEN {}").format(pg_sql.Identifier(self.settings.channel))
-        pause = 0.1
-        while True:
-            try:
-                async with await psycopg.AsyncConnection.connect(
-                    self.settings.conninfo,
-                    autocommit=True,
-                    application_name=f"{self.settings.application_name} listen",
-                ) as conn:
-                    await conn.execute(listen)
-                    self._listening = True
-                    pause = 0.1
-                    self._signal.announce()  # work may have come while we were not listening
-                    async for _ in conn.notifies():
-                        self._signal.announce()
-            except psycopg.Error as exc:
-                log.warning(
-                    "PostgreSQL store: listening for work failed (%s); polling until it "
-                    "reconnects in %.1fs",
-                    exc,
-                    pause,
-                )
-            self._listening = False
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, _LISTEN_RETRY_MAX)
-
     # -- the verbs' statements (on the store's loop) ---------------------------------------
 
     async def _fetch(self, conn: Any, name: str, params: dict[str, Any]) -> list[Row]:
@@ -606,6 +420,8 @@ class PostgresStore(Store):
     async def _enqueue(self, conn: Any, jobs: list[Job]) -> list[Job]:
         if not jobs:
             return []
+        if all(job.key is None for job in jobs):  # one statement: atomic on its own
+            return await enqueue_on(PsycopgSession(conn), self._sql, jobs)
         async with conn.transaction():
             return await enqueue_on(PsycopgSession(conn), self._sql, jobs)
 

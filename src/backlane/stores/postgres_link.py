@@ -1,0 +1,350 @@
+"""The PostgreSQL store's link to the server: a connection pool and a listening
+connection on an event loop of their own, and the signal that wakes waiting workers.
+
+A psycopg connection, and a ``psycopg_pool`` pool, belong to the event loop they were
+opened on. The store serves callers on any loop and thread (FastAPI's TestClient runs the
+app on a portal thread; tests call the store from ``anyio.run``), so its pool and its
+LISTEN connection live on one loop the link owns, on a daemon thread; every verb hands its
+statements to that loop and awaits the result from the caller's loop. A verb, once handed
+over, runs to its end even if its caller stops waiting, and ``close`` lets verbs in flight
+finish: a statement cut off halfway would leave a connection busy, or a transaction open
+on the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import contextvars
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg import sql as pg_sql
+from psycopg_pool import AsyncConnectionPool
+
+from ..exceptions import StoreError
+from .postgres_schema import PostgresSettings, check_version, latest_version, migrate
+
+log = logging.getLogger("backlane.postgres")
+
+T = TypeVar("T")
+
+_DEADLOCK_ATTEMPTS = 3
+_LISTEN_RETRY_MAX = 5.0
+_CLOSE_GRACE = 10.0
+"""Seconds ``close`` waits for verbs in flight before closing their connections."""
+
+
+def store_error(settings: PostgresSettings, exc: psycopg.Error) -> StoreError:
+    """The ``StoreError`` for a driver error, saying what to check when it can."""
+    if isinstance(exc, pg_errors.UndefinedTable):
+        return StoreError(
+            f"PostgreSQL store: {exc}; is the connection to the store's database, and "
+            f"was the schema {settings.schema!r} migrated?"
+        )
+    return StoreError(f"PostgreSQL store (schema {settings.schema}): {exc}")
+
+
+class PostgresLink:
+    """The pool and the listener of one store, on the link's own loop."""
+
+    def __init__(self, url: str, settings: PostgresSettings) -> None:
+        self.url = url
+        self.settings = settings
+        self._lock = threading.Lock()
+        """Guards ``_runner`` and ``_opening``: open and close may race from any thread."""
+        self._runner: LoopThread | None = None
+        self._opening: concurrent.futures.Future[None] | None = None
+        self._pool: AsyncConnectionPool[Any] | None = None
+        """Used on the runner's loop only, as are ``_listener`` and ``_in_flight``."""
+        self._listener: asyncio.Task[None] | None = None
+        self._in_flight: set[asyncio.Task[Any]] = set()
+        self.listening = False
+        """Whether announcements of work arrive now."""
+        self.signal = WorkSignal()
+
+    @property
+    def is_open(self) -> bool:
+        return self._runner is not None
+
+    async def open(self) -> None:
+        """Connect, bring the schema up to date (or, with ``auto_migrate=0``, check that it
+        is), open the pool and start listening for work. Idempotent, and safe to race from
+        several threads: one pool is opened, and every caller waits until it is."""
+        with self._lock:
+            runner, opening = self._runner, self._opening
+            if runner is None or opening is None:
+                runner = LoopThread(f"backlane-postgres-{self.settings.schema}")
+                opening = asyncio.run_coroutine_threadsafe(self._start(), runner.loop)
+                self._runner, self._opening = runner, opening
+        try:
+            await asyncio.shield(asyncio.wrap_future(opening))
+        except BaseException:
+            if opening.done() and not opening.cancelled() and opening.exception() is not None:
+                with self._lock:
+                    if self._opening is opening:
+                        self._runner = self._opening = None
+                runner.stop()
+            raise
+
+    async def close(self) -> None:
+        """Stop listening and close the pool once the work already asked for is done.
+        Idempotent."""
+        with self._lock:
+            runner, opening = self._runner, self._opening
+            self._runner = self._opening = None
+        if runner is None:
+            return
+        try:
+            await runner.run(self._stop(opening))
+        finally:
+            runner.stop()
+
+    async def migrate(self, *, check: bool = False) -> tuple[int, int]:
+        """Bring the schema up to date now, whatever ``auto_migrate`` says, over a
+        connection of its own (the store need not be open), creating the schema if it is
+        missing. Returns (version before, version after; 0 for no schema). With
+        ``check``, change nothing: raise ``StoreError`` unless it is up to date."""
+        settings = self.settings
+        try:
+            async with await psycopg.AsyncConnection.connect(
+                settings.conninfo, autocommit=True, application_name=settings.application_name
+            ) as conn:
+                if check:
+                    await check_version(conn, settings)
+                    latest = latest_version()
+                    return (latest, latest)
+                return await migrate(conn, settings)
+        except psycopg.Error as exc:
+            raise store_error(self.settings, exc) from exc
+
+    def not_open(self) -> StoreError:
+        return StoreError(f"the store {self.url} is not open; await store.open() first")
+
+    async def run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """``fn(connection, *args)`` on the link's loop, with a pooled connection (a
+        statement that lost a deadlock is tried again); driver errors as ``StoreError``."""
+        runner = self._runner
+        if runner is None:
+            raise self.not_open()
+        try:
+            return await runner.run(self._on_pool(fn, *args))
+        except LoopClosed as exc:  # a close() raced this call
+            raise StoreError(f"the store {self.url} is closed") from exc
+
+    async def _on_pool(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        # Runs on the store's loop.
+        task = asyncio.current_task()
+        assert task is not None
+        self._in_flight.add(task)
+        try:
+            return await self._with_connection(fn, *args)
+        finally:
+            self._in_flight.discard(task)
+
+    async def _with_connection(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        pool = self._pool
+        if pool is None:
+            opening = self._opening
+            if opening is None:
+                raise self.not_open()
+            await asyncio.wrap_future(opening)
+            pool = self._pool
+            if pool is None:  # pragma: no cover - closed while opening
+                raise self.not_open()
+        for attempt in range(1, _DEADLOCK_ATTEMPTS + 1):
+            try:
+                async with pool.connection() as conn:
+                    return await fn(conn, *args)
+            except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure) as exc:
+                if attempt == _DEADLOCK_ATTEMPTS:
+                    raise store_error(self.settings, exc) from exc
+                log.debug("retrying a statement that lost a deadlock: %s", exc)
+            except psycopg.Error as exc:
+                raise store_error(self.settings, exc) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _start(self) -> None:
+        # Runs on the store's loop: schema, pool, listener.
+        settings = self.settings
+        try:
+            async with await psycopg.AsyncConnection.connect(
+                settings.conninfo, autocommit=True, application_name=settings.application_name
+            ) as conn:
+                if settings.auto_migrate:
+                    await migrate(conn, settings)
+                else:
+                    await check_version(conn, settings)
+            pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+                settings.conninfo,
+                min_size=min(2, settings.pool_size),
+                max_size=settings.pool_size,
+                kwargs={"autocommit": True, "application_name": settings.application_name},
+                open=False,
+                name=f"backlane-{settings.schema}",
+            )
+            await pool.open(wait=True, timeout=30.0)
+        except psycopg.Error as exc:
+            raise store_error(self.settings, exc) from exc
+        self._pool = pool
+        self._listener = asyncio.get_running_loop().create_task(self._listen())
+
+    async def _stop(self, opening: concurrent.futures.Future[None] | None) -> None:
+        # Runs on the store's loop.
+        if opening is not None and not opening.done():
+            with contextlib.suppress(Exception):  # its caller heard of it
+                await asyncio.wrap_future(opening)
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+        if self._in_flight:  # verbs in flight end their transactions first
+            await asyncio.wait(set(self._in_flight), timeout=_CLOSE_GRACE)
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    async def _listen(self) -> None:
+        # Runs on the store's loop until cancelled: LISTEN, and announce each notification;
+        # reconnect with growing pauses when the connection breaks.
+        listen = pg_sql.SQL("LISTEN {}").format(pg_sql.Identifier(self.settings.channel))
+        pause = 0.1
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self.settings.conninfo,
+                    autocommit=True,
+                    application_name=f"{self.settings.application_name} listen",
+                ) as conn:
+                    await conn.execute(listen)
+                    self.listening = True
+                    pause = 0.1
+                    self.signal.announce()  # work may have come while we were not listening
+                    async for _ in conn.notifies():
+                        self.signal.announce()
+            except psycopg.Error as exc:
+                log.warning(
+                    "PostgreSQL store: listening for work failed (%s); polling until it "
+                    "reconnects in %.1fs",
+                    exc,
+                    pause,
+                )
+            self.listening = False
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _LISTEN_RETRY_MAX)
+
+
+class LoopClosed(RuntimeError):
+    """The loop was stopped: nothing more runs on it."""
+
+
+class LoopThread:
+    """An event loop running on a daemon thread until ``stop``."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+            leftovers = asyncio.all_tasks(self.loop)
+            for task in leftovers:  # nothing should be left; if something is, unwind it
+                task.cancel()
+            if leftovers:
+                gathered = asyncio.gather(*leftovers, return_exceptions=True)
+                self.loop.run_until_complete(gathered)
+        finally:
+            self.loop.close()
+
+    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on this loop and return its result. A caller cancelled meanwhile
+        stops waiting at once, but ``coro`` runs to its end: a statement interrupted
+        halfway would leave its connection busy, or a transaction open, on the server.
+        Raises ``LoopClosed`` once the loop was stopped."""
+        try:
+            future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        except RuntimeError as exc:  # stopped and closed by a racing stop()
+            coro.close()
+            raise LoopClosed(str(exc)) from exc
+        try:
+            return await asyncio.shield(asyncio.wrap_future(future))
+        except asyncio.CancelledError:
+            if future.cancelled():  # not the caller: the loop stopped before it ran
+                raise LoopClosed("the loop stopped before the call ran") from None
+            raise
+
+    def stop(self) -> None:
+        """Stop the loop once what it is running now yields, and wait for its thread.
+        Call it from any thread but the loop's own."""
+        if self.loop.is_closed():
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        except RuntimeError:  # closed in between
+            return
+        self._thread.join(timeout=5.0)
+
+
+class WorkSignal:
+    """The announcements of claimable work a store has seen, and the tasks waiting for one.
+
+    ``announce`` (from any thread) counts one more and wakes every waiter. ``mark``, before
+    a claim, notes the count in the current context, which tasks started from it inherit:
+    ``wait`` there returns at once if work was announced since, so that a job enqueued
+    while an empty claim ran is not missed.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = set()
+        self._mark: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+            f"backlane_work_mark_{id(self)}", default=None
+        )
+
+    def announce(self) -> None:
+        """Work was announced: wake every waiter. Safe from any thread."""
+        with self._lock:
+            self._count += 1
+            waiters = list(self._waiters)
+        for loop, fut in waiters:
+            if not loop.is_closed():
+                with contextlib.suppress(RuntimeError):  # the loop closed in between
+                    loop.call_soon_threadsafe(_settle, fut)
+
+    def mark(self) -> None:
+        """Note, in the current context, the announcements seen so far."""
+        with self._lock:
+            self._mark.set(self._count)
+
+    async def wait(self, timeout: float) -> None:
+        """Return at the next announcement, at once if one came since the ``mark`` this
+        context holds, or after ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        entry = (loop, fut)
+        with self._lock:
+            mark = self._mark.get()
+            if mark is not None and mark < self._count:
+                return
+            self._waiters.add(entry)
+        try:
+            await asyncio.wait([fut], timeout=max(0.0, timeout))
+        finally:
+            with self._lock:
+                self._waiters.discard(entry)
+            fut.cancel()
+
+
+def _settle(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
