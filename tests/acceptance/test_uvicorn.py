@@ -163,7 +163,8 @@ def test_tasks_of_received_replies_run_after_kill_9(
             # a 200 whose body never ends: its task is stored, never released
             with client.stream("POST", "/unfinished/20") as reply:
                 assert reply.status_code == 200
-                ids[20] = next(reply.iter_lines())
+                lines = reply.iter_lines()  # kept: a dropped iterator closes the connection,
+                ids[20] = next(lines)  # and a disconnect ends the response, which releases
                 first.kill()
                 killed_at = time.perf_counter()
     finally:
