@@ -20,8 +20,9 @@ import pytest
 
 from backlane.exceptions import ConfigurationError, StoreError
 from backlane.jobs import Job, JobState
-from backlane.stores import sqlite as sqlite_module
-from backlane.stores.sqlite import SQLiteStore, _migrations, _queries
+from backlane.stores import sqlite_connections
+from backlane.stores.sqlite import SQLiteStore
+from backlane.stores.sqlite_schema import migrations, queries
 
 pytestmark = pytest.mark.anyio
 
@@ -92,7 +93,7 @@ async def test_the_file_is_tuned_and_at_the_latest_schema_version(tmp_path: Path
     conn = sqlite3.connect(tmp_path / "jobs.db")
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == _migrations()[-1][0]
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == migrations()[-1][0]
     finally:
         conn.close()
 
@@ -151,7 +152,7 @@ def test_several_threads_opening_at_once_share_one_connection(
                 meet.wait()  # holds racing openers here, unless the store lets only one in
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(sqlite_module, "ThreadPoolExecutor", SlowToStart)
+    monkeypatch.setattr(sqlite_connections, "ThreadPoolExecutor", SlowToStart)
     store = SQLiteStore(url_of(tmp_path / "jobs.db"))
 
     async def use(n: int) -> int:
@@ -202,7 +203,7 @@ async def test_the_hot_statements_search_an_index(tmp_path: Path, query: str, in
     }  # fmt: skip
     conn = sqlite3.connect(tmp_path / "jobs.db")
     try:
-        plan = conn.execute("EXPLAIN QUERY PLAN " + _queries()[query], params).fetchall()
+        plan = conn.execute("EXPLAIN QUERY PLAN " + queries()[query], params).fetchall()
     finally:
         conn.close()
     steps = [step[3] for step in plan]
@@ -223,7 +224,9 @@ async def _enqueue_and_count(url: str, jobs: list[Job]) -> dict[str, dict[JobSta
 @pytest.mark.slow
 def test_processes_sharing_a_file_never_claim_a_job_twice(tmp_path: Path) -> None:
     url = url_of(tmp_path / "jobs.db")
-    jobs = [Job(task="t", payload="[]", created_at=NOW, run_at=NOW) for _ in range(500)]
+    # Enough jobs that the claimers still overlap on a loaded machine: one process alone
+    # claims and finishes a job in about 0.15 ms, on its event loop.
+    jobs = [Job(task="t", payload="[]", created_at=NOW, run_at=NOW) for _ in range(2000)]
     asyncio.run(_enqueue_and_count(url, jobs))
 
     script = Path(__file__).with_name("sqlite_claimer.py")
@@ -250,4 +253,4 @@ def test_processes_sharing_a_file_never_claim_a_job_twice(tmp_path: Path) -> Non
     assert set(claimed) == {job.id for job in jobs}
     assert sum(1 for ids in claimed_by if ids) >= 2, "the processes did not overlap"
     print("jobs claimed per process:", [len(ids) for ids in claimed_by])
-    assert asyncio.run(_enqueue_and_count(url, [])) == {"default": {JobState.SUCCEEDED: 500}}
+    assert asyncio.run(_enqueue_and_count(url, [])) == {"default": {JobState.SUCCEEDED: 2000}}

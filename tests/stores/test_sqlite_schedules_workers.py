@@ -19,7 +19,8 @@ import pytest
 
 from backlane.jobs import Job, JobState
 from backlane.stores.base import ScheduleRecord, StatsBucket
-from backlane.stores.sqlite import SQLiteStore, _migrations, _queries
+from backlane.stores.sqlite import SQLiteStore
+from backlane.stores.sqlite_schema import migrations, queries
 
 pytestmark = pytest.mark.anyio
 
@@ -49,7 +50,7 @@ async def _open_and_close(path: Path) -> None:
 
 
 async def test_a_version_1_file_is_upgraded_in_place_and_keeps_its_jobs(tmp_path: Path) -> None:
-    (version, first), *_ = _migrations()
+    (version, first), *_ = migrations()
     assert version == 1
     old = tmp_path / "old.db"
     conn = sqlite3.connect(old)
@@ -84,7 +85,7 @@ async def test_a_version_1_file_is_upgraded_in_place_and_keeps_its_jobs(tmp_path
     assert _schema(old) == _schema(tmp_path / "fresh.db")
     conn = sqlite3.connect(old)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == _migrations()[-1][0]
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == migrations()[-1][0]
     finally:
         conn.close()
 
@@ -93,10 +94,10 @@ async def test_migrations_applied_one_by_one_build_the_schema_of_a_fresh_file(
     tmp_path: Path,
 ) -> None:
     await _open_and_close(tmp_path / "fresh.db")
-    for version, _ in _migrations():
+    for version, _ in migrations():
         stepped = tmp_path / f"upto{version}.db"
         conn = sqlite3.connect(stepped)
-        for _, script in [m for m in _migrations() if m[0] <= version]:
+        for _, script in [m for m in migrations() if m[0] <= version]:
             conn.executescript(script)
         conn.execute(f"PRAGMA user_version = {version}")
         conn.close()
@@ -117,7 +118,7 @@ async def test_the_new_statements_search_an_index(tmp_path: Path, query: str, in
     params.update(width=60.0, name="s", slot=NOW)
     conn = sqlite3.connect(tmp_path / "jobs.db")
     try:
-        plan = conn.execute("EXPLAIN QUERY PLAN " + _queries()[query], params).fetchall()
+        plan = conn.execute("EXPLAIN QUERY PLAN " + queries()[query], params).fetchall()
     finally:
         conn.close()
     steps = [step[3] for step in plan]

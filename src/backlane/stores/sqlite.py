@@ -1,35 +1,27 @@
 """The embedded store: one SQLite file, shared safely by several processes.
 
-Every statement runs on one dedicated thread that owns the connection; the event loop only
-awaits it, from whichever loop is running, so one instance serves several threads and
-event loops at once. Writes run in ``BEGIN IMMEDIATE`` transactions, so two processes
-claiming from one file never hand the same job to two workers.
-
-The SQL lives in ``sql/sqlite/``: numbered migrations (``0001_initial.sql``, ...) versioned
-by ``PRAGMA user_version``, and the statements of the verbs in ``queries.sql``.
+Writes run in ``BEGIN IMMEDIATE`` transactions, so two processes claiming from one file
+never hand the same job to two workers. Short ones run on the awaiting event loop when
+they need not wait, others on the store's own thread (``sqlite_connections``); one instance
+serves several threads and event loops at once. The schema and the SQL are in
+``sqlite_schema`` and ``sql/sqlite/``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import dataclasses
-import functools
 import json
 import re
 import sqlite3
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from importlib import resources
-from importlib.abc import Traversable
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 from ..exceptions import ConfigurationError, StoreError
 from ..jobs import ACTIVE_STATES, TERMINAL_STATES, Job, JobState
 from .base import Outcome, ScheduleRecord, StatsBucket, Store, WorkerRecord
+from .sqlite_connections import Connections
+from .sqlite_schema import path_from_url, queries
 
 T = TypeVar("T")
 
@@ -39,64 +31,7 @@ _OUTCOME_STATES = frozenset(
 )
 _PURGE_BATCH = 1000
 """Most jobs removed per transaction by ``purge``, so no lock is held for long."""
-_MIGRATION_NAME = re.compile(r"^(\d+)_\w+\.sql$")
 _LIKE_SPECIAL = re.compile(r"([\\%_])")
-
-
-def _path_from_url(url: str) -> str:
-    """The database path named by a ``sqlite:///relative.db`` or ``sqlite:////abs.db`` URL.
-    Raises ``ConfigurationError`` saying what is wrong with any other URL."""
-    parts = urlsplit(url)
-    if parts.scheme != "sqlite":
-        raise ConfigurationError(f"not a SQLite URL: {url!r}; write sqlite:///path/to.db")
-    if parts.netloc:
-        raise ConfigurationError(
-            f"SQLite URL {url!r} names a host ({parts.netloc!r}), but a SQLite file has "
-            "none: write sqlite:///relative/path.db or sqlite:////absolute/path.db"
-        )
-    if parts.query or parts.fragment:
-        raise ConfigurationError(f"SQLite URL {url!r} takes no query string or fragment")
-    path = parts.path[1:] if parts.path.startswith("/") else parts.path
-    if not path or path.endswith("/"):
-        raise ConfigurationError(
-            f"SQLite URL {url!r} names no file: write sqlite:///relative/path.db "
-            "or sqlite:////absolute/path.db"
-        )
-    return path
-
-
-def _sql_folder() -> Traversable:
-    return resources.files("backlane.stores") / "sql" / "sqlite"
-
-
-def _migrations() -> list[tuple[int, str]]:
-    """The schema migrations shipped with backlane, as (version, SQL script), in order."""
-    found = []
-    for entry in _sql_folder().iterdir():
-        match = _MIGRATION_NAME.match(entry.name)
-        if match:
-            found.append((int(match.group(1)), entry.read_text(encoding="utf-8")))
-    return sorted(found)
-
-
-@functools.cache
-def _queries() -> dict[str, str]:
-    """The statements of ``queries.sql`` by name."""
-    text = (_sql_folder() / "queries.sql").read_text(encoding="utf-8")
-    blocks = re.split(r"^-- name: *", text, flags=re.MULTILINE)[1:]
-    return {name.strip(): body.strip() for name, _, body in (b.partition("\n") for b in blocks)}
-
-
-def _statements(script: str) -> Iterator[str]:
-    """The statements of an SQL script, one by one."""
-    buffer = ""
-    for line in script.splitlines(keepends=True):
-        buffer += line
-        if sqlite3.complete_statement(buffer):
-            yield buffer.strip()
-            buffer = ""
-    if any(ln.strip() and not ln.strip().startswith("--") for ln in buffer.splitlines()):
-        raise StoreError(f"unterminated SQL statement in a migration: {buffer.strip()!r}")
 
 
 def _dump(value: Any) -> str | None:
@@ -152,15 +87,9 @@ class SQLiteStore(Store):
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.path = _path_from_url(url)
-        self._lock = threading.Lock()
-        """Guards ``_executor`` and ``_opening``: open and close may race from any thread."""
-        self._executor: ThreadPoolExecutor | None = None
-        self._opening: Future[None] | None = None
-        """The connect of the current opening, awaited by every ``open`` until it is done."""
-        self._conn: sqlite3.Connection | None = None
-        """Used only on the executor's thread."""
-        self._sql = _queries()
+        self.path = path_from_url(url)
+        self._db = Connections(self.path, url)
+        self._sql = queries()
 
     def __repr__(self) -> str:
         return f"<SQLiteStore {self.path}>"
@@ -168,35 +97,12 @@ class SQLiteStore(Store):
     async def open(self) -> None:
         """Open the file (creating it and its folder if missing), tune it, and bring the
         schema to the latest version. Idempotent, and safe to race from several threads:
-        one connection is opened, and every caller waits until it is."""
-        with self._lock:
-            executor, opening = self._executor, self._opening
-            if executor is None or opening is None:
-                executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="backlane-sqlite")
-                opening = executor.submit(self._guarded, self._connect)
-                self._executor, self._opening = executor, opening
-        try:
-            await asyncio.shield(asyncio.wrap_future(opening))
-        except BaseException:
-            if opening.done() and opening.exception() is not None:  # not merely cancelled
-                with self._lock:
-                    if self._opening is opening:
-                        self._executor = self._opening = None
-                executor.shutdown(wait=False)
-            raise
+        one set of connections is opened, and every caller waits until it is."""
+        await self._db.open()
 
     async def close(self) -> None:
-        """Close the connection once the work already asked for is done. Idempotent."""
-        with self._lock:
-            executor = self._executor
-            self._executor = self._opening = None
-        if executor is None:
-            return
-        try:
-            closing = executor.submit(self._guarded, self._disconnect)
-            await asyncio.shield(asyncio.wrap_future(closing))
-        finally:
-            executor.shutdown(wait=False)
+        """Close the connections once the work already asked for is done. Idempotent."""
+        await self._db.close()
 
     # -- write side -------------------------------------------------------------------
 
@@ -274,7 +180,7 @@ class SQLiteStore(Store):
         """Queue running jobs whose lease ended before ``now`` (those asked to stop end
         cancelled instead, kept until ``keep_until``) and deferred jobs whose
         ``release_at`` is not after ``now``; return how many changed."""
-        return await self._write(self._requeue_expired, now, keep_until)
+        return await self._db.write_on_thread(self._requeue_expired, now, keep_until)
 
     async def cancel(
         self, job_id: str, now: float, keep_until: float | None = None
@@ -298,7 +204,7 @@ class SQLiteStore(Store):
 
     async def delete(self, ids: Sequence[str]) -> int:
         """Remove the jobs among ``ids`` whatever their state; successors are freed."""
-        return await self._write(self._delete, _ids(ids))
+        return await self._db.write_on_thread(self._delete, _ids(ids))
 
     async def purge(self, *, before: float, states: Sequence[JobState] | None = None) -> int:
         """Remove ended jobs whose ``keep_until`` (or, with ``states``, ``finished_at``) is
@@ -313,7 +219,7 @@ class SQLiteStore(Store):
             query, params["states"] = "purge_finished", json.dumps(wanted)
         total = 0
         while True:
-            removed = await self._write(self._purge_batch, query, params)
+            removed = await self._db.write_on_thread(self._purge_batch, query, params)
             total += removed
             if removed < _PURGE_BATCH:
                 return total
@@ -322,7 +228,7 @@ class SQLiteStore(Store):
 
     async def get(self, job_id: str) -> Job | None:
         """The job with this id, or None."""
-        rows = await self._run(self._fetch, self._sql["get_job"], {"id": job_id})
+        rows = await self._db.read(self._fetch, self._sql["get_job"], {"id": job_id})
         return _decode(rows[0]) if rows else None
 
     async def list_jobs(
@@ -347,13 +253,13 @@ class SQLiteStore(Store):
             params["pattern"] = _like_pattern(text)
         where = f"WHERE {' AND '.join(terms)}" if terms else ""
         query = f"SELECT * FROM jobs {where} ORDER BY created_at DESC, seq DESC LIMIT :limit"
-        rows = await self._run(self._fetch, query + " OFFSET :offset", params)
+        rows = await self._db.on_thread(self._fetch, query + " OFFSET :offset", params)
         return [_decode(row) for row in rows]
 
     async def counts(self) -> dict[str, dict[JobState, int]]:
         """Jobs per queue and state; states without jobs are left out."""
         result: dict[str, dict[JobState, int]] = {}
-        for row in await self._run(self._fetch, self._sql["counts"], {}):
+        for row in await self._db.on_thread(self._fetch, self._sql["counts"], {}):
             result.setdefault(row["queue"], {})[JobState(row["state"])] = row["n"]
         return result
 
@@ -373,7 +279,7 @@ class SQLiteStore(Store):
                 wait_total=row["wait_total"],
                 wait_count=row["wait_count"],
             )
-            for row in await self._run(self._fetch, self._sql["stats"], params)
+            for row in await self._db.on_thread(self._fetch, self._sql["stats"], params)
         ]
 
     # -- schedules ----------------------------------------------------------------------
@@ -386,7 +292,7 @@ class SQLiteStore(Store):
 
     async def schedules(self) -> dict[str, ScheduleRecord]:
         """Every schedule that took a slot or was paused, by name."""
-        rows = await self._run(self._fetch, self._sql["schedules"], {})
+        rows = await self._db.on_thread(self._fetch, self._sql["schedules"], {})
         return {
             row["name"]: ScheduleRecord(
                 name=row["name"], last_slot=row["last_slot"], paused=bool(row["paused"])
@@ -408,7 +314,7 @@ class SQLiteStore(Store):
 
     async def paused_queues(self) -> set[str]:
         """Names of the paused queues."""
-        rows = await self._run(self._fetch, self._sql["paused_queues"], {})
+        rows = await self._db.on_thread(self._fetch, self._sql["paused_queues"], {})
         return {row["queue"] for row in rows}
 
     async def beat(self, worker: WorkerRecord) -> None:
@@ -421,7 +327,7 @@ class SQLiteStore(Store):
     async def workers(self, *, seen_since: float) -> list[WorkerRecord]:
         """Workers seen at or after ``seen_since``, oldest started first (ties by id);
         records of the others are dropped."""
-        rows = await self._write(self._workers, seen_since)
+        rows = await self._db.write_on_thread(self._workers, seen_since)
         return [_decode_worker(row) for row in rows]
 
     async def forget_worker(self, worker_id: str) -> None:
@@ -430,50 +336,15 @@ class SQLiteStore(Store):
 
     # -- plumbing ---------------------------------------------------------------------
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` on the store's thread, with SQLite errors as ``StoreError``."""
-        executor = self._executor
-        if executor is None:
-            raise StoreError(f"the store {self.url} is not open; await store.open() first")
-        call = functools.partial(self._guarded, fn, *args)
-        try:
-            future = asyncio.get_running_loop().run_in_executor(executor, call)
-        except RuntimeError as exc:  # shut down by a close() racing this call
-            raise StoreError(f"the store {self.url} is closed") from exc
-        return await future
-
     async def _write(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(connection, *args)`` in one ``BEGIN IMMEDIATE`` transaction."""
-        return await self._run(self._transaction, fn, *args)
+        """``fn(connection, *args)`` in one short ``BEGIN IMMEDIATE`` transaction."""
+        return await self._db.write(fn, *args)
 
-    # -- below here, everything runs on the store's thread -------------------------------
-
-    def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
-        try:
-            return fn(*args)
-        except sqlite3.Error as exc:
-            raise StoreError(f"SQLite store {self.path}: {exc}") from exc
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise StoreError(f"the store {self.url} is closed")
-        return self._conn
-
-    def _transaction(self, fn: Callable[..., T], *args: Any) -> T:
-        conn = self._connection()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(conn, *args)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        return result
-
-    def _fetch(self, query: str, params: dict[str, Any]) -> list[sqlite3.Row]:
+    def _fetch(
+        self, conn: sqlite3.Connection, query: str, params: dict[str, Any]
+    ) -> list[sqlite3.Row]:
         """Rows of a read (``query`` is SQL text) outside any explicit transaction."""
-        return self._connection().execute(query, params).fetchall()
+        return conn.execute(query, params).fetchall()
 
     def _execute(self, conn: sqlite3.Connection, name: str, params: dict[str, Any]) -> int:
         return conn.execute(self._sql[name], params).rowcount
@@ -482,51 +353,6 @@ class SQLiteStore(Store):
         self, conn: sqlite3.Connection, name: str, params: dict[str, Any]
     ) -> list[sqlite3.Row]:
         return conn.execute(self._sql[name], params).fetchall()
-
-    def _connect(self) -> None:
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
-        try:
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA busy_timeout = 5000")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            self._migrate(conn)
-        except BaseException:
-            conn.close()
-            raise
-        self._conn = conn
-
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        migrations = _migrations()
-        latest = migrations[-1][0]
-        current = conn.execute("PRAGMA user_version").fetchone()[0]
-        if current > latest:
-            raise StoreError(
-                f"{self.path} has schema version {current}, newer than this backlane "
-                f"knows ({latest}); upgrade backlane"
-            )
-        if current == latest:
-            return
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            current = conn.execute("PRAGMA user_version").fetchone()[0]
-            for version, script in migrations:
-                if version > current:
-                    for statement in _statements(script):
-                        conn.execute(statement)
-                    conn.execute(f"PRAGMA user_version = {int(version)}")
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-
-    def _disconnect(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
 
     # -- the verbs' transactions -----------------------------------------------------
 
