@@ -69,6 +69,19 @@ def _like_pattern(text: str) -> str:
     return f"%{escaped}%"
 
 
+def _newest_first(terms: list[str]) -> str:
+    """The jobs matching all ``terms`` (one names the state), newest first."""
+    where = " AND ".join(terms)
+    return (
+        f"SELECT * FROM jobs INDEXED BY jobs_state_created WHERE {where} "
+        "ORDER BY created_at DESC, seq DESC"
+    )
+
+
+def _state_is(state: JobState) -> str:
+    return f"state = '{state.value}'"
+
+
 def _decode_worker(row: sqlite3.Row) -> WorkerRecord:
     queues = row["queues"]
     return WorkerRecord(
@@ -245,15 +258,24 @@ class SQLiteStore(Store):
         skipping ``offset`` and returning at most ``limit``. ``text`` is looked for in the
         id, task, payload and error message with ``LIKE``, which ignores the case of ASCII
         letters only."""
-        filters = {"state": None if state is None else state.value, "task": task, "queue": queue}
+        filters = {"task": task, "queue": queue}
         terms = [f"{name} = :{name}" for name, value in filters.items() if value is not None]
         params: dict[str, Any] = {**filters, "limit": limit, "offset": offset}
         if text is not None:
-            terms.append(f"({self._sql['text_matches']})")
+            terms.append(f"(\n{self._sql['text_matches']}\n)")
             params["pattern"] = _like_pattern(text)
-        where = f"WHERE {' AND '.join(terms)}" if terms else ""
-        query = f"SELECT * FROM jobs {where} ORDER BY created_at DESC, seq DESC LIMIT :limit"
-        rows = await self._db.on_thread(self._fetch, query + " OFFSET :offset", params)
+        if state is not None:
+            params["state"] = state.value
+            query = _newest_first(["state = :state", *terms])
+        else:  # the newest of each state, merged: jobs_state_created keeps them in order
+            params["window"] = -1 if limit < 0 else limit + offset
+            branches = " UNION ALL ".join(
+                f"SELECT * FROM ({_newest_first([_state_is(s), *terms])} LIMIT :window)"
+                for s in JobState
+            )
+            query = f"SELECT * FROM ({branches}) ORDER BY created_at DESC, seq DESC"
+        query += " LIMIT :limit OFFSET :offset"
+        rows = await self._db.on_thread(self._fetch, query, params)
         return [_decode(row) for row in rows]
 
     async def counts(self) -> dict[str, dict[JobState, int]]:

@@ -112,17 +112,20 @@ WHERE state = 'running' AND worker_id = :worker_id
 
 -- name: cancel_expired_leases
 -- Running jobs asked to stop whose worker stopped answering end cancelled, not queued.
-UPDATE jobs INDEXED BY jobs_lease
+-- This and the next two read the running (or deferred) jobs of jobs_state_created: few,
+-- no more than the workers' concurrency (deferred ones are each held for one response).
+UPDATE jobs INDEXED BY jobs_state_created
 SET state = 'cancelled', lease_until = NULL, finished_at = :now, keep_until = :keep_until
 WHERE state = 'running' AND lease_until < :now AND cancel_requested = 1
 RETURNING id;
 
 -- name: requeue_expired_leases
-UPDATE jobs INDEXED BY jobs_lease SET state = 'queued', lease_until = NULL, worker_id = NULL
+UPDATE jobs INDEXED BY jobs_state_created
+SET state = 'queued', lease_until = NULL, worker_id = NULL
 WHERE state = 'running' AND lease_until < :now AND cancel_requested = 0;
 
 -- name: requeue_overdue_deferred
-UPDATE jobs INDEXED BY jobs_release SET state = 'queued'
+UPDATE jobs INDEXED BY jobs_state_created SET state = 'queued'
 WHERE state = 'deferred' AND release_at IS NOT NULL AND release_at <= :now;
 
 -- name: cancel_waiting
