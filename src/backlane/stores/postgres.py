@@ -38,6 +38,7 @@ from .postgres_jobs import (
     caller_session,
     decode,
     enqueue_on,
+    needs_transaction,
     sort_claimed,
 )
 from .postgres_link import PostgresLink, store_error
@@ -420,7 +421,7 @@ class PostgresStore(Store):
     async def _enqueue(self, conn: Any, jobs: list[Job]) -> list[Job]:
         if not jobs:
             return []
-        if all(job.key is None for job in jobs):  # one statement: atomic on its own
+        if not needs_transaction(jobs):  # one statement: atomic on its own
             return await enqueue_on(PsycopgSession(conn), self._sql, jobs)
         async with conn.transaction():
             return await enqueue_on(PsycopgSession(conn), self._sql, jobs)

@@ -141,7 +141,8 @@ def sort_claimed(rows: Sequence[Row]) -> list[Job]:
 
 
 async def enqueue_on(session: Session, sql: Mapping[str, str], jobs: Sequence[Job]) -> list[Job]:
-    """Store ``jobs`` in order through ``session``, which must run them in one transaction.
+    """Store ``jobs`` in order through ``session``, which must run them in one transaction
+    when ``needs_transaction(jobs)``.
 
     A job whose key an active job holds is not stored: the holder is returned in its
     place, and a later job of the batch whose ``after`` named it waits for the holder
@@ -152,9 +153,15 @@ async def enqueue_on(session: Session, sql: Mapping[str, str], jobs: Sequence[Jo
         raise StoreError("enqueue refused: a job id is repeated in the batch")
     if not jobs:
         return []
-    if any(job.key is not None for job in jobs):
+    if len(jobs) == 1 or any(job.key is not None for job in jobs):
         return await _enqueue_one_by_one(session, sql, jobs)
     return await _enqueue_batch(session, sql, jobs)
+
+
+def needs_transaction(jobs: Sequence[Job]) -> bool:
+    """Whether ``enqueue_on`` sends more than one writing statement for ``jobs`` (else its
+    one statement is atomic on its own)."""
+    return len(jobs) > 1 and any(job.key is not None for job in jobs)
 
 
 async def _enqueue_batch(
