@@ -258,3 +258,37 @@ def test_web_and_two_workers_on_postgres_lose_nothing_when_one_is_killed(
     )
     survivor.signal(signal.SIGTERM)
     assert survivor.wait(10) == 0
+
+
+async def post_at_once(url: str, count: int) -> list[tuple[int, str]]:
+    """``count`` POSTs to ``/jobs``, all in flight together, each on its own connection
+    opened beforehand; (status, job id) of each."""
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(httpx.AsyncClient(base_url=url, timeout=30.0))
+            for _ in range(count)
+        ]
+        await asyncio.gather(*(client.get("/ping") for client in clients))
+        replies = await asyncio.gather(*(client.post("/jobs") for client in clients))
+    return [
+        (r.status_code, r.json().get("id", "") if r.status_code == 200 else "") for r in replies
+    ]
+
+
+@pytest.mark.timeout(60)
+def test_a_hundred_concurrent_requests_each_run_their_task_once(lab: PostgresLab) -> None:
+    lab.migrate()
+    worker = lab.start_worker("--concurrency", "20")
+    worker.started()
+    with lab.web() as server:
+        replies = asyncio.run(post_at_once(server.url, 100))
+        assert [status for status, _ in replies] == [200] * 100
+        ids = {job_id for _, job_id in replies}
+        wait_for(lambda: lab.count(JobState.SUCCEEDED) == 100, 30, "the 100 jobs succeeded")
+        time.sleep(0.3)  # a second run of any job would show by now
+        with httpx.Client(base_url=server.url, timeout=10.0) as client:
+            states = [client.get(f"/backlane/jobs/{job_id}").json() for job_id in ids]
+    assert Counter(lab.recorded()) == Counter(dict.fromkeys(ids, 1))  # each exactly once
+    assert [(s["state"], s["attempts"]) for s in states] == [("succeeded", 1)] * 100
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(10) == 0
