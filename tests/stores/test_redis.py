@@ -591,10 +591,12 @@ async def test_no_message_is_published_while_no_worker_is_idle(store: RedisStore
     pubsub = listener.pubsub()
     await pubsub.subscribe(store.prefix + "wake")
     assert (await pubsub.get_message(timeout=1))["type"] == "subscribe"
-    await store.enqueue([make_job()])  # nobody claimed in vain yet: no one to wake
+    await store.enqueue([make_job(), make_job()])  # nobody claimed yet: no one to wake
     assert await pubsub.get_message(timeout=0.2) is None
-    assert len(await store.claim(**claim_args())) == 1
-    assert await store.claim(**claim_args()) == []  # a worker goes idle
+    assert len(await store.claim(**claim_args(limit=2))) == 2  # busy: took its fill
+    await store.enqueue([make_job()])
+    assert await pubsub.get_message(timeout=0.2) is None
+    assert len(await store.claim(**claim_args(limit=5))) == 1  # took all there was
     await store.enqueue([make_job()])
     message = await pubsub.get_message(timeout=1)
     assert message is not None and message["type"] == "message"

@@ -8,8 +8,8 @@ queue and priority, leases, retention, listing order); ``common.lua`` lists ever
 All keys of a lane start with its prefix (``?prefix=``, default ``backlane:``), so several
 lanes share one Redis.
 
-Waiting for work costs Redis nothing but an open connection: a claim that finds nothing
-marks the lane idle for a few seconds, and while it is, a script that makes work
+Waiting for work costs Redis nothing but an open connection: a claim that takes all there
+was marks the lane idle for a few seconds, and while it is, a script that makes work
 claimable publishes on the lane's wake channel; ``wait_for_work`` returns on that
 message, or when the next delayed job the last claim saw becomes due.
 
@@ -55,7 +55,8 @@ that no call holds the server for long."""
 _SCAN = 2000
 """Index entries one call of a filtered ``list_jobs`` walks."""
 _IDLE_MS = 10_000
-"""How long a claim that found nothing keeps the lane marked idle (wake-ups published)."""
+"""How long a claim that took all there was keeps the lane marked idle (wake-ups
+published)."""
 _LONGEST_WAIT = _IDLE_MS / 1000 / 2
 """``wait_for_work`` returns at the latest this long after the task's last claim, so
 that the claim that follows renews the idle mark before it lapses."""
@@ -148,8 +149,7 @@ class RedisStore(Store):
             if isinstance(reply, list):
                 stored.append(decode_job(reply))
             else:
-                copy = job.copy(after=reply or None, error=_copy(job.error), meta=_copy(job.meta))
-                stored.append(copy)
+                stored.append(_stored_copy(job, reply or None))
         return stored
 
     async def release(self, ids: Sequence[str]) -> None:
@@ -456,6 +456,17 @@ class RedisStore(Store):
             if mark.next_due is not None:
                 timeout = min(timeout, mark.next_due - time.time())
         await wakes.wait(generation, timeout)
+
+
+def _stored_copy(job: Job, after: str | None) -> Job:
+    """A copy of ``job`` sharing nothing mutable with it, with ``after`` as stored."""
+    twin = object.__new__(Job)
+    twin.__dict__.update(job.__dict__)  # dataclasses.replace, minus its generic machinery
+    twin.after = after
+    if job.error is not None:
+        twin.error = _copy(job.error)
+    twin.meta = _copy(job.meta) if job.meta else {}
+    return twin
 
 
 def _copy(value: Any) -> Any:

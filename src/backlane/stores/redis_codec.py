@@ -23,8 +23,14 @@ def number(value: float) -> str:
     return repr(float(value))
 
 
+_TEXT = ("key", "worker_id", "message", "result", "after")
+_TIMES = ("started_at", "finished_at", "lease_until", "progress", "release_at", "keep_until")
+
+
 def job_fields(job: Job) -> dict[str, str]:
     """``job`` as the string fields of its hash (None fields left out)."""
+    values = job.__dict__
+    meta = job.meta
     fields = {
         "task": job.task,
         "payload": job.payload,
@@ -33,25 +39,18 @@ def job_fields(job: Job) -> dict[str, str]:
         "priority": str(int(job.priority)),
         "state": job.state.value,
         "attempts": str(int(job.attempts)),
-        "run_at": number(job.run_at),
-        "created_at": number(job.created_at),
-        "meta": json.dumps(job.meta, separators=(",", ":"), ensure_ascii=False),
+        "run_at": repr(float(job.run_at)),
+        "created_at": repr(float(job.created_at)),
+        "meta": json.dumps(meta, separators=(",", ":"), ensure_ascii=False) if meta else "{}",
     }
-    for name in ("key", "worker_id", "message", "result", "after"):
-        text = getattr(job, name)
+    for name in _TEXT:
+        text = values[name]
         if text is not None:
             fields[name] = text
-    for name in (
-        "started_at",
-        "finished_at",
-        "lease_until",
-        "progress",
-        "release_at",
-        "keep_until",
-    ):
-        value = getattr(job, name)
+    for name in _TIMES:
+        value = values[name]
         if value is not None:
-            fields[name] = number(value)
+            fields[name] = repr(float(value))
     if job.error is not None:
         fields["error"] = json.dumps(job.error, separators=(",", ":"), ensure_ascii=False)
     if job.cancel_requested:
@@ -97,7 +96,7 @@ def decode_job(flat: Sequence[str]) -> Job:
         cancel_requested=h.get("cancel_requested") == "1",
         release_at=_opt_float(h.get("release_at")),
         keep_until=_opt_float(h.get("keep_until")),
-        meta={} if meta is None else json.loads(meta),
+        meta={} if meta is None or meta == "{}" else json.loads(meta),
     )
 
 

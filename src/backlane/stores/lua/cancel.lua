@@ -6,7 +6,7 @@ if not job then
 end
 if job.state == 'deferred' or job.state == 'queued' then
     zdel(P .. 'defer', job.id)
-    redis.call('ZREM', due_key(job), member(job))
+    zdel(due_key(job), member(job))
     end_job(job, 'cancelled', ARGV[2], ARGV[3])
 elseif job.state == 'running' then
     redis.call('HSET', jkey(job.id), 'cancel_requested', '1')

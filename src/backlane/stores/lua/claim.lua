@@ -100,13 +100,9 @@ for _, p in ipairs(priorities) do
         local id = string.sub(m, 17)
         local jk = jkey(id)
         local fields = redis.call('HGETALL', jk)
-        local job = {id = id, queue = entry[1], priority = entry[2]}
+        local job = {}
         for f = 1, #fields, 2 do
-            local name = fields[f]
-            if name == 'state' or name == 'seq' or name == 'created_at' or name == 'key'
-                or name == 'attempts' then
-                job[name] = fields[f + 1]
-            end
+            job[fields[f]] = fields[f + 1]
         end
         move(job, 'running')
         redis.call('HSET', jk, 'state', 'running', 'attempts', tonumber(job.attempts) + 1,
@@ -117,7 +113,9 @@ for _, p in ipairs(priorities) do
         remaining = remaining - 1
     end
     for entry, gone in pairs(taken) do
-        redis.call('ZREM', entry[3], unpack(gone))
+        for i = 1, #gone, 1000 do
+            redis.call('ZREM', entry[3], unpack(gone, i, math.min(i + 999, #gone)))
+        end
     end
     for _, entry in ipairs(level) do
         if redis.call('EXISTS', entry[3]) == 0 then
@@ -138,9 +136,11 @@ if remaining > 0 then
     end
     out[1] = next_due or ''
 end
-if #ids == 0 then
+if remaining > 0 then
+    -- took all there was: the worker may wait now, so work made claimable is announced
     redis.call('SET', P .. 'idle', '1', 'PX', ARGV[7])
-else
+end
+if #ids > 0 then
     redis.call('SET', last_claim, token .. ' ' .. cjson.encode(ids), 'EX', 120)
 end
 flush()

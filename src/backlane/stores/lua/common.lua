@@ -24,8 +24,8 @@
 --   P sched           hash: schedule name -> latest slot taken ("" for none yet)
 --   P sched:paused    set: paused schedules
 --   P workers         hash: worker id -> JSON record;  P workers:seen  zset by seen_at
---   P idle            set, with an expiry, by a claim that found nothing: a worker may
---                     be waiting, so scripts that make work claimable publish on P wake
+--   P idle            set, with an expiry, by a claim that took all there was: a worker
+--                     may be waiting, so scripts that make work claimable publish on P wake
 --   P claim:<worker>  the token and job ids of the worker's last claim (two minutes)
 --
 -- A call the client sends again after its connection broke (Redis may have run it) must
@@ -33,10 +33,10 @@
 -- claim finds its token in P claim:<worker> and returns the same jobs; claim_slot finds
 -- the slot taken with its own job. The other verbs give the same result when repeated.
 --
--- Changes to sorted sets (but the due sets, which claim reads) and to counts are
--- buffered and applied by flush() at the end of each script, one command per key: a
--- batch of 1000 jobs costs a handful of ZADDs, not thousands. No script reads a buffered
--- key after writing it.
+-- Changes to sorted sets and to counts are buffered and applied by flush() at the end of
+-- each script, one command per key: a batch of 1000 jobs costs a handful of ZADDs, not
+-- thousands. No script reads a sorted set after writing it (claim reads the due sets, and
+-- removes what it took at once, before anything is buffered for them).
 
 local P = KEYS[1]
 local ACTIVE = {deferred = true, queued = true, running = true}
@@ -167,7 +167,7 @@ local function make_claimable(job)
     if job.state ~= 'queued' or job.after then
         return
     end
-    redis.call('ZADD', due_key(job), job.run_at, member(job))
+    zput(due_key(job), job.run_at, member(job))
     sadd_once(P .. 'prio:' .. job.queue, job.priority)
     woke = true
 end
@@ -228,7 +228,7 @@ local function remove(job)
     zdel(P .. 'state:' .. state, m)
     count(state, job.queue, -1)
     if state == 'queued' then
-        redis.call('ZREM', due_key(job), m)
+        zdel(due_key(job), m)
     elseif state == 'running' then
         zdel(P .. 'run', job.id)
     elseif state == 'deferred' then
