@@ -200,7 +200,7 @@ def test_redis_restarted_mid_run_web_and_workers_reconnect_and_lose_nothing(
             server.kill()  # a crash: what the server had written to its AOF survives
             down = time.monotonic()
             ran_before = len(lab.recorded())
-            # Longer than a call's retries (about 3 s): calls fail with StoreError now.
+            # Longer than a call's retries (2 to 4 s): calls fail with StoreError now.
             refused = httpx.post(f"{web.url}/record/-1", timeout=30)
             assert refused.status_code == 500
             time.sleep(max(0.0, 4.0 - (time.monotonic() - down)))

@@ -800,3 +800,14 @@ def test_the_store_runs_on_uvloop(url: str) -> None:
         await store.close()
 
     uvloop.run(main())
+
+
+async def test_text_redis_cannot_carry_is_refused_and_the_connection_stays_usable(
+    store: RedisStore,
+) -> None:
+    bad = make_job(payload='{"args":["\ud800"]}')  # a lone surrogate: not UTF-8
+    with pytest.raises(StoreError, match="cannot send"):
+        await store.enqueue([bad])
+    (good,) = await store.enqueue([make_job()])
+    assert await store.get(good.id) == good
+    assert await store.get(bad.id) is None

@@ -10,7 +10,7 @@ one there for the purpose).
 
 Driver errors never leave this module: ``call`` and ``command`` map them to
 ``StoreError``. A command that meets a broken connection is retried with backoff for
-about 3 s (``redis_wire.RETRIES``), so a Redis restart costs a caller a delay, or a
+2 to 4 s (``redis_wire.RETRIES``), so a Redis restart costs a caller a delay, or a
 ``StoreError`` if it lasts longer; the next call reconnects.
 """
 
