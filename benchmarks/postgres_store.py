@@ -9,6 +9,8 @@ pile up.
   (``task.enqueue``) at a fixed arrival rate (``--rate`` per second) for ``--latency-jobs``
   jobs. Enqueue-to-start is ``started_at - created_at`` of each job: from the moment the
   client built it to the moment a worker claimed it, commit and wake-up included.
+  The same again with ``synchronous_commit=off`` (libpq ``options``), the documented way
+  to trade a server crash's last fraction of a second for latency.
 * claim cost: one job at a time claimed and finished through the store, behind a backlog
   of 1,000 queued jobs, on a schema with no ended job and with 1,000,000 (inserted with
   ``generate_series``, then ``ANALYZE``, as autovacuum would).
@@ -43,10 +45,13 @@ from backlane import Backlane, Task
 from backlane.jobs import JobState
 from backlane.stores.base import Outcome
 from backlane.stores.postgres import PostgresStore
+from backlane.stores.postgres_schema import parse_url
 
 APPS = Path(__file__).resolve().parent / "apps"
 sys.path.insert(0, str(APPS))
 SERVER = os.environ.get("BACKLANE_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+ASYNC_COMMIT = "&options=-csynchronous_commit%3Doff"
+"""The documented opt-out of waiting for the WAL flush at each commit (docs/postgres.md)."""
 PROCRASTINATE_JOBS_PER_S = 1_008
 """Procrastinate's throughput on this machine's class of server (issue 8's baseline)."""
 
@@ -139,7 +144,7 @@ def throughput(count: int, workers: int, concurrency: int, batch: int) -> float:
     """Jobs/s of ``workers`` worker processes draining ``count`` stored no-op jobs."""
     with fresh_schema() as url, tempfile.TemporaryDirectory(prefix="backlane-pg-") as tmp:
         asyncio.run(store_jobs(url, count, batch))
-        schema = url.rpartition("=")[2]
+        schema = parse_url(url).schema
         procs = start_workers(url, workers, concurrency, Path(tmp))
         try:
             with psycopg.connect(SERVER, autocommit=True) as conn:
@@ -188,17 +193,21 @@ async def arrive(url: str, count: int, rate: float) -> tuple[list[str], list[flo
     return ids, calls
 
 
-def latency(count: int, rate: float, concurrency: int) -> tuple[list[float], list[float]]:
+def latency(
+    count: int, rate: float, concurrency: int, options: str = ""
+) -> tuple[list[float], list[float]]:
     """Enqueue-to-start latencies of ``count`` jobs arriving at ``rate`` per second with
-    one worker process waiting, and the durations of the enqueue calls."""
+    one worker process waiting, and the durations of the enqueue calls. ``options`` is
+    added to the URL of the client and the worker."""
     with fresh_schema() as url, tempfile.TemporaryDirectory(prefix="backlane-pg-") as tmp:
+        url += options
         asyncio.run(PostgresStore(url).migrate())
         procs = start_workers(url, 1, concurrency, Path(tmp))
         try:
             wait_started(Path(tmp), 1, procs)
             time.sleep(0.5)  # the worker is idle, listening
             ids, calls = asyncio.run(arrive(url, count, rate))
-            schema = url.rpartition("=")[2]
+            schema = parse_url(url).schema
             with psycopg.connect(SERVER, autocommit=True) as conn:
                 deadline = time.monotonic() + 60
                 while True:
@@ -254,7 +263,7 @@ async def claim_cost(url: str, samples: int) -> tuple[list[float], list[float]]:
 
 def add_finished_rows(url: str, count: int) -> float:
     """Insert ``count`` succeeded jobs in one statement; the seconds it took."""
-    schema = url.rpartition("=")[2]
+    schema = parse_url(url).schema
     start = time.perf_counter()
     with psycopg.connect(SERVER, autocommit=True) as conn:
         conn.execute(
@@ -304,6 +313,9 @@ def main() -> None:
         note("enqueue-to-start p99 (ms)", percentile(waits, 0.99) * 1000)
         note("enqueue call p50 (ms)", statistics.median(calls) * 1000)
         note("enqueue call p99 (ms)", percentile(calls, 0.99) * 1000)
+        waits, calls = latency(args.latency_jobs, args.rate, args.concurrency, ASYNC_COMMIT)
+        note("enqueue-to-start p50, synchronous_commit=off (ms)", statistics.median(waits) * 1000)
+        note("enqueue-to-start p99, synchronous_commit=off (ms)", percentile(waits, 0.99) * 1000)
         with fresh_schema() as url:
             claims, finishes = asyncio.run(claim_cost(url, args.samples))
             note("claim, 0 ended rows: p50 (ms)", statistics.median(claims) * 1000)
