@@ -19,8 +19,9 @@ import anyio
 import psycopg
 import pytest
 
-from backlane.exceptions import ConfigurationError, StoreError
+from backlane.exceptions import ConfigurationError, DriverMissing, StoreError
 from backlane.jobs import Job, JobState
+from backlane.stores import store_from_url
 from backlane.stores.base import Outcome
 from backlane.stores.postgres import PostgresStore
 from backlane.stores.postgres_schema import (
@@ -449,6 +450,7 @@ def test_processes_sharing_a_schema_never_claim_a_job_twice(pg_url: str) -> None
 _CLAIMER = """
 import asyncio, json, random, sys, time
 from backlane.jobs import JobState
+from backlane.stores import store_from_url
 from backlane.stores.base import Outcome
 from backlane.stores.postgres import PostgresStore
 
@@ -693,3 +695,12 @@ async def test_store_error_names_the_schema_to_migrate(store: PostgresStore) -> 
     async with await psycopg.AsyncConnection.connect(elsewhere) as conn:
         with pytest.raises(StoreError, match=f"schema '{store.settings.schema}' migrated"):
             await store.enqueue([job], connection=conn)
+
+
+def test_a_missing_driver_names_the_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(sys.modules):
+        if name.startswith("backlane.stores.postgres"):
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if psycopg were not installed
+    with pytest.raises(DriverMissing, match=r"pip install 'backlane\[postgres\]'"):
+        store_from_url("postgresql://postgres@127.0.0.1/test")
