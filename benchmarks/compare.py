@@ -400,6 +400,7 @@ class Bench:
             # Two worker processes: throughput, then latency at a rate they can sustain.
             with Workers(info["workers"]["2"], cwd=HERE, env=env, log=log) as workers:
                 guess = self.warm_up(driver, workers, sqlite_file)
+                workers.wait_idle()
                 self.drains(fig, "2", driver, workers, guess, info, plan.single_s)
                 capacity = median(fig.drain["2"]) or 0.0
                 arrivals = plan.rate if capacity >= 1.25 * plan.rate else max(1.0, capacity / 2)
@@ -416,6 +417,7 @@ class Bench:
             # One worker process: memory idle, throughput, memory after the soak.
             with Workers(info["workers"]["1"], cwd=HERE, env=env, log=log) as workers:
                 guess = self.warm_up(driver, workers, sqlite_file)
+                workers.wait_idle()
                 time.sleep(plan.settle_s)
                 fig.rss_idle = workers.rss()
                 self.drains(fig, "1", driver, workers, guess, info, 0.0)
@@ -478,6 +480,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--pg-db", default="backlane_bench")
     parser.add_argument("--backlane-python")
     parser.add_argument("--cpu-loops", type=int, help="CPU task iterations (default: ~20 ms)")
+    parser.add_argument("--soak-jobs", type=int, help="jobs before the last memory reading")
+    parser.add_argument("--soak-seconds", type=float, help="time cap of the soak (full: 14)")
     parser.add_argument("--list", action="store_true", help="list the systems and exit")
     return parser.parse_args(argv)
 
@@ -501,6 +505,10 @@ def main(argv: list[str]) -> None:
     plan = QUICK if args.quick else FULL
     if args.runs:
         plan = Plan(**{**plan.__dict__, "runs": args.runs, "exercise_runs": args.runs})
+    if args.soak_jobs is not None:
+        plan = Plan(**{**plan.__dict__, "soak_jobs": args.soak_jobs})
+    if args.soak_seconds is not None:
+        plan = Plan(**{**plan.__dict__, "soak_s": args.soak_seconds})
     wanted = {name.strip().lower() for name in (args.only or "").split(",") if name.strip()}
     systems = [s for s in SYSTEMS if not wanted or s.name in wanted]
     apps = [a for a in WEB_APPS if not wanted or "exercise" in wanted or _web_key(a.name) in wanted]

@@ -112,6 +112,19 @@ class Workers:
         they have reaped (RQ's per-job forks)."""
         return sum(cpu_seconds(pid) for pid in self.pids())
 
+    def wait_idle(self, timeout: float = 20.0, window: float = 0.3) -> None:
+        """Wait until every worker process has finished starting: until their CPU use over
+        ``window`` seconds falls under a tenth of a core (or ``timeout`` passes)."""
+        deadline = time.monotonic() + timeout
+        used = self.cpu_seconds()
+        while time.monotonic() < deadline:
+            time.sleep(window)
+            self.check()
+            now = self.cpu_seconds()
+            if now - used < 0.1 * window:
+                return
+            used = now
+
     def _signal(self, sig: signal.Signals) -> None:
         for proc in self.procs:
             with contextlib.suppress(ProcessLookupError):
