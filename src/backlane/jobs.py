@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import enum
 import json
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -84,8 +85,22 @@ class Job:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def copy(self, **changes: Any) -> Job:
-        """A copy with ``changes`` applied."""
-        return replace(self, **changes)
+        """A copy with ``changes`` applied (``error`` and ``meta`` are shared unless
+        changed). Raises ``TypeError`` for a name that is not a field."""
+        if not _FIELD_NAMES.issuperset(changes):
+            unknown = ", ".join(sorted(set(changes) - _FIELD_NAMES))
+            raise TypeError(f"Job has no field(s) {unknown}")
+        twin = object.__new__(Job)  # dataclasses.replace, minus its generic machinery
+        twin.__dict__.update(self.__dict__, **changes)
+        return twin
+
+    def detached(self, **changes: Any) -> Job:
+        """A copy with ``changes`` applied that shares nothing mutable with this job."""
+        twin = self.copy(**changes)
+        if twin.error is not None:
+            twin.error = _copy_json(twin.error)
+        twin.meta = _copy_json(twin.meta) if twin.meta else {}
+        return twin
 
     def to_public(self) -> dict[str, Any]:
         """The job as the status API shows it (JSON-ready)."""
@@ -104,6 +119,20 @@ class Job:
             "finished_at": _iso(self.finished_at),
             "run_at": _iso(self.run_at),
         }
+
+
+_FIELD_NAMES = frozenset(f.name for f in fields(Job))
+
+
+def _copy_json(value: Any) -> Any:
+    """A deep copy of a JSON-like value (dicts, lists and immutable leaves)."""
+    if isinstance(value, dict):
+        return {k: _copy_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_copy_json(v) for v in value]
+    if isinstance(value, (str, int, float, bool, type(None))):
+        return value
+    return copy.deepcopy(value)
 
 
 def _iso(ts: float | None) -> str | None:

@@ -158,6 +158,9 @@ class EnqueueOptions:
             raise ValueError("at= must be timezone-aware (e.g. datetime.now(timezone.utc))")
 
 
+_NO_OPTIONS = EnqueueOptions()
+
+
 class Task(Generic[P, R]):
     """A function backlane can run in any worker process. Calling it runs it here, now;
     ``enqueue`` stores a job for a worker."""
@@ -201,7 +204,7 @@ class Task(Generic[P, R]):
         now: float | None = None,
     ) -> Job:
         """A job for this call, its arguments validated and encoded (nothing stored yet)."""
-        opts = options or EnqueueOptions()
+        opts = options or _NO_OPTIONS
         now = time.time() if now is None else now
         run_at = now
         if opts.delay is not None:

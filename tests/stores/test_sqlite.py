@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -173,12 +175,39 @@ def test_several_threads_opening_at_once_share_one_connection(
         executor.shutdown()
 
 
+def test_insert_job_names_the_columns_in_the_order_of_the_job_fields() -> None:
+    listed = re.search(r"INSERT INTO jobs \((.*?)\)", queries()["insert_job"], re.DOTALL)
+    assert listed is not None
+    names = [name.strip().strip('"') for name in listed.group(1).split(",")]
+    assert names == [field.name for field in dataclasses.fields(Job)]
+
+
+async def test_every_field_of_a_job_is_stored_as_given(tmp_path: Path) -> None:
+    store = SQLiteStore(url_of(tmp_path / "jobs.db"))
+    await store.open()
+    job = Job(
+        task="t", payload='{"a":1}', queue="q", priority=3, state=JobState.RUNNING, key="k",
+        attempts=2, run_at=NOW + 1, created_at=NOW + 2, started_at=NOW + 3,
+        finished_at=NOW + 4, lease_until=NOW + 5, worker_id="w", progress=0.5, message="m",
+        result='"r"', error={"type": "E", "message": "x", "traceback": ""},
+        cancel_requested=True, release_at=NOW + 6, keep_until=NOW + 7, meta={"m": [1, 2]},
+    )  # fmt: skip
+    try:
+        (stored,) = await store.enqueue([job])
+        assert stored == job and stored is not job
+        assert stored.meta is not job.meta and stored.error is not job.error
+        assert await store.get(job.id) == job
+    finally:
+        await store.close()
+
+
 @pytest.mark.parametrize(
     ("query", "index"),
     [
         ("claim_any", "jobs_claimable_any"),
         ("claim_queue", "jobs_claimable"),
         ("claim_queues", "jobs_claimable"),
+        ("release_one", "jobs_id"),
         ("finish_end", "jobs_id"),
         ("finish_retry", "jobs_id"),
         ("renew_leases", "jobs_id"),

@@ -9,7 +9,6 @@ serves several threads and event loops at once. The schema and the SQL are in
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import re
@@ -35,17 +34,40 @@ _LIKE_SPECIAL = re.compile(r"([\\%_])")
 
 
 def _dump(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, separators=(",", ":"))
+    if value is None:
+        return None
+    if not value and isinstance(value, dict):
+        return "{}"
+    return json.dumps(value, separators=(",", ":"))
 
 
-def _encode(job: Job) -> dict[str, Any]:
-    """``job`` as the named parameters of ``insert_job``."""
-    values = {name: getattr(job, name) for name in _FIELDS}
-    values["state"] = job.state.value
-    values["error"] = _dump(job.error)
-    values["meta"] = _dump(job.meta)
-    values["cancel_requested"] = int(job.cancel_requested)
-    return values
+def _row(job: Job) -> tuple[Any, ...]:
+    """``job`` as the parameters of ``insert_job``: its fields, in order."""
+    return (
+        job.task,
+        job.payload,
+        job.id,
+        job.queue,
+        job.priority,
+        job.state.value,
+        job.key,
+        job.attempts,
+        job.run_at,
+        job.created_at,
+        job.started_at,
+        job.finished_at,
+        job.lease_until,
+        job.worker_id,
+        job.progress,
+        job.message,
+        job.result,
+        _dump(job.error),
+        job.after,
+        int(job.cancel_requested),
+        job.release_at,
+        job.keep_until,
+        _dump(job.meta),
+    )
 
 
 def _decode(row: sqlite3.Row) -> Job:
@@ -135,7 +157,10 @@ class SQLiteStore(Store):
 
     async def release(self, ids: Sequence[str]) -> None:
         """Deferred jobs among ``ids`` become queued; others are left as they are."""
-        await self._write(self._execute, "release", {"ids": _ids(ids)})
+        if len(ids) == 1:
+            await self._write(self._execute, "release_one", {"id": ids[0]})
+        else:
+            await self._write(self._execute, "release", {"ids": _ids(ids)})
 
     async def discard(
         self, ids: Sequence[str], now: float, keep_until: float | None = None
@@ -394,10 +419,8 @@ class SQLiteStore(Store):
             after = replaced.get(job.after, job.after) if job.after is not None else None
             if after is not None and not self._active(conn, after):
                 after = None
-            job = job.copy(
-                after=after, error=copy.deepcopy(job.error), meta=copy.deepcopy(job.meta)
-            )
-            if conn.execute(self._sql["insert_job"], _encode(job)).fetchone() is not None:
+            job = job.detached(after=after)
+            if conn.execute(self._sql["insert_job"], _row(job)).rowcount:
                 stored.append(job)
                 continue
             holder = _decode(conn.execute(self._sql["get_key_holder"], {"key": job.key}).fetchone())
