@@ -13,7 +13,9 @@
   that notices the job, the claim, and the start of the task. Measured twice: with the
   worker as shipped (it waits on ``RedisStore.wait_for_work``, the store's wake-up), and
   with that wake-up switched off in the worker process, so that the worker polls the store
-  (5 ms growing to 250 ms while idle), to show what the wake-up is worth.
+  (5 ms growing to 250 ms while idle), to show what the wake-up is worth;
+* the store's own share of that: from just before ``store.enqueue([job])`` to the job
+  claimed by a process that waits on ``wait_for_work`` between claims, as a worker does.
 
 Every figure is the median of ``--rounds`` rounds, each on a fresh key prefix, removed
 afterwards. Progress goes to stderr, the Markdown table to stdout.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import statistics
@@ -232,10 +235,70 @@ async def latency(url: str, rate: float, seconds: float, *, poll: bool) -> tuple
         return p50 * 1000, p99 * 1000
 
 
+async def claimer(url: str, count: int) -> None:
+    """The other end of ``store_latency``, in a process of its own: claim ``count`` jobs,
+    waiting on the store between claims as an idle worker does, and print how long after
+    its ``meta["sent"]`` each job was in hand (a JSON list of seconds)."""
+    store = bound(url).store
+    await store.open()
+    now = time.time()
+    await store.claim(worker_id="c", queues=None, limit=1, now=now, lease_until=now + 60)
+    await store.wait_for_work(5.0)  # subscribed from here on
+    print("ready", flush=True)
+    delays: list[float] = []
+    while len(delays) < count:
+        now = time.time()
+        jobs = await store.claim(
+            worker_id="c", queues=None, limit=20, now=now, lease_until=now + 60
+        )
+        held = time.time()
+        delays.extend(held - job.meta["sent"] for job in jobs)
+        if not jobs:
+            await store.wait_for_work(0.25)
+    await store.close()
+    print(json.dumps(delays), flush=True)
+
+
+async def store_latency(url: str, rate: float, seconds: float) -> tuple[float, float]:
+    """p50 and p99 (ms) from just before ``store.enqueue([job])`` to the job being in the
+    hands of a claimer in another process that waits on ``wait_for_work``: the store's own
+    share of enqueue-to-start, without the worker's and the task API's."""
+    lane_ = bound(url)
+    count = int(rate * seconds)
+    proc = await asyncio.to_thread(
+        subprocess.Popen,
+        [sys.executable, __file__, "--claimer", url, str(count)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    try:
+        async with lane_:
+            ready = await asyncio.to_thread(proc.stdout.readline)
+            if ready.strip() != "ready":
+                raise RuntimeError("the claimer did not start")
+            start = time.perf_counter()
+            for n, job in enumerate(noop_jobs(lane_, 0, count)):
+                pause = start + n / rate - time.perf_counter()
+                if pause > 0:
+                    await asyncio.sleep(pause)
+                job.meta = {"sent": time.time()}
+                await lane_.store.enqueue([job])
+            delays = sorted(json.loads(await asyncio.to_thread(proc.stdout.readline)))
+    finally:
+        proc.wait(timeout=30)
+        proc.stdout.close()
+    p99 = delays[min(len(delays) - 1, int(len(delays) * 0.99))]
+    return statistics.median(delays) * 1000, p99 * 1000
+
+
 # -- report ----------------------------------------------------------------------------------
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--claimer"]:
+        asyncio.run(claimer(sys.argv[2], int(sys.argv[3])))
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis URL, no prefix")
     parser.add_argument("--rounds", type=int, default=3)
@@ -267,6 +330,10 @@ def main() -> None:
             with fresh_url(args.redis) as url:
                 rate = asyncio.run(drain(url, args.jobs, processes))
             note(f"drain, async no-op, {processes} worker process(es) (jobs/s)", rate)
+        with fresh_url(args.redis) as url:
+            p50, p99 = asyncio.run(store_latency(url, args.rate, args.seconds))
+        note(f"store alone, enqueue-to-claimed p50 at {args.rate:g}/s (ms)", p50)
+        note(f"store alone, enqueue-to-claimed p99 at {args.rate:g}/s (ms)", p99)
         for poll, how in ((False, "store wake-up"), (True, "wake-up off, worker polls")):
             with fresh_url(args.redis) as url:
                 p50, p99 = asyncio.run(latency(url, args.rate, args.seconds, poll=poll))
