@@ -25,15 +25,18 @@ from typing import Any
 
 import anyio
 import pytest
+import redis
+import redis.asyncio as aioredis
 
 from backlane.exceptions import ConfigurationError, StoreError
 from backlane.jobs import Job, JobState
 from backlane.stores import store_from_url
-from backlane.stores.base import Outcome
+from backlane.stores.base import Outcome, WorkerRecord
 from backlane.stores.memory import MemoryStore
 from backlane.stores.redis import RedisStore
 from backlane.stores.redis_codec import decode_job
 from backlane.stores.redis_link import call, command, load_scripts
+from tests.acceptance._procs import free_port
 from tests.acceptance.redis_lab import PrivateRedis
 from tests.services import REDIS_URL, require_service, store_url
 from tests.stores.test_contract import LEASE, NOW, make_job
@@ -71,8 +74,6 @@ def private(tmp_path: Path) -> Iterator[PrivateRedis]:
 
 
 def raw_keys(server: PrivateRedis) -> list[str]:
-    import redis
-
     client = redis.Redis(port=server.port, password=server.password, decode_responses=True)
     try:
         return sorted(client.keys("*"))
@@ -148,25 +149,17 @@ async def test_unix_socket_with_a_password_and_a_database(tmp_path: Path) -> Non
         (job,) = await store.enqueue([make_job()])
         assert [j.id for j in await store.claim(**claim_args())] == [job.id]
         await store.close()
-        import redis
-
         client = redis.Redis(unix_socket_path=str(server.socket), password="pw", db=2)
         assert client.exists(f"u:job:{job.id}") == 1
         client.close()
 
 
 def test_open_refuses_a_server_that_does_not_answer() -> None:
-    store = RedisStore(f"redis://127.0.0.1:{_closed_port()}/0?socket_connect_timeout=1")
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0?socket_connect_timeout=1")
     started = time.monotonic()
     with pytest.raises(StoreError, match="cannot connect"):
         anyio.run(store.open)
     assert time.monotonic() - started < 10
-
-
-def _closed_port() -> int:
-    from tests.acceptance._procs import free_port
-
-    return free_port()
 
 
 # -- keys and prefixes ---------------------------------------------------------------------
@@ -200,8 +193,6 @@ async def _lifecycle(store: RedisStore) -> None:
     await store.pause_queue("later", True)
     await store.claim_slot("nightly", NOW, make_job())
     await store.pause_schedule("weekly", True)
-    from backlane.stores.base import WorkerRecord
-
     await store.beat(WorkerRecord(id="w1", started_at=NOW, seen_at=NOW, concurrency=1))
 
 
@@ -585,8 +576,6 @@ async def test_every_way_work_becomes_claimable_wakes_a_waiting_worker(
 
 
 async def test_no_message_is_published_while_no_worker_is_idle(store: RedisStore) -> None:
-    import redis.asyncio as aioredis
-
     listener = aioredis.Redis.from_url(REDIS_URL)
     pubsub = listener.pubsub()
     await pubsub.subscribe(store.prefix + "wake")
