@@ -800,3 +800,23 @@ async def test_text_redis_cannot_carry_is_refused_and_the_connection_stays_usabl
     (good,) = await store.enqueue([make_job()])
     assert await store.get(good.id) == good
     assert await store.get(bad.id) is None
+
+
+async def test_long_reads_walk_past_their_steps_with_ties(store: RedisStore) -> None:
+    """More jobs than one step of ``stats``, ``purge`` (1,000) and ``list_jobs`` (2,000),
+    many ending at the same instant."""
+    memory = MemoryStore()
+    jobs = [make_job() for _ in range(2_345)]
+    for target in (memory, store):
+        await target.enqueue([job.copy() for job in jobs])
+        claimed = await target.claim(**claim_args(limit=len(jobs)))
+        outcomes = [
+            Outcome(job.id, "w1", S.SUCCEEDED, NOW + (n // 700) * 0.5, keep_until=NOW)
+            for n, job in enumerate(claimed)
+        ]
+        assert len(await target.finish(outcomes)) == len(jobs)
+    assert await store.stats(since=NOW, width=1.0) == await memory.stats(since=NOW, width=1.0)
+    assert sum(b.succeeded for b in await store.stats(since=NOW + 0.5, width=60.0)) == 1_645
+    listed = await store.list_jobs(limit=5_000)  # read in steps of 2,000
+    assert listed == await memory.list_jobs(limit=5_000) and len(listed) == len(jobs)
+    assert await store.purge(before=NOW + 1) == len(jobs)

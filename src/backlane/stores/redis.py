@@ -310,17 +310,22 @@ class RedisStore(Store):
         skipping ``offset`` and returning at most ``limit``. ``text`` is looked for in the
         id, task, arguments and error message, ignoring the case of ASCII letters only.
 
-        With ``task``, ``queue`` or ``text``, the index (of one state, or of all jobs) is
-        walked in steps of ``_SCAN`` entries: each step is atomic, the whole walk is not,
-        so jobs stored or removed meanwhile may shift a page."""
+        The index (of one state, or of all jobs) is read in steps of ``_SCAN`` entries
+        (walked, with ``task``, ``queue`` or ``text``): each step is atomic, the whole
+        read is not, so jobs stored or removed meanwhile may shift a long page."""
         index = "all" if state is None else f"state:{state.value}"
         limit, offset = max(0, limit), max(0, offset)
         if limit == 0:
             return []
-        if task is None and queue is None and text is None:
-            rows = await self._call("page", index, offset, limit)
-            return [decode_job(fields) for fields in rows]
         found: list[Job] = []
+        if task is None and queue is None and text is None:
+            while len(found) < limit:
+                size = min(_SCAN, limit - len(found))
+                rows = await self._call("page", index, offset + len(found), size)
+                found.extend(decode_job(fields) for fields in rows)
+                if len(rows) < size:
+                    break
+            return found
         start, skip = 0, offset
         while start >= 0 and len(found) < limit:
             reply = await self._call(
@@ -357,19 +362,16 @@ class RedisStore(Store):
             raise StoreError(f"stats needs a bucket width above zero, got {width!r}")
         buckets: dict[int, list[Any]] = {}
         for state in _STATS_STATES:
-            offset = 0
+            start, skip = number(since), 0
             while True:
-                reply = await self._call(
-                    "stats", state.value, number(since), number(width), offset, _BATCH
-                )
-                walked = int(reply[0])
-                for i in range(1, len(reply), 4):
+                reply = await self._call("stats", state.value, start, skip, number(width), _BATCH)
+                walked, start, skip = int(reply[0]), reply[1], int(reply[2])
+                for i in range(3, len(reply), 4):
                     index = int(float(reply[i]))
                     row = buckets.setdefault(index, [{}, 0.0, 0])
                     row[0][state] = row[0].get(state, 0) + int(reply[i + 1])
                     row[1] += float(reply[i + 2])
                     row[2] += int(reply[i + 3])
-                offset += walked
                 if walked < _BATCH:
                     break
         return [

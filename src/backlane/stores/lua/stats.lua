@@ -1,10 +1,13 @@
--- stats: part of the jobs that ended in one state at or after `since`, counted per bucket.
--- ARGV: state, since, width, offset, count.
--- Returns {walked, bucket, jobs, wait_total, wait_count, bucket, ...}; numbers that may
--- have fractions come as strings.
+-- stats: part of the jobs that ended in one state at or after a score, counted per bucket.
+-- ARGV: state, from (a finished_at), skip (entries at exactly `from` already counted),
+-- width, count. Returns {walked, last score walked, entries at that score walked in all,
+-- bucket, jobs, wait_total, wait_count, bucket, ...}; numbers that may have fractions come
+-- as strings. The caller goes on from the last score, so each call costs the same however
+-- far into the set it is.
 local key = P .. 'fin:' .. ARGV[1]
-local width = tonumber(ARGV[3])
-local found = redis.call('ZRANGEBYSCORE', key, ARGV[2], '+inf', 'WITHSCORES', 'LIMIT', tonumber(ARGV[4]), tonumber(ARGV[5]))
+local from, skip = ARGV[2], tonumber(ARGV[3])
+local width = tonumber(ARGV[4])
+local found = redis.call('ZRANGEBYSCORE', key, from, '+inf', 'WITHSCORES', 'LIMIT', skip, tonumber(ARGV[5]))
 local buckets, order = {}, {}
 for i = 1, #found, 2 do
     local index = math.floor(tonumber(found[i + 1]) / width)
@@ -24,7 +27,15 @@ for i = 1, #found, 2 do
         end
     end
 end
-local out = {#found / 2}
+local last, at_last = from, skip
+for i = 1, #found, 2 do
+    if found[i + 1] == last then
+        at_last = at_last + 1
+    else
+        last, at_last = found[i + 1], 1
+    end
+end
+local out = {#found / 2, last, at_last}
 for _, index in ipairs(order) do
     local bucket = buckets[index]
     out[#out + 1] = string.format('%.17g', index)
