@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from backlane.exceptions import StoreError
-from backlane.jobs import Job
+from backlane.jobs import Job, JobState
 from backlane.stores import sqlite_connections
 from backlane.stores.sqlite import SQLiteStore
 from backlane.stores.sqlite_connections import CHECKPOINT_EVERY, RESTART_FRAMES, Connections
@@ -147,3 +147,81 @@ def test_an_in_memory_database_is_one_database(tmp_path: Path) -> None:
             await store.close()
 
     assert len(asyncio.run(use())) == 1
+
+
+def _insert(conn: sqlite3.Connection, queue: str) -> str:
+    conn.execute("INSERT INTO paused_queues (queue) VALUES (?)", (queue,))
+    return queue
+
+
+def _fail(conn: sqlite3.Connection, queue: str) -> None:
+    conn.execute("INSERT INTO paused_queues (queue) VALUES (?)", (queue,))
+    raise ValueError("on purpose")
+
+
+async def _queues(db: Connections) -> set[str]:
+    rows = await db.on_thread(lambda conn: conn.execute("SELECT queue FROM paused_queues"))
+    return {row["queue"] for row in rows}
+
+
+async def test_writes_asked_for_in_one_turn_share_one_transaction(tmp_path: Path) -> None:
+    db = Connections(str(tmp_path / "jobs.db"), "sqlite:///jobs.db")
+    await db.open()
+    transactions: list[int] = []
+    original = db._run_batch
+
+    def spy(conn: sqlite3.Connection, batch: list[object]) -> list[tuple[bool, object]]:
+        transactions.append(len(batch))
+        return original(conn, batch)  # type: ignore[arg-type]
+
+    db._run_batch = spy  # type: ignore[method-assign]
+    try:
+        results = await asyncio.gather(
+            db.write_soon(_insert, "a"),
+            db.write_soon(_fail, "b"),
+            db.write(_insert, "c"),  # a batch is waiting: it joins it
+            db.write_soon(_insert, "d"),
+            return_exceptions=True,
+        )
+        assert results[0] == "a" and results[2] == "c" and results[3] == "d"
+        assert isinstance(results[1], ValueError)
+        assert transactions == [4]
+        assert await _queues(db) == {"a", "c", "d"}  # the failed one undone alone
+        assert await db.write(_insert, "e") == "e"  # no batch waits: at once
+        assert transactions == [4]
+    finally:
+        await db.close()
+
+
+async def test_a_batch_that_cannot_run_at_its_turn_runs_on_the_thread(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    db = Connections(str(path), "sqlite:///jobs.db")
+    await db.open()
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        threading.Timer(0.1, other.execute, ("COMMIT",)).start()
+        results = await asyncio.gather(db.write_soon(_insert, "a"), db.write_soon(_insert, "b"))
+        assert results == ["a", "b"]
+        assert await _queues(db) == {"a", "b"}
+    finally:
+        other.close()
+        await db.close()
+
+
+async def test_a_released_job_is_claimable_once_release_returns(tmp_path: Path) -> None:
+    store = SQLiteStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    await store.open()
+    jobs = [
+        Job(task="t", payload="[]", created_at=NOW, run_at=NOW, state=JobState.DEFERRED)
+        for _ in range(3)
+    ]
+    try:
+        await store.enqueue(jobs)
+        await asyncio.gather(store.release([jobs[0].id]), store.release([j.id for j in jobs[1:]]))
+        claimed = await store.claim(
+            worker_id="w", queues=None, limit=5, now=NOW, lease_until=NOW + 60
+        )
+        assert {job.id for job in claimed} == {job.id for job in jobs}
+    finally:
+        await store.close()

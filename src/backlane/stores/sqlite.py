@@ -156,11 +156,12 @@ class SQLiteStore(Store):
         return await self._write(self._enqueue, list(jobs))
 
     async def release(self, ids: Sequence[str]) -> None:
-        """Deferred jobs among ``ids`` become queued; others are left as they are."""
+        """Deferred jobs among ``ids`` become queued; others are left as they are. Waits
+        for the loop's next turn, to share a transaction with other releases."""
         if len(ids) == 1:
-            await self._write(self._execute, "release_one", {"id": ids[0]})
+            await self._db.write_soon(self._execute, "release_one", {"id": ids[0]})
         else:
-            await self._write(self._execute, "release", {"ids": _ids(ids)})
+            await self._db.write_soon(self._execute, "release", {"ids": _ids(ids)})
 
     async def discard(
         self, ids: Sequence[str], now: float, keep_until: float | None = None

@@ -11,15 +11,20 @@ work then goes to the store's thread, whose connection waits for the lock as lon
 unbounded size. Either way the transaction is the same; the loop merely saves the thread
 hop, which under load costs more than the transaction (the GIL changes hands twice).
 
-Checkpoints never run on a loop, nor on the store's thread: automatic checkpoints are off,
-and after every ``CHECKPOINT_EVERY`` commits a connection on a thread of its own copies the
-WAL back into the database (see ``_checkpoint``).
+Writes that need not start at once (a request's release, after its response) wait for the
+loop's next turn and share one transaction with the other writes asked for meanwhile on
+that loop: under load, a commit then carries many requests' work. A write that must start
+at once still joins such a batch when one is waiting, rather than commit alone before it.
+
+Checkpoints never run on a loop: automatic checkpoints are off, and after every
+``CHECKPOINT_EVERY`` commits a connection on a thread of its own copies the WAL back into
+the database; once the WAL is long, the store's thread finishes the copy while this
+process's writes wait a moment, so that the WAL starts afresh (see ``_restart_wal``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import random
@@ -28,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -45,7 +51,8 @@ CHECKPOINT_EVERY: Final = 100
 RESTART_FRAMES: Final = 4000
 """WAL length, in pages, from which a checkpoint makes sure the WAL starts afresh."""
 RESTART_WAIT_MS: Final = 50
-"""How long such a checkpoint waits for writers and readers before it tries again later."""
+"""How long such a checkpoint waits for other processes' writers and readers before it
+tries again later (this process's are held back meanwhile)."""
 _BUSY_POLL_MAX = 0.0005
 """Longest pause, in seconds, between two tries at the write lock (``_begin``)."""
 _BUSY_CODES = frozenset({5, 6})  # SQLITE_BUSY, SQLITE_LOCKED (primary result codes)
@@ -64,6 +71,22 @@ _HELD: Final = _NotHere()
 def _settle(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+def _settle_batch(batch: list[_Pending], outcomes: list[tuple[bool, Any]]) -> None:
+    for pending, (ok, value) in zip(batch, outcomes, strict=True):
+        if pending.future.done():  # its caller was cancelled; the write was done all the same
+            continue
+        if ok:
+            pending.future.set_result(value)
+        else:
+            pending.future.set_exception(value)
+
+
+def _settle_all(batch: list[_Pending], exc: BaseException) -> None:
+    for pending in batch:
+        if not pending.future.done():
+            pending.future.set_exception(exc)
 
 
 class _Gate:
@@ -118,6 +141,15 @@ def _is_busy(exc: sqlite3.Error) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
 
 
+@dataclass
+class _Pending:
+    """A write waiting for its loop's next turn, and the future its caller awaits."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    future: asyncio.Future[Any]
+
+
 class Connections:
     """The connections of one SQLite file, and the threads they run on. ``open`` and
     ``close`` may race each other from any thread; each work function gets a connection
@@ -141,8 +173,12 @@ class Connections:
         """Used only on the checkpointer's thread."""
         self._commits = 0
         """Commits since the last checkpoint was asked for (a count races may blur)."""
+        self._checkpoint_asked = False
         self._gate = _Gate()
         """Shut while a checkpoint holds this process's writers back."""
+        self._batches: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
+        """The writes waiting for each loop's next turn (each loop touches its own)."""
+        self._flushing: set[asyncio.Task[None]] = set()
 
     async def open(self) -> None:
         """Open the file (creating it and its folder if missing), tune it, and bring the
@@ -203,8 +239,14 @@ class Connections:
 
     async def write(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(connection, *args)`` in one ``BEGIN IMMEDIATE`` transaction: here, on the
-        running loop, when it can start at once, else on the store's thread. ``fn`` must
-        change nothing but the database (it may be rolled back and run again)."""
+        running loop, when it can start at once, else on the store's thread; in the batch
+        waiting for this loop's next turn, if there is one. ``fn`` must change nothing but
+        the database (it may be rolled back and run again) and fail alone (an exception it
+        raises undoes its own work only)."""
+        loop = asyncio.get_running_loop()
+        batch = self._batches.get(loop)
+        if batch is not None:
+            return await self._join(loop, batch, fn, args)
         result = self._write_here(fn, args)
         if result is _HELD:
             await self._gate.opened(BUSY_TIMEOUT_MS / 1000)
@@ -212,6 +254,16 @@ class Connections:
         if isinstance(result, _NotHere):
             return await self.write_on_thread(fn, *args)
         return result
+
+    async def write_soon(self, fn: Callable[..., T], *args: Any) -> T:
+        """As ``write``, at this loop's next turn, in one transaction with every other write
+        asked for on this loop until then."""
+        loop = asyncio.get_running_loop()
+        batch = self._batches.get(loop)
+        if batch is None:
+            batch = self._batches[loop] = []
+            loop.call_soon(self._flush, loop, batch)
+        return await self._join(loop, batch, fn, args)
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(connection, *args)`` for a short read: here when the loop's connection is
@@ -272,15 +324,84 @@ class Connections:
             return
         self._commits = 0
         with self._lock:
-            if self._executor is None:  # closing
+            if self._executor is None or self._checkpoint_asked:  # closing, or on its way
                 return
+            self._checkpoint_asked = True
             if self._checkpointer is None:
                 self._checkpointer = ThreadPoolExecutor(
                     max_workers=1, thread_name_prefix="backlane-sqlite-checkpoint"
                 )
             checkpointer = self._checkpointer
-            with contextlib.suppress(RuntimeError):  # shut down by a racing close()
+            try:
                 checkpointer.submit(self._checkpoint)
+            except RuntimeError:  # shut down by a racing close()
+                self._checkpoint_asked = False
+
+    async def _join(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[_Pending],
+        fn: Callable[..., T],
+        args: tuple[Any, ...],
+    ) -> T:
+        future: asyncio.Future[T] = loop.create_future()
+        batch.append(_Pending(fn, args, future))
+        return await future
+
+    def _flush(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
+        if self._batches.get(loop) is batch:
+            del self._batches[loop]
+        try:
+            outcomes = self._write_here(self._run_batch, (batch,))
+        except BaseException as exc:
+            _settle_all(batch, exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        if isinstance(outcomes, _NotHere):
+            task = loop.create_task(self._flush_elsewhere(batch, outcomes))
+            self._flushing.add(task)
+            task.add_done_callback(self._flushing.discard)
+            return
+        _settle_batch(batch, outcomes)
+
+    async def _flush_elsewhere(self, batch: list[_Pending], why: _NotHere) -> None:
+        """A batch that could not run at its turn: after the checkpoint that held it, or
+        on the store's thread."""
+        try:
+            outcomes: list[tuple[bool, Any]] | _NotHere = why
+            if why is _HELD:
+                await self._gate.opened(BUSY_TIMEOUT_MS / 1000)
+                outcomes = self._write_here(self._run_batch, (batch,))
+            if isinstance(outcomes, _NotHere):
+                outcomes = await self.write_on_thread(self._run_batch, batch)
+        except BaseException as exc:
+            _settle_all(batch, exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        _settle_batch(batch, outcomes)
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Pending]) -> list[tuple[bool, Any]]:
+        """Each write of ``batch`` in turn; one that fails is undone alone (a savepoint)."""
+        if len(batch) == 1:  # its failure is the transaction's
+            pending = batch[0]
+            return [(True, pending.fn(conn, *pending.args))]
+        outcomes: list[tuple[bool, Any]] = []
+        for pending in batch:
+            conn.execute("SAVEPOINT backlane_write")
+            try:
+                value = pending.fn(conn, *pending.args)
+            except Exception as exc:
+                conn.execute("ROLLBACK TO backlane_write")
+                conn.execute("RELEASE backlane_write")
+                if isinstance(exc, sqlite3.Error):
+                    exc = StoreError(f"SQLite store {self.path}: {exc}")
+                outcomes.append((False, exc))
+                continue
+            conn.execute("RELEASE backlane_write")
+            outcomes.append((True, value))
+        return outcomes
 
     # -- on the store's thread ------------------------------------------------------------
 
@@ -378,29 +499,43 @@ class Connections:
     # -- on the checkpointer's thread -----------------------------------------------------
 
     def _checkpoint(self) -> None:
-        # A PASSIVE checkpoint copies what it can and blocks nobody, but while writers keep
-        # coming it never copies all, and only a writer that finds all copied starts the
-        # WAL afresh. So once the WAL is long, this process holds its writers back (they
-        # await the gate) while a RESTART checkpoint copies the rest: a few milliseconds.
         try:
-            conn = self._checkpoint_conn
-            if conn is None:
-                conn = sqlite3.connect(
-                    self.path,
-                    timeout=RESTART_WAIT_MS / 1000,
-                    isolation_level=None,
-                    check_same_thread=False,
-                )
-                self._checkpoint_conn = conn
-            _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            _, frames, _ = (
+                self._checkpoint_conn_here().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            )
             if frames >= RESTART_FRAMES:
-                self._gate.shut()
-                try:
-                    conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
-                finally:
-                    self._gate.reopen()
-        except sqlite3.Error as exc:
+                with self._lock:
+                    executor = self._executor
+                if executor is not None:
+                    executor.submit(self._restart_wal).result()
+        except (sqlite3.Error, RuntimeError) as exc:  # RuntimeError: closed meanwhile
             log.warning("SQLite store %s: checkpoint failed (%s); will try again", self.path, exc)
+        finally:
+            self._checkpoint_asked = False
+
+    def _restart_wal(self) -> None:
+        """On the store's thread: copy the rest of the WAL while this process writes
+        nothing, so that the next writer starts it afresh. A PASSIVE checkpoint copies what
+        it can and blocks nobody, but while writers keep coming it never copies all, and
+        only a writer that finds all copied starts the WAL over."""
+        self._gate.shut()  # new writes wait; the thread's own are behind this task
+        try:
+            with self._loop_lock:  # a loop's write under way ends first
+                self._checkpoint_conn_here().execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+        finally:
+            self._gate.reopen()
+
+    def _checkpoint_conn_here(self) -> sqlite3.Connection:
+        conn = self._checkpoint_conn
+        if conn is None:
+            conn = sqlite3.connect(
+                self.path,
+                timeout=RESTART_WAIT_MS / 1000,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            self._checkpoint_conn = conn
+        return conn
 
     def _close_checkpoint_conn(self) -> None:
         conn, self._checkpoint_conn = self._checkpoint_conn, None
