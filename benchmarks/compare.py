@@ -51,8 +51,6 @@ REQUIREMENTS = HERE / "requirements-peers.txt"
 DOC = ROOT / "docs" / "benchmarks.md"
 CHART = ROOT / "docs" / "images" / "benchmarks.png"
 MAIN_PYTHON = VENVS / "main" / "bin" / "python"
-WARM_UP = 100
-"""Jobs queued while a set of workers starts: they show it is ready, and how fast it goes."""
 
 
 # -- environments ---------------------------------------------------------------------------
@@ -126,10 +124,12 @@ class Plan:
     exercise_runs: int
     settle_s: float
     """Idle time before the idle worker's memory is read."""
+    warm_up: int
+    """Jobs queued while a set of workers starts: they show it is ready, and how fast it goes."""
 
 
-FULL = Plan(3, 1.5, 100, 30_000, 0.5, 1000, 200.0, 3.0, 100_000, 14.0, 3, 1.0)
-QUICK = Plan(1, 0.5, 100, 8000, 0.25, 1000, 200.0, 0.5, 0, 0.0, 1, 0.3)
+FULL = Plan(3, 1.5, 100, 30_000, 0.5, 1000, 200.0, 3.0, 100_000, 14.0, 3, 1.0, 100)
+QUICK = Plan(1, 0.4, 50, 8000, 0.25, 1000, 200.0, 0.5, 0, 0.0, 1, 0.2, 30)
 
 
 # -- one peer -------------------------------------------------------------------------------
@@ -238,7 +238,7 @@ class Bench:
         import psycopg
 
         pings = []
-        for _ in range(500):
+        for _ in range(200):
             start = time.perf_counter()
             self.redis.ping()
             pings.append(time.perf_counter() - start)
@@ -246,7 +246,7 @@ class Bench:
         self.reset_stores()
         with psycopg.connect(self.env["BENCH_PG_URL"], autocommit=True) as conn:
             conn.execute("CREATE TABLE probe (n int)")
-            for n in range(200):
+            for n in range(100):
                 start = time.perf_counter()
                 conn.execute("INSERT INTO probe VALUES (%s)", (n,))
                 commits.append(time.perf_counter() - start)
@@ -368,7 +368,7 @@ class Bench:
     def warm_up(self, driver: Driver, workers: Any, sqlite_file: str | None) -> float:
         """Queue a few jobs while the workers start (paused), then let them run: waits until
         the workers are ready, and returns their drain rate as a first guess."""
-        rate, _ = self.drain(driver, workers, WARM_UP, sqlite_file, 60.0)
+        rate, _ = self.drain(driver, workers, self.plan.warm_up, sqlite_file, 60.0)
         return rate
 
     def record_fill(self, fig: Figures, filled: dict[str, Any]) -> None:
@@ -421,7 +421,7 @@ class Bench:
                 time.sleep(plan.settle_s)
                 fig.rss_idle = workers.rss()
                 self.drains(fig, "1", driver, workers, guess, info, 0.0)
-                done = WARM_UP + fig.drained["1"]
+                done = plan.warm_up + fig.drained["1"]
                 rate = median(fig.drain["1"]) or guess
                 done += self.soak(driver, workers, plan.soak_jobs - done, rate)
                 time.sleep(0.5)
@@ -511,7 +511,12 @@ def main(argv: list[str]) -> None:
         plan = Plan(**{**plan.__dict__, "soak_s": args.soak_seconds})
     wanted = {name.strip().lower() for name in (args.only or "").split(",") if name.strip()}
     systems = [s for s in SYSTEMS if not wanted or s.name in wanted]
-    apps = [a for a in WEB_APPS if not wanted or "exercise" in wanted or _web_key(a.name) in wanted]
+    apps = [
+        a
+        for a in WEB_APPS
+        if (not wanted or "exercise" in wanted or _web_key(a.name) in wanted)
+        and (a.quick or not args.quick or _web_key(a.name) in wanted)
+    ]
     skipped = store_notes(args.backlane_python)
     systems = [s for s in systems if s.name not in skipped]
     apps = [a for a in apps if _web_key(a.name) not in skipped]

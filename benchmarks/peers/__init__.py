@@ -47,6 +47,8 @@ class WebApp:
     workers: str = ""
     """``celery`` or ``backlane``: start that library's worker processes beside the app."""
     durable: bool = True
+    quick: bool = True
+    """Part of ``--quick`` runs too."""
 
 
 WEB_APPS = [
@@ -59,6 +61,7 @@ WEB_APPS = [
         "peers.web_backlane:app",
         "backlane",
         {"BENCH_BACKLANE_STORE": "sqlite", "BENCH_EMBEDDED": "1"},
+        quick=False,
     ),
     WebApp(
         "backlane-sqlite",

@@ -66,8 +66,8 @@ def exercise(bench: Any, app: Any) -> dict[str, Any]:
             _wait_http(port, procs)
             for path in ("sleep", "cpu"):
                 bench.clear()
-                asyncio.run(_burst(port, path, 5))
-                bench.wait_list(bench.keys.DONE, 5, timeout=60, workers=procs)
+                asyncio.run(_burst(port, path, 3))
+                bench.wait_list(bench.keys.DONE, 3, timeout=60, workers=procs)
             for path in ("sleep", "cpu"):
                 runs: dict[str, list[float]] = {"p50": [], "p99": [], "done": []}
                 for _ in range(bench.plan.exercise_runs):
