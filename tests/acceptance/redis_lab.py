@@ -10,10 +10,12 @@ Redis. ``web_app`` is the ASGI app of ``uvicorn tests.acceptance.redis_lab:web_a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -45,6 +47,7 @@ class PrivateRedis:
         *,
         password: str | None = None,
         unix_socket: bool = False,
+        tls: bool = False,
         extra: tuple[str, ...] = (),
     ) -> None:
         self.folder = folder
@@ -52,22 +55,33 @@ class PrivateRedis:
         self.port = _free_port()
         self.password = password
         self.socket = folder / "redis.sock" if unix_socket else None
+        self.tls = tls
+        self.cert = folder / "cert.pem"
         self.extra = extra
         self.log = folder / "redis.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     @staticmethod
-    def available() -> bool:
-        """Whether a ``redis-server`` binary can be found."""
-        return shutil.which("redis-server") is not None
+    def available(*, tls: bool = False) -> bool:
+        """Whether a ``redis-server`` binary (and, for TLS, ``openssl``) can be found."""
+        needed = ["redis-server", "openssl"] if tls else ["redis-server"]
+        return all(shutil.which(name) is not None for name in needed)
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> PrivateRedis:
-        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+        command = ["redis-server", "--bind", "127.0.0.1"]
+        if self.tls:
+            self._make_certificate()
+            command += ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
+            command += ["--tls-cert-file", str(self.cert), "--tls-key-file", str(self.key)]
+            command += ["--tls-ca-cert-file", str(self.cert)]
+        else:
+            command += ["--port", str(self.port)]
         command += ["--dir", str(self.folder), "--save", "", "--daemonize", "no"]
         command += ["--appendonly", "yes", "--appendfsync", "everysec"]
         if self.password:
@@ -86,10 +100,31 @@ class PrivateRedis:
             time.sleep(0.02)
         return self
 
+    @property
+    def key(self) -> Path:
+        return self.folder / "key.pem"
+
+    def _make_certificate(self) -> None:
+        """A self-signed certificate for 127.0.0.1 (its own CA)."""
+        if self.cert.exists():
+            return
+        command = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        command += ["-keyout", str(self.key), "-out", str(self.cert), "-subj", "/CN=127.0.0.1"]
+        command += ["-addext", "subjectAltName=IP:127.0.0.1"]
+        subprocess.run(command, check=True, capture_output=True)
+
     def answers(self) -> bool:
         """Whether the server replies to PING (and has loaded its data)."""
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+            with contextlib.ExitStack() as stack:
+                sock = stack.enter_context(
+                    socket.create_connection(("127.0.0.1", self.port), timeout=1)
+                )
+                if self.tls:
+                    context = ssl.create_default_context(cafile=str(self.cert))
+                    sock = stack.enter_context(
+                        context.wrap_socket(sock, server_hostname="127.0.0.1")
+                    )
                 if self.password:
                     sock.sendall(f"AUTH {self.password}\r\n".encode())
                     sock.recv(100)

@@ -154,6 +154,29 @@ async def test_unix_socket_with_a_password_and_a_database(tmp_path: Path) -> Non
         client.close()
 
 
+async def test_tls_with_a_trusted_certificate_and_not_without(tmp_path: Path) -> None:
+    if not PrivateRedis.available(tls=True):
+        require_service("redis-server with openssl", "no redis-server or openssl on PATH")
+    with PrivateRedis(tmp_path / "tls", tls=True) as server:
+        trusted = RedisStore(f"{server.url}?ssl_ca_certs={server.cert}&prefix=t:")
+        await trusted.open()
+        (job,) = await trusted.enqueue([make_job()])
+        assert await trusted.get(job.id) == job
+        await trusted.close()
+        unchecked = RedisStore(f"{server.url}?ssl_cert_reqs=none&prefix=t:")
+        await unchecked.open()
+        assert await unchecked.get(job.id) == job
+        await unchecked.close()
+        untrusted = RedisStore(f"{server.url}?prefix=t:")
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="TLS"):
+            await untrusted.open()
+        assert time.monotonic() - started < 1, "a refused certificate is not tried again"
+        plain = RedisStore(f"redis://127.0.0.1:{server.port}/0?socket_timeout=1")
+        with pytest.raises(StoreError):
+            await plain.open()
+
+
 def test_open_refuses_a_server_that_does_not_answer() -> None:
     store = RedisStore(f"redis://127.0.0.1:{free_port()}/0?socket_connect_timeout=1")
     started = time.monotonic()

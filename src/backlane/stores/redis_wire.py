@@ -114,6 +114,11 @@ class Endpoint:
         return f"{where} db {self.db}"
 
 
+class TLSRefused(ConnectionError):
+    """The TLS handshake failed (a certificate not trusted, a name that does not match):
+    trying again would not help."""
+
+
 def _ssl_context(endpoint: Endpoint) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=endpoint.ssl_ca_certs)
     context.check_hostname = endpoint.ssl_check_hostname and endpoint.ssl_cert_reqs != "none"
@@ -228,6 +233,8 @@ async def _open(endpoint: Endpoint) -> _Protocol:
         _, protocol = await asyncio.wait_for(connecting, endpoint.socket_connect_timeout)
     except asyncio.TimeoutError as exc:
         raise TimeoutError(f"no connection to Redis at {endpoint.describe()} in time") from exc
+    except ssl.SSLError as exc:
+        raise TLSRefused(f"TLS with Redis at {endpoint.describe()} failed: {exc}") from exc
     except OSError as exc:
         raise ConnectionError(f"cannot connect to Redis at {endpoint.describe()}: {exc}") from exc
     try:
@@ -251,6 +258,10 @@ async def _open(endpoint: Endpoint) -> _Protocol:
     return protocol
 
 
+_FATAL = (AuthenticationError, TLSRefused)
+"""Connection errors that another try would only repeat."""
+
+
 class Wire:
     """A self-healing connection shared by the tasks of one event loop (see the module's
     docstring). ``execute`` raises redis-py's exceptions: ``ConnectionError`` or
@@ -271,7 +282,7 @@ class Wire:
         if protocol is not None:
             try:
                 return await protocol.send(args)
-            except AuthenticationError:
+            except _FATAL:
                 raise
             except (ConnectionError, TimeoutError) as exc:
                 error: Exception = exc
@@ -290,7 +301,7 @@ class Wire:
             try:
                 protocol = await self.connected()
                 return await protocol.send(args)
-            except AuthenticationError:
+            except _FATAL:
                 raise
             except (ConnectionError, TimeoutError) as exc:
                 error = exc
