@@ -10,6 +10,7 @@ serves several threads and event loops at once. The schema and the SQL are in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 import sqlite3
@@ -25,6 +26,7 @@ from .sqlite_schema import path_from_url, queries
 T = TypeVar("T")
 
 _FIELDS = tuple(field.name for field in dataclasses.fields(Job))
+_STATES = {state.value: state for state in JobState}
 _OUTCOME_STATES = frozenset(
     {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED}
 )
@@ -70,14 +72,25 @@ def _row(job: Job) -> tuple[Any, ...]:
     )
 
 
+@functools.lru_cache(maxsize=8)
+def _field_positions(columns: tuple[str, ...]) -> tuple[int, ...]:
+    """Where each of Job's fields is among a row's columns."""
+    return tuple(columns.index(name) for name in _FIELDS)
+
+
 def _decode(row: sqlite3.Row) -> Job:
-    """The job stored in ``row``."""
-    values = {name: row[name] for name in _FIELDS}
-    values["state"] = JobState(values["state"])
-    values["error"] = None if values["error"] is None else json.loads(values["error"])
-    values["meta"] = json.loads(values["meta"])
+    """The job stored in ``row`` (a row of ``jobs``, every column)."""
+    found = map(row.__getitem__, _field_positions(tuple(row.keys())))
+    values = dict(zip(_FIELDS, found, strict=True))
+    values["state"] = _STATES[values["state"]]
+    if values["error"] is not None:
+        values["error"] = json.loads(values["error"])
+    meta = values["meta"]
+    values["meta"] = {} if meta == "{}" else json.loads(meta)
     values["cancel_requested"] = bool(values["cancel_requested"])
-    return Job(**values)
+    job = object.__new__(Job)  # Job(**values), minus the checks of its generated __init__
+    job.__dict__.update(values)
+    return job
 
 
 def _ids(ids: Sequence[str]) -> str:
@@ -202,14 +215,16 @@ class SQLiteStore(Store):
         return {row["id"] for row in rows if row["cancel_requested"]}
 
     async def finish(self, outcomes: Sequence[Outcome]) -> list[str]:
-        """Apply each outcome whose worker still holds its job; return the ids applied."""
+        """Apply each outcome whose worker still holds its job; return the ids applied.
+        Waits for the loop's next turn, to share a transaction with the worker's next
+        claim."""
         for outcome in outcomes:
             if outcome.state not in _OUTCOME_STATES:
                 raise StoreError(
                     f"an outcome ends a job succeeded, failed or cancelled, or queues it "
                     f"again; got {outcome.state.value!r} for job {outcome.job_id}"
                 )
-        return await self._write(self._finish, list(outcomes))
+        return await self._db.write_soon(self._finish, list(outcomes))
 
     async def hand_back(self, *, worker_id: str, ids: Sequence[str]) -> None:
         """Jobs ``worker_id`` holds among ``ids`` are queued again, the attempt uncounted."""
@@ -455,6 +470,7 @@ class SQLiteStore(Store):
 
     def _finish(self, conn: sqlite3.Connection, outcomes: list[Outcome]) -> list[str]:
         applied: list[str] = []
+        ended: list[str] = []
         for o in outcomes:
             params: dict[str, Any] = {"id": o.job_id, "worker_id": o.worker_id}
             params.update(result=o.result, error=_dump(o.error))
@@ -465,9 +481,10 @@ class SQLiteStore(Store):
                 params.update(keep_until=o.keep_until)
                 changed = self._execute(conn, "finish_end", params)
                 if changed:
-                    self._unblock(conn, [o.job_id])
+                    ended.append(o.job_id)
             if changed:
                 applied.append(o.job_id)
+        self._unblock(conn, ended)
         return applied
 
     def _requeue_expired(
