@@ -243,10 +243,11 @@ class Connections:
         waiting for this loop's next turn, if there is one. ``fn`` must change nothing but
         the database (it may be rolled back and run again) and fail alone (an exception it
         raises undoes its own work only)."""
-        loop = asyncio.get_running_loop()
-        batch = self._batches.get(loop)
-        if batch is not None:
-            return await self._join(loop, batch, fn, args)
+        if self._batches:  # some loop has a batch waiting: this one, perhaps
+            loop = asyncio.get_running_loop()
+            batch = self._batches.get(loop)
+            if batch is not None:
+                return await self._join(loop, batch, fn, args)
         result = self._write_here(fn, args)
         if result is _HELD:
             await self._gate.opened(BUSY_TIMEOUT_MS / 1000)
