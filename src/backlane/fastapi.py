@@ -142,7 +142,8 @@ class RequestBatch:
             if self.lane.eager:
                 await self.lane.worker(concurrency=1).run_inline(self.jobs)
             else:
-                await self.persist()
+                if not self.stored:  # no middleware stored them when the response started
+                    await self.persist()
                 with anyio.CancelScope(shield=True):
                     await self.lane.store.release([j.id for j in self.jobs])
                 self.lane.notifier.notify()
