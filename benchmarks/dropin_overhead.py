@@ -9,6 +9,9 @@ web-only (``workers=0``, as when workers run in their own processes).
 
 The whole comparison runs ``--rounds`` times, in a rotating order; the table shows the
 median over rounds of each figure, and of each round's ratio drop-in / BackgroundTasks.
+Beside latency, each phase reports the server's CPU time per request (user + system, all
+its threads, read from /proc on Linux): on a shared machine it moves far less than
+latency does, and it is what bounds throughput.
 
     .venv/bin/python benchmarks/dropin_overhead.py [--requests 2000] [--rounds 3]
 """
@@ -47,11 +50,35 @@ class Figures:
     conc_rps: float
     drain_s: float | None
     """Seconds after the last reply until every stored task had run (embedded worker)."""
+    seq_cpu_us: float | None = None
+    """Server CPU time per sequential request, microseconds (None where /proc is missing)."""
+    conc_cpu_us: float | None = None
 
 
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of every thread of process ``pid`` so far (Linux only)."""
+    tasks = Path(f"/proc/{pid}/task")
+    if not tasks.is_dir():
+        return None
+    ticks = 0
+    for task in tasks.iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # a thread that just ended
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_per_request(before: float | None, after: float | None, requests: int) -> float | None:
+    if before is None or after is None:
+        return None
+    return (after - before) / requests * 1e6
 
 
 def free_port() -> int:
@@ -163,15 +190,22 @@ def measure(name: str, requests: int, warmup: int, in_flight: int) -> Figures:
         server = Server(target, {"BACKLANE_URL": f"sqlite:///{db}", **extra}, folder)
         try:
             post_many(server.port, 0, warmup, [])
+            pid = server.proc.pid
             sequential: list[float] = []
-            start = time.perf_counter()
-            post_many(server.port, warmup, requests, sequential)
-            seq_took = time.perf_counter() - start
             embedded = extra.get("BENCH_WORKERS") == "1"
             if embedded:
                 wait_drained(db)
+            cpu_before = cpu_seconds(pid)
+            start = time.perf_counter()
+            post_many(server.port, warmup, requests, sequential)
+            seq_took = time.perf_counter() - start
+            if embedded:
+                wait_drained(db)  # the worker's share of the requests' cost counts too
+            seq_cpu = cpu_per_request(cpu_before, cpu_seconds(pid), requests)
+            cpu_before = cpu_seconds(pid)
             conc, conc_took = concurrently(server.port, requests, in_flight)
             drained = wait_drained(db) if embedded else None
+            conc_cpu = cpu_per_request(cpu_before, cpu_seconds(pid), len(conc))
         finally:
             server.stop()
     return Figures(
@@ -182,6 +216,8 @@ def measure(name: str, requests: int, warmup: int, in_flight: int) -> Figures:
         conc_p99_ms=percentile(conc, 0.99) * 1000,
         conc_rps=len(conc) / conc_took,
         drain_s=drained,
+        seq_cpu_us=seq_cpu,
+        conc_cpu_us=conc_cpu,
     )
 
 
@@ -203,36 +239,45 @@ def main() -> None:
             print(f"round {round_no + 1} {name}: {figures}", file=sys.stderr, flush=True)
 
     def med(name: str, field: str) -> float:
-        return float(statistics.median(getattr(f, field) for f in runs[name]))
+        values = [getattr(f, field) for f in runs[name]]
+        return float("nan") if None in values else float(statistics.median(values))
 
     def ratio(name: str, field: str) -> float:
-        pairs = zip(runs[name], runs[BASELINE], strict=True)
-        return float(statistics.median(getattr(a, field) / getattr(b, field) for a, b in pairs))
+        rounds = zip(runs[name], runs[BASELINE], strict=True)
+        pairs = [(getattr(a, field), getattr(b, field)) for a, b in rounds]
+        if any(a is None or b is None for a, b in pairs):
+            return float("nan")
+        return float(statistics.median(a / b for a, b in pairs))
 
     print(
         f"\n{args.requests} requests per mode, {args.in_flight} in flight when concurrent; "
         f"median of {args.rounds} rounds; a no-op task per request\n"
     )
     print(
-        "| app | seq p50 ms | seq p99 ms | seq req/s | conc p50 ms | conc p99 ms "
-        "| conc req/s | drained after s |"
+        "| app | seq p50 ms | seq p99 ms | seq req/s | seq CPU us/req | conc p50 ms "
+        "| conc p99 ms | conc req/s | conc CPU us/req | drained after s |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in names:
         drains = [f.drain_s for f in runs[name] if f.drain_s is not None]
         drain = f"{statistics.median(drains):.2f}" if drains else "-"
         print(
             f"| {name} | {med(name, 'seq_p50_ms'):.2f} | {med(name, 'seq_p99_ms'):.2f} "
-            f"| {med(name, 'seq_rps'):.0f} | {med(name, 'conc_p50_ms'):.2f} "
-            f"| {med(name, 'conc_p99_ms'):.2f} | {med(name, 'conc_rps'):.0f} | {drain} |"
+            f"| {med(name, 'seq_rps'):.0f} | {med(name, 'seq_cpu_us'):.0f} "
+            f"| {med(name, 'conc_p50_ms'):.2f} | {med(name, 'conc_p99_ms'):.2f} "
+            f"| {med(name, 'conc_rps'):.0f} | {med(name, 'conc_cpu_us'):.0f} | {drain} |"
         )
-    print("\n| ratio to BackgroundTasks | seq p50 | seq p99 | conc p50 | conc p99 | conc req/s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(
+        "\n| ratio to BackgroundTasks | seq p50 | seq p99 | seq CPU | conc p50 | conc p99 "
+        "| conc req/s | conc CPU |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name in names[1:]:
         print(
             f"| {name} | {ratio(name, 'seq_p50_ms'):.2f}x | {ratio(name, 'seq_p99_ms'):.2f}x "
-            f"| {ratio(name, 'conc_p50_ms'):.2f}x | {ratio(name, 'conc_p99_ms'):.2f}x "
-            f"| {ratio(name, 'conc_rps'):.2f}x |"
+            f"| {ratio(name, 'seq_cpu_us'):.2f}x | {ratio(name, 'conc_p50_ms'):.2f}x "
+            f"| {ratio(name, 'conc_p99_ms'):.2f}x | {ratio(name, 'conc_rps'):.2f}x "
+            f"| {ratio(name, 'conc_cpu_us'):.2f}x |"
         )
 
 

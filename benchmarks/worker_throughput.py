@@ -5,7 +5,10 @@
 * drain: ``--jobs`` no-op jobs stored in batches, then one ``backlane worker`` process
   (``python -m backlane worker noop_tasks:lane``) runs them all. Jobs/s counts from the
   first job started to the last one finished (read from the store), so process start-up
-  is left out; "wall" is from spawning the process to the store being empty.
+  is left out; "wall" is from spawning the process to the store being empty. "CPU/job" is
+  the worker process's CPU time (user + system, every thread; Linux /proc) from its first
+  finished job to the last, per job run meanwhile: it moves far less than jobs/s on a
+  shared machine.
 
 Each figure is the median of ``--rounds`` runs, each on a fresh SQLite file.
 
@@ -38,6 +41,22 @@ sys.path.insert(0, str(APPS))
 class Drain:
     jobs_per_s: float
     wall_s: float
+    cpu_us_per_job: float | None
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of every thread of process ``pid`` so far (Linux only)."""
+    tasks = Path(f"/proc/{pid}/task")
+    if not tasks.is_dir():
+        return None
+    ticks = 0
+    for task in tasks.iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # a thread that just ended
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def bench_lane(url: str, task: str) -> tuple[Backlane, Task[..., None]]:
@@ -90,12 +109,20 @@ def drain(folder: Path, count: int, batch: int, task: str, concurrency: int | No
             stderr=subprocess.STDOUT,
         )
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    cpu_start: tuple[int, float | None] | None = None  # (jobs done, CPU seconds) at the first
+    cpu_end: float | None = None
     try:
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"the worker exited:\n{log.read_text()}")
+            if cpu_start is None:
+                finished = "SELECT COUNT(*) FROM jobs WHERE state = 'succeeded'"
+                done_now = conn.execute(finished).fetchone()[0]
+                if done_now:
+                    cpu_start = (done_now, cpu_seconds(proc.pid))
             query = "SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')"
             if conn.execute(query).fetchone()[0] == 0:
+                cpu_end = cpu_seconds(proc.pid)
                 break
             if time.perf_counter() - spawned > 300:
                 raise RuntimeError("the worker did not drain the queue in 300 s")
@@ -114,7 +141,12 @@ def drain(folder: Path, count: int, batch: int, task: str, concurrency: int | No
             proc.wait()
     if done != count:
         raise RuntimeError(f"{count - done} of {count} jobs did not succeed:\n{log.read_text()}")
-    return Drain(jobs_per_s=count / (last - first), wall_s=wall)
+    cpu_per_job = None
+    if cpu_start is not None:
+        done_then, cpu_then = cpu_start
+        if cpu_then is not None and cpu_end is not None and count > done_then:
+            cpu_per_job = (cpu_end - cpu_then) / (count - done_then) * 1e6
+    return Drain(jobs_per_s=count / (last - first), wall_s=wall, cpu_us_per_job=cpu_per_job)
 
 
 def main() -> None:
@@ -127,6 +159,7 @@ def main() -> None:
 
     rows: dict[str, list[float]] = {}
     walls: dict[str, list[float]] = {}
+    cpus: dict[str, list[float]] = {}
 
     def note(name: str, value: float) -> None:
         rows.setdefault(name, []).append(value)
@@ -151,13 +184,16 @@ def main() -> None:
                 result = drain(folder, args.jobs, args.batch, task, concurrency)
                 note(name, result.jobs_per_s)
                 walls.setdefault(name, []).append(result.wall_s)
+                if result.cpu_us_per_job is not None:
+                    cpus.setdefault(name, []).append(result.cpu_us_per_job)
 
     print(f"\nSQLite, median of {args.rounds} rounds; {args.jobs:,} jobs per drain\n")
-    print("| what | jobs/s | wall s (incl. process start) |")
-    print("|---|---:|---:|")
+    print("| what | jobs/s | wall s (incl. process start) | worker CPU us/job |")
+    print("|---|---:|---:|---:|")
     for name, values in rows.items():
         wall = f"{statistics.median(walls[name]):.2f}" if name in walls else "-"
-        print(f"| {name} | {statistics.median(values):,.0f} | {wall} |")
+        cpu = f"{statistics.median(cpus[name]):.0f}" if name in cpus else "-"
+        print(f"| {name} | {statistics.median(values):,.0f} | {wall} | {cpu} |")
 
 
 if __name__ == "__main__":
