@@ -218,6 +218,7 @@ async def test_every_field_of_a_job_is_stored_as_given(tmp_path: Path) -> None:
         ("requeue_overdue_deferred", "jobs_state_created"),
         ("purge_kept", "jobs_keep_until"),
         ("purge_finished", "jobs_finished"),
+        ("counts", "jobs_queue_state"),
     ],
 )
 async def test_the_hot_statements_search_an_index(tmp_path: Path, query: str, index: str) -> None:

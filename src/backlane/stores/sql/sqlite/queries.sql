@@ -174,7 +174,11 @@ OR payload LIKE :pattern ESCAPE '\'
 OR json_extract(error, '$.message') LIKE :pattern ESCAPE '\'
 
 -- name: counts
-SELECT queue, state, COUNT(*) AS n FROM jobs GROUP BY queue, state;
+SELECT queue, state, COUNT(*) AS n FROM jobs INDEXED BY jobs_queue_state
+WHERE state <> 'deferred' GROUP BY queue, state
+UNION ALL
+SELECT queue, state, COUNT(*) AS n FROM jobs INDEXED BY jobs_state_created
+WHERE state = 'deferred' GROUP BY queue;
 
 -- name: stats
 -- Jobs that ended since a time, per bucket of a width: the bucket is the number of widths
