@@ -78,7 +78,13 @@ def test_three_schedulers_one_job_per_slot(url: str, procs: Procs) -> None:
     anyio.run(lane.open)  # the schema exists before the processes race for it
     worker = procs.start("worker")
     schedulers = [procs.start("scheduler") for _ in range(3)]
-    time.sleep(12)
+    deadline = time.monotonic() + 60  # the 12 s count from when all four are up
+    while procs.output().count("scheduler started") < 3 or "backlane.worker: worker" not in (
+        procs.output()
+    ):
+        assert time.monotonic() < deadline, procs.output()
+        time.sleep(0.05)
+    time.sleep(11.5)  # about 12 s with the time the schedulers take to stop
     for proc in schedulers:
         procs.stop(proc)
     time.sleep(1.5)  # the worker runs what the last slots produced
