@@ -263,13 +263,16 @@ class Bench:
 
     # -- the stores the benchmark owns --
 
-    def reset_stores(self) -> None:
+    def reset_stores(self, postgres: bool = True) -> None:
+        """Empty the Redis database and the SQLite folder, and (if ``postgres``) make the
+        PostgreSQL database anew."""
         self.redis.flushdb()
         import psycopg
 
-        with psycopg.connect(self.args.pg_admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{self.args.pg_db}" WITH (FORCE)')
-            conn.execute(f'CREATE DATABASE "{self.args.pg_db}"')
+        if postgres:
+            with psycopg.connect(self.args.pg_admin_url, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{self.args.pg_db}" WITH (FORCE)')
+                conn.execute(f'CREATE DATABASE "{self.args.pg_db}"')
         for path in self.scratch.iterdir():
             if path.is_file():
                 path.unlink()
@@ -324,8 +327,20 @@ class Bench:
         finally:
             workers.resume()
         self.wait_count(jobs, timeout=max(60.0, jobs / 50), workers=workers)
-        marks = self.wait_list(self.keys.MARKS, 2, timeout=10)
-        return drain_rate(jobs, min(marks), max(marks)), filled
+        deadline = time.monotonic() + 10
+        while True:
+            marks = sorted(
+                (int(n), float(t))
+                for n, t in (m.split() for m in self.redis.lrange(self.keys.MARKS, 0, -1))
+            )
+            last = next((m for m in marks if m[0] >= jobs), None)
+            if last is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        if last is None or marks[0][0] > 2:
+            raise RuntimeError(f"drain of {jobs}: no first or last finish among {marks}")
+        first = marks[0]
+        return drain_rate(last[0] - first[0] + 1, first[1], last[1]), filled
 
     def latency(self, driver: Driver, workers: Any, rate: float) -> tuple[float, float]:
         self.clear()
@@ -386,7 +401,7 @@ class Bench:
         fig = Figures(system.name)
         fig.load = os.getloadavg()[0]
         started = time.monotonic()
-        self.reset_stores()
+        self.reset_stores(system.postgres)
         env = {**self.env, **system.env}
         log = self.logs / f"{system.name}.log"
         driver = Driver(self.pythons[system.venv], system.module, env, log)
@@ -455,7 +470,7 @@ class Bench:
         fed = 0
         while fed < jobs and time.monotonic() < deadline:
             size = min(chunk, jobs - fed)
-            driver.call("fill", total=0, count=size, single_s=0.0, batch=self.plan.batch)
+            driver.call("fill", total=10**9, count=size, single_s=0.0, batch=self.plan.batch)
             fed += size
             # keep at most about two chunks waiting
             self.wait_count(fed - chunk, timeout=120, workers=workers)
@@ -497,7 +512,7 @@ def main(argv: list[str]) -> None:
         os.execv(str(MAIN_PYTHON), [str(MAIN_PYTHON), __file__, *argv])
 
     started_at = float(os.environ.get("BENCH_STARTED", time.time()))
-    args.backlane_python = backlane_python(args.backlane_python)
+    args.backlane_python = os.environ["BENCH_BACKLANE_PYTHON"]  # found before the exec
     if args.list:
         print("systems:", ", ".join(s.name for s in SYSTEMS))
         print("exercise:", ", ".join(_web_key(a.name) for a in WEB_APPS))
@@ -567,14 +582,19 @@ def _web_key(name: str) -> str:
 
 def store_notes(python: str) -> dict[str, str]:
     """backlane's Redis and PostgreSQL stores, where they do not import yet: name -> why."""
+    check = (
+        "import importlib\n"
+        "for name in ('redis', 'postgres'):\n"
+        "    try:\n"
+        "        importlib.import_module('backlane.stores.' + name)\n"
+        "    except Exception as exc:\n"
+        "        print(name, type(exc).__name__, exc)\n"
+    )
+    found = subprocess.run([python, "-c", check], capture_output=True, text=True).stdout
     skipped: dict[str, str] = {}
-    for store, module in (("redis", "redis"), ("postgres", "postgres")):
-        probe = subprocess.run(
-            [python, "-c", f"import backlane.stores.{module}"], capture_output=True, text=True
-        )
-        if probe.returncode != 0:
-            why = (probe.stderr.strip().splitlines() or ["import failed"])[-1]
-            skipped[f"backlane-{store}"] = f"backlane.stores.{module} does not import: {why}"
+    for line in found.splitlines():
+        store, _, why = line.partition(" ")
+        skipped[f"backlane-{store}"] = f"backlane.stores.{store} does not import ({why})"
     return skipped
 
 

@@ -18,6 +18,11 @@ class System:
     """``backlane`` (the project's own environment) or a section of requirements-peers.txt."""
     env: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def postgres(self) -> bool:
+        """Whether it keeps its jobs in PostgreSQL (its database is made anew for it)."""
+        return self.name in ("backlane-postgres", "saq-pg", "procrastinate")
+
 
 SYSTEMS = [
     System("backlane-sqlite", "with_backlane", "backlane", {"BENCH_BACKLANE_STORE": "sqlite"}),

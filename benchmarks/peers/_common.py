@@ -12,8 +12,9 @@ redis-py. Everything comes from ``BENCH_*`` environment variables that ``compare
 
 The tasks report with one Redis call each, so every peer pays the same:
 
-* ``noop(total)``: ``INCR {key}:count``; the job that makes it 1 or ``total`` also pushes the
-  time onto ``{key}:marks`` (first and last finish of a drain);
+* ``noop(total)``: ``INCR {key}:count``; a job that makes it 1, or ``total`` or more, also
+  pushes ``"<count> <time>"`` onto ``{key}:marks`` (the first and last finish of a drain;
+  a stray job, such as one a peer runs again, only moves the count);
 * ``probe(sent)``: pushes ``start - sent`` (enqueue-to-start, seconds) onto ``{key}:lat``;
 * ``sleep`` / ``cpu`` (the guide's exercise): 100 ms of sleep or ~20 ms of CPU, then push the
   finish time onto ``{key}:done``.
@@ -78,14 +79,16 @@ def burn() -> int:
 
 def noop_sync(total: int) -> None:
     client = sync_redis()
-    if client.incr(COUNT) in (1, total):
-        client.rpush(MARKS, time.time())
+    count = client.incr(COUNT)
+    if count == 1 or count >= total:
+        client.rpush(MARKS, f"{count} {time.time()}")
 
 
 async def noop_async(total: int) -> None:
     client = async_redis()
-    if await client.incr(COUNT) in (1, total):
-        await client.rpush(MARKS, time.time())
+    count = await client.incr(COUNT)
+    if count == 1 or count >= total:
+        await client.rpush(MARKS, f"{count} {time.time()}")
 
 
 def probe_sync(sent: float) -> None:
@@ -111,8 +114,3 @@ async def sleep_async() -> None:
 def cpu_sync() -> None:
     burn()
     sync_redis().rpush(DONE, time.time())
-
-
-async def cpu_async_report() -> None:
-    """For async-only runners: the CPU work is done by the caller; this only reports."""
-    await async_redis().rpush(DONE, time.time())

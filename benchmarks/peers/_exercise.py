@@ -52,7 +52,7 @@ def exercise(bench: Any, app: Any) -> dict[str, Any]:
     """One set-up of the exercise: its app (and workers) started, warmed up, then 100
     concurrent POSTs per run to /sleep and to /cpu; reply latencies and the time from the
     first request until the last task finished."""
-    bench.reset_stores()
+    bench.reset_stores("postgres" in app.name)
     env = {**bench.env, **app.env}
     log = bench.logs / f"web-{app.name.split()[0]}.log"
     python = bench.pythons[app.venv]

@@ -145,11 +145,15 @@ class Workers:
         self._signal(signal.SIGCONT)
 
     def stop(self) -> None:
-        """Kill every process of their groups. Only called once every job has finished, so
-        nothing is lost, and no peer's graceful shutdown adds to the run's time. Then wait
-        a moment: a killed worker blocked in a pop (BRPOP, XREADGROUP) must be seen gone by
-        Redis before new jobs arrive, or Redis hands the first of them to the dead client."""
+        """Kill every process of their groups, once they are idle: only called when every
+        job has run, so nothing is lost, and no peer's graceful shutdown adds to the run's
+        time. Idle first, so that each has recorded (acknowledged) what it ran, or a peer
+        would run it again beside the next set of workers. Then wait a moment: a killed
+        worker blocked in a pop (BRPOP, XREADGROUP) must be seen gone by Redis before new
+        jobs arrive, or Redis hands the first of them to the dead client."""
         self.resume()
+        with contextlib.suppress(RuntimeError):
+            self.wait_idle(timeout=5.0)
         self._signal(signal.SIGKILL)
         for proc in self.procs:
             proc.wait()
