@@ -19,8 +19,11 @@ from tests.acceptance._procs import RECORD_ENV, SLOW_ENV, Uvicorn
 
 APP = "tests.acceptance.web_app:app"
 REQUESTS = 100
-TASK_SECONDS = 0.1
-"""How long ``record_sleep`` takes: a reply that waited for its task took at least this."""
+TASK_SECONDS = 0.5
+"""How long ``record_sleep`` takes: a reply that waited for its task took at least this.
+Long enough that the test's own 100 clients, slow to read their replies on a loaded
+machine (0.4 s at the median has been seen), do not see a task finish first whose reply
+the server had sent long before: tasks start within milliseconds of their reply."""
 CONCURRENCY = 10
 """Jobs the embedded worker runs at once. Had each reply waited for its task, the median
 reply would have waited for REQUESTS / 2 tasks run CONCURRENCY at a time."""

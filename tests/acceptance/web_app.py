@@ -32,7 +32,7 @@ def _record(n: int) -> None:
 
 
 async def record_sleep(n: int) -> None:
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)
     _record(n)
 
 
