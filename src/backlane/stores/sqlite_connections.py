@@ -47,7 +47,7 @@ log = logging.getLogger("backlane")
 BUSY_TIMEOUT_MS: Final = 5000
 """How long the store's thread waits for a write lock another connection holds."""
 CHECKPOINT_EVERY: Final = 100
-"""Commits between two checkpoints (a no-op task's request writes about 15 WAL pages)."""
+"""Commits between two checkpoints (storing and releasing one job write about 9 WAL pages)."""
 RESTART_FRAMES: Final = 4000
 """WAL length, in pages, from which a checkpoint makes sure the WAL starts afresh."""
 RESTART_WAIT_MS: Final = 50
@@ -170,7 +170,8 @@ class Connections:
         self._loop_lock = threading.Lock()
         self._checkpointer: ThreadPoolExecutor | None = None
         self._checkpoint_conn: sqlite3.Connection | None = None
-        """Used only on the checkpointer's thread."""
+        """Used on the checkpointer's thread, or on the store's in ``_restart_wal`` while
+        the checkpointer waits for it."""
         self._commits = 0
         """Commits since the last checkpoint was asked for (a count races may blur)."""
         self._checkpoint_asked = False
