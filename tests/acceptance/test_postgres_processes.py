@@ -242,7 +242,12 @@ def test_web_and_two_workers_on_postgres_lose_nothing_when_one_is_killed(
     assert set(executions) == ids, "a job never ran"
     assert max(executions.values()) <= 2
     assert ran_twice <= held
-    assert ran_twice == started_by_victim_while_held
+    # A held job the victim had started either ran again on the survivor, or the victim's
+    # own finish was already on its way to the server when it was frozen and committed
+    # after the snapshot: then the victim is recorded as the one that ended it, once.
+    for job_id in started_by_victim_while_held - ran_twice:
+        assert jobs[job_id].worker_id == victim_id and jobs[job_id].attempts == 1, jobs[job_id]
+    assert ran_twice <= started_by_victim_while_held
     for job_id, job in jobs.items():
         if job_id in held:  # taken again after the lease expired: the attempt counted
             assert (job.worker_id, job.attempts) == (survivor_id, 2)

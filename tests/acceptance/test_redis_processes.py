@@ -161,11 +161,14 @@ def test_a_worker_killed_with_sigkill_loses_no_job_on_redis(redis_lab: RedisWork
     ran_twice = {job_id for job_id, n in executions.items() if n > 1}
     assert set(executions) == set(ids), "a job never ran"
     assert max(executions.values()) <= 2
-    assert ran_twice <= held
-    assert ran_twice == started_by_victim_while_held
+    assert ran_twice <= started_by_victim_while_held
+    # A held job either ran again on the survivor, or the victim's own finish had already
+    # been sent when it was frozen and Redis ran it after the snapshot: the victim ended it.
     for job_id, job in jobs.items():
-        if job_id in held:
+        if job_id in ran_twice or (job_id in held and job_id not in started_by_victim_while_held):
             assert (job.worker_id, job.attempts) == (survivor_id, 2)
+        elif job_id in held:
+            assert (job.worker_id, job.attempts) == (victim_id, 1), job
         else:
             assert job.attempts == 1
     print(
