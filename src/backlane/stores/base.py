@@ -36,6 +36,11 @@ import anyio
 
 from ..jobs import Job, JobState
 
+OUTCOME_STATES = frozenset(
+    {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED}
+)
+"""The states an ``Outcome`` may carry; ``finish`` refuses any other."""
+
 
 @dataclass(frozen=True)
 class Outcome:

@@ -20,11 +20,8 @@ from typing import Any
 
 from ..exceptions import ConfigurationError, StoreError
 from ..jobs import ACTIVE_STATES, TERMINAL_STATES, Job, JobState
-from .base import Outcome, ScheduleRecord, StatsBucket, Store, WorkerRecord
+from .base import OUTCOME_STATES, Outcome, ScheduleRecord, StatsBucket, Store, WorkerRecord
 
-_OUTCOME_STATES = frozenset(
-    {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED}
-)
 _STATS_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 
 # A due entry orders claimable jobs: (-priority, run_at, seq, job id, token).
@@ -208,7 +205,7 @@ class MemoryStore(Store):
         """Apply each outcome whose worker still holds its job; return the ids applied."""
         with self._lock:
             for outcome in outcomes:
-                if outcome.state not in _OUTCOME_STATES:
+                if outcome.state not in OUTCOME_STATES:
                     raise StoreError(
                         f"an outcome ends a job succeeded, failed or cancelled, or queues "
                         f"it again; got {outcome.state.value!r} for job {outcome.job_id}"

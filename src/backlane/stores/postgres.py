@@ -31,7 +31,7 @@ from psycopg.rows import dict_row
 
 from ..exceptions import StoreError
 from ..jobs import TERMINAL_STATES, Job, JobState
-from .base import Outcome, ScheduleRecord, StatsBucket, Store, WorkerRecord
+from .base import OUTCOME_STATES, Outcome, ScheduleRecord, StatsBucket, Store, WorkerRecord
 from .postgres_jobs import (
     PsycopgSession,
     Row,
@@ -44,9 +44,6 @@ from .postgres_jobs import (
 from .postgres_link import PostgresLink, store_error
 from .postgres_schema import parse_url, rendered_queries
 
-_OUTCOME_STATES = frozenset(
-    {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED}
-)
 _PURGE_BATCH = 1000
 """Most jobs removed per statement by ``purge``, so no lock is held for long."""
 
@@ -199,7 +196,7 @@ class PostgresStore(Store):
         """Apply each outcome whose worker still holds its job (the first, when one job has
         several); return the ids applied, in the order given."""
         for outcome in outcomes:
-            if outcome.state not in _OUTCOME_STATES:
+            if outcome.state not in OUTCOME_STATES:
                 raise StoreError(
                     f"an outcome ends a job succeeded, failed or cancelled, or queues it "
                     f"again; got {outcome.state.value!r} for job {outcome.job_id}"

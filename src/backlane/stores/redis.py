@@ -33,7 +33,7 @@ from typing import Any
 
 from ..exceptions import ConfigurationError, StoreError
 from ..jobs import TERMINAL_STATES, Job, JobState
-from .base import Outcome, ScheduleRecord, StatsBucket, Store, WorkerRecord
+from .base import OUTCOME_STATES, Outcome, ScheduleRecord, StatsBucket, Store, WorkerRecord
 from .redis_codec import (
     decode_job,
     decode_worker,
@@ -45,9 +45,6 @@ from .redis_codec import (
 )
 from .redis_link import Link, Links, call, command, load_scripts, parse_redis_url
 
-_OUTCOME_STATES = frozenset(
-    {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED}
-)
 _STATS_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 _BATCH = 1000
 """Most jobs one script call of ``purge``, ``requeue_expired`` or ``stats`` handles, so
@@ -218,7 +215,7 @@ class RedisStore(Store):
     async def finish(self, outcomes: Sequence[Outcome]) -> list[str]:
         """Apply each outcome whose worker still holds its job; return the ids applied."""
         for outcome in outcomes:
-            if outcome.state not in _OUTCOME_STATES:
+            if outcome.state not in OUTCOME_STATES:
                 raise StoreError(
                     f"an outcome ends a job succeeded, failed or cancelled, or queues it "
                     f"again; got {outcome.state.value!r} for job {outcome.job_id}"

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from ..exceptions import ConfigurationError, StoreError
 from ..jobs import ACTIVE_STATES, TERMINAL_STATES, Job, JobState
-from .base import Outcome, ScheduleRecord, StatsBucket, Store, WorkerRecord
+from .base import OUTCOME_STATES, Outcome, ScheduleRecord, StatsBucket, Store, WorkerRecord
 from .sqlite_connections import Connections
 from .sqlite_schema import path_from_url, queries
 
@@ -27,9 +27,6 @@ T = TypeVar("T")
 
 _FIELDS = tuple(field.name for field in dataclasses.fields(Job))
 _STATES = {state.value: state for state in JobState}
-_OUTCOME_STATES = frozenset(
-    {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED}
-)
 _PURGE_BATCH = 1000
 """Most jobs removed per transaction by ``purge``, so no lock is held for long."""
 _LIKE_SPECIAL = re.compile(r"([\\%_])")
@@ -219,7 +216,7 @@ class SQLiteStore(Store):
         Waits for the loop's next turn, to share a transaction with the worker's next
         claim."""
         for outcome in outcomes:
-            if outcome.state not in _OUTCOME_STATES:
+            if outcome.state not in OUTCOME_STATES:
                 raise StoreError(
                     f"an outcome ends a job succeeded, failed or cancelled, or queues it "
                     f"again; got {outcome.state.value!r} for job {outcome.job_id}"
