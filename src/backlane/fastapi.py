@@ -19,7 +19,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Annotated, Any
 
 import anyio
@@ -133,6 +133,21 @@ class RequestBatch:
         self.drop()
         self.finished = True
 
+    def exit_endpoint(self, kind: type[BaseException] | None, *_: object) -> bool:
+        """The endpoint (and its dependencies) returned or raised: if it raised, FastAPI
+        would never have run these tasks, so neither do we."""
+        if kind is not None:
+            self.drop()
+        return False
+
+    async def exit_request(self, kind: type[BaseException] | None, *_: object) -> bool:
+        """The request ended (without the middleware): hand over, unless it failed."""
+        if kind is None:
+            await self.after_response()
+        else:
+            self.drop()
+        return False
+
     async def after_response(self) -> None:
         """The response has been sent: let the jobs run (or, eager, run them here)."""
         if self.finished:
@@ -203,21 +218,24 @@ class DurableBackgroundTasks:
         self._batch.local.append((func, args, kwargs))
 
 
-async def _background_tasks(conn: HTTPConnection) -> AsyncIterator[DurableBackgroundTasks]:
-    batch = conn.scope.get(_BATCH)
-    handed_over_here = batch is None
+async def _background_tasks(conn: HTTPConnection) -> DurableBackgroundTasks:
+    # A plain dependency (a generator one costs FastAPI a context manager per request)
+    # that hooks into the request's exit stacks: the endpoint's own (function) stack sees
+    # its exception, the request's stack closes after the response has been sent.
+    scope = conn.scope
+    batch = scope.get(_BATCH)
     if batch is None:
         # No middleware (install() not called, or a WebSocket): hand over when the request
-        # ends, which FastAPI runs after the response has been sent.
+        # ends, after the response has been sent.
         batch = RequestBatch(_lane_for(conn))
-        conn.scope[_BATCH] = batch
-    try:
-        yield DurableBackgroundTasks(batch)
-    except BaseException:
-        batch.drop()  # the endpoint raised: FastAPI would never have run these
-        raise
-    if handed_over_here:
-        await batch.after_response()
+        scope[_BATCH] = batch
+        request_stack: AsyncExitStack | None = scope.get("fastapi_inner_astack")
+        if request_stack is not None:
+            request_stack.push_async_exit(batch.exit_request)
+    function_stack: AsyncExitStack | None = scope.get("fastapi_function_astack")
+    if function_stack is not None:
+        function_stack.push(batch.exit_endpoint)
+    return DurableBackgroundTasks(batch)
 
 
 BackgroundTasks = Annotated[DurableBackgroundTasks, Depends(_background_tasks)]
