@@ -103,13 +103,15 @@ class StatsBucket:
 class Store(abc.ABC):
     """Where jobs live. One instance per ``Backlane``.
 
-    Both stores shipped with backlane may be shared by tasks of several event loops on
+    Every store shipped with backlane may be shared by tasks of several event loops on
     several threads at once (FastAPI's TestClient, for one, runs the app on a thread of its
     own): every verb is one atomic step whatever loop awaits it, and ``open`` and ``close``
-    may race each other and the verbs (one connection is opened, and closed once).
+    may race each other and the verbs (each connection is opened, and closed, once).
     ``MemoryStore`` guards its state with one ``threading.Lock`` it never holds across an
-    ``await``; ``SQLiteStore`` runs every statement on one thread owning the connection,
-    and several processes may share its file. A verb called before ``open`` or after
+    ``await``; ``SQLiteStore`` runs a short write on the awaiting loop when the file's write
+    lock is free at once and everything else on a thread of its own, and several processes
+    may share its file; the Redis store keeps a connection per event loop, the PostgreSQL
+    store a pool on an event loop of its own that every verb is handed to. A verb called before ``open`` or after
     ``close`` raises ``StoreError``, save on ``MemoryStore``, which has nothing to open.
     Jobs returned are copies: changing one changes nothing stored."""
 
