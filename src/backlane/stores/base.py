@@ -111,8 +111,9 @@ class Store(abc.ABC):
     ``await``; ``SQLiteStore`` runs a short write on the awaiting loop when the file's write
     lock is free at once and everything else on a thread of its own, and several processes
     may share its file; the Redis store keeps a connection per event loop, the PostgreSQL
-    store a pool on an event loop of its own that every verb is handed to. A verb called before ``open`` or after
-    ``close`` raises ``StoreError``, save on ``MemoryStore``, which has nothing to open.
+    store a pool on an event loop of its own that every verb is handed to. A verb called
+    before ``open`` or after ``close`` raises ``StoreError``, save on ``MemoryStore``,
+    which has nothing to open.
     Jobs returned are copies: changing one changes nothing stored."""
 
     url: str
