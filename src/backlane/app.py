@@ -89,8 +89,16 @@ class Notifier:
         """Wake every waiter. Safe from any thread."""
         with self._lock:
             waiters = list(self._waiters)
+        if not waiters:
+            return
+        try:
+            here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # called from a thread with no loop
+            here = None
         for loop, fut in waiters:
-            if not loop.is_closed():
+            if loop is here:  # no need to wake the loop through its self-pipe
+                _settle(fut)
+            elif not loop.is_closed():
                 loop.call_soon_threadsafe(_settle, fut)
 
 
