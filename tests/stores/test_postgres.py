@@ -338,7 +338,7 @@ def test_one_store_serves_several_event_loops_in_turn(pg_url: str) -> None:
     asyncio.run(store.close())
 
 
-def test_several_threads_opening_at_once_share_one_pool(pg_url: str) -> None:
+def test_several_threads_opening_at_once_share_one_listener(pg_url: str) -> None:
     store = PostgresStore(pg_url)
     loops = f"backlane-postgres-{store.settings.schema}"
 

@@ -1,14 +1,21 @@
-"""The PostgreSQL store's link to the server: a connection pool and a listening
-connection on an event loop of their own, and the signal that wakes waiting workers.
+"""The PostgreSQL store's link to the server: a connection pool on each event loop that
+uses the store, a listening connection on an event loop of its own, and the signal that
+wakes waiting workers.
 
 A psycopg connection, and a ``psycopg_pool`` pool, belong to the event loop they were
-opened on. The store serves callers on any loop and thread (FastAPI's TestClient runs the
-app on a portal thread; tests call the store from ``anyio.run``), so its pool and its
-LISTEN connection live on one loop the link owns, on a daemon thread; every verb hands its
-statements to that loop and awaits the result from the caller's loop. A verb, once handed
-over, runs to its end even if its caller stops waiting, and ``close`` lets verbs in flight
-finish: a statement cut off halfway would leave a connection busy, or a transaction open
-on the server.
+opened on, while a store may be used from several loops at once (FastAPI's TestClient
+runs the app on a portal thread; tests call ``asyncio.run`` on threads). So each loop gets
+a ``Site``: a pool opened there on first use, closed by ``close`` or, when the loop ends
+first, by the loop's own shutdown (``asyncio.run`` closes async generators before it
+closes the loop, and each site parks one there for the purpose). A verb runs on its
+caller's loop, with no hop to another thread: a hop costs a GIL hand-over each way, which
+on a busy machine was most of a verb's time.
+
+A verb runs as a task of its own that its caller awaits shielded: once started, it runs to
+its end even if its caller stops waiting, and ``close`` lets verbs in flight finish; a
+statement cut off halfway would leave a connection busy, or a transaction open, on the
+server. The listener (LISTEN) lives on a daemon thread's loop for the store's whole life,
+whichever loops come and go; it announces work through a ``WorkSignal``.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import contextlib
 import contextvars
 import logging
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import psycopg
@@ -50,20 +57,47 @@ def store_error(settings: PostgresSettings, exc: psycopg.Error) -> StoreError:
     return StoreError(f"PostgreSQL store (schema {settings.schema}): {exc}")
 
 
+class Site:
+    """One event loop's pool, and the verbs in flight on it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pool: AsyncConnectionPool[Any] | None = None
+        self.opening: asyncio.Task[AsyncConnectionPool[Any]] | None = None
+        self.in_flight: set[asyncio.Task[Any]] = set()
+        self.watch: AsyncGenerator[None, None] | None = None
+        self._closed = False
+
+    async def aclose(self) -> None:
+        """Let verbs in flight end their transactions, then close the pool. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.in_flight:
+            await asyncio.wait(set(self.in_flight), timeout=_CLOSE_GRACE)
+        opening, pool = self.opening, self.pool
+        if pool is None and opening is not None:
+            with contextlib.suppress(BaseException):
+                pool = await opening
+        if pool is not None:
+            await pool.close()
+
+
 class PostgresLink:
-    """The pool and the listener of one store, on the link's own loop."""
+    """The pools (one per event loop) and the listener of one store."""
 
     def __init__(self, url: str, settings: PostgresSettings) -> None:
         self.url = url
         self.settings = settings
         self._lock = threading.Lock()
-        """Guards ``_runner`` and ``_opening``: open and close may race from any thread."""
+        """Guards ``_runner``, ``_opening`` and ``_sites``: open, close and first uses
+        may race from any thread."""
         self._runner: LoopThread | None = None
+        """Runs the schema check at open, and the listener."""
         self._opening: concurrent.futures.Future[None] | None = None
-        self._pool: AsyncConnectionPool[Any] | None = None
-        """Used on the runner's loop only, as are ``_listener`` and ``_in_flight``."""
+        self._sites: dict[asyncio.AbstractEventLoop, Site] = {}
         self._listener: asyncio.Task[None] | None = None
-        self._in_flight: set[asyncio.Task[Any]] = set()
+        """Used on the runner's loop only."""
         self.listening = False
         """Whether announcements of work arrive now."""
         self.signal = WorkSignal()
@@ -74,8 +108,9 @@ class PostgresLink:
 
     async def open(self) -> None:
         """Connect, bring the schema up to date (or, with ``auto_migrate=0``, check that it
-        is), open the pool and start listening for work. Idempotent, and safe to race from
-        several threads: one pool is opened, and every caller waits until it is."""
+        is) and start listening for work. Idempotent, and safe to race from several
+        threads: the schema is checked once, and every caller waits until it is. Each
+        event loop opens its own pool when it first runs a verb."""
         with self._lock:
             runner, opening = self._runner, self._opening
             if runner is None or opening is None:
@@ -93,14 +128,28 @@ class PostgresLink:
             raise
 
     async def close(self) -> None:
-        """Stop listening and close the pool once the work already asked for is done.
-        Idempotent."""
+        """Close every loop's pool once the work already asked for there is done (this
+        loop's here, a running loop's on that loop; a closed loop's was closed with it),
+        and stop listening. Idempotent."""
         with self._lock:
             runner, opening = self._runner, self._opening
             self._runner = self._opening = None
+            sites = list(self._sites.values())
+            self._sites.clear()
         if runner is None:
             return
         try:
+            here = asyncio.get_running_loop()
+            for site in sites:
+                watch = site.watch
+                if watch is None:
+                    continue
+                if site.loop is here:
+                    await watch.aclose()
+                elif site.loop.is_running():
+                    done = asyncio.run_coroutine_threadsafe(watch.aclose(), site.loop)
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(asyncio.wrap_future(done), _CLOSE_GRACE + 5.0)
             await runner.run(self._stop(opening))
         finally:
             runner.stop()
@@ -127,36 +176,82 @@ class PostgresLink:
         return StoreError(f"the store {self.url} is not open; await store.open() first")
 
     async def run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """``fn(connection, *args)`` on the link's loop, with a pooled connection (a
-        statement that lost a deadlock is tried again); driver errors as ``StoreError``."""
-        runner = self._runner
-        if runner is None:
+        """``fn(connection, *args)`` with a connection of this loop's pool (a statement
+        that lost a deadlock is tried again); driver errors as ``StoreError``. Runs to its
+        end even if the caller stops waiting."""
+        if self._runner is None:
             raise self.not_open()
-        try:
-            return await runner.run(self._on_pool(fn, *args))
-        except LoopClosed as exc:  # a close() raced this call
-            raise StoreError(f"the store {self.url} is closed") from exc
+        loop = asyncio.get_running_loop()
+        site = self._sites.get(loop)
+        if site is None:
+            site = await self._site_here(loop)
+        task = loop.create_task(self._on_site(site, fn, *args))
+        site.in_flight.add(task)
+        task.add_done_callback(_forget(site.in_flight))
+        return await asyncio.shield(task)
 
-    async def _on_pool(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        # Runs on the store's loop.
-        task = asyncio.current_task()
-        assert task is not None
-        self._in_flight.add(task)
+    async def _site_here(self, loop: asyncio.AbstractEventLoop) -> Site:
+        """This loop's site, made on first use: its pool opens in the background."""
+        with self._lock:
+            if self._runner is None:
+                raise self.not_open()
+            for stale in [other for other in self._sites if other.is_closed()]:
+                del self._sites[stale]
+            site = self._sites.get(loop)
+            created = site is None
+            if site is None:
+                site = self._sites[loop] = Site(loop)
+                site.watch = self._watch(site)
+                site.opening = loop.create_task(self._open_pool(site))
+        if created:
+            assert site.watch is not None
+            await site.watch.asend(None)
+        return site
+
+    async def _watch(self, site: Site) -> AsyncGenerator[None, None]:
+        """Parked until the loop shuts down (or the store closes): then closes ``site``."""
         try:
-            return await self._with_connection(fn, *args)
+            yield
         finally:
-            self._in_flight.discard(task)
+            with self._lock:
+                if self._sites.get(site.loop) is site:
+                    del self._sites[site.loop]
+            await site.aclose()
 
-    async def _with_connection(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        pool = self._pool
+    async def _open_pool(self, site: Site) -> AsyncConnectionPool[Any]:
+        opening = self._opening
+        if opening is None:
+            raise self.not_open()
+        await asyncio.wrap_future(opening)  # the schema is checked before any verb runs
+        settings = self.settings
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            settings.conninfo,
+            min_size=min(2, settings.pool_size),
+            max_size=settings.pool_size,
+            kwargs={"autocommit": True, "application_name": settings.application_name},
+            open=False,
+            name=f"backlane-{settings.schema}",
+        )
+        try:
+            await pool.open(wait=True, timeout=30.0)
+        except BaseException:
+            await pool.close()
+            raise
+        site.pool = pool
+        return pool
+
+    async def _on_site(self, site: Site, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        pool = site.pool
         if pool is None:
-            opening = self._opening
-            if opening is None:
-                raise self.not_open()
-            await asyncio.wrap_future(opening)
-            pool = self._pool
-            if pool is None:  # pragma: no cover - closed while opening
-                raise self.not_open()
+            opening = site.opening
+            if opening is None or (
+                opening.done() and (opening.cancelled() or opening.exception() is not None)
+            ):  # the last try failed: try again
+                opening = site.opening = site.loop.create_task(self._open_pool(site))
+            try:
+                pool = await asyncio.shield(opening)
+            except psycopg.Error as exc:
+                raise store_error(self.settings, exc) from exc
         for attempt in range(1, _DEADLOCK_ATTEMPTS + 1):
             try:
                 async with pool.connection() as conn:
@@ -170,7 +265,7 @@ class PostgresLink:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _start(self) -> None:
-        # Runs on the store's loop: schema, pool, listener.
+        # Runs on the runner's loop: the schema, then the listener.
         settings = self.settings
         try:
             async with await psycopg.AsyncConnection.connect(
@@ -180,22 +275,12 @@ class PostgresLink:
                     await migrate(conn, settings)
                 else:
                     await check_version(conn, settings)
-            pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-                settings.conninfo,
-                min_size=min(2, settings.pool_size),
-                max_size=settings.pool_size,
-                kwargs={"autocommit": True, "application_name": settings.application_name},
-                open=False,
-                name=f"backlane-{settings.schema}",
-            )
-            await pool.open(wait=True, timeout=30.0)
         except psycopg.Error as exc:
             raise store_error(self.settings, exc) from exc
-        self._pool = pool
         self._listener = asyncio.get_running_loop().create_task(self._listen())
 
     async def _stop(self, opening: concurrent.futures.Future[None] | None) -> None:
-        # Runs on the store's loop.
+        # Runs on the runner's loop.
         if opening is not None and not opening.done():
             with contextlib.suppress(Exception):  # its caller heard of it
                 await asyncio.wrap_future(opening)
@@ -204,11 +289,6 @@ class PostgresLink:
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
-        if self._in_flight:  # verbs in flight end their transactions first
-            await asyncio.wait(set(self._in_flight), timeout=_CLOSE_GRACE)
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            await pool.close()
 
     async def _listen(self) -> None:
         # Runs on the store's loop until cancelled: LISTEN, and announce each notification;
@@ -343,6 +423,18 @@ class WorkSignal:
             with self._lock:
                 self._waiters.discard(entry)
             fut.cancel()
+
+
+def _forget(tasks: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
+    """A done-callback that drops a verb's task from ``tasks`` and marks its outcome seen
+    (its caller may have stopped waiting for it)."""
+
+    def done(task: asyncio.Task[Any]) -> None:
+        tasks.discard(task)
+        if not task.cancelled():
+            task.exception()
+
+    return done
 
 
 def _settle(fut: asyncio.Future[None]) -> None:
