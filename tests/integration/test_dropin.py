@@ -29,7 +29,8 @@ def job_state(lane: Backlane, job_id: str) -> JobState | None:
     return None if job is None else job.state
 
 
-def make_app(lane: Backlane, workers: int = 1) -> FastAPI:
+def make_app(lane: Backlane, workers: int = 1, seconds: float = 0.05) -> FastAPI:
+    """The test app; ``seconds`` is how long each task of ``/ordered`` takes."""
     app = FastAPI()
     lane.install(app, workers=workers, concurrency=10)
 
@@ -42,8 +43,8 @@ def make_app(lane: Backlane, workers: int = 1) -> FastAPI:
     async def ordered(
         background_tasks: BackgroundTasks, q: Annotated[str | None, Depends(log_query)]
     ) -> dict[str, Any]:
-        first = background_tasks.add_task(recorder.slow_sync, "endpoint:1")
-        second = background_tasks.add_task(recorder.slow_async, "endpoint:2")
+        first = background_tasks.add_task(recorder.slow_sync, "endpoint:1", seconds)
+        second = background_tasks.add_task(recorder.slow_async, "endpoint:2", seconds)
         return {"ids": [first.id, second.id], "all": [j.id for j in background_tasks.jobs]}
 
     @app.post("/fail-then-continue")
@@ -110,7 +111,8 @@ def test_dependency_tasks_first_then_endpoint_one_after_another(lane_url: str) -
 
 def test_requests_run_concurrently_with_each_other(lane_url: str) -> None:
     lane = Backlane(lane_url)
-    with TestClient(make_app(lane)) as client:
+    # tasks long enough that four requests fit in one chain's time on a busy machine
+    with TestClient(make_app(lane, seconds=0.5)) as client:
         for _ in range(4):
             assert client.post("/ordered").status_code == 200
         wait_until(lambda: len(RECORD.labels()) == 8)

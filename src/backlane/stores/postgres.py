@@ -41,7 +41,7 @@ from .postgres_jobs import (
     needs_transaction,
     sort_claimed,
 )
-from .postgres_link import PostgresLink, store_error
+from .postgres_link import Coalescer, PostgresLink, store_error
 from .postgres_schema import parse_url, rendered_queries
 
 _PURGE_BATCH = 1000
@@ -75,6 +75,8 @@ class PostgresStore(Store):
         self._sql = rendered_queries(self.settings)
         self._link = PostgresLink(url, self.settings)
         self._run = self._link.run
+        self._enqueues: Coalescer[Job, Job] = Coalescer(self._enqueue_now)
+        self._releases: Coalescer[str, None] = Coalescer(self._release_now)
 
     def __repr__(self) -> str:
         return f"<PostgresStore schema={self.settings.schema}>"
@@ -128,7 +130,9 @@ class PostgresStore(Store):
         at once."""
         batch = list(jobs)
         if connection is None:
-            return await self._run(self._enqueue, batch)
+            if any(job.key is not None for job in batch):
+                return await self._run(self._enqueue, batch)
+            return await self._enqueues.submit(batch)  # one statement with its loop turn's
         if not self._link.is_open:
             raise self._link.not_open()
         session, wrap = await caller_session(connection)
@@ -145,8 +149,16 @@ class PostgresStore(Store):
             raise
 
     async def release(self, ids: Sequence[str]) -> None:
-        """Deferred jobs among ``ids`` become queued; others are left as they are."""
-        await self._run(self._execute, "release", {"ids": list(ids)})
+        """Deferred jobs among ``ids`` become queued; others are left as they are. Waits
+        for the loop's next turn, to share a statement with other releases."""
+        await self._releases.submit(list(ids))
+
+    async def _enqueue_now(self, jobs: list[Job]) -> list[Job]:
+        return await self._run(self._enqueue, jobs)
+
+    async def _release_now(self, ids: list[str]) -> list[None]:
+        await self._run(self._execute, "release", {"ids": ids})
+        return [None] * len(ids)
 
     async def discard(
         self, ids: Sequence[str], now: float, keep_until: float | None = None

@@ -27,7 +27,7 @@ import contextvars
 import logging
 import threading
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -40,6 +40,8 @@ from .postgres_schema import PostgresSettings, check_version, latest_version, mi
 log = logging.getLogger("backlane.postgres")
 
 T = TypeVar("T")
+ItemT = TypeVar("ItemT")
+ResultT = TypeVar("ResultT")
 
 _DEADLOCK_ATTEMPTS = 3
 _LISTEN_RETRY_MAX = 5.0
@@ -318,6 +320,73 @@ class PostgresLink:
             self.listening = False
             await asyncio.sleep(pause)
             pause = min(pause * 2, _LISTEN_RETRY_MAX)
+
+
+_Call = tuple[list[ItemT], "asyncio.Future[list[ResultT]]"]
+"""One caller's items, and the future it waits on."""
+
+
+class Coalescer(Generic[ItemT, ResultT]):
+    """Calls made on one event loop in one turn, run as one: ``submit(items)`` waits for
+    the loop's next turn, then ``run`` gets every item submitted meanwhile, in order, and
+    each caller gets the results of its own items. If the joint run fails, each caller's
+    items are run again alone, so that one caller's bad item fails that caller only.
+
+    Many requests storing their jobs at once thus share one statement and one commit
+    (group commit), where each would otherwise wait for a pooled connection and a disk
+    flush of its own."""
+
+    def __init__(self, run: Callable[[list[ItemT]], Awaitable[list[ResultT]]]) -> None:
+        self._run = run
+        self._pending: dict[asyncio.AbstractEventLoop, list[_Call[ItemT, ResultT]]] = {}
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def submit(self, items: list[ItemT]) -> list[ResultT]:
+        loop = asyncio.get_running_loop()
+        batch = self._pending.get(loop)
+        if batch is None:
+            batch = self._pending[loop] = []
+            loop.call_soon(self._flush, loop, batch)
+        future: asyncio.Future[list[ResultT]] = loop.create_future()
+        batch.append((items, future))
+        return await future
+
+    def _flush(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[_Call[ItemT, ResultT]],
+    ) -> None:
+        if self._pending.get(loop) is batch:
+            del self._pending[loop]
+        task = loop.create_task(self._run_batch(batch))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _run_batch(self, batch: list[_Call[ItemT, ResultT]]) -> None:
+        if len(batch) > 1:
+            joint = [item for items, _ in batch for item in items]
+            try:
+                results = await self._run(joint)
+            except Exception:
+                pass  # each caller's items again, alone
+            else:
+                start = 0
+                for items, future in batch:
+                    if not future.done():
+                        future.set_result(results[start : start + len(items)])
+                    start += len(items)
+                return
+        for items, future in batch:
+            try:
+                result = await self._run(items)
+            except BaseException as exc:
+                if not future.done():
+                    future.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
+            else:
+                if not future.done():
+                    future.set_result(result)
 
 
 class LoopClosed(RuntimeError):
