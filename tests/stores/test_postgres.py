@@ -24,6 +24,7 @@ from backlane.jobs import Job, JobState
 from backlane.stores import store_from_url
 from backlane.stores.base import Outcome
 from backlane.stores.postgres import PostgresStore
+from backlane.stores.postgres_link import Coalescer
 from backlane.stores.postgres_schema import (
     PostgresSettings,
     latest_version,
@@ -704,3 +705,50 @@ def test_a_missing_driver_names_the_extra_to_install(monkeypatch: pytest.MonkeyP
     monkeypatch.setitem(sys.modules, "psycopg", None)  # as if psycopg were not installed
     with pytest.raises(DriverMissing, match=r"pip install 'backlane\[postgres\]'"):
         store_from_url("postgresql://postgres@127.0.0.1/test")
+
+
+# -- group commit ----------------------------------------------------------------------------
+
+
+async def test_enqueues_of_one_loop_turn_share_a_statement_and_fail_alone(
+    store: PostgresStore,
+) -> None:
+    (taken,) = await store.enqueue([make_job()])
+    fine = [make_job(task="a"), make_job(task="b")]
+    clash = make_job(task="c")
+    clash.id = taken.id  # a repeated id fails the joint statement, then this caller alone
+    also_fine = make_job(task="d")
+    results = await asyncio.gather(
+        store.enqueue(fine),
+        store.enqueue([clash]),
+        store.enqueue([also_fine]),
+        return_exceptions=True,
+    )
+    assert [job.id for job in results[0]] == [job.id for job in fine]  # type: ignore[union-attr]
+    assert isinstance(results[1], StoreError)
+    assert [job.id for job in results[2]] == [also_fine.id]  # type: ignore[union-attr]
+    stored = {job.task for job in await store.list_jobs(limit=10)}
+    assert stored == {taken.task, "a", "b", "d"}
+
+
+async def test_calls_of_one_loop_turn_run_as_one() -> None:
+    runs: list[list[int]] = []
+
+    async def double(items: list[int]) -> list[int]:
+        runs.append(items)
+        if 13 in items:
+            raise ValueError("unlucky")
+        return [2 * item for item in items]
+
+    coalescer: Coalescer[int, int] = Coalescer(double)
+    results = await asyncio.gather(
+        coalescer.submit([1, 2]),
+        coalescer.submit([13]),
+        coalescer.submit([3]),
+        return_exceptions=True,
+    )
+    assert results[0] == [2, 4] and results[2] == [6]
+    assert isinstance(results[1], ValueError)
+    assert runs == [[1, 2, 13, 3], [1, 2], [13], [3]]  # together, then alone after a failure
+    assert await coalescer.submit([5]) == [10]  # a later turn: a run of its own
+    assert runs[-1] == [5]
