@@ -212,6 +212,7 @@ class PostgresStore(Store):
             "error": [None if o.error is None else json.dumps(o.error) for o in outcomes],
             "run_at": [_float(o.run_at) for o in outcomes],
             "keep_until": [_float(o.keep_until) for o in outcomes],
+            "attempt": [None if o.attempt is None else json.dumps(o.attempt) for o in outcomes],
         }
         rows = await self._run(self._fetch, "finish", params)
         return [row["id"] for row in rows]

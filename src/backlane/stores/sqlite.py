@@ -66,6 +66,7 @@ def _row(job: Job) -> tuple[Any, ...]:
         job.release_at,
         job.keep_until,
         _dump(job.meta),
+        _dump(job.attempt_history) if job.attempt_history else None,
     )
 
 
@@ -84,6 +85,8 @@ def _decode(row: sqlite3.Row) -> Job:
         values["error"] = json.loads(values["error"])
     meta = values["meta"]
     values["meta"] = {} if meta == "{}" else json.loads(meta)
+    history = values["attempt_history"]
+    values["attempt_history"] = [] if history is None else json.loads(history)
     values["cancel_requested"] = bool(values["cancel_requested"])
     job = object.__new__(Job)  # Job(**values), minus the checks of its generated __init__
     job.__dict__.update(values)
@@ -481,6 +484,9 @@ class SQLiteStore(Store):
                     ended.append(o.job_id)
             if changed:
                 applied.append(o.job_id)
+                if o.attempt is not None:
+                    params = {"id": o.job_id, "attempt": _dump(o.attempt)}
+                    self._execute(conn, "append_attempt", params)
         self._unblock(conn, ended)
         return applied
 
