@@ -104,13 +104,25 @@ def _like_pattern(text: str) -> str:
     return f"%{escaped}%"
 
 
-def _newest_first(terms: list[str]) -> str:
-    """The jobs matching all ``terms`` (one names the state), newest first."""
+def _verbatim_in_json(text: str) -> bool:
+    """Whether any JSON text holding a string that contains ``text`` holds ``text`` as is
+    (printable ASCII but for the quote, backslash and slash, which JSON may escape)."""
+    return all(" " <= char <= "~" and char not in '"\\/' for char in text)
+
+
+def _newest_first(terms: list[str], *, columns: str = "*") -> str:
+    """The jobs matching all ``terms`` (one names the state), newest first, read in that
+    order from jobs_state_created."""
     where = " AND ".join(terms)
     return (
-        f"SELECT * FROM jobs INDEXED BY jobs_state_created WHERE {where} "
+        f"SELECT {columns} FROM jobs INDEXED BY jobs_state_created WHERE {where} "
         "ORDER BY created_at DESC, seq DESC"
     )
+
+
+def _rows_of(page: str) -> str:
+    """The whole rows of the jobs whose ``seq`` the query ``page`` selects, newest first."""
+    return f"SELECT * FROM jobs WHERE seq IN ({page}) ORDER BY created_at DESC, seq DESC"
 
 
 def _state_is(state: JobState) -> str:
@@ -298,24 +310,38 @@ class SQLiteStore(Store):
         """The matching jobs, newest ``created_at`` first (ties: latest stored first),
         skipping ``offset`` and returning at most ``limit``. ``text`` is looked for in the
         id, task, payload and error message with ``LIKE``, which ignores the case of ASCII
-        letters only."""
+        letters only.
+
+        The page is chosen first, by ``seq`` alone, and only its rows are read whole:
+        without ``text``, in order from ``jobs_state_created`` (the newest of each state,
+        merged, when no state is given), so a deep page reads the index, not the rows
+        skipped; with ``text``, in one pass over the table, which reads each row once,
+        in storage order, whatever the other filters."""
         filters = {"task": task, "queue": queue}
         terms = [f"{name} = :{name}" for name, value in filters.items() if value is not None]
         params: dict[str, Any] = {**filters, "limit": limit, "offset": offset}
-        if text is not None:
-            terms.append(f"(\n{self._sql['text_matches']}\n)")
-            params["pattern"] = _like_pattern(text)
         if state is not None:
             params["state"] = state.value
-            query = _newest_first(["state = :state", *terms])
+        if text is not None:
+            matches = "text_matches_verbatim" if _verbatim_in_json(text) else "text_matches"
+            terms.append(f"(\n{self._sql[matches]}\n)")
+            params["pattern"] = _like_pattern(text)
+            if state is not None:
+                terms.append("state = :state")
+            where = f"WHERE {' AND '.join(terms)}"
+            page = f"SELECT seq FROM jobs NOT INDEXED {where} ORDER BY created_at DESC, seq DESC"
+        elif state is not None:
+            page = _newest_first(["state = :state", *terms], columns="seq")
         else:  # the newest of each state, merged: jobs_state_created keeps them in order
             params["window"] = -1 if limit < 0 else limit + offset
             branches = " UNION ALL ".join(
-                f"SELECT * FROM ({_newest_first([_state_is(s), *terms])} LIMIT :window)"
+                f"SELECT * FROM ("
+                f"{_newest_first([_state_is(s), *terms], columns='created_at, seq')} "
+                f"LIMIT :window)"
                 for s in JobState
             )
-            query = f"SELECT * FROM ({branches}) ORDER BY created_at DESC, seq DESC"
-        query += " LIMIT :limit OFFSET :offset"
+            page = f"SELECT seq FROM ({branches}) ORDER BY created_at DESC, seq DESC"
+        query = _rows_of(f"{page} LIMIT :limit OFFSET :offset")
         rows = await self._db.on_thread(self._fetch, query, params)
         return [_decode(row) for row in rows]
 

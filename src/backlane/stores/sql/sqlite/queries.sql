@@ -180,6 +180,15 @@ id LIKE :pattern ESCAPE '\' OR task LIKE :pattern ESCAPE '\'
 OR payload LIKE :pattern ESCAPE '\'
 OR json_extract(error, '$.message') LIKE :pattern ESCAPE '\'
 
+-- name: text_matches_verbatim
+-- text_matches, for a text that JSON writes as is (printable ASCII, no quote or
+-- backslash): the message can hold it only if the error's JSON text does, so the message
+-- is extracted only from the few rows whose error matches.
+id LIKE :pattern ESCAPE '\' OR task LIKE :pattern ESCAPE '\'
+OR payload LIKE :pattern ESCAPE '\'
+OR (error LIKE :pattern ESCAPE '\'
+    AND json_extract(error, '$.message') LIKE :pattern ESCAPE '\')
+
 -- name: counts
 SELECT queue, state, COUNT(*) AS n FROM jobs INDEXED BY jobs_queue_state
 WHERE state <> 'deferred' GROUP BY queue, state
