@@ -744,6 +744,38 @@ async def test_list_jobs_pages_through_every_job_once(store: Store) -> None:
     assert [job.id for page in pages for job in page] == [job.id for job in reversed(jobs)]
 
 
+@pytest.mark.parametrize(
+    "filters",
+    [{}, {"state": S.QUEUED}, {"task": "y"}, {"queue": "q2", "state": S.DEFERRED},
+     {"text": "y"}, {"text": "Y", "state": S.QUEUED}],
+    ids=["none", "state", "task", "queue-state", "text", "text-state"],
+)  # fmt: skip
+async def test_list_jobs_pages_through_the_matching_jobs_once(
+    store: Store, filters: dict[str, Any]
+) -> None:
+    jobs = [
+        make_job(
+            task="xy"[i % 2],  # not a hex digit: the text matches no id
+            queue=f"q{i % 3}",
+            state=S.DEFERRED if i % 4 == 0 else S.QUEUED,
+            created_at=NOW + i // 5,  # ties: latest stored first
+        )
+        for i in range(40)
+    ]
+    await store.enqueue(jobs)
+
+    def wanted(job: Job) -> bool:
+        text = str(filters.get("text", "")).lower()
+        return (
+            all(getattr(job, name) == value for name, value in filters.items() if name != "text")
+            and text in job.task
+        )
+
+    expected = [job.id for job in reversed(jobs) if wanted(job)]
+    pages = [await store.list_jobs(limit=3, offset=offset, **filters) for offset in range(0, 42, 3)]
+    assert [job.id for page in pages for job in page] == expected
+
+
 async def test_counts_per_queue_and_state(store: Store) -> None:
     assert await store.counts() == {}
     await store.enqueue([make_job(queue="q1") for _ in range(3)])

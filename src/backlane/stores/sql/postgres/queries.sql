@@ -305,6 +305,15 @@ SELECT count(*) AS n FROM gone;
  OR strpos(lower(payload), lower(%(text)s)) > 0
  OR strpos(lower(error ->> 'message'), lower(%(text)s)) > 0)
 
+-- name: text_matches_ascii
+-- text_matches for an ASCII text, given in lower case: the C collation folds ASCII letters
+-- only, several times faster than the database's own rules (which would, beyond ASCII,
+-- also let a Kelvin sign match a "k").
+(strpos(lower(id COLLATE "C"), %(folded)s) > 0
+ OR strpos(lower(task COLLATE "C"), %(folded)s) > 0
+ OR strpos(lower(payload COLLATE "C"), %(folded)s) > 0
+ OR strpos(lower((error ->> 'message') COLLATE "C"), %(folded)s) > 0)
+
 -- name: counts
 SELECT queue, state, count(*) AS n FROM {schema}.jobs GROUP BY queue, state;
 
