@@ -257,7 +257,8 @@ class Store(abc.ABC):
         """Jobs matching the filters, newest first. ``text`` matches, case-insensitively, a
         substring of the id, the task name, the arguments (``payload``, as stored) or the
         error message (``error["message"]``); every character of ``text`` is literal (no
-        wildcards). SQLite folds the case of ASCII letters only."""
+        wildcards). SQLite folds the case of ASCII letters only, and so does PostgreSQL
+        for a text of ASCII characters only (a Kelvin sign, say, does not match "k")."""
 
     @abc.abstractmethod
     async def counts(self) -> dict[str, dict[JobState, int]]:
