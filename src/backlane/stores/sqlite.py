@@ -14,6 +14,7 @@ import functools
 import json
 import re
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -30,6 +31,11 @@ _STATES = {state.value: state for state in JobState}
 _PURGE_BATCH = 1000
 """Most jobs removed per transaction by ``purge``, so no lock is held for long."""
 _LIKE_SPECIAL = re.compile(r"([\\%_])")
+_ORDERED_READ_SECONDS = 0.02
+"""How long ``list_jobs`` reads a filtered list newest first from the index before it
+gives up for one pass over the table (the filter matched few of the newest jobs)."""
+_CHECK_EVERY = 10_000
+"""SQLite virtual machine instructions between two looks at that time limit."""
 
 
 def _dump(value: Any) -> str | None:
@@ -342,7 +348,15 @@ class SQLiteStore(Store):
             )
             page = f"SELECT seq FROM ({branches}) ORDER BY created_at DESC, seq DESC"
         query = _rows_of(f"{page} LIMIT :limit OFFSET :offset")
-        rows = await self._db.on_thread(self._fetch, query, params)
+        if text is None and terms:  # a task or queue: many of the newest jobs, or few?
+            scan = " AND ".join(["state = :state", *terms] if state is not None else terms)
+            full_pass = _rows_of(
+                f"SELECT seq FROM jobs NOT INDEXED WHERE {scan} "
+                "ORDER BY created_at DESC, seq DESC LIMIT :limit OFFSET :offset"
+            )
+            rows = await self._db.on_thread(self._fetch_ordered_or_scan, query, full_pass, params)
+        else:
+            rows = await self._db.on_thread(self._fetch, query, params)
         return [_decode(row) for row in rows]
 
     async def counts(self) -> dict[str, dict[JobState, int]]:
@@ -434,6 +448,24 @@ class SQLiteStore(Store):
     ) -> list[sqlite3.Row]:
         """Rows of a read (``query`` is SQL text) outside any explicit transaction."""
         return conn.execute(query, params).fetchall()
+
+    def _fetch_ordered_or_scan(
+        self, conn: sqlite3.Connection, ordered: str, full_pass: str, params: dict[str, Any]
+    ) -> list[sqlite3.Row]:
+        """Rows of ``ordered`` (a read of the newest jobs first, fast when the filter
+        matches many of them), or, when it has not ended within ``_ORDERED_READ_SECONDS``,
+        of ``full_pass`` (the same rows, from one pass over the table: bounded by its
+        size when the filter matches few)."""
+        deadline = time.perf_counter() + _ORDERED_READ_SECONDS
+        conn.set_progress_handler(lambda: time.perf_counter() > deadline, _CHECK_EVERY)
+        try:
+            return conn.execute(ordered, params).fetchall()
+        except sqlite3.OperationalError as exc:
+            if time.perf_counter() <= deadline or "interrupt" not in str(exc):
+                raise
+        finally:
+            conn.set_progress_handler(None, 0)
+        return conn.execute(full_pass, params).fetchall()
 
     def _execute(self, conn: sqlite3.Connection, name: str, params: dict[str, Any]) -> int:
         return conn.execute(self._sql[name], params).rowcount
