@@ -202,6 +202,7 @@ def run(url: str, folder: str, rows: int, requests: int) -> tuple[dict[str, list
             "/ui/jobs?state=failed",
             "/ui/jobs?queue=mail&state=succeeded",
             "/ui/jobs?task=bench%3Aexport_csv",
+            "/ui/jobs?task=bench%3Anone",  # a task no job has
             "/ui/jobs?text=user4242%40",
             "/ui/jobs?text=no-such-text",
             f"/ui/jobs?page={deep}",
