@@ -322,7 +322,9 @@ class SQLiteStore(Store):
         without ``text``, in order from ``jobs_state_created`` (the newest of each state,
         merged, when no state is given), so a deep page reads the index, not the rows
         skipped; with ``text``, in one pass over the table, which reads each row once,
-        in storage order, whatever the other filters."""
+        in storage order, whatever the other filters. A ``task`` or ``queue`` is read the
+        first way for ``_ORDERED_READ_SECONDS`` at most, then the second (few of the
+        newest jobs match it)."""
         filters = {"task": task, "queue": queue}
         terms = [f"{name} = :{name}" for name, value in filters.items() if value is not None]
         params: dict[str, Any] = {**filters, "limit": limit, "offset": offset}
