@@ -1,6 +1,6 @@
-"""How fast does the dashboard answer with 100,000 jobs in the store (SQLite)?
+"""How fast does the dashboard answer with 100,000 jobs in the store?
 
-Fills a SQLite file with ``--rows`` jobs (default 100,000) spread over three queues,
+Fills a store with ``--rows`` jobs (default 100,000) spread over three queues,
 five tasks and every state, most ended within the last hour so the charts have work to
 do; starts the standalone dashboard (``python -m backlane dashboard``) on 127.0.0.1 as a
 real process; then asks each page ``--requests`` times, one request at a time, over one
@@ -9,7 +9,12 @@ the whole hour's per-minute stats, is shown on its own line). Prints a Markdown 
 the median, 95th percentile and slowest answer per page, in milliseconds, measured by
 the client.
 
+The store is a fresh SQLite file, or the PostgreSQL database ``--url`` names: the jobs go
+to a schema of their own (``?schema=`` of the URL, default ``bench_dashboard``), dropped
+before and after the run.
+
     python benchmarks/dashboard_pages.py [--rows 100000] [--requests 30]
+    python benchmarks/dashboard_pages.py --url postgresql://postgres@127.0.0.1:5432/test
 """
 
 from __future__ import annotations
@@ -26,12 +31,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
 
 from backlane.jobs import Job, JobState
+from backlane.stores import store_from_url
 from backlane.stores.base import WorkerRecord
-from backlane.stores.sqlite import SQLiteStore
 
 BATCH = 5_000
 TASKS = ["bench:send_email", "bench:export_csv", "bench:resize", "bench:cleanup", "bench:report"]
@@ -84,7 +90,7 @@ def _job(n: int, now: float, rng: random.Random) -> Job:
 
 async def fill(url: str, rows: int) -> str:
     """Store ``rows`` jobs and a worker's heartbeat; returns the id of a failed job."""
-    store = SQLiteStore(url)
+    store = store_from_url(url)
     await store.open()
     rng = random.Random(7)
     now = time.time()
@@ -129,51 +135,34 @@ def measure(base: str, paths: list[str], requests: int) -> dict[str, list[float]
     return timings
 
 
-def main(rows: int, requests: int) -> None:
+def postgres_url(url: str) -> str:
+    """``url`` with its ``schema`` (default ``bench_dashboard``), that schema dropped."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    query.setdefault("schema", "bench_dashboard")
+    drop_schema(urlunsplit(parts._replace(query="")), query["schema"])
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def drop_schema(url: str, schema: str) -> None:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def main(rows: int, requests: int, given_url: str | None) -> None:
     with tempfile.TemporaryDirectory() as folder:
-        url = f"sqlite:///{folder}/jobs.db"
-        started = time.perf_counter()
-        failed = asyncio.run(fill(url, rows))
-        print(f"stored {rows:,} jobs in {time.perf_counter() - started:.1f}s", file=sys.stderr)
-        Path(folder, "bench_lane.py").write_text(LANE_MODULE)
-        port = free_port()
-        env = {**os.environ, "BACKLANE_URL": url}
-        env.pop("BACKLANE_DASHBOARD_TOKEN", None)
-        command = [sys.executable, "-m", "backlane", "dashboard", "bench_lane:lane"]
-        command += ["--port", str(port), "--log-level", "warning"]
-        server = subprocess.Popen(command, cwd=folder, env=env, stdin=subprocess.DEVNULL)
+        url = f"sqlite:///{folder}/jobs.db" if given_url is None else postgres_url(given_url)
         try:
-            base = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    httpx.get(base + "/ui/static/dashboard.css", timeout=1)
-                    break
-                except httpx.TransportError:
-                    if time.monotonic() > deadline or server.poll() is not None:
-                        raise SystemExit("the dashboard did not start") from None
-                    time.sleep(0.1)
-            deep = rows // 50 // 2
-            paths = [
-                "/",
-                "/ui/jobs",
-                "/ui/jobs?state=failed",
-                "/ui/jobs?queue=mail&state=succeeded",
-                "/ui/jobs?task=bench%3Aexport_csv",
-                "/ui/jobs?text=user4242%40",
-                "/ui/jobs?text=no-such-text",
-                f"/ui/jobs?page={deep}",
-                f"/ui/jobs/{failed}",
-                "/ui/schedules",
-                "/ui/workers",
-                "/metrics",
-                f"/jobs/{failed}",
-            ]
-            timings = measure(base, paths, requests)
+            timings, failed = run(url, folder, rows, requests)
         finally:
-            server.terminate()
-            server.wait(timeout=10)
-    print(f"\nDashboard pages, SQLite, {rows:,} jobs; {requests} requests each; ms\n")
+            if given_url is not None:
+                parts = urlsplit(url)
+                schema = dict(parse_qsl(parts.query))["schema"]
+                drop_schema(urlunsplit(parts._replace(query="")), schema)
+    kind = "SQLite" if given_url is None else "PostgreSQL"
+    print(f"\nDashboard pages, {kind}, {rows:,} jobs; {requests} requests each; ms\n")
     print("| page | median | p95 | max |")
     print("|---|---:|---:|---:|")
     for path, samples in timings.items():
@@ -183,9 +172,57 @@ def main(rows: int, requests: int) -> None:
         print(f"| `{shown}` | {statistics.median(ordered):.1f} | {p95:.1f} | {ordered[-1]:.1f} |")
 
 
+def run(url: str, folder: str, rows: int, requests: int) -> tuple[dict[str, list[float]], str]:
+    """Fill the store, serve the dashboard, measure; the timings and a failed job's id."""
+    started = time.perf_counter()
+    failed = asyncio.run(fill(url, rows))
+    print(f"stored {rows:,} jobs in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    Path(folder, "bench_lane.py").write_text(LANE_MODULE)
+    port = free_port()
+    env = {**os.environ, "BACKLANE_URL": url}
+    env.pop("BACKLANE_DASHBOARD_TOKEN", None)
+    command = [sys.executable, "-m", "backlane", "dashboard", "bench_lane:lane"]
+    command += ["--port", str(port), "--log-level", "warning"]
+    server = subprocess.Popen(command, cwd=folder, env=env, stdin=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(base + "/ui/static/dashboard.css", timeout=1)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise SystemExit("the dashboard did not start") from None
+                time.sleep(0.1)
+        deep = rows // 50 // 2
+        paths = [
+            "/",
+            "/ui/jobs",
+            "/ui/jobs?state=failed",
+            "/ui/jobs?queue=mail&state=succeeded",
+            "/ui/jobs?task=bench%3Aexport_csv",
+            "/ui/jobs?task=bench%3Anone",  # a task no job has
+            "/ui/jobs?text=user4242%40",
+            "/ui/jobs?text=no-such-text",
+            f"/ui/jobs?page={deep}",
+            f"/ui/jobs/{failed}",
+            "/ui/schedules",
+            "/ui/workers",
+            "/metrics",
+            f"/jobs/{failed}",
+        ]
+        timings = measure(base, paths, requests)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    return timings, failed
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=100_000, help="jobs in the store")
     parser.add_argument("--requests", type=int, default=30, help="requests per page")
+    parser.add_argument("--url", help="a postgresql:// URL (default: a fresh SQLite file)")
     args = parser.parse_args()
-    main(args.rows, args.requests)
+    main(args.rows, args.requests, args.url)

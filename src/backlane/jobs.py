@@ -83,10 +83,13 @@ class Job:
     keep_until: float | None = None
     """For a terminal job: when it may be purged."""
     meta: dict[str, Any] = field(default_factory=dict)
+    attempt_history: list[dict[str, Any]] = field(default_factory=list)
+    """Records of the attempts that ended without succeeding (see ``attempt_record``),
+    oldest first. Opaque to stores: each appends the record an ``Outcome`` carries."""
 
     def copy(self, **changes: Any) -> Job:
-        """A copy with ``changes`` applied (``error`` and ``meta`` are shared unless
-        changed). Raises ``TypeError`` for a name that is not a field."""
+        """A copy with ``changes`` applied (``error``, ``meta`` and ``attempt_history`` are
+        shared unless changed). Raises ``TypeError`` for a name that is not a field."""
         if not _FIELD_NAMES.issuperset(changes):
             unknown = ", ".join(sorted(set(changes) - _FIELD_NAMES))
             raise TypeError(f"Job has no field(s) {unknown}")
@@ -100,6 +103,7 @@ class Job:
         if twin.error is not None:
             twin.error = _copy_json(twin.error)
         twin.meta = _copy_json(twin.meta) if twin.meta else {}
+        twin.attempt_history = _copy_json(twin.attempt_history) if twin.attempt_history else []
         return twin
 
     def to_public(self) -> dict[str, Any]:
@@ -122,6 +126,34 @@ class Job:
 
 
 _FIELD_NAMES = frozenset(f.name for f in fields(Job))
+
+ATTEMPT_RETRIED = "retried"
+"""The outcome of an attempt that failed and was queued again (``Outcome`` state queued)."""
+RECORDED_MESSAGE_CHARS = 2_000
+"""An error message longer than this is cut in an attempt's record (``error`` keeps it)."""
+
+
+def attempt_record(
+    job: Job, outcome: str, ended_at: float, error: dict[str, Any] | None
+) -> dict[str, Any]:
+    """What the history keeps of the running attempt of ``job`` that ended at ``ended_at``:
+    its number, start and end, ``outcome`` (``"retried"``, ``"failed"`` or
+    ``"cancelled"``) and, when it raised, the error's type and message (no traceback).
+
+    ``{"attempt": 2, "started_at": 1700000000.0, "ended_at": 1700000001.5,
+    "outcome": "retried", "error": {"type": "ValueError", "message": "bad row"}}``"""
+    record: dict[str, Any] = {
+        "attempt": job.attempts,
+        "started_at": job.started_at,
+        "ended_at": ended_at,
+        "outcome": outcome,
+    }
+    if error is not None:
+        message = str(error.get("message", ""))
+        if len(message) > RECORDED_MESSAGE_CHARS:
+            message = message[:RECORDED_MESSAGE_CHARS] + "…"
+        record["error"] = {"type": str(error.get("type", "")), "message": message}
+    return record
 
 
 def _copy_json(value: Any) -> Any:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .context import TaskContext, resolve_dependencies
-from .jobs import Job, JobState
+from .jobs import ATTEMPT_RETRIED, Job, JobState, attempt_record
 from .metrics import observe_attempt
 from .retry import Retry
 from .stores.base import Outcome, Store, WorkerRecord
@@ -343,6 +343,7 @@ class Worker:
             finished_at=now,
             error=error,
             run_at=now + delay,
+            attempt=attempt_record(job, ATTEMPT_RETRIED, now, error),
         )
 
     def _ended(
@@ -368,6 +369,9 @@ class Worker:
             result=result,
             error=error,
             keep_until=now + keep,
+            attempt=None
+            if state is JobState.SUCCEEDED
+            else attempt_record(job, state.value, now, error),
         )
 
     async def _flush_loop(self) -> None:

@@ -3,10 +3,10 @@ served by a real uvicorn process with an embedded worker on SQLite, and the stan
 ``backlane dashboard`` command as a real process.
 
 Seen here: a job going queued → running (the progress bar moving) → succeeded, live; a
-failed job's traceback, its retry clicked, its success; an argument holding ``<script>``
-shown as text with no script run; the metrics page parsed by prometheus-client with job
-counts equal to the store's; the standalone command refusing a non-loopback address
-without a token, and asking for the token when one is set.
+failed job's traceback, its retry clicked, its success, and both attempts on its page; an
+argument holding ``<script>`` shown as text with no script run; the metrics page parsed by
+prometheus-client with job counts equal to the store's; the standalone command refusing
+a non-loopback address without a token, and asking for the token when one is set.
 
 Screenshots go to the test's temporary folder, and to ``$BACKLANE_SCREENSHOTS`` (e.g.
 ``docs/images``) when that is set. Skipped when ``/usr/bin/chromium`` or Playwright is
@@ -297,6 +297,12 @@ def test_a_job_is_followed_live_and_a_failed_one_retried(
     assert badge.text_content() == "succeeded"
     assert "flag found" in page.locator("#result").text_content()
     assert page.locator("#traceback").count() == 0
+    attempts = page.locator("#attempts tbody tr")  # the failed attempt, then the retry
+    assert attempts.count() == 2
+    assert attempts.nth(0).get_attribute("data-outcome") == "failed"
+    assert f"RuntimeError: flag {flag} is missing" in attempts.nth(0).text_content()
+    assert attempts.nth(1).get_attribute("data-outcome") == "succeeded"
+    assert attempts.nth(1).locator("time").count() == 2  # started and ended
 
     # the overview, the list and the workers page, for the docs
     for _ in range(3):

@@ -123,6 +123,11 @@ def test_nothing_a_job_carries_is_rendered_as_markup(lane: Backlane, client: Tes
         task=f"{__name__}:remember",
         queue="q<b>x</b>",
         error={"type": "<i>Boom</i>", "message": EVIL, "traceback": EVIL},
+        attempts=2,
+        attempt_history=[
+            {"attempt": 1, "outcome": EVIL, "error": {"type": "<i>Boom</i>", "message": EVIL}},
+            {"attempt": 2, "outcome": "failed", "error": {"type": "<i>Boom</i>", "message": EVIL}},
+        ],
     )
     stored(lane, client, [job])
     pages = [
@@ -136,6 +141,26 @@ def test_nothing_a_job_carries_is_rendered_as_markup(lane: Backlane, client: Tes
         assert "<img src=x" not in page
         assert "<b>x</b>" not in page and "<i>Boom</i>" not in page
     assert "&lt;script&gt;window.__pwned" in pages[3]
+
+
+def test_the_job_page_lists_every_attempt(lane: Backlane, client: TestClient) -> None:
+    if type(lane.store).__name__ == "RedisStore":
+        pytest.skip("attempt history on Redis: pending")
+    record = {"started_at": NOW - 60, "ended_at": NOW - 59, "outcome": "retried"}
+    job = ended(
+        JobState.SUCCEEDED,
+        attempts=3,
+        result='"ok"',
+        attempt_history=[
+            {**record, "attempt": 1, "error": {"type": "ConnectionError", "message": "refused"}},
+        ],
+    )
+    stored(lane, client, [job])
+    page = client.get(f"/backlane/ui/jobs/{job.id}", headers=HTML).text
+    rows = re.findall(r'<tr data-outcome="([^"]+)">\s*<td>(\d+)</td>', page)
+    assert rows == [("retried", "1"), ("lease expired", "2"), ("succeeded", "3")]
+    assert '<strong class="mono">ConnectionError</strong>: ' in page
+    assert '<span class="error-message">refused</span>' in page
 
 
 def test_the_list_filters_by_state_task_queue_and_text(lane: Backlane, client: TestClient) -> None:

@@ -81,6 +81,24 @@ async def test_text_matches_the_error_message_ignoring_case(store: Store) -> Non
     assert [job.id for job in await store.list_jobs(text="mailbox full")] == [jobs["email"].id]
 
 
+async def test_text_matches_only_the_message_of_an_error_whatever_it_holds(
+    store: Store,
+) -> None:
+    jobs = await _search_fixtures(store)
+    other = make_job(created_at=NOW + 4)
+    await store.enqueue([other])
+    await take(store, queues=["default"], limit=5)
+    message = 'r\u00e9sum\u00e9 "quoted" back\\slash a/b\ttab \u2713'
+    error = {"type": "RuntimeError", "message": message, "traceback": "Traceback: deep/inside"}
+    await store.finish([outcome(other.id, S.FAILED, error=error)])
+    for text in ("r\u00e9sum\u00e9", '"quoted"', "back\\slash", "a/b", "\ttab", "\u2713"):
+        assert [job.id for job in await store.list_jobs(text=text)] == [other.id], text
+    assert await store.list_jobs(text="SMTPRecipients") == []  # the error's type
+    assert await store.list_jobs(text="deep/inside") == []  # its traceback
+    assert await store.list_jobs(text="Traceback") == []
+    assert [job.id for job in await store.list_jobs(text="FULL FOR")] == [jobs["email"].id]
+
+
 async def test_text_matches_part_of_the_id(store: Store) -> None:
     jobs = await _search_fixtures(store)
     target = jobs["export"].id

@@ -22,6 +22,7 @@ import pytest
 
 from backlane.exceptions import ConfigurationError, StoreError
 from backlane.jobs import Job, JobState
+from backlane.stores import sqlite as sqlite_store
 from backlane.stores import sqlite_connections
 from backlane.stores.sqlite import SQLiteStore
 from backlane.stores.sqlite_schema import migrations, queries
@@ -241,9 +242,17 @@ async def test_the_hot_statements_search_an_index(tmp_path: Path, query: str, in
     assert not any(step.startswith("SCAN jobs") and "INDEX" not in step for step in steps)
 
 
-async def test_listing_newest_first_reads_an_index_whatever_the_filters(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ordered_read", ["as it comes", "always cut short"])
+async def test_listing_newest_first_is_quick_whatever_the_filters(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ordered_read: str
+) -> None:
     """Without a state, list_jobs merges the newest of each state: as quick over 100,000
-    jobs as with one, in the same order as sorting them all."""
+    jobs as with one, in the same order as sorting them all. A task or queue that few of
+    the newest jobs have is read in one pass over the table instead, with the same
+    result (forced here by cutting every ordered read short)."""
+    if ordered_read == "always cut short":
+        monkeypatch.setattr(sqlite_store, "_ORDERED_READ_SECONDS", -1.0)
+        monkeypatch.setattr(sqlite_store, "_CHECK_EVERY", 1)
     path = tmp_path / "jobs.db"
     store = SQLiteStore(url_of(path))
     await store.open()
@@ -269,6 +278,11 @@ async def test_listing_newest_first_reads_an_index_whatever_the_filters(tmp_path
             ({"queue": "q1"}, [r for r in newest if r[2] == "q1"]),
             ({"task": "t2", "queue": "q0"}, [r for r in newest if r[1] == "t2" and r[2] == "q0"]),
             ({"state": JobState.QUEUED}, [r for r in newest if r[3] == "queued"]),
+            (
+                {"queue": "q1", "state": JobState.FAILED},
+                [r for r in newest if r[2] == "q1" and r[3] == "failed"],
+            ),
+            ({"task": "t9"}, []),  # no job has it: every index entry would be read
             ({"text": "j00012"}, [r for r in newest if "j00012" in r[0]]),
         ]:
             for offset in (0, 500):

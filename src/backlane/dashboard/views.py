@@ -208,6 +208,77 @@ class Step:
 
 
 @dataclass
+class AttemptRow:
+    """One attempt of a job, as its page lists it. ``outcome`` is ``retried``, ``failed``,
+    ``cancelled``, ``succeeded``, ``running`` or ``lease expired`` (its worker stopped
+    answering: the attempt left no record, only its count)."""
+
+    number: int
+    started_at: float | None
+    ended_at: float | None
+    outcome: str
+    error_type: str = ""
+    error_message: str = ""
+
+
+LEASE_EXPIRED = "lease expired"
+
+
+def attempt_rows(job: Job) -> list[AttemptRow]:
+    """Every attempt of ``job``, first to last: those recorded in its history (each that
+    did not succeed), the latest from the job's own fields, and the attempts counted but
+    never recorded (lost with their worker) in between."""
+    recorded: dict[int, dict[str, Any]] = {}
+    for entry in job.attempt_history:
+        if isinstance(entry, dict) and isinstance(entry.get("attempt"), int):
+            recorded[entry["attempt"]] = entry
+    rows = []
+    for number in range(1, max([job.attempts, *recorded]) + 1):
+        record = recorded.get(number)
+        if record is not None:
+            given = record.get("error")
+            error: dict[str, Any] = given if isinstance(given, dict) else {}
+            rows.append(
+                AttemptRow(
+                    number,
+                    _time(record.get("started_at")),
+                    _time(record.get("ended_at")),
+                    str(record.get("outcome", "")),
+                    str(error.get("type", "")),
+                    cut(str(error.get("message", ""))),
+                )
+            )
+        elif number == job.attempts:
+            rows.append(_latest_attempt(job))
+        else:
+            rows.append(AttemptRow(number, None, None, LEASE_EXPIRED))
+    return rows
+
+
+def _latest_attempt(job: Job) -> AttemptRow:
+    """The latest attempt of a job whose history does not record it."""
+    number, started = job.attempts, job.started_at
+    if job.state is JobState.RUNNING:
+        return AttemptRow(number, started, None, "running")
+    if job.state is JobState.SUCCEEDED:
+        return AttemptRow(number, started, job.finished_at, "succeeded")
+    if job.state in (JobState.FAILED, JobState.CANCELLED) and job.error:
+        # ended by its worker before attempts were recorded (an older backlane)
+        error = job.error
+        message = cut(str(error.get("message", "")))
+        return AttemptRow(
+            number, started, job.finished_at, job.state.value, str(error.get("type", "")), message
+        )
+    if job.state is JobState.CANCELLED:  # its worker stopped answering after a cancel
+        return AttemptRow(number, started, job.finished_at, f"{LEASE_EXPIRED}, cancelled")
+    return AttemptRow(number, started, None, LEASE_EXPIRED)  # queued again by the sweep
+
+
+def _time(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+@dataclass
 class JobPage:
     job: Job
     arguments: str
@@ -215,6 +286,7 @@ class JobPage:
     error: dict[str, str] | None
     timeline: list[Step]
     held_by: str | None
+    attempts: list[AttemptRow] = field(default_factory=list)
     public: dict[str, Any] = field(default_factory=dict)
 
 
@@ -242,6 +314,7 @@ def job_page(job: Job) -> JobPage:
         error=error,
         timeline=steps,
         held_by=job.worker_id if job.state is JobState.RUNNING else None,
+        attempts=attempt_rows(job),
         public=job.to_public(),
     )
 

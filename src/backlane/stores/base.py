@@ -21,6 +21,9 @@ Rules every store keeps:
   enqueueing a job whose key is taken stores nothing and returns the job holding the key.
 * Verbs on a running job name the worker holding it; a worker that lost its lease changes
   nothing.
+* ``enqueue`` stores a job's ``attempt_history`` as given; only ``finish`` adds to it,
+  and no other verb changes it (``retry`` keeps it, ``hand_back`` and
+  ``requeue_expired`` add nothing: an attempt lost to an expired lease has no record).
 * A schedule slot is taken once: ``claim_slot`` stores the slot's job only if no slot at or
   after it was taken for that schedule, in the same atomic step.
 """
@@ -48,6 +51,10 @@ class Outcome:
 
     ``state`` is ``succeeded``, ``failed`` or ``cancelled`` to end the job, or ``queued`` to
     run it again at ``run_at`` (a retry). ``keep_until`` is when an ended job may be purged.
+    ``attempt``, when set, is this attempt's record (``jobs.attempt_record``, JSON-ready):
+    the store appends it, as is, to the job's ``attempt_history`` in the same step. The
+    worker sets it for every attempt that does not succeed, so that the history plus the
+    job's own fields tell every attempt, and a job succeeding first time pays nothing.
     """
 
     job_id: str
@@ -58,6 +65,7 @@ class Outcome:
     error: dict[str, Any] | None = None
     run_at: float | None = None
     keep_until: float | None = None
+    attempt: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -180,8 +188,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def finish(self, outcomes: Sequence[Outcome]) -> list[str]:
-        """Record the outcomes of attempts (see ``Outcome``). Returns the ids applied: an
-        outcome for a job its worker no longer holds is ignored."""
+        """Record the outcomes of attempts (see ``Outcome``), appending each outcome's
+        ``attempt`` record, if any, to its job's ``attempt_history``. Returns the ids
+        applied: an outcome for a job its worker no longer holds is ignored (its record
+        too)."""
 
     @abc.abstractmethod
     async def hand_back(self, *, worker_id: str, ids: Sequence[str]) -> None:
@@ -250,7 +260,8 @@ class Store(abc.ABC):
         """Jobs matching the filters, newest first. ``text`` matches, case-insensitively, a
         substring of the id, the task name, the arguments (``payload``, as stored) or the
         error message (``error["message"]``); every character of ``text`` is literal (no
-        wildcards). SQLite folds the case of ASCII letters only."""
+        wildcards). SQLite folds the case of ASCII letters only, and so does PostgreSQL
+        for a text of ASCII characters only (a Kelvin sign, say, does not match "k")."""
 
     @abc.abstractmethod
     async def counts(self) -> dict[str, dict[JobState, int]]:

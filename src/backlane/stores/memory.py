@@ -55,6 +55,7 @@ def _clone(job: Job) -> Job:
     if job.error is not None:
         twin.error = _copy_json(job.error)
     twin.meta = _copy_json(job.meta) if job.meta else {}
+    twin.attempt_history = _copy_json(job.attempt_history) if job.attempt_history else []
     return twin
 
 
@@ -218,6 +219,8 @@ class MemoryStore(Store):
                 job.lease_until = None
                 job.result = outcome.result
                 job.error = None if outcome.error is None else _copy_json(outcome.error)
+                if outcome.attempt is not None:
+                    job.attempt_history = [*job.attempt_history, _copy_json(outcome.attempt)]
                 if outcome.state is JobState.QUEUED:
                     self._set_state(job, JobState.QUEUED)
                     job.worker_id = None

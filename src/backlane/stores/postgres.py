@@ -224,6 +224,7 @@ class PostgresStore(Store):
             "error": [None if o.error is None else json.dumps(o.error) for o in outcomes],
             "run_at": [_float(o.run_at) for o in outcomes],
             "keep_until": [_float(o.keep_until) for o in outcomes],
+            "attempt": [None if o.attempt is None else json.dumps(o.attempt) for o in outcomes],
         }
         rows = await self._run(self._fetch, "finish", params)
         return [row["id"] for row in rows]
@@ -310,18 +311,42 @@ class PostgresStore(Store):
     ) -> list[Job]:
         """The matching jobs, newest ``created_at`` first (ties: latest stored first),
         skipping ``offset`` and returning at most ``limit``. ``text`` is looked for,
-        literally and ignoring case, in the id, task, payload and error message."""
+        literally and ignoring case, in the id, task, payload and error message (an ASCII
+        text ignores the case of ASCII letters only, a faster comparison).
+
+        With ``text``, the matches are found in one pass over the table, then the page is
+        sorted out of them; a plan walking the newest first would fetch every row from
+        the heap in index order when few match. Without it, a page past the first starts
+        from the row at ``offset``, found in an index alone."""
         filters = {"state": None if state is None else state.value, "task": task, "queue": queue}
         terms = [f"{name} = %({name})s" for name, value in filters.items() if value is not None]
         params: dict[str, Any] = {**filters, "limit": max(0, limit), "offset": max(0, offset)}
+        jobs = f"{self.settings.quoted_schema}.jobs"
+        newest = "ORDER BY created_at DESC, seq DESC"
         if text is not None:
-            terms.append(self._sql["text_matches"])
-            params["text"] = text
-        where = f"WHERE {' AND '.join(terms)}" if terms else ""
-        query = (
-            f"SELECT * FROM {self.settings.quoted_schema}.jobs {where} "
-            "ORDER BY created_at DESC, seq DESC LIMIT %(limit)s OFFSET %(offset)s"
-        )
+            if text.isascii():
+                terms.append(self._sql["text_matches_ascii"])
+                params["folded"] = text.lower()
+            else:
+                terms.append(self._sql["text_matches"])
+                params["text"] = text
+            query = (
+                f"WITH matched AS MATERIALIZED (SELECT id, created_at, seq FROM {jobs} "
+                f"WHERE {' AND '.join(terms)}), "
+                f"page AS (SELECT id, created_at, seq FROM matched {newest} "
+                "LIMIT %(limit)s OFFSET %(offset)s) "
+                f"SELECT j.* FROM page JOIN {jobs} j USING (id) "
+                "ORDER BY page.created_at DESC, page.seq DESC"
+            )
+        else:
+            where = " AND ".join(terms) if terms else "true"
+            start = ""
+            if offset > 0:
+                start = (
+                    f"AND (created_at, seq) <= (SELECT created_at, seq FROM {jobs} "
+                    f"WHERE {where} {newest} OFFSET %(offset)s LIMIT 1) "
+                )
+            query = f"SELECT * FROM {jobs} WHERE {where} {start}{newest} LIMIT %(limit)s"
         rows = await self._run(self._fetch_sql, query, params)
         return [decode(row) for row in rows]
 

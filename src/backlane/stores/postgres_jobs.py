@@ -118,6 +118,8 @@ def encode(job: Job) -> dict[str, Any]:
     values["state"] = job.state.value
     values["error"] = None if job.error is None else json.dumps(job.error)
     values["meta"] = json.dumps(job.meta)
+    history = job.attempt_history
+    values["attempt_history"] = json.dumps(history) if history else None
     for name in _FLOATS:
         if values[name] is not None:
             values[name] = float(values[name])
@@ -128,9 +130,11 @@ def decode(row: Row) -> Job:
     """The job stored in ``row``."""
     values = {name: row[name] for name in _FIELDS}
     values["state"] = JobState(values["state"])
-    for name in ("error", "meta"):
+    for name in ("error", "meta", "attempt_history"):
         if isinstance(values[name], str):  # drivers that leave jsonb as text
             values[name] = json.loads(values[name])
+    if values["attempt_history"] is None:
+        values["attempt_history"] = []
     return Job(**values)
 
 
@@ -211,4 +215,5 @@ def _stored_copy(job: Job, after: str | None) -> Job:
         after=after,
         error=None if job.error is None else json.loads(json.dumps(job.error)),
         meta=json.loads(json.dumps(job.meta)),
+        attempt_history=json.loads(json.dumps(job.attempt_history)),
     )

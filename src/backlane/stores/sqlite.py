@@ -14,6 +14,7 @@ import functools
 import json
 import re
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -30,6 +31,11 @@ _STATES = {state.value: state for state in JobState}
 _PURGE_BATCH = 1000
 """Most jobs removed per transaction by ``purge``, so no lock is held for long."""
 _LIKE_SPECIAL = re.compile(r"([\\%_])")
+_ORDERED_READ_SECONDS = 0.02
+"""How long ``list_jobs`` reads a filtered list newest first from the index before it
+gives up for one pass over the table (the filter matched few of the newest jobs)."""
+_CHECK_EVERY = 10_000
+"""SQLite virtual machine instructions between two looks at that time limit."""
 
 
 def _dump(value: Any) -> str | None:
@@ -66,6 +72,7 @@ def _row(job: Job) -> tuple[Any, ...]:
         job.release_at,
         job.keep_until,
         _dump(job.meta),
+        _dump(job.attempt_history) if job.attempt_history else None,
     )
 
 
@@ -84,6 +91,8 @@ def _decode(row: sqlite3.Row) -> Job:
         values["error"] = json.loads(values["error"])
     meta = values["meta"]
     values["meta"] = {} if meta == "{}" else json.loads(meta)
+    history = values["attempt_history"]
+    values["attempt_history"] = [] if history is None else json.loads(history)
     values["cancel_requested"] = bool(values["cancel_requested"])
     job = object.__new__(Job)  # Job(**values), minus the checks of its generated __init__
     job.__dict__.update(values)
@@ -101,13 +110,25 @@ def _like_pattern(text: str) -> str:
     return f"%{escaped}%"
 
 
-def _newest_first(terms: list[str]) -> str:
-    """The jobs matching all ``terms`` (one names the state), newest first."""
+def _verbatim_in_json(text: str) -> bool:
+    """Whether any JSON text holding a string that contains ``text`` holds ``text`` as is
+    (printable ASCII but for the quote, backslash and slash, which JSON may escape)."""
+    return all(" " <= char <= "~" and char not in '"\\/' for char in text)
+
+
+def _newest_first(terms: list[str], *, columns: str = "*") -> str:
+    """The jobs matching all ``terms`` (one names the state), newest first, read in that
+    order from jobs_state_created."""
     where = " AND ".join(terms)
     return (
-        f"SELECT * FROM jobs INDEXED BY jobs_state_created WHERE {where} "
+        f"SELECT {columns} FROM jobs INDEXED BY jobs_state_created WHERE {where} "
         "ORDER BY created_at DESC, seq DESC"
     )
+
+
+def _rows_of(page: str) -> str:
+    """The whole rows of the jobs whose ``seq`` the query ``page`` selects, newest first."""
+    return f"SELECT * FROM jobs WHERE seq IN ({page}) ORDER BY created_at DESC, seq DESC"
 
 
 def _state_is(state: JobState) -> str:
@@ -295,25 +316,49 @@ class SQLiteStore(Store):
         """The matching jobs, newest ``created_at`` first (ties: latest stored first),
         skipping ``offset`` and returning at most ``limit``. ``text`` is looked for in the
         id, task, payload and error message with ``LIKE``, which ignores the case of ASCII
-        letters only."""
+        letters only.
+
+        The page is chosen first, by ``seq`` alone, and only its rows are read whole:
+        without ``text``, in order from ``jobs_state_created`` (the newest of each state,
+        merged, when no state is given), so a deep page reads the index, not the rows
+        skipped; with ``text``, in one pass over the table, which reads each row once,
+        in storage order, whatever the other filters. A ``task`` or ``queue`` is read the
+        first way for ``_ORDERED_READ_SECONDS`` at most, then the second (few of the
+        newest jobs match it)."""
         filters = {"task": task, "queue": queue}
         terms = [f"{name} = :{name}" for name, value in filters.items() if value is not None]
         params: dict[str, Any] = {**filters, "limit": limit, "offset": offset}
-        if text is not None:
-            terms.append(f"(\n{self._sql['text_matches']}\n)")
-            params["pattern"] = _like_pattern(text)
         if state is not None:
             params["state"] = state.value
-            query = _newest_first(["state = :state", *terms])
+        if text is not None:
+            matches = "text_matches_verbatim" if _verbatim_in_json(text) else "text_matches"
+            terms.append(f"(\n{self._sql[matches]}\n)")
+            params["pattern"] = _like_pattern(text)
+            if state is not None:
+                terms.append("state = :state")
+            where = f"WHERE {' AND '.join(terms)}"
+            page = f"SELECT seq FROM jobs NOT INDEXED {where} ORDER BY created_at DESC, seq DESC"
+        elif state is not None:
+            page = _newest_first(["state = :state", *terms], columns="seq")
         else:  # the newest of each state, merged: jobs_state_created keeps them in order
             params["window"] = -1 if limit < 0 else limit + offset
             branches = " UNION ALL ".join(
-                f"SELECT * FROM ({_newest_first([_state_is(s), *terms])} LIMIT :window)"
+                f"SELECT * FROM ("
+                f"{_newest_first([_state_is(s), *terms], columns='created_at, seq')} "
+                f"LIMIT :window)"
                 for s in JobState
             )
-            query = f"SELECT * FROM ({branches}) ORDER BY created_at DESC, seq DESC"
-        query += " LIMIT :limit OFFSET :offset"
-        rows = await self._db.on_thread(self._fetch, query, params)
+            page = f"SELECT seq FROM ({branches}) ORDER BY created_at DESC, seq DESC"
+        query = _rows_of(f"{page} LIMIT :limit OFFSET :offset")
+        if text is None and terms:  # a task or queue: many of the newest jobs, or few?
+            scan = " AND ".join(["state = :state", *terms] if state is not None else terms)
+            full_pass = _rows_of(
+                f"SELECT seq FROM jobs NOT INDEXED WHERE {scan} "
+                "ORDER BY created_at DESC, seq DESC LIMIT :limit OFFSET :offset"
+            )
+            rows = await self._db.on_thread(self._fetch_ordered_or_scan, query, full_pass, params)
+        else:
+            rows = await self._db.on_thread(self._fetch, query, params)
         return [_decode(row) for row in rows]
 
     async def counts(self) -> dict[str, dict[JobState, int]]:
@@ -406,6 +451,24 @@ class SQLiteStore(Store):
         """Rows of a read (``query`` is SQL text) outside any explicit transaction."""
         return conn.execute(query, params).fetchall()
 
+    def _fetch_ordered_or_scan(
+        self, conn: sqlite3.Connection, ordered: str, full_pass: str, params: dict[str, Any]
+    ) -> list[sqlite3.Row]:
+        """Rows of ``ordered`` (a read of the newest jobs first, fast when the filter
+        matches many of them), or, when it has not ended within ``_ORDERED_READ_SECONDS``,
+        of ``full_pass`` (the same rows, from one pass over the table: bounded by its
+        size when the filter matches few)."""
+        deadline = time.perf_counter() + _ORDERED_READ_SECONDS
+        conn.set_progress_handler(lambda: time.perf_counter() > deadline, _CHECK_EVERY)
+        try:
+            return conn.execute(ordered, params).fetchall()
+        except sqlite3.OperationalError as exc:
+            if time.perf_counter() <= deadline or "interrupt" not in str(exc):
+                raise
+        finally:
+            conn.set_progress_handler(None, 0)
+        return conn.execute(full_pass, params).fetchall()
+
     def _execute(self, conn: sqlite3.Connection, name: str, params: dict[str, Any]) -> int:
         return conn.execute(self._sql[name], params).rowcount
 
@@ -481,6 +544,9 @@ class SQLiteStore(Store):
                     ended.append(o.job_id)
             if changed:
                 applied.append(o.job_id)
+                if o.attempt is not None:
+                    params = {"id": o.job_id, "attempt": _dump(o.attempt)}
+                    self._execute(conn, "append_attempt", params)
         self._unblock(conn, ended)
         return applied
 

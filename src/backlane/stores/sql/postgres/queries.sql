@@ -22,7 +22,7 @@ INSERT INTO {schema}.migrations (version, name) VALUES (%(version)s, %(name)s);
 -- active (nothing to wait for otherwise).
 INSERT INTO {schema}.jobs AS j (id, task, payload, queue, priority, state, attempts, run_at,
     created_at, started_at, finished_at, lease_until, worker_id, progress, message, result,
-    error, "after", cancel_requested, release_at, keep_until, meta)
+    error, "after", cancel_requested, release_at, keep_until, meta, attempt_history)
 SELECT b.id, b.task, b.payload, b.queue, b.priority, b.state, b.attempts, b.run_at,
        b.created_at, b.started_at, b.finished_at, b.lease_until, b.worker_id, b.progress,
        b.message, b.result, b.error::jsonb,
@@ -32,7 +32,8 @@ SELECT b.id, b.task, b.payload, b.queue, b.priority, b.state, b.attempts, b.run_
                         WHERE a.id = b."after" AND a.state IN ('deferred', 'queued', 'running'))
            THEN b."after"
        END,
-       b.cancel_requested, b.release_at, b.keep_until, b.meta::jsonb
+       b.cancel_requested, b.release_at, b.keep_until, b.meta::jsonb,
+       b.attempt_history::jsonb
 FROM unnest(%(id)s::text[], %(task)s::text[], %(payload)s::text[], %(queue)s::text[],
             %(priority)s::integer[], %(state)s::text[], %(attempts)s::integer[],
             %(run_at)s::float8[], %(created_at)s::float8[], %(started_at)s::float8[],
@@ -40,11 +41,12 @@ FROM unnest(%(id)s::text[], %(task)s::text[], %(payload)s::text[], %(queue)s::te
             %(progress)s::float8[], %(message)s::text[], %(result)s::text[],
             %(error)s::text[], %(after)s::text[], %(after_in_batch)s::boolean[],
             %(cancel_requested)s::boolean[], %(release_at)s::float8[],
-            %(keep_until)s::float8[], %(meta)s::text[])
+            %(keep_until)s::float8[], %(meta)s::text[], %(attempt_history)s::text[])
      WITH ORDINALITY AS b(id, task, payload, queue, priority, state, attempts, run_at,
                           created_at, started_at, finished_at, lease_until, worker_id,
                           progress, message, result, error, "after", after_in_batch,
-                          cancel_requested, release_at, keep_until, meta, ord)
+                          cancel_requested, release_at, keep_until, meta, attempt_history,
+                          ord)
 ORDER BY b.ord
 RETURNING j.id, j."after";
 
@@ -53,14 +55,15 @@ RETURNING j.id, j."after";
 -- stored. "after" is kept only while the job it names is active.
 INSERT INTO {schema}.jobs (id, task, payload, queue, priority, state, "key", attempts, run_at,
     created_at, started_at, finished_at, lease_until, worker_id, progress, message, result,
-    error, "after", cancel_requested, release_at, keep_until, meta)
+    error, "after", cancel_requested, release_at, keep_until, meta, attempt_history)
 VALUES (%(id)s, %(task)s, %(payload)s, %(queue)s, %(priority)s, %(state)s, %(key)s,
         %(attempts)s, %(run_at)s, %(created_at)s, %(started_at)s, %(finished_at)s,
         %(lease_until)s, %(worker_id)s, %(progress)s, %(message)s, %(result)s,
         %(error)s::jsonb,
         (SELECT a.id FROM {schema}.jobs a
          WHERE a.id = %(after)s AND a.state IN ('deferred', 'queued', 'running')),
-        %(cancel_requested)s, %(release_at)s, %(keep_until)s, %(meta)s::jsonb)
+        %(cancel_requested)s, %(release_at)s, %(keep_until)s, %(meta)s::jsonb,
+        %(attempt_history)s::jsonb)
 ON CONFLICT ("key") WHERE "key" IS NOT NULL AND state IN ('deferred', 'queued', 'running')
 DO NOTHING
 RETURNING id, "after";
@@ -136,13 +139,15 @@ RETURNING id, cancel_requested;
 
 -- name: finish
 -- Applies, for each job, the first outcome given by the worker holding it; frees the
--- successors of the jobs it ends. Returns the ids applied with their place in the batch.
+-- successors of the jobs it ends, and appends the attempt's record (if given) to the
+-- job's history. Returns the ids applied with their place in the batch.
 WITH given AS (
     SELECT * FROM unnest(%(id)s::text[], %(worker_id)s::text[], %(state)s::text[],
                          %(finished_at)s::float8[], %(result)s::text[], %(error)s::text[],
-                         %(run_at)s::float8[], %(keep_until)s::float8[])
+                         %(run_at)s::float8[], %(keep_until)s::float8[],
+                         %(attempt)s::text[])
         WITH ORDINALITY AS o(id, worker_id, state, finished_at, result, error, run_at,
-                             keep_until, ord)
+                             keep_until, attempt, ord)
 ), applied AS (
     SELECT DISTINCT ON (o.id) o.*
     FROM given o
@@ -158,7 +163,10 @@ WITH given AS (
         run_at = CASE WHEN a.state = 'queued' THEN coalesce(a.run_at, j.run_at)
                       ELSE j.run_at END,
         finished_at = CASE WHEN a.state = 'queued' THEN j.finished_at ELSE a.finished_at END,
-        keep_until = CASE WHEN a.state = 'queued' THEN j.keep_until ELSE a.keep_until END
+        keep_until = CASE WHEN a.state = 'queued' THEN j.keep_until ELSE a.keep_until END,
+        attempt_history = CASE WHEN a.attempt IS NULL THEN j.attempt_history
+                               ELSE coalesce(j.attempt_history, '[]'::jsonb)
+                                    || jsonb_build_array(a.attempt::jsonb) END
     FROM applied a
     WHERE j.id = a.id AND j.state = 'running' AND j.worker_id = a.worker_id
     RETURNING j.id, j.state, a.ord
@@ -296,6 +304,15 @@ SELECT count(*) AS n FROM gone;
  OR strpos(lower(task), lower(%(text)s)) > 0
  OR strpos(lower(payload), lower(%(text)s)) > 0
  OR strpos(lower(error ->> 'message'), lower(%(text)s)) > 0)
+
+-- name: text_matches_ascii
+-- text_matches for an ASCII text, given in lower case: the C collation folds ASCII letters
+-- only, several times faster than the database's own rules (which would, beyond ASCII,
+-- also let a Kelvin sign match a "k").
+(strpos(lower(id COLLATE "C"), %(folded)s) > 0
+ OR strpos(lower(task COLLATE "C"), %(folded)s) > 0
+ OR strpos(lower(payload COLLATE "C"), %(folded)s) > 0
+ OR strpos(lower((error ->> 'message') COLLATE "C"), %(folded)s) > 0)
 
 -- name: counts
 SELECT queue, state, count(*) AS n FROM {schema}.jobs GROUP BY queue, state;

@@ -3,7 +3,8 @@
 -- the catalogs): a new migration changes this file too.
 -- {schema} is the store's schema (quoted), {channel} its notification channel.
 -- Times are double precision POSIX seconds (UTC), as the Job record holds them; payload and
--- result are JSON text kept verbatim; error and meta are jsonb; seq gives enqueue order.
+-- result are JSON text kept verbatim; error, meta and attempt_history are jsonb; seq gives
+-- enqueue order.
 
 CREATE TABLE {schema}.jobs (
     id               text             PRIMARY KEY,
@@ -30,6 +31,7 @@ CREATE TABLE {schema}.jobs (
     release_at       double precision,
     keep_until       double precision,
     meta             jsonb            NOT NULL DEFAULT '{}',
+    attempt_history  jsonb,
     CONSTRAINT jobs_state_known CHECK (state IN ('deferred', 'queued', 'running', 'succeeded',
                                                  'failed', 'cancelled', 'discarded'))
 );

@@ -5,13 +5,13 @@
 
 -- name: insert_job
 -- Stores one job unless an active job holds its key (then changes nothing). Positional
--- parameters, in the order of Job's fields: binding 23 named ones costs more than the
+-- parameters, in the order of Job's fields: binding 24 named ones costs more than the
 -- insert itself.
 INSERT INTO jobs (task, payload, id, queue, priority, state, "key", attempts, run_at,
                   created_at, started_at, finished_at, lease_until, worker_id, progress,
                   message, result, error, "after", cancel_requested, release_at,
-                  keep_until, meta)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                  keep_until, meta, attempt_history)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT ("key") WHERE "key" IS NOT NULL AND state IN ('deferred', 'queued', 'running')
 DO NOTHING;
 
@@ -105,6 +105,13 @@ SET state = :state, lease_until = NULL, result = :result, error = :error,
     finished_at = :finished_at, keep_until = :keep_until
 WHERE id = :id AND state = 'running' AND worker_id = :worker_id;
 
+-- name: append_attempt
+-- finish, for an outcome that carries its attempt's record (not the hot path: an attempt
+-- that succeeds carries none).
+UPDATE jobs SET attempt_history = json_insert(COALESCE(attempt_history, '[]'), '$[#]',
+                                              json(:attempt))
+WHERE id = :id;
+
 -- name: hand_back
 UPDATE jobs INDEXED BY jobs_id
 SET state = 'queued', lease_until = NULL, worker_id = NULL,
@@ -172,6 +179,15 @@ DELETE FROM jobs WHERE seq IN (SELECT value FROM json_each(:seqs));
 id LIKE :pattern ESCAPE '\' OR task LIKE :pattern ESCAPE '\'
 OR payload LIKE :pattern ESCAPE '\'
 OR json_extract(error, '$.message') LIKE :pattern ESCAPE '\'
+
+-- name: text_matches_verbatim
+-- text_matches, for a text that JSON writes as is (printable ASCII, no quote or
+-- backslash): the message can hold it only if the error's JSON text does, so the message
+-- is extracted only from the few rows whose error matches.
+id LIKE :pattern ESCAPE '\' OR task LIKE :pattern ESCAPE '\'
+OR payload LIKE :pattern ESCAPE '\'
+OR (error LIKE :pattern ESCAPE '\'
+    AND json_extract(error, '$.message') LIKE :pattern ESCAPE '\')
 
 -- name: counts
 SELECT queue, state, COUNT(*) AS n FROM jobs INDEXED BY jobs_queue_state
