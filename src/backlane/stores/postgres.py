@@ -314,17 +314,20 @@ class PostgresStore(Store):
         literally and ignoring case, in the id, task, payload and error message (an ASCII
         text ignores the case of ASCII letters only, a faster comparison).
 
-        With ``text``, the matches are found in one pass over the table, then the page is
-        sorted out of them; a plan walking the newest first would fetch every row from
-        the heap in index order when few match. Without it, a page past the first starts
-        from the row at ``offset``, found in an index alone."""
+        With ``text``, ``task`` or ``queue``, the matches are found in one pass over the
+        table, then the page is sorted out of them; a plan walking the newest first would
+        fetch every row from the heap in index order when few match (a task no job has:
+        every row). Otherwise a page past the first starts from the row at ``offset``,
+        found in an index alone."""
         filters = {"state": None if state is None else state.value, "task": task, "queue": queue}
         terms = [f"{name} = %({name})s" for name, value in filters.items() if value is not None]
         params: dict[str, Any] = {**filters, "limit": max(0, limit), "offset": max(0, offset)}
         jobs = f"{self.settings.quoted_schema}.jobs"
         newest = "ORDER BY created_at DESC, seq DESC"
-        if text is not None:
-            if text.isascii():
+        if text is not None or task is not None or queue is not None:
+            if text is None:
+                pass
+            elif text.isascii():
                 terms.append(self._sql["text_matches_ascii"])
                 params["folded"] = text.lower()
             else:
