@@ -9,12 +9,14 @@ the whole hour's per-minute stats, is shown on its own line). Prints a Markdown 
 the median, 95th percentile and slowest answer per page, in milliseconds, measured by
 the client.
 
-The store is a fresh SQLite file, or the PostgreSQL database ``--url`` names: the jobs go
-to a schema of their own (``?schema=`` of the URL, default ``bench_dashboard``), dropped
-before and after the run.
+The store is a fresh SQLite file, or the PostgreSQL database or Redis server ``--url``
+names: the jobs go to a schema of their own (``?schema=`` of the URL, default
+``bench_dashboard``) or under a key prefix of their own (``?prefix=``, default
+``bench-dashboard:``), removed before and after the run.
 
     python benchmarks/dashboard_pages.py [--rows 100000] [--requests 30]
     python benchmarks/dashboard_pages.py --url postgresql://postgres@127.0.0.1:5432/test
+    python benchmarks/dashboard_pages.py --url redis://127.0.0.1:6379/0
 """
 
 from __future__ import annotations
@@ -151,17 +153,45 @@ def drop_schema(url: str, schema: str) -> None:
         conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
+def redis_url(url: str) -> str:
+    """``url`` with a ``prefix`` of its own (``bench-dashboard:`` unless given), emptied."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    query.setdefault("prefix", "bench-dashboard:")
+    drop_prefix(urlunsplit(parts._replace(query="")), query["prefix"])
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def drop_prefix(url: str, prefix: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=10_000))
+        for start in range(0, len(keys), 10_000):
+            client.delete(*keys[start : start + 10_000])
+    finally:
+        client.close()
+
+
 def main(rows: int, requests: int, given_url: str | None) -> None:
+    kind = "SQLite"
     with tempfile.TemporaryDirectory() as folder:
-        url = f"sqlite:///{folder}/jobs.db" if given_url is None else postgres_url(given_url)
+        if given_url is None:
+            url = f"sqlite:///{folder}/jobs.db"
+        elif given_url.startswith(("redis://", "rediss://", "unix://")):
+            url, kind = redis_url(given_url), "Redis"
+        else:
+            url, kind = postgres_url(given_url), "PostgreSQL"
         try:
             timings, failed = run(url, folder, rows, requests)
         finally:
-            if given_url is not None:
-                parts = urlsplit(url)
-                schema = dict(parse_qsl(parts.query))["schema"]
-                drop_schema(urlunsplit(parts._replace(query="")), schema)
-    kind = "SQLite" if given_url is None else "PostgreSQL"
+            parts = urlsplit(url)
+            query = dict(parse_qsl(parts.query))
+            if kind == "PostgreSQL":
+                drop_schema(urlunsplit(parts._replace(query="")), query["schema"])
+            elif kind == "Redis":
+                drop_prefix(urlunsplit(parts._replace(query="")), query["prefix"])
     print(f"\nDashboard pages, {kind}, {rows:,} jobs; {requests} requests each; ms\n")
     print("| page | median | p95 | max |")
     print("|---|---:|---:|---:|")
@@ -223,6 +253,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=100_000, help="jobs in the store")
     parser.add_argument("--requests", type=int, default=30, help="requests per page")
-    parser.add_argument("--url", help="a postgresql:// URL (default: a fresh SQLite file)")
+    parser.add_argument(
+        "--url", help="a postgresql:// or redis:// URL (default: a fresh SQLite file)"
+    )
     args = parser.parse_args()
     main(args.rows, args.requests, args.url)
