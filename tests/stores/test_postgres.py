@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -356,6 +357,32 @@ def test_several_threads_opening_at_once_share_one_listener(pg_url: str) -> None
         asyncio.run(store.close())
     assert all(1 <= n <= 4 for n in seen)
     assert not any(thread.name == loops for thread in threading.enumerate())
+
+
+def test_a_loop_that_ends_first_closes_its_connections_and_does_not_hang(pg_url: str) -> None:
+    name = f"bl-{uuid.uuid4().hex[:8]}"
+    store = PostgresStore(f"{pg_url}&application_name={name}")
+    asyncio.run(store.open())
+
+    async def busy() -> None:  # several statements at once: several connections
+        await asyncio.gather(*(store.counts() for _ in range(6)))
+
+    try:
+        for _ in range(3):
+            thread = threading.Thread(target=asyncio.run, args=(busy(),))
+            thread.start()
+            thread.join(timeout=20)
+            assert not thread.is_alive(), "asyncio.run did not return"
+        left = asyncio.run(
+            scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+                "AND backend_type = 'client backend'",
+                name,
+            )
+        )
+        assert left == 0  # the listener goes by "<name> listen"
+    finally:
+        asyncio.run(store.close())
 
 
 # -- claims ----------------------------------------------------------------------------------

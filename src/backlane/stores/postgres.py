@@ -12,10 +12,10 @@ starts a job within milliseconds instead of polling (polling stays the fallback)
 psycopg ``AsyncConnection``, or a SQLAlchemy ``AsyncSession`` or ``AsyncConnection``): they
 exist, and wake workers, only if it commits.
 
-The pool (``psycopg_pool``) and the LISTEN connection live on an event loop of the
-store's own, on a thread of its own (see ``postgres_link``), so one store serves callers on
-any loop and thread. Driver errors become ``StoreError``; a statement that lost a deadlock
-is tried again. The SQL is in ``sql/postgres/`` (see ``postgres_schema``).
+Each event loop that uses the store gets connections of its own, and the LISTEN
+connection lives on a thread of the store's own (see ``postgres_link``), so one store
+serves callers on any loop and thread. Driver errors become ``StoreError``; a statement
+that lost a deadlock is tried again. The SQL is in ``sql/postgres/`` (see ``postgres_schema``).
 """
 
 from __future__ import annotations
@@ -88,13 +88,14 @@ class PostgresStore(Store):
 
     async def open(self) -> None:
         """Connect, bring the schema up to date (or, with ``auto_migrate=0``, check that it
-        is), open the pool and start listening for work. Idempotent, and safe to race from
-        several threads: one pool is opened, and every caller waits until it is."""
+        is) and start listening for work. Idempotent, and safe to race from several
+        threads: the schema is checked once, and every caller waits until it is. Each
+        event loop connects when it first runs a verb."""
         await self._link.open()
 
     async def close(self) -> None:
-        """Stop listening and close the pool once the verbs in flight are done.
-        Idempotent."""
+        """Stop listening and close every loop's connections once the verbs in flight
+        are done. Idempotent."""
         await self._link.close()
 
     async def migrate(self, *, check: bool = False) -> tuple[int, int]:

@@ -1,38 +1,39 @@
-"""The PostgreSQL store's link to the server: a connection pool on each event loop that
-uses the store, a listening connection on an event loop of its own, and the signal that
-wakes waiting workers.
+"""The PostgreSQL store's link to the server: connections on each event loop that uses
+the store, a listening connection on an event loop of its own, and the signal that wakes
+waiting workers.
 
-A psycopg connection, and a ``psycopg_pool`` pool, belong to the event loop they were
-opened on, while a store may be used from several loops at once (FastAPI's TestClient
-runs the app on a portal thread; tests call ``asyncio.run`` on threads). So each loop gets
-a ``Site``: a pool opened there on first use, closed by ``close`` or, when the loop ends
+A psycopg connection belongs to the event loop it was opened on, while a store may be used
+from several loops at once (FastAPI's TestClient runs the app on a portal thread; tests
+call ``asyncio.run`` on threads). So each loop gets a ``Site``: a small pool of its own,
+with no background task (``psycopg_pool``'s maintenance tasks, cancelled when
+``asyncio.run`` ends a loop, would leave it hanging). A verb runs on its caller's loop,
+with no hop to another thread: a hop costs a GIL hand-over each way, which on a busy
+machine was most of a verb's time. A site is closed by ``close``, or, when its loop ends
 first, by the loop's own shutdown (``asyncio.run`` closes async generators before it
-closes the loop, and each site parks one there for the purpose). A verb runs on its
-caller's loop, with no hop to another thread: a hop costs a GIL hand-over each way, which
-on a busy machine was most of a verb's time.
+closes the loop, and each site parks one there for the purpose).
 
 A verb runs as a task of its own that its caller awaits shielded: once started, it runs to
-its end even if its caller stops waiting, and ``close`` lets verbs in flight finish; a
-statement cut off halfway would leave a connection busy, or a transaction open, on the
-server. The listener (LISTEN) lives on a daemon thread's loop for the store's whole life,
-whichever loops come and go; it announces work through a ``WorkSignal``.
+its end even if its caller stops waiting, and ``close`` lets verbs in flight finish. Only
+the end of the verb's own loop cuts it off: its transaction is then rolled back and its
+connection closed. The listener (LISTEN) lives on a daemon thread's loop for the store's
+whole life, whichever loops come and go; it announces work through a ``WorkSignal``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import contextvars
 import logging
 import threading
-from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, Generic, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql as pg_sql
-from psycopg_pool import AsyncConnectionPool
 
 from ..exceptions import StoreError
 from .postgres_schema import PostgresSettings, check_version, latest_version, migrate
@@ -60,29 +61,65 @@ def store_error(settings: PostgresSettings, exc: psycopg.Error) -> StoreError:
 
 
 class Site:
-    """One event loop's pool, and the verbs in flight on it."""
+    """One event loop's connections: a small pool with no task of its own (a pool that ran
+    maintenance tasks would be cancelled, then left hanging, when ``asyncio.run`` ends its
+    loop), and the verbs in flight on it.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    A connection is made when a verb needs one and none is idle, at most ``size`` at once;
+    it goes back to the idle ones after the verb unless it is closed, broken, or left in a
+    transaction (a verb cut off halfway), in which case it is closed."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, settings: PostgresSettings) -> None:
         self.loop = loop
-        self.pool: AsyncConnectionPool[Any] | None = None
-        self.opening: asyncio.Task[AsyncConnectionPool[Any]] | None = None
+        self.settings = settings
+        self.idle: collections.deque[psycopg.AsyncConnection[Any]] = collections.deque()
+        self.slots = asyncio.Semaphore(settings.pool_size)
         self.in_flight: set[asyncio.Task[Any]] = set()
         self.watch: AsyncGenerator[None, None] | None = None
-        self._closed = False
+        self.closed = False
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A connection of this loop, for one verb."""
+        async with self.slots:
+            conn = self.idle.pop() if self.idle else None
+            if conn is None:
+                settings = self.settings
+                conn = await psycopg.AsyncConnection.connect(
+                    settings.conninfo,
+                    autocommit=True,
+                    application_name=settings.application_name,
+                )
+            try:
+                yield conn
+            finally:
+                status = conn.info.transaction_status
+                if self.closed or conn.closed or status != psycopg.pq.TransactionStatus.IDLE:
+                    await _close_quietly(conn)
+                else:
+                    self.idle.append(conn)
 
     async def aclose(self) -> None:
-        """Let verbs in flight end their transactions, then close the pool. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
+        """Let verbs in flight end their transactions, then close the idle connections.
+        Idempotent."""
         if self.in_flight:
             await asyncio.wait(set(self.in_flight), timeout=_CLOSE_GRACE)
-        opening, pool = self.opening, self.pool
-        if pool is None and opening is not None:
-            with contextlib.suppress(BaseException):
-                pool = await opening
-        if pool is not None:
-            await pool.close()
+        self.closed = True
+        while self.idle:
+            await _close_quietly(self.idle.pop())
+
+    def drop(self) -> None:
+        """Close the idle connections from outside the loop (which is not running: idle
+        between two runs, or closed) without awaiting anything."""
+        self.closed = True
+        while self.idle:
+            with contextlib.suppress(Exception):
+                self.idle.pop().pgconn.finish()
+
+
+async def _close_quietly(conn: psycopg.AsyncConnection[Any]) -> None:
+    with contextlib.suppress(Exception):
+        await conn.close()
 
 
 class PostgresLink:
@@ -143,18 +180,36 @@ class PostgresLink:
         try:
             here = asyncio.get_running_loop()
             for site in sites:
-                watch = site.watch
-                if watch is None:
-                    continue
                 if site.loop is here:
-                    await watch.aclose()
-                elif site.loop.is_running():
-                    done = asyncio.run_coroutine_threadsafe(watch.aclose(), site.loop)
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(asyncio.wrap_future(done), _CLOSE_GRACE + 5.0)
-            await runner.run(self._stop(opening))
+                    if site.watch is not None:
+                        await site.watch.aclose()
+                elif site.loop.is_running() and site.watch is not None:
+                    await self._close_elsewhere(site, site.watch)
+                else:  # idle between runs, or closed without closing its generators
+                    site.drop()
         finally:
-            runner.stop()
+            try:
+                await runner.run(self._stop(opening))
+            finally:
+                runner.stop()
+
+    async def _close_elsewhere(self, site: Site, watch: AsyncGenerator[None, None]) -> None:
+        """Close ``site`` on its own running loop, waiting a while for it. That loop may be
+        shutting down meanwhile (then its own shutdown closes the site): its cancellation
+        is not this caller's."""
+        try:
+            done = asyncio.run_coroutine_threadsafe(watch.aclose(), site.loop)
+        except RuntimeError:  # closed in between
+            site.drop()
+            return
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(done), _CLOSE_GRACE + 5.0)
+        except asyncio.CancelledError:
+            cancelling = getattr(asyncio.current_task(), "cancelling", None)
+            if cancelling is None or cancelling():  # ours (Python 3.10 cannot tell)
+                raise
+        except Exception:
+            site.drop()
 
     async def migrate(self, *, check: bool = False) -> tuple[int, int]:
         """Bring the schema up to date now, whatever ``auto_migrate`` says, over a
@@ -193,18 +248,22 @@ class PostgresLink:
         return await asyncio.shield(task)
 
     async def _site_here(self, loop: asyncio.AbstractEventLoop) -> Site:
-        """This loop's site, made on first use: its pool opens in the background."""
+        """This loop's site, made on first use, once the schema was checked."""
+        opening = self._opening
+        if opening is None:
+            raise self.not_open()
+        if not opening.done():
+            await asyncio.shield(asyncio.wrap_future(opening))
         with self._lock:
             if self._runner is None:
                 raise self.not_open()
             for stale in [other for other in self._sites if other.is_closed()]:
-                del self._sites[stale]
+                self._sites.pop(stale).drop()
             site = self._sites.get(loop)
             created = site is None
             if site is None:
-                site = self._sites[loop] = Site(loop)
+                site = self._sites[loop] = Site(loop, self.settings)
                 site.watch = self._watch(site)
-                site.opening = loop.create_task(self._open_pool(site))
         if created:
             assert site.watch is not None
             await site.watch.asend(None)
@@ -220,43 +279,10 @@ class PostgresLink:
                     del self._sites[site.loop]
             await site.aclose()
 
-    async def _open_pool(self, site: Site) -> AsyncConnectionPool[Any]:
-        opening = self._opening
-        if opening is None:
-            raise self.not_open()
-        await asyncio.wrap_future(opening)  # the schema is checked before any verb runs
-        settings = self.settings
-        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-            settings.conninfo,
-            min_size=min(2, settings.pool_size),
-            max_size=settings.pool_size,
-            kwargs={"autocommit": True, "application_name": settings.application_name},
-            open=False,
-            name=f"backlane-{settings.schema}",
-        )
-        try:
-            await pool.open(wait=True, timeout=30.0)
-        except BaseException:
-            await pool.close()
-            raise
-        site.pool = pool
-        return pool
-
     async def _on_site(self, site: Site, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        pool = site.pool
-        if pool is None:
-            opening = site.opening
-            if opening is None or (
-                opening.done() and (opening.cancelled() or opening.exception() is not None)
-            ):  # the last try failed: try again
-                opening = site.opening = site.loop.create_task(self._open_pool(site))
-            try:
-                pool = await asyncio.shield(opening)
-            except psycopg.Error as exc:
-                raise store_error(self.settings, exc) from exc
         for attempt in range(1, _DEADLOCK_ATTEMPTS + 1):
             try:
-                async with pool.connection() as conn:
+                async with site.connection() as conn:
                     return await fn(conn, *args)
             except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure) as exc:
                 if attempt == _DEADLOCK_ATTEMPTS:
@@ -330,7 +356,9 @@ class Coalescer(Generic[ItemT, ResultT]):
     """Calls made on one event loop in one turn, run as one: ``submit(items)`` waits for
     the loop's next turn, then ``run`` gets every item submitted meanwhile, in order, and
     each caller gets the results of its own items. If the joint run fails, each caller's
-    items are run again alone, so that one caller's bad item fails that caller only.
+    items are run again alone, so that one caller's bad item fails that caller only (a
+    failure to reach the server fails them all at once). A caller that stopped waiting
+    before its turn came has its items left out.
 
     Many requests storing their jobs at once thus share one statement and one commit
     (group commit), where each would otherwise wait for a pooled connection and a disk
@@ -363,30 +391,42 @@ class Coalescer(Generic[ItemT, ResultT]):
         task.add_done_callback(self._running.discard)
 
     async def _run_batch(self, batch: list[_Call[ItemT, ResultT]]) -> None:
-        if len(batch) > 1:
-            joint = [item for items, _ in batch for item in items]
-            try:
-                results = await self._run(joint)
-            except Exception:
-                pass  # each caller's items again, alone
-            else:
-                start = 0
-                for items, future in batch:
+        batch = [call for call in batch if not call[1].cancelled()]  # callers gone: no work
+        try:
+            if len(batch) > 1:
+                joint = [item for items, _ in batch for item in items]
+                try:
+                    results = await self._run(joint)
+                except Exception as exc:
+                    if isinstance(exc.__cause__, psycopg.OperationalError):
+                        raise  # the server, not an item: running each alone would not help
+                else:
+                    start = 0
+                    for items, future in batch:
+                        if not future.done():
+                            future.set_result(results[start : start + len(items)])
+                        start += len(items)
+                    return
+            for items, future in batch:  # each caller's items again, alone
+                if future.done():
+                    continue
+                try:
+                    result = await self._run(items)
+                except Exception as exc:
                     if not future.done():
-                        future.set_result(results[start : start + len(items)])
-                    start += len(items)
-                return
-        for items, future in batch:
-            try:
-                result = await self._run(items)
-            except BaseException as exc:
+                        future.set_exception(exc)
+                else:
+                    if not future.done():
+                        future.set_result(result)
+        except BaseException as exc:
+            for _, future in batch:  # no caller waits for ever
                 if not future.done():
-                    future.set_exception(exc)
-                if not isinstance(exc, Exception):
-                    raise
-            else:
-                if not future.done():
-                    future.set_result(result)
+                    if isinstance(exc, Exception):
+                        future.set_exception(exc)
+                    else:
+                        future.cancel()
+            if not isinstance(exc, Exception):
+                raise
 
 
 class LoopClosed(RuntimeError):

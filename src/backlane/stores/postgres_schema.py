@@ -58,9 +58,9 @@ def parse_url(url: str) -> PostgresSettings:
     backlane reads and removes three query parameters: ``schema`` (default ``backlane``;
     lower-case letters, digits and underscores), ``auto_migrate`` (default ``1``: bring
     the schema up to date at open; ``0``: only check it) and ``pool_size`` (most
-    connections, default 10). Any other parameter goes to libpq (``sslmode``, ...);
-    ``application_name`` defaults to ``backlane``. Raises ``ConfigurationError`` saying
-    what is wrong."""
+    connections of one event loop, default 10). Any other parameter goes to libpq
+    (``sslmode``, ...); ``application_name`` defaults to ``backlane``. Raises
+    ``ConfigurationError`` saying what is wrong."""
     parts = urlsplit(url)
     if parts.scheme not in ("postgresql", "postgres"):
         raise ConfigurationError(f"not a PostgreSQL URL: {url!r}; write postgresql://user@host/db")
