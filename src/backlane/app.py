@@ -59,6 +59,8 @@ class Settings(BaseModel):
     eager: bool = False
     concurrency: int = 20
     """Jobs one worker runs at once."""
+    threads: int | None = None
+    """Threads of one worker's pool for ``def`` tasks (default: the concurrency)."""
     retries: int = 3
     """Default further attempts after a failure, for tasks that do not say."""
     backoff: float = 1.0
@@ -417,11 +419,19 @@ class Backlane:
 
     # -- running ----------------------------------------------------------------------
 
-    def worker(self, *, concurrency: int | None = None, queues: list[str] | None = None) -> Worker:
-        """A worker for this lane (``await worker.run()`` runs it until ``stop()``)."""
+    def worker(
+        self,
+        *,
+        concurrency: int | None = None,
+        queues: list[str] | None = None,
+        threads: int | None = None,
+    ) -> Worker:
+        """A worker for this lane (``await worker.run()`` runs it until ``stop()``);
+        ``threads`` sizes its pool for ``def`` tasks (default: the lane's, else the
+        concurrency)."""
         from .worker import Worker
 
-        return Worker(self, concurrency=concurrency, queues=queues)
+        return Worker(self, concurrency=concurrency, queues=queues, threads=threads)
 
     def install(
         self,

@@ -21,3 +21,13 @@ def test_a_bad_environment_value_names_the_setting(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("BACKLANE_LEASE_SECONDS", "soon")
     with pytest.raises(ValidationError, match="lease_seconds"):
         Settings()
+
+
+def test_the_pool_for_def_tasks_is_the_concurrency_unless_threads_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert Backlane("memory://", concurrency=8).worker().threads == 8
+    assert Backlane("memory://", concurrency=8).worker(threads=2).threads == 2
+    assert Backlane("memory://", threads=3).worker(concurrency=5).threads == 3
+    monkeypatch.setenv("BACKLANE_THREADS", "4")
+    assert Backlane("memory://").worker().threads == 4
