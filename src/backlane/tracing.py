@@ -17,7 +17,8 @@ stored context gets a span with no remote parent (a new trace, or the current on
 A span nobody records is not opened: ``job_span`` opens one only when a tracer provider is
 given, or a real one is set globally (``trace.set_tracer_provider``, or the
 ``OTEL_PYTHON_TRACER_PROVIDER`` variable). With only the API installed (FastAPI brings
-it), a worker neither imports OpenTelemetry nor pays for a no-op span per job.
+it), a worker neither imports OpenTelemetry nor pays for a no-op span per job; the context
+a job carries then does not pass on to the jobs its task enqueues.
 """
 
 from __future__ import annotations
