@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 import typing
@@ -10,7 +11,7 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from .exceptions import ConfigurationError, InvalidArguments, JobNotFound, UnknownTask
 from .jobs import Job, JobHandle, JobState
@@ -34,15 +35,32 @@ class TaskDecorator(Protocol):
     def __call__(self, func: Callable[P, R], /) -> Task[P, R]: ...
 
 
-class Settings(BaseSettings):
+class Settings(BaseModel):
     """Every setting, from arguments first, then ``BACKLANE_*`` environment variables."""
 
-    model_config = SettingsConfigDict(env_prefix="BACKLANE_", extra="ignore")
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_environment(cls, data: Any) -> Any:
+        """Fill what the arguments leave out from ``BACKLANE_<NAME>`` variables, in any
+        case (plain pydantic: pydantic-settings would cost every worker 1.5 MB)."""
+        if not isinstance(data, dict):
+            return data
+        found = {key.lower(): value for key, value in os.environ.items()}
+        given = {
+            name: found[f"backlane_{name}"]
+            for name in cls.model_fields
+            if name not in data and f"backlane_{name}" in found
+        }
+        return {**given, **data}
 
     url: str = "sqlite:///./backlane.db"
     eager: bool = False
     concurrency: int = 20
     """Jobs one worker runs at once."""
+    threads: int | None = None
+    """Threads of one worker's pool for ``def`` tasks (default: the concurrency)."""
     retries: int = 3
     """Default further attempts after a failure, for tasks that do not say."""
     backoff: float = 1.0
@@ -401,11 +419,19 @@ class Backlane:
 
     # -- running ----------------------------------------------------------------------
 
-    def worker(self, *, concurrency: int | None = None, queues: list[str] | None = None) -> Worker:
-        """A worker for this lane (``await worker.run()`` runs it until ``stop()``)."""
+    def worker(
+        self,
+        *,
+        concurrency: int | None = None,
+        queues: list[str] | None = None,
+        threads: int | None = None,
+    ) -> Worker:
+        """A worker for this lane (``await worker.run()`` runs it until ``stop()``);
+        ``threads`` sizes its pool for ``def`` tasks (default: the lane's, else the
+        concurrency)."""
         from .worker import Worker
 
-        return Worker(self, concurrency=concurrency, queues=queues)
+        return Worker(self, concurrency=concurrency, queues=queues, threads=threads)
 
     def install(
         self,

@@ -3,18 +3,22 @@
 Dependencies are resolved in the worker when the job runs, so each job gets fresh
 resources (a new database session per job), and generator dependencies are closed after
 the task ends.
+
+FastAPI is never imported here: a ``Depends(...)`` marker can only exist once the task's
+module has imported FastAPI, so markers are recognised through the ``fastapi.params``
+module already loaded, and a worker whose tasks declare none never loads FastAPI.
 """
 
 from __future__ import annotations
 
 import inspect
+import sys
 import typing
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from typing import Any
 
 import anyio
-from fastapi.params import Depends as _FastAPIDepends
 
 
 class TaskContext:
@@ -59,13 +63,23 @@ class TaskContext:
         anyio.from_thread.run(self.progress, fraction, message)
 
 
+def _depends_type() -> type | None:
+    """FastAPI's ``Depends`` marker class, if FastAPI was imported (else no marker exists)."""
+    params = sys.modules.get("fastapi.params")
+    found = getattr(params, "Depends", None)
+    return found if isinstance(found, type) else None
+
+
 def dependency_of(default: Any, hint: Any) -> Any | None:
     """The ``Depends(...)`` marker of a parameter (as its default or in ``Annotated``)."""
-    if isinstance(default, _FastAPIDepends):
+    depends = _depends_type()
+    if depends is None:
+        return None
+    if isinstance(default, depends):
         return default
     if typing.get_origin(hint) is typing.Annotated:
         for meta in typing.get_args(hint)[1:]:
-            if isinstance(meta, _FastAPIDepends):
+            if isinstance(meta, depends):
                 return meta
     return None
 

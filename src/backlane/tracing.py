@@ -13,11 +13,19 @@ Install the ``otel`` extra (``pip install 'backlane[otel]'``, which brings
 
 Without ``opentelemetry-api`` both do nothing and cost next to nothing; a job without
 stored context gets a span with no remote parent (a new trace, or the current one).
+
+A span nobody records is not opened: ``job_span`` opens one only when a tracer provider is
+given, or a real one is set globally (``trace.set_tracer_provider``, or the
+``OTEL_PYTHON_TRACER_PROVIDER`` variable). With only the API installed (FastAPI brings
+it), a worker neither imports OpenTelemetry nor pays for a no-op span per job; the context
+a job carries then does not pass on to the jobs its task enqueues.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import sys
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -48,10 +56,26 @@ def _otel_available() -> bool:
     return True
 
 
+def _recording_provider_set() -> bool:
+    """Whether a real tracer provider is set globally (not the API's proxy or no-op one).
+    Imports nothing when OpenTelemetry was never imported and no variable names one."""
+    if "opentelemetry.trace" not in sys.modules and not (
+        os.environ.get("OTEL_PYTHON_TRACER_PROVIDER") and _otel_available()
+    ):
+        return False
+    from opentelemetry import trace
+
+    provider = trace.get_tracer_provider()
+    return not isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
+
+
 def inject_context(meta: MutableMapping[str, Any], context: Any = None) -> None:
     """Store the trace context current now (or ``context``, an OpenTelemetry ``Context``)
     in a job's ``meta`` under ``"otel"``, as a dict of text headers. Stores nothing when
-    there is no valid span context or OpenTelemetry is not installed."""
+    there is no valid span context or OpenTelemetry is not installed (or was never
+    imported: then no context can be current)."""
+    if context is None and "opentelemetry.context" not in sys.modules:
+        return
     if not _otel_available():
         return
     from opentelemetry import propagate
@@ -105,8 +129,9 @@ def job_span(
     """Run the body inside a span for one attempt of ``job``, child of the context
     ``inject_context`` stored at enqueue. The span is current in the body, so spans the
     task opens (in async code, and in sync tasks run through AnyIO's thread pool) nest
-    under it. ``tracer_provider`` defaults to the global one."""
-    if not _otel_available():
+    under it. ``tracer_provider`` defaults to the global one; without one that records
+    (see the module docstring), no span is opened and ``JobSpan.span`` is None."""
+    if tracer_provider is None and not _recording_provider_set():
         yield JobSpan(None)
         return
     from opentelemetry import propagate, trace

@@ -76,7 +76,9 @@ class Worker:
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
         self.queues = queues or None
-        self.threads = threads or self.concurrency
+        self.threads = threads or settings.threads or self.concurrency
+        if self.threads < 1:
+            raise ValueError(f"threads must be at least 1, got {self.threads}")
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.lease = settings.lease_seconds
         self.grace = settings.shutdown_grace

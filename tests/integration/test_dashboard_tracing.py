@@ -87,3 +87,13 @@ def test_without_a_current_span_nothing_is_stored() -> None:
     assert not trace.get_current_span().get_span_context().is_valid
     inject_context(meta)
     assert meta == {}
+
+
+def test_without_a_recording_provider_no_span_is_opened() -> None:
+    if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        pytest.skip("a tracer provider was set globally in this process")
+    job = a_job({"otel": {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}})
+    with job_span(job, worker_id="w") as span:
+        assert span.span is None
+        assert not trace.get_current_span().get_span_context().is_valid
+        span.ended(Outcome(job.id, "w", JobState.SUCCEEDED, finished_at=0.0))

@@ -2,7 +2,7 @@
 
 ::
 
-    backlane worker MODULE:ATTR [--concurrency N] [--processes N] [--queues a,b]
+    backlane worker MODULE:ATTR [--concurrency N] [--threads N] [--processes N] [--queues a,b]
     backlane jobs | show ID | retry ID | cancel ID | purge --older-than 7d | counts
 
 The commands that look after jobs find the store through ``--url URL`` or

@@ -15,14 +15,12 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import typer
-from rich.console import Console
-from rich.text import Text
 
 from ..app import Backlane
 from ..exceptions import BacklaneError, ConfigurationError
 
 if TYPE_CHECKING:
-    pass
+    from rich.console import Console
 
 log = logging.getLogger("backlane.cli")
 
@@ -179,12 +177,17 @@ def _run(url: str | None, app: str | None, action: Callable[[Backlane], Awaitabl
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
+    from rich.console import Console
+    from rich.text import Text
+
     Console(stderr=True, soft_wrap=True).print(Text.assemble(("Error: ", "bold red"), message))
     raise typer.Exit(code)
 
 
 def _console() -> Console:
     """Where people's output goes: rows stay whole when piped (to ``grep``, a file)."""
+    from rich.console import Console
+
     console = Console(highlight=False)
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console.width = 400

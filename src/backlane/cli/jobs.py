@@ -8,18 +8,12 @@ import json
 import re
 import time
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
-from rich.table import Table
-from rich.text import Text
 
 from ..app import Backlane
 from ..jobs import Job, JobState
-
-if TYPE_CHECKING:
-    pass
-
 from ._app import AppOption, JobId, JsonOption, UrlOption, _console, _fail, _run, cli
 
 
@@ -93,6 +87,9 @@ def jobs(
     if not found:
         console.print("No jobs match." if offset == 0 else "No more jobs.")
         return
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(box=None, header_style="bold", pad_edge=False)
     for name in ("ID", "TASK", "QUEUE", "STATE", "ATT", "PROGRESS", "CREATED", "FINISHED"):
         right = name in ("ATT", "PROGRESS")
@@ -126,6 +123,9 @@ def show(
     if as_json:
         typer.echo(json.dumps(_full(job), indent=2))
         return
+    from rich.table import Table
+    from rich.text import Text
+
     console = _console()
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold", no_wrap=True)
@@ -264,6 +264,8 @@ def counts(as_json: JsonOption = False, url: UrlOption = None, app: AppOption = 
     if not found:
         console.print("No jobs.")
         return
+    from rich.table import Table
+
     table = Table(box=None, header_style="bold", pad_edge=False)
     table.add_column("QUEUE")
     for state in JobState:

@@ -12,7 +12,6 @@ from datetime import datetime, timezone
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from ..app import Backlane
 from ..exceptions import BacklaneError, ConfigurationError
@@ -92,6 +91,8 @@ def list_schedules(
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
+    from rich.table import Table
+
     table = Table("name", "schedule", "next run", "last run", "paused", "missed")
     for row in rows:
         table.add_row(

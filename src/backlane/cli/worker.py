@@ -47,6 +47,15 @@ def worker(
             min=1, help="Jobs each process runs at once (default: the lane's).", show_default=False
         ),
     ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Threads each process runs def tasks in (default: the lane's, else the "
+            "concurrency).",
+            show_default=False,
+        ),
+    ] = None,
     processes: Annotated[
         int, typer.Option(min=1, help="Worker processes; above 1 a supervisor starts them.")
     ] = 1,
@@ -84,6 +93,8 @@ def worker(
         args = ["--log-level", log_level.value]
         if concurrency is not None:
             args += ["--concurrency", str(concurrency)]
+        if threads is not None:
+            args += ["--threads", str(threads)]
         if queue_list is not None:
             args += ["--queues", ",".join(queue_list)]
         log.info(
@@ -93,13 +104,14 @@ def worker(
             _redact(lane.url),
         )
         raise typer.Exit(_supervise(target, processes, args))
-    one = lane.worker(concurrency=concurrency, queues=queue_list)
+    one = lane.worker(concurrency=concurrency, queues=queue_list, threads=threads)
     log.info(
-        "worker %s (pid %d) on %s: concurrency %d, queues %s",
+        "worker %s (pid %d) on %s: concurrency %d, %d threads, queues %s",
         one.id,
         os.getpid(),
         _redact(lane.url),
         one.concurrency,
+        one.threads,
         ",".join(queue_list) if queue_list else "all",
     )
     try:
