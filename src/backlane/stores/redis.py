@@ -13,7 +13,7 @@ was marks the lane idle for a few seconds, and while it is, a script that makes 
 claimable publishes on the lane's wake channel; ``wait_for_work`` returns on that
 message, or when the next delayed job the last claim saw becomes due.
 
-A call whose connection broke is sent again (``redis_wire``); none acts twice: an
+A call whose connection broke is sent again (``redis_link``); none acts twice: an
 enqueue and a claim carry a token by which a second run recognises the first run's work
 (see ``common.lua``), a schedule slot is recognised by its job. ``docs/redis.md`` says
 what each Redis persistence setting guarantees.
