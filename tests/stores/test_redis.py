@@ -337,6 +337,42 @@ async def test_a_claim_sent_twice_after_a_lost_reply_claims_once(store: RedisSto
     assert len(await store.claim(**claim_args())) == 1
 
 
+async def test_finish_and_claim_records_outcomes_then_claims_in_one_call(
+    store: RedisStore,
+) -> None:
+    jobs = [make_job() for _ in range(3)]
+    await store.enqueue(jobs)
+    held = await store.claim(**claim_args(limit=2))
+    outcomes = [Outcome(job.id, "w1", S.SUCCEEDED, NOW + 1, result="1") for job in held]
+    outcomes.append(Outcome(jobs[2].id, "w1", S.SUCCEEDED, NOW + 1))  # not held: ignored
+    applied, claimed = await store.finish_and_claim(outcomes, **claim_args(limit=5))
+    assert applied == [job.id for job in held]
+    assert [job.id for job in claimed] == [jobs[2].id]
+    assert claimed[0].state is S.RUNNING and claimed[0].attempts == 1
+    assert await store.counts() == {"default": {S.SUCCEEDED: 2, S.RUNNING: 1}}
+    assert await store.finish_and_claim([], **claim_args()) == ([], [])
+
+
+async def test_a_finish_and_claim_sent_twice_after_a_lost_reply_acts_once(
+    store: RedisStore,
+) -> None:
+    from backlane.stores.redis_codec import outcomes_json
+
+    jobs = [make_job() for _ in range(3)]
+    await store.enqueue(jobs)
+    (held,) = await store.claim(**claim_args(limit=1))
+    link = await store._links.get()
+    script = load_scripts()["finish_claim"]
+    text = outcomes_json([Outcome(held.id, "w1", S.QUEUED, NOW, run_at=NOW + 50)])
+    args = (text, "token-f", "w1", str(NOW), str(NOW + LEASE), 1, "", 1000)
+    first = await call(link, script, *args)
+    again = await call(link, script, *args)
+    assert first[0] == [held.id] and again[0] == []
+    assert [decode_job(f).id for f in again[2:]] == [decode_job(f).id for f in first[2:]]
+    assert (await store.get(held.id)).attempts == 1  # type: ignore[union-attr]
+    assert await store.counts() == {"default": {S.QUEUED: 2, S.RUNNING: 1}}
+
+
 async def test_times_and_text_come_back_exactly(store: RedisStore) -> None:
     rng = random.Random(7)
     jobs = []

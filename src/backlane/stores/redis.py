@@ -178,18 +178,49 @@ class RedisStore(Store):
             return []
         link = await self._links.get()
         generation = None if link.wakes is None else link.wakes.generation
+        args = self._claim_args(worker_id, queues, limit, now, lease_until)
+        reply = await call(link, self._scripts["claim"], *args)
+        return self._claimed(link, generation, reply, worker_id, now, lease_until)
+
+    async def finish_and_claim(
+        self,
+        outcomes: Sequence[Outcome],
+        *,
+        worker_id: str,
+        queues: Sequence[str] | None,
+        limit: int,
+        now: float,
+        lease_until: float,
+    ) -> tuple[list[str], list[Job]]:
+        """``finish(outcomes)`` then ``claim(...)`` in one script: one round trip for a
+        worker's loop turn."""
+        _check_outcomes(outcomes)
+        if limit <= 0 or (queues is not None and not queues):
+            return await self.finish(outcomes), []
+        link = await self._links.get()
+        generation = None if link.wakes is None else link.wakes.generation
+        args = self._claim_args(worker_id, queues, limit, now, lease_until)
+        text = outcomes_json(outcomes) if outcomes else "[]"
+        reply = await call(link, self._scripts["finish_claim"], text, *args)
+        applied = list(reply[0])
+        return applied, self._claimed(link, generation, reply[1:], worker_id, now, lease_until)
+
+    @staticmethod
+    def _claim_args(
+        worker_id: str, queues: Sequence[str] | None, limit: int, now: float, lease_until: float
+    ) -> tuple[str | int, ...]:
         names = "" if queues is None else _json_list(dict.fromkeys(queues))
-        reply = await call(
-            link,
-            self._scripts["claim"],
-            _token(),
-            worker_id,
-            number(now),
-            number(lease_until),
-            limit,
-            names,
-            _IDLE_MS,
-        )
+        return (_token(), worker_id, number(now), number(lease_until), limit, names, _IDLE_MS)
+
+    def _claimed(
+        self,
+        link: Link,
+        generation: int | None,
+        reply: list[Any],
+        worker_id: str,
+        now: float,
+        lease_until: float,
+    ) -> list[Job]:
         next_due = float(reply[0]) if reply[0] else None
         self._mark.set(_ClaimMark(link, generation, next_due, time.monotonic()))
         claimed = []
@@ -214,12 +245,7 @@ class RedisStore(Store):
 
     async def finish(self, outcomes: Sequence[Outcome]) -> list[str]:
         """Apply each outcome whose worker still holds its job; return the ids applied."""
-        for outcome in outcomes:
-            if outcome.state not in OUTCOME_STATES:
-                raise StoreError(
-                    f"an outcome ends a job succeeded, failed or cancelled, or queues it "
-                    f"again; got {outcome.state.value!r} for job {outcome.job_id}"
-                )
+        _check_outcomes(outcomes)
         if not outcomes:
             return []
         return list(await self._call("finish", outcomes_json(outcomes)))
@@ -455,6 +481,15 @@ class RedisStore(Store):
             if mark.next_due is not None:
                 timeout = min(timeout, mark.next_due - time.time())
         await wakes.wait(generation, timeout)
+
+
+def _check_outcomes(outcomes: Sequence[Outcome]) -> None:
+    for outcome in outcomes:
+        if outcome.state not in OUTCOME_STATES:
+            raise StoreError(
+                f"an outcome ends a job succeeded, failed or cancelled, or queues it "
+                f"again; got {outcome.state.value!r} for job {outcome.job_id}"
+            )
 
 
 def _stored_copy(job: Job, after: str | None) -> Job:
