@@ -25,6 +25,7 @@ import functools
 import hashlib
 import logging
 import ssl
+import sys
 import threading
 import time
 from collections.abc import AsyncGenerator
@@ -34,7 +35,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from redis.asyncio import Redis
-from redis.asyncio.connection import parse_url
+from redis.asyncio.connection import Connection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff, NoBackoff
 from redis.exceptions import (
@@ -47,6 +48,11 @@ from redis.exceptions import (
 )
 
 from ..exceptions import ConfigurationError, StoreError
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as _timeout
+else:  # pragma: no cover - redis-py depends on async-timeout before 3.11.3
+    from async_timeout import timeout as _timeout  # type: ignore[import-not-found,no-redef,unused-ignore]
 
 log = logging.getLogger("backlane.stores.redis")
 
@@ -128,12 +134,14 @@ class Endpoint:
 
     def client(self) -> Redis:
         """A redis-py client of this endpoint for the running loop: replies as text, raw
-        (no redis-py reply callbacks), and no retries of its own (``execute`` retries)."""
+        (no redis-py reply callbacks), no retries and no read timeout of its own
+        (``Link.execute`` applies both; redis-py's per-command timeout costs a task per
+        call)."""
         options: dict[str, Any] = {
             "db": self.db,
             "username": self.username,
             "password": self.password,
-            "socket_timeout": self.socket_timeout,
+            "socket_timeout": None,
             "socket_connect_timeout": self.socket_connect_timeout,
             "client_name": self.client_name,
             "decode_responses": True,
@@ -315,6 +323,8 @@ class Link:
         self.url = url
         self.loop = loop
         self.client = url.endpoint.client()
+        self._own: Connection | None = None
+        self._busy = False
         self.wakes: Wakes | None = None
         self.watch: AsyncGenerator[None, None] | None = None
         self._closed = False
@@ -327,13 +337,13 @@ class Link:
 
     async def execute(self, *args: Any) -> Any:
         """Send one command and return its raw reply, sending it again on a new
-        connection (after a backoff) when the connection broke. Raises redis-py's
-        exceptions."""
+        connection (after a backoff) when the connection broke or no reply came within
+        ``socket_timeout``. Raises redis-py's exceptions."""
         backoff = EqualJitterBackoff(base=_BACKOFF_BASE, cap=_BACKOFF_CAP)
         failures = 0
         while True:
             try:
-                return await self.client.execute_command(*args)  # type: ignore[no-untyped-call]
+                return await self._once(args)
             except AuthenticationError:
                 raise
             except UnicodeEncodeError as exc:  # raised before anything was sent
@@ -351,6 +361,31 @@ class Link:
                     ) from exc
                 await asyncio.sleep(backoff.compute(failures))
 
+    async def _once(self, args: tuple[Any, ...]) -> Any:
+        limit = self.url.endpoint.socket_timeout
+        try:
+            if limit is None:
+                return await self._send(args)
+            async with _timeout(limit):
+                return await self._send(args)
+        except asyncio.TimeoutError as exc:  # the connection was closed on the way out
+            raise TimeoutError(f"no reply from Redis within {limit}s") from exc
+
+    async def _send(self, args: tuple[Any, ...]) -> Any:
+        """One command on the loop's own connection when it is free (a caller at a time:
+        the cheapest way redis-py offers), else on one from the pool."""
+        if self._busy:
+            return await self.client.execute_command(*args)  # type: ignore[no-untyped-call]
+        self._busy = True
+        try:
+            own = self._own
+            if own is None:
+                own = self._own = self.client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+            await own.send_packed_command(own.pack_command(*args), check_health=False)
+            return await own.read_response()  # closes the connection on any failure
+        finally:
+            self._busy = False
+
     async def aclose(self) -> None:
         """Stop the listener and close the connections. Idempotent."""
         if self._closed:
@@ -358,6 +393,8 @@ class Link:
         self._closed = True
         if self.wakes is not None:
             await self.wakes.stop()
+        if self._own is not None:
+            await self._own.disconnect()
         await self.client.aclose()
 
 
