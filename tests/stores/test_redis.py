@@ -330,8 +330,8 @@ async def test_a_claim_sent_twice_after_a_lost_reply_claims_once(store: RedisSto
     args = ("w1", str(NOW), str(NOW + LEASE), 2, "", 1000)
     first = await call(link, script, "token-c", *args)
     again = await call(link, script, "token-c", *args)
-    assert [decode_job(f).id for f in again[1:]] == [decode_job(f).id for f in first[1:]]
-    assert all(decode_job(f).attempts == 0 for f in again[1:])  # as before the claim
+    assert [decode_job(f).id for f in again[2:]] == [decode_job(f).id for f in first[2:]]
+    assert all(decode_job(f).attempts == 0 for f in again[2:])  # as before the claim
     jobs = await store.list_jobs(state=S.RUNNING)
     assert len(jobs) == 2 and all(job.attempts == 1 for job in jobs)
     assert len(await store.claim(**claim_args())) == 1
@@ -368,7 +368,7 @@ async def test_a_finish_and_claim_sent_twice_after_a_lost_reply_acts_once(
     first = await call(link, script, *args)
     again = await call(link, script, *args)
     assert first[0] == [held.id] and again[0] == []
-    assert [decode_job(f).id for f in again[2:]] == [decode_job(f).id for f in first[2:]]
+    assert [decode_job(f).id for f in again[3:]] == [decode_job(f).id for f in first[3:]]
     assert (await store.get(held.id)).attempts == 1  # type: ignore[union-attr]
     assert await store.counts() == {"default": {S.QUEUED: 2, S.RUNNING: 1}}
 
@@ -631,6 +631,62 @@ async def test_every_way_work_becomes_claimable_wakes_a_waiting_worker(
         with anyio.fail_after(1):
             await wait.wait()
     assert time.monotonic() - started < 0.5
+    await other.close()
+
+
+async def test_a_waiting_worker_is_handed_the_job_and_takes_it_without_a_round_trip(
+    store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = RedisStore(store.url)
+    await other.open()
+    await _idle_worker(store)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(store.wait_for_work, 10.0)
+        await anyio.sleep(0.05)
+        (job,) = await other.enqueue([make_job(run_at=time.time())])
+    assert [j.id for j in await other.claim(**claim_args(worker_id="w2", now=time.time()))] == []
+    held = await store.get(job.id)
+    assert held is not None and held.state is S.RUNNING and held.worker_id == "w1"
+    assert held.attempts == 1 and held.lease_until is not None
+    with monkeypatch.context() as patched:
+        patched.setattr("backlane.stores.redis.call", None)  # no script may run
+        (taken,) = await store.claim(**claim_args(now=time.time()))
+    assert taken == held
+    assert await store.claim(**claim_args(now=time.time())) == []  # not twice
+    await other.close()
+
+
+async def test_a_job_handed_to_a_worker_that_stops_is_given_back(store: RedisStore) -> None:
+    other = RedisStore(store.url)
+    await other.open()
+    await _idle_worker(store)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(store.wait_for_work, 10.0)
+        await anyio.sleep(0.05)
+        (job,) = await other.enqueue([make_job(run_at=time.time())])
+    await store.forget_worker("w1")
+    back = await other.get(job.id)
+    assert back is not None and back.state is S.QUEUED and back.attempts == 0
+    now = time.time()
+    assert [j.id for j in await other.claim(**claim_args(worker_id="w2", now=now))] == [job.id]
+    await other.close()
+
+
+async def test_a_hand_off_never_passes_a_job_due_before_it(store: RedisStore) -> None:
+    other = RedisStore(store.url)
+    await other.open()
+    await _idle_worker(store)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(store.wait_for_work, 10.0)
+        await anyio.sleep(0.05)
+        await other.pause_queue("default", True)
+        (paused,) = await other.enqueue([make_job(run_at=time.time())])
+        await other.pause_queue("default", False)  # wakes the waiting worker
+    (first,) = await other.enqueue([make_job(run_at=time.time())])
+    held = await other.get(first.id)
+    assert held is not None and held.state is S.QUEUED  # no one waits now
+    claimed = await store.claim(**claim_args(now=time.time()))
+    assert [j.id for j in claimed] == [paused.id, first.id]
     await other.close()
 
 

@@ -31,6 +31,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from ..exceptions import ConfigurationError, StoreError
 from ..jobs import TERMINAL_STATES, Job, JobState
 from .base import OUTCOME_STATES, Outcome, ScheduleRecord, StatsBucket, Store, WorkerRecord
@@ -43,7 +45,7 @@ from .redis_codec import (
     outcomes_json,
     worker_json,
 )
-from .redis_link import Link, Links, call, command, load_scripts, parse_redis_url
+from .redis_link import Link, Links, call, command, load_scripts, log, parse_redis_url
 
 _STATS_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 _BATCH = 1000
@@ -62,12 +64,18 @@ that the claim that follows renews the idle mark before it lapses."""
 @dataclass(frozen=True)
 class _ClaimMark:
     """What a task's last claim saw: the wake generation when it started, the earliest
-    delayed job left, and when it ran (monotonic)."""
+    delayed job left, and when it ran (monotonic); and what a wait after it may offer to
+    take: for which worker, how many jobs, with what lease (seconds), from which queues
+    (JSON, '' for every queue)."""
 
     link: Link
     generation: int | None
     next_due: float | None
     at: float
+    worker_id: str = ""
+    capacity: int = 0
+    lease: float = 0.0
+    queues: str = ""
 
 
 def _token() -> str:
@@ -92,6 +100,11 @@ class RedisStore(Store):
         self._mark: contextvars.ContextVar[_ClaimMark | None] = contextvars.ContextVar(
             f"backlane_redis_claim_{id(self)}", default=None
         )
+        self._handed: dict[str, list[Job]] = {}
+        """Jobs handed to a waiting worker, by worker id, that its next claim returns."""
+        self._seen: dict[str, dict[tuple[str, int], float]] = {}
+        """Hand-offs each worker received (id and attempt, monotonic time): a job comes
+        both by the worker's pop and by its next claim when the two cross."""
 
     def __repr__(self) -> str:
         return f"<RedisStore {self._links.url.safe} prefix={self.prefix!r}>"
@@ -179,8 +192,11 @@ class RedisStore(Store):
         link = await self._links.get()
         generation = None if link.wakes is None else link.wakes.generation
         args = self._claim_args(worker_id, queues, limit, now, lease_until)
+        handed = self._take_handed(link, generation, args, limit, lease_until - now)
+        if handed:
+            return handed
         reply = await call(link, self._scripts["claim"], *args)
-        return self._claimed(link, generation, reply, worker_id, now, lease_until)
+        return self._claimed(link, generation, reply, args, now, lease_until)
 
     async def finish_and_claim(
         self,
@@ -200,10 +216,13 @@ class RedisStore(Store):
         link = await self._links.get()
         generation = None if link.wakes is None else link.wakes.generation
         args = self._claim_args(worker_id, queues, limit, now, lease_until)
+        handed = self._take_handed(link, generation, args, limit, lease_until - now)
+        if handed:
+            return (await self.finish(outcomes) if outcomes else []), handed
         text = outcomes_json(outcomes) if outcomes else "[]"
         reply = await call(link, self._scripts["finish_claim"], text, *args)
         applied = list(reply[0])
-        return applied, self._claimed(link, generation, reply[1:], worker_id, now, lease_until)
+        return applied, self._claimed(link, generation, reply[1:], args, now, lease_until)
 
     @staticmethod
     def _claim_args(
@@ -217,14 +236,17 @@ class RedisStore(Store):
         link: Link,
         generation: int | None,
         reply: list[Any],
-        worker_id: str,
+        args: tuple[str | int, ...],
         now: float,
         lease_until: float,
     ) -> list[Job]:
+        """The jobs a claim script returned: those handed to the worker while it waited
+        (not seen before), then those it claimed. Remembers what the claim saw."""
+        _, worker_id, _, _, limit, queues, _ = args
+        worker_id = str(worker_id)
         next_due = float(reply[0]) if reply[0] else None
-        self._mark.set(_ClaimMark(link, generation, next_due, time.monotonic()))
-        claimed = []
-        for fields in reply[1:]:
+        claimed = self._fresh(worker_id, [decode_job(fields) for fields in reply[1]])
+        for fields in reply[2:]:
             job = decode_job(fields)
             job.state = JobState.RUNNING
             job.attempts += 1
@@ -232,7 +254,56 @@ class RedisStore(Store):
             job.lease_until = lease_until
             job.worker_id = worker_id
             claimed.append(job)
+        capacity = int(limit) - len(claimed)
+        mark = _ClaimMark(
+            link, generation, next_due, time.monotonic(), worker_id, capacity,
+            lease_until - now, str(queues),
+        )  # fmt: skip
+        self._mark.set(mark)
         return claimed
+
+    def _take_handed(
+        self,
+        link: Link,
+        generation: int | None,
+        args: tuple[str | int, ...],
+        limit: int,
+        lease: float,
+    ) -> list[Job]:
+        """Up to ``limit`` jobs handed to the worker while it waited and not yet returned
+        (no round trip needed: they already run for it)."""
+        worker_id = str(args[1])
+        waiting = self._handed.get(worker_id)
+        if not waiting:
+            return []
+        taken, rest = waiting[:limit], waiting[limit:]
+        if rest:
+            self._handed[worker_id] = rest
+        else:
+            del self._handed[worker_id]
+        mark = _ClaimMark(
+            link, generation, None, time.monotonic(), worker_id, limit - len(taken), lease,
+            str(args[5]),
+        )  # fmt: skip
+        self._mark.set(mark)
+        return taken
+
+    def _fresh(self, worker_id: str, jobs: list[Job]) -> list[Job]:
+        """``jobs`` handed to ``worker_id`` less those it already received."""
+        if not jobs:
+            return jobs
+        seen = self._seen.setdefault(worker_id, {})
+        now = time.monotonic()
+        if len(seen) > 1000:
+            for key in [key for key, at in seen.items() if now - at > 120]:
+                del seen[key]
+        fresh = []
+        for job in jobs:
+            key = (job.id, job.attempts)
+            if key not in seen:
+                seen[key] = now
+                fresh.append(job)
+        return fresh
 
     async def renew_leases(
         self, *, worker_id: str, ids: Sequence[str], lease_until: float
@@ -469,7 +540,12 @@ class RedisStore(Store):
         that claim saw becomes due, or after ``timeout`` — and never later than a few seconds
         after that claim, so that waiting workers keep the lane marked idle. The first
         call in an event loop subscribes to the lane's wake channel and returns once
-        subscribed. While Redis cannot be reached it simply waits ``timeout``."""
+        subscribed. While Redis cannot be reached it simply waits ``timeout``.
+
+        While it waits, the worker of that claim offers to take, as many jobs as the claim
+        left room for: a job of its queues made claimable meanwhile is handed to it,
+        already running for it, and comes with the wake-up; its next ``claim`` returns
+        it without asking Redis."""
         link = await self._links.get()
         wakes = link.wakes_started()
         mark = self._mark.get()
@@ -480,7 +556,43 @@ class RedisStore(Store):
             timeout = min(timeout, mark.at + _LONGEST_WAIT - time.monotonic())
             if mark.next_due is not None:
                 timeout = min(timeout, mark.next_due - time.time())
-        await wakes.wait(generation, timeout)
+        if timeout <= 0 or wakes.generation != generation:
+            return
+        if mark is None or mark.link is not link or mark.capacity <= 0:
+            await wakes.wait(generation, timeout)
+            return
+        worker_id = mark.worker_id
+        if self._handed.get(worker_id):
+            return
+        await self._call(
+            "wait", worker_id, mark.capacity, number(mark.lease), number(timeout), mark.queues
+        )
+        pop = link.handoffs.get(worker_id)
+        if pop is None or pop.done():
+            pop = link.loop.create_task(self._pop_handed(link, worker_id))
+            link.handoffs[worker_id] = pop
+        woken = link.loop.create_task(wakes.wait(generation, timeout))
+        try:
+            await asyncio.wait([pop, woken], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            woken.cancel()
+
+    async def _pop_handed(self, link: Link, worker_id: str) -> None:
+        """Wait (in Redis) for a batch of jobs handed to ``worker_id``, and keep it for
+        its next claim. Never cancelled by a waiter: a batch popped is never lost (it
+        also stays in Redis until that claim)."""
+        hand, took = f"{self.prefix}hand:{worker_id}", f"{self.prefix}took:{worker_id}"
+        try:
+            text = await link.client.execute_command(  # type: ignore[no-untyped-call]
+                "BLMOVE", hand, took, "LEFT", "RIGHT", _LONGEST_WAIT + 1
+            )  # the pool's connection: blocking, without the read timeout of calls
+        except (RedisError, OSError) as exc:
+            log.debug("waiting for jobs handed to %s failed: %s", worker_id, exc)
+            return
+        if text:
+            jobs = self._fresh(worker_id, [decode_job(fields) for fields in json.loads(text)])
+            if jobs:
+                self._handed.setdefault(worker_id, []).extend(jobs)
 
 
 def _check_outcomes(outcomes: Sequence[Outcome]) -> None:

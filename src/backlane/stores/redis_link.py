@@ -326,6 +326,8 @@ class Link:
         self._own: Connection | None = None
         self._busy = False
         self.wakes: Wakes | None = None
+        self.handoffs: dict[str, asyncio.Task[None]] = {}
+        """Each waiting worker's pop of the jobs handed to it (``RedisStore``)."""
         self.watch: AsyncGenerator[None, None] | None = None
         self._closed = False
 
@@ -393,6 +395,10 @@ class Link:
         self._closed = True
         if self.wakes is not None:
             await self.wakes.stop()
+        for pop in self.handoffs.values():
+            pop.cancel()
+            with contextlib.suppress(BaseException):
+                await pop
         if self._own is not None:
             await self._own.disconnect()
         await self.client.aclose()

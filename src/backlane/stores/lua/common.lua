@@ -27,6 +27,11 @@
 --   P idle            set, with an expiry, by a claim that took all there was: a worker
 --                     may be waiting, so scripts that make work claimable publish on P wake
 --   P claim:<worker>  the token and job ids of the worker's last claim (two minutes)
+--   P waiting         hash: worker id -> "<capacity> <lease seconds> <deadline> <queues>"
+--                     of each worker blocked in wait_for_work (queues: JSON, '' = any)
+--   P hand:<worker>   list: batches of jobs handed to a waiting worker (JSON arrays of
+--                     their fields), which it pops into  P took:<worker>  (BLMOVE); the
+--                     worker's next claim empties both
 --
 -- A call the client sends again after its connection broke (Redis may have run it) must
 -- not act twice: enqueue finds its jobs stored under its token and stores only the rest;
@@ -44,6 +49,7 @@ local TERMINAL = {succeeded = true, failed = true, cancelled = true, discarded =
 local FIELDS = {'state', 'queue', 'priority', 'seq', 'created_at', 'run_at', 'key', 'after',
                 'worker_id', 'cancel_requested', 'waited'}
 local woke = false
+local hand_over -- defined with hand_off, below
 local zsets, zorder, deltas, added = {}, {}, {}, {}
 
 local function zput(key, score, m)
@@ -108,6 +114,7 @@ local function flush()
     if woke and redis.call('EXISTS', P .. 'idle') == 1 then
         redis.call('PUBLISH', P .. 'wake', '1')
     end
+    hand_over()
 end
 
 local function jkey(id)
@@ -162,9 +169,112 @@ local function move(job, state)
     job.state = state
 end
 
--- A queued job with nothing to wait for goes into its queue's claim order.
+local waiting, handed, clock = nil, {}, nil
+
+-- The server's time, in seconds (the same for the whole script).
+local function server_now()
+    if not clock then
+        local t = redis.call('TIME')
+        clock = tonumber(t[1]) + tonumber(t[2]) / 1e6
+    end
+    return clock
+end
+
+-- The workers waiting in wait_for_work (read once per script; lapsed ones dropped).
+local function waiters()
+    if waiting then
+        return waiting
+    end
+    waiting = {}
+    local flat = redis.call('HGETALL', P .. 'waiting')
+    for i = 1, #flat, 2 do
+        local capacity, lease, deadline, queues = string.match(flat[i + 1],
+            '^(%d+) (%S+) (%S+) ?(.*)$')
+        if capacity and tonumber(deadline) >= server_now() then
+            local w = {id = flat[i], capacity = tonumber(capacity), lease = tonumber(lease)}
+            if queues ~= '' then
+                w.queues = {}
+                for _, q in ipairs(cjson.decode(queues)) do
+                    w.queues[q] = true
+                end
+            end
+            waiting[#waiting + 1] = w
+        else
+            redis.call('HDEL', P .. 'waiting', flat[i])
+        end
+    end
+    return waiting
+end
+
+-- Whether a claimable job of `queue` at `priority` or above is due: a job handed to a
+-- waiting worker must not pass it.
+local function due_before(queue, priority)
+    for _, p in ipairs(redis.call('SMEMBERS', P .. 'prio:' .. queue)) do
+        if tonumber(p) >= tonumber(priority) then
+            local key = P .. 'due:' .. queue .. ':' .. p
+            if #redis.call('ZRANGEBYSCORE', key, '-inf', server_now(), 'LIMIT', 0, 1) > 0 then
+                return true
+            end
+        end
+    end
+    return false
+end
+
+-- Hand a claimable job to a waiting worker that takes its queue, running for it as a
+-- claim would make it; false when none may take it now.
+local function hand_off(job)
+    local list = waiters()
+    if #list == 0 or tonumber(job.run_at) > server_now() then
+        return false
+    end
+    local taker
+    for _, w in ipairs(list) do
+        if w.capacity > 0 and (not w.queues or w.queues[job.queue]) then
+            taker = w
+            break
+        end
+    end
+    if not taker or redis.call('SISMEMBER', P .. 'paused', job.queue) == 1
+        or due_before(job.queue, job.priority) then
+        return false
+    end
+    local jk = jkey(job.id)
+    local now = server_now()
+    local lease = string.format('%.17g', now + taker.lease)
+    local started = string.format('%.17g', now)
+    local attempts = tonumber(redis.call('HGET', jk, 'attempts') or '0') + 1
+    move(job, 'running')
+    redis.call('HSET', jk, 'state', 'running', 'attempts', attempts, 'started_at', started,
+               'lease_until', lease, 'worker_id', taker.id)
+    zput(P .. 'run', lease, job.id)
+    local batch = handed[taker]
+    if not batch then
+        batch = {}
+        handed[taker] = batch
+    end
+    batch[#batch + 1] = redis.call('HGETALL', jk)
+    taker.capacity = taker.capacity - 1
+    return true
+end
+
+-- Push each batch handed out to its worker, which stops waiting (one hand-off each).
+hand_over = function()
+    for taker, batch in pairs(handed) do
+        local list = P .. 'hand:' .. taker.id
+        redis.call('RPUSH', list, cjson.encode(batch))
+        redis.call('PEXPIRE', list, 600000)
+        redis.call('HDEL', P .. 'waiting', taker.id)
+    end
+    handed = {}
+end
+
+-- A queued job with nothing to wait for goes to a waiting worker, or into its queue's
+-- claim order.
 local function make_claimable(job)
     if job.state ~= 'queued' or job.after then
+        return
+    end
+    if hand_off(job) then
         return
     end
     zput(due_key(job), job.run_at, member(job))
@@ -291,7 +401,8 @@ local function insert(fields, replaced, seq, token)
     end
     redis.call('HSET', jkey(id), unpack(args))
     local job = {id = id, seq = seq, state = state, queue = fields.queue,
-                 priority = fields.priority, run_at = fields.run_at, after = after}
+                 priority = fields.priority, run_at = fields.run_at, after = after,
+                 created_at = fields.created_at, key = key}
     local m = member(job)
     zput(P .. 'all', fields.created_at, m)
     zput(P .. 'state:' .. state, fields.created_at, m)
@@ -361,9 +472,10 @@ end
 -- Take up to `limit` claimable jobs for `worker`, in claim order: higher priority first,
 -- then earlier run_at, then store order; queues paused are skipped. `queues` is a JSON
 -- array of queue names ('' = every queue); `idle_ms` how long the idle mark lasts.
--- Returns {next_due, <fields of job 1>, ...}: each job's fields as they were before
--- the claim (the caller applies state, attempts + 1, started_at, lease_until,
--- worker_id); next_due is the earliest run_at after now among the jobs left in those
+-- Returns {next_due, handed, <fields of job 1>, ...}: handed lists the fields, as they
+-- are, of jobs handed to the worker while it waited (see hand_off) that it may not have
+-- taken yet; each claimed job's fields are as they were before the claim (the caller
+-- applies state, attempts + 1, started_at, lease_until, worker_id); next_due is the earliest run_at after now among the jobs left in those
 -- queues ('' if none, or if the limit was reached). Changes are buffered: flush() after.
 local function claim_jobs(token, worker, now, lease, limit, queues, idle_ms)
     local last_claim = P .. 'claim:' .. worker
@@ -390,8 +502,44 @@ local function claim_jobs(token, worker, now, lease, limit, queues, idle_ms)
                 out[#out + 1] = fields
             end
         end
+        table.insert(out, 2, {})
         return out
     end
+
+    -- jobs handed to this worker while it waited that it has not taken (or has taken
+    -- while this call was on its way: the caller drops those), as they are now
+    redis.call('HDEL', P .. 'waiting', worker)
+    local mine, batches = {}, {}
+    for _, list in ipairs({P .. 'hand:' .. worker, P .. 'took:' .. worker}) do
+        for _, text in ipairs(redis.call('LRANGE', list, 0, -1)) do
+            batches[#batches + 1] = cjson.decode(text)
+        end
+        redis.call('DEL', list)
+    end
+    for _, w in ipairs(waiting or {}) do
+        if w.id == worker then
+            w.capacity = 0
+            if handed[w] then
+                batches[#batches + 1] = handed[w]
+                handed[w] = nil
+            end
+        end
+    end
+    for _, batch in ipairs(batches) do
+        for _, fields in ipairs(batch) do
+            local id
+            for i = 1, #fields, 2 do
+                if fields[i] == 'id' then
+                    id = fields[i + 1]
+                end
+            end
+            local v = redis.call('HMGET', jkey(id), 'state', 'worker_id')
+            if v[1] == 'running' and v[2] == worker then
+                mine[#mine + 1] = redis.call('HGETALL', jkey(id))
+            end
+        end
+    end
+    limit = limit - #mine
 
     local names
     if queues == '' then
@@ -501,6 +649,7 @@ local function claim_jobs(token, worker, now, lease, limit, queues, idle_ms)
     if #ids > 0 then
         redis.call('SET', last_claim, token .. ' ' .. cjson.encode(ids), 'EX', 120)
     end
+    table.insert(out, 2, mine)
     return out
 end
 
