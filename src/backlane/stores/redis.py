@@ -407,12 +407,13 @@ class RedisStore(Store):
         The index (of one state, or of all jobs) is read in steps of ``_SCAN`` entries
         (walked, with ``task``, ``queue`` or ``text``): each step is atomic, the whole
         read is not, so jobs stored or removed meanwhile may shift a long page."""
-        index = "all" if state is None else f"state:{state.value}"
+        active = state is not None and state not in TERMINAL_STATES
+        index = "all" if state is None else "live" if active else f"state:{state.value}"
         limit, offset = max(0, limit), max(0, offset)
         if limit == 0:
             return []
         found: list[Job] = []
-        if task is None and queue is None and text is None:
+        if task is None and queue is None and text is None and not active:
             while len(found) < limit:
                 size = min(_SCAN, limit - len(found))
                 rows = await self._call("page", index, offset + len(found), size)
@@ -433,6 +434,7 @@ class RedisStore(Store):
                 queue or "",
                 "0" if text is None else "1",
                 text or "",
+                state.value if active and state is not None else "",
             )
             start, skip = int(reply[0]), skip - int(reply[1])
             found.extend(decode_job(fields) for fields in reply[2:])

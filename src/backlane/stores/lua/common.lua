@@ -17,7 +17,10 @@
 --   P defer           zset: deferred jobs with a release_at, by release_at
 --   P wait:<id>       set: jobs whose `after` names <id>
 --   P all             zset: every job by created_at (member as in due)
---   P state:<s>       zset: the jobs in state s by created_at (member as in due)
+--   P live            zset: the active jobs (deferred, queued, running) by created_at
+--   P state:<s>       zset: the jobs that ended in state s by created_at (member as in
+--                     due); a job moving between active states changes no index but its
+--                     claim order and lease
 --   P kept            zset: ended jobs with a keep_until, by keep_until
 --   P fin:<s>         zset: jobs that ended in state s, by finished_at
 --   P counts          hash: "<state>:<queue>" -> number of jobs
@@ -140,6 +143,14 @@ local function load(id)
     return job
 end
 
+-- The listing index of the jobs in `state`.
+local function state_index(state)
+    if ACTIVE[state] then
+        return P .. 'live'
+    end
+    return P .. 'state:' .. state
+end
+
 local function due_key(job)
     return P .. 'due:' .. job.queue .. ':' .. job.priority
 end
@@ -153,9 +164,12 @@ local function move(job, state)
     end
     count(old, job.queue, -1)
     count(state, job.queue, 1)
-    local m = member(job)
-    zdel(P .. 'state:' .. old, m)
-    zput(P .. 'state:' .. state, job.created_at, m)
+    local before, after = state_index(old), state_index(state)
+    if before ~= after then
+        local m = member(job)
+        zdel(before, m)
+        zput(after, job.created_at, m)
+    end
     if job.key then
         local keys = P .. 'keys'
         if TERMINAL[state] then
@@ -335,7 +349,7 @@ local function remove(job)
     local m = member(job)
     local state = job.state
     zdel(P .. 'all', m)
-    zdel(P .. 'state:' .. state, m)
+    zdel(state_index(state), m)
     count(state, job.queue, -1)
     if state == 'queued' then
         zdel(due_key(job), m)
@@ -405,7 +419,7 @@ local function insert(fields, replaced, seq, token)
                  created_at = fields.created_at, key = key}
     local m = member(job)
     zput(P .. 'all', fields.created_at, m)
-    zput(P .. 'state:' .. state, fields.created_at, m)
+    zput(state_index(state), fields.created_at, m)
     count(state, job.queue, 1)
     sadd_once(P .. 'queues', job.queue)
     if key and active then
