@@ -524,11 +524,14 @@ local function claim_jobs(token, worker, now, lease, limit, queues, idle_ms)
     -- while this call was on its way: the caller drops those), as they are now
     redis.call('HDEL', P .. 'waiting', worker)
     local mine, batches = {}, {}
-    for _, list in ipairs({P .. 'hand:' .. worker, P .. 'took:' .. worker}) do
-        for _, text in ipairs(redis.call('LRANGE', list, 0, -1)) do
-            batches[#batches + 1] = cjson.decode(text)
+    local lists = {P .. 'hand:' .. worker, P .. 'took:' .. worker}
+    if redis.call('EXISTS', lists[1], lists[2]) > 0 then
+        for _, list in ipairs(lists) do
+            for _, text in ipairs(redis.call('LRANGE', list, 0, -1)) do
+                batches[#batches + 1] = cjson.decode(text)
+            end
         end
-        redis.call('DEL', list)
+        redis.call('DEL', lists[1], lists[2])
     end
     for _, w in ipairs(waiting or {}) do
         if w.id == worker then
