@@ -690,6 +690,20 @@ async def test_a_hand_off_never_passes_a_job_due_before_it(store: RedisStore) ->
     await other.close()
 
 
+async def test_wait_for_work_while_redis_is_away_waits_and_raises_nothing(
+    private: PrivateRedis,
+) -> None:
+    store = RedisStore(private.url + "?socket_connect_timeout=0.5")
+    await store.open()
+    await _idle_worker(store)
+    private.stop()
+    started = time.monotonic()
+    await store.wait_for_work(0.3)  # its offer to take work cannot be sent: it just waits
+    assert time.monotonic() - started < 8
+    private.start()
+    await store.close()
+
+
 async def test_no_message_is_published_while_no_worker_is_idle(store: RedisStore) -> None:
     listener = aioredis.Redis.from_url(REDIS_URL)
     pubsub = listener.pubsub()

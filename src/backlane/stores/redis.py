@@ -566,9 +566,13 @@ class RedisStore(Store):
         worker_id = mark.worker_id
         if self._handed.get(worker_id):
             return
-        await self._call(
-            "wait", worker_id, mark.capacity, number(mark.lease), number(timeout), mark.queues
-        )
+        try:
+            await self._call(
+                "wait", worker_id, mark.capacity, number(mark.lease), number(timeout), mark.queues
+            )
+        except StoreError:  # Redis away: wait for the listener, which waits for Redis
+            await wakes.wait(generation, timeout)
+            return
         pop = link.handoffs.get(worker_id)
         if pop is None or pop.done():
             pop = link.loop.create_task(self._pop_handed(link, worker_id))
