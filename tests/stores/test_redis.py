@@ -478,6 +478,29 @@ async def test_a_call_during_a_short_outage_waits_and_succeeds(private: PrivateR
     await store.close()
 
 
+async def test_a_reply_later_than_socket_timeout_breaks_the_connection_and_is_asked_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    if not PrivateRedis.available():
+        require_service("redis-server", "no redis-server binary on PATH")
+    with PrivateRedis(tmp_path / "d", extra=("--enable-debug-command", "yes")) as server:
+        store = RedisStore(server.url + "?socket_timeout=0.5")
+        await store.open()
+        (job,) = await store.enqueue([make_job()])
+        client = redis.Redis(port=server.port, password=server.password)
+        stall = threading.Thread(target=lambda: client.execute_command("DEBUG", "SLEEP", 2))
+        stall.start()
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        with caplog.at_level("DEBUG", logger="backlane.stores.redis"):
+            assert await store.get(job.id) == job
+        assert time.monotonic() - started > 1.0
+        assert "no reply from Redis" in caplog.text
+        stall.join()
+        client.close()
+        await store.close()
+
+
 async def test_redis_cluster_is_refused_with_the_reason(tmp_path: Path) -> None:
     if not PrivateRedis.available():
         require_service("redis-server", "no redis-server binary on PATH")

@@ -325,6 +325,8 @@ class Link:
         self.client = url.endpoint.client()
         self._own: Connection | None = None
         self._busy = False
+        self._sent_at: float | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
         self.wakes: Wakes | None = None
         self.handoffs: dict[str, asyncio.Task[None]] = {}
         """Each waiting worker's pop of the jobs handed to it (``RedisStore``)."""
@@ -364,29 +366,44 @@ class Link:
                 await asyncio.sleep(backoff.compute(failures))
 
     async def _once(self, args: tuple[Any, ...]) -> Any:
-        limit = self.url.endpoint.socket_timeout
-        try:
-            if limit is None:
-                return await self._send(args)
-            async with _timeout(limit):
-                return await self._send(args)
-        except asyncio.TimeoutError as exc:  # the connection was closed on the way out
-            raise TimeoutError(f"no reply from Redis within {limit}s") from exc
-
-    async def _send(self, args: tuple[Any, ...]) -> Any:
         """One command on the loop's own connection when it is free (a caller at a time:
-        the cheapest way redis-py offers), else on one from the pool."""
+        the cheapest way redis-py offers; ``_watch`` breaks it when a reply is overdue),
+        else on one from the pool, under a timeout of its own."""
+        limit = self.url.endpoint.socket_timeout
         if self._busy:
-            return await self.client.execute_command(*args)  # type: ignore[no-untyped-call]
+            try:
+                if limit is None:
+                    return await self.client.execute_command(*args)  # type: ignore[no-untyped-call]
+                async with _timeout(limit):
+                    return await self.client.execute_command(*args)  # type: ignore[no-untyped-call]
+            except asyncio.TimeoutError as exc:  # the connection was closed on the way out
+                raise TimeoutError(f"no reply from Redis within {limit}s") from exc
         self._busy = True
         try:
             own = self._own
             if own is None:
                 own = self._own = self.client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+                if limit is not None:
+                    self._watchdog = self.loop.call_later(min(1.0, limit / 2), self._watch)
+            self._sent_at = time.monotonic()
             await own.send_packed_command(own.pack_command(*args), check_health=False)
             return await own.read_response()  # closes the connection on any failure
         finally:
+            self._sent_at = None
             self._busy = False
+
+    def _watch(self) -> None:
+        """Break the own connection when a reply on it is overdue (``socket_timeout``);
+        the call waiting for it fails with ``ConnectionError`` and is sent again."""
+        limit = self.url.endpoint.socket_timeout
+        if self._closed or limit is None:
+            return
+        sent, own = self._sent_at, self._own
+        if sent is not None and own is not None and time.monotonic() - sent > limit:
+            log.debug("no reply from Redis at %s within %ss", self.url.safe, limit)
+            self._sent_at = None
+            self.loop.create_task(own.disconnect(nowait=True))
+        self._watchdog = self.loop.call_later(min(1.0, limit / 2), self._watch)
 
     async def aclose(self) -> None:
         """Stop the listener and close the connections. Idempotent."""
@@ -395,6 +412,8 @@ class Link:
         self._closed = True
         if self.wakes is not None:
             await self.wakes.stop()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         for pop in self.handoffs.values():
             pop.cancel()
             with contextlib.suppress(BaseException):
