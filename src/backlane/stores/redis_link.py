@@ -343,7 +343,7 @@ class Link:
         """Send one command and return its raw reply, sending it again on a new
         connection (after a backoff) when the connection broke or no reply came within
         ``socket_timeout``. Raises redis-py's exceptions."""
-        backoff = EqualJitterBackoff(base=_BACKOFF_BASE, cap=_BACKOFF_CAP)
+        backoff: EqualJitterBackoff | None = None
         failures = 0
         while True:
             try:
@@ -363,6 +363,8 @@ class Link:
                         f"cannot connect to Redis at {self.url.endpoint.describe()}, or lost "
                         f"the connection ({failures} tries): {exc}"
                     ) from exc
+                if backoff is None:
+                    backoff = EqualJitterBackoff(base=_BACKOFF_BASE, cap=_BACKOFF_CAP)
                 await asyncio.sleep(backoff.compute(failures))
 
     async def _once(self, args: tuple[Any, ...]) -> Any:
