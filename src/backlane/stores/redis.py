@@ -59,6 +59,10 @@ published)."""
 _LONGEST_WAIT = _IDLE_MS / 1000 / 2
 """``wait_for_work`` returns at the latest this long after the task's last claim, so
 that the claim that follows renews the idle mark before it lapses."""
+_OFFER = 1.0
+"""Seconds a waiting worker's offer to take work lasts before it renews it: a worker
+killed while waiting is handed jobs (which then wait for their lease to end) for at most
+this long, and a quarter second more."""
 
 
 @dataclass(frozen=True)
@@ -564,22 +568,30 @@ class RedisStore(Store):
             await wakes.wait(generation, timeout)
             return
         worker_id = mark.worker_id
-        if self._handed.get(worker_id):
-            return
-        try:
-            await self._call(
-                "wait", worker_id, mark.capacity, number(mark.lease), number(timeout), mark.queues
-            )
-        except StoreError:  # Redis away: wait for the listener, which waits for Redis
-            await wakes.wait(generation, timeout)
-            return
-        pop = link.handoffs.get(worker_id)
-        if pop is None or pop.done():
-            pop = link.loop.create_task(self._pop_handed(link, worker_id))
-            link.handoffs[worker_id] = pop
+        until = time.monotonic() + timeout
         woken = link.loop.create_task(wakes.wait(generation, timeout))
         try:
-            await asyncio.wait([pop, woken], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            while not woken.done() and not self._handed.get(worker_id):
+                left = until - time.monotonic()
+                if left <= 0:
+                    return
+                offer = min(left, _OFFER)
+                try:
+                    await self._call(
+                        "wait", worker_id, mark.capacity, number(mark.lease), number(offer),
+                        mark.queues,
+                    )  # fmt: skip
+                except StoreError:  # Redis away: wait for the listener, which waits for Redis
+                    await asyncio.wait([woken], timeout=left)
+                    return
+                pop = link.handoffs.get(worker_id)
+                if pop is None or pop.done():
+                    pop = link.loop.create_task(self._pop_handed(link, worker_id))
+                    link.handoffs[worker_id] = pop
+                ends = time.monotonic() + offer
+                await asyncio.wait([pop, woken], timeout=offer, return_when=asyncio.FIRST_COMPLETED)
+                if pop.done() and not self._handed.get(worker_id):  # the pop failed
+                    await asyncio.wait([woken], timeout=max(0.0, ends - time.monotonic()))
         finally:
             woken.cancel()
 
