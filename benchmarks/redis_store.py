@@ -17,6 +17,11 @@
 * the store's own share of that: from just before ``store.enqueue([job])`` to the job
   claimed by a process that waits on ``wait_for_work`` between claims, as a worker does.
 
+With each throughput figure goes what it cost: the time Redis spent in backlane's scripts
+per job (``INFO commandstats``; exact on a Redis of one's own, ``--redis`` pointing at a
+``redis-server --port 6390 --save '' --appendonly no``, inflated by others' scripts on a
+shared one), and, for drains, the worker processes' CPU per job.
+
 Every figure is the median of ``--rounds`` rounds, each on a fresh key prefix, removed
 afterwards. Progress goes to stderr, the Markdown table to stdout.
 
@@ -130,6 +135,27 @@ async def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Non
         await asyncio.sleep(0.02)
 
 
+def script_usec(url: str) -> float:
+    """Microseconds Redis has spent in Lua scripts (EVAL, EVALSHA) since its stats were
+    reset: every client's, not only this lane's."""
+    import redis
+
+    client = redis.Redis.from_url(url.partition("?")[0])
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    names = ("cmdstat_eval", "cmdstat_evalsha")
+    return float(sum(stats.get(name, {}).get("usec", 0) for name in names))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU a live process has used (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def noop_jobs(lane_: Backlane, first: int, count: int) -> list[Job]:
     task = lane_.tasks[noop.name]
     return [task.build_job((n,), {}) for n in range(first, first + count)]
@@ -138,8 +164,9 @@ def noop_jobs(lane_: Backlane, first: int, count: int) -> list[Job]:
 # -- measurements ----------------------------------------------------------------------------
 
 
-async def enqueue_one_by_one(url: str, count: int) -> tuple[float, float]:
-    """Jobs/s of sequential ``noop.enqueue`` calls, and of ``store.enqueue([job])``."""
+async def enqueue_one_by_one(url: str, count: int) -> tuple[float, float, float]:
+    """Jobs/s of sequential ``noop.enqueue`` calls, and of ``store.enqueue([job])``; the
+    script time per job of the latter (us)."""
     lane_ = bound(url)
     task = lane_.tasks[noop.name]
     async with lane_:
@@ -149,16 +176,19 @@ async def enqueue_one_by_one(url: str, count: int) -> tuple[float, float]:
             await task.enqueue(n)
         api = count / (time.perf_counter() - start)
         jobs = noop_jobs(lane_, 0, count)
+        used = script_usec(url)
         start = time.perf_counter()
         for job in jobs:
             await lane_.store.enqueue([job])
         store = count / (time.perf_counter() - start)
-    return api, store
+        used = (script_usec(url) - used) / count
+    return api, store, used
 
 
-async def enqueue_batches(url: str, count: int, batch: int) -> tuple[float, float]:
+async def enqueue_batches(url: str, count: int, batch: int) -> tuple[float, float, float]:
     """Jobs/s of ``enqueue_jobs`` in batches (jobs built inside the timing), and of
-    ``store.enqueue`` with jobs built beforehand."""
+    ``store.enqueue`` with jobs built beforehand; the script time per job of the latter
+    (us)."""
     lane_ = bound(url)
     async with lane_:
         start = time.perf_counter()
@@ -168,19 +198,23 @@ async def enqueue_batches(url: str, count: int, batch: int) -> tuple[float, floa
         built = [
             noop_jobs(lane_, first, min(batch, count - first)) for first in range(0, count, batch)
         ]
+        used = script_usec(url)
         start = time.perf_counter()
         for jobs in built:
             await lane_.store.enqueue(jobs)
         store = count / (time.perf_counter() - start)
-    return api, store
+        used = (script_usec(url) - used) / count
+    return api, store, used
 
 
-async def drain(url: str, count: int, processes: int) -> float:
-    """Jobs/s of ``processes`` worker processes running ``count`` stored no-op jobs."""
+async def drain(url: str, count: int, processes: int) -> tuple[float, float, float]:
+    """Jobs/s of ``processes`` worker processes running ``count`` stored no-op jobs; the
+    script time per job (us) and the workers' CPU per job (us, start-up included)."""
     lane_ = bound(url)
     async with lane_:
         for first in range(0, count, 1000):
             await lane_.enqueue_jobs(noop_jobs(lane_, first, min(1000, count - first)))
+        used = script_usec(url)
         workers = worker_processes(url, processes)
         try:
 
@@ -189,12 +223,14 @@ async def drain(url: str, count: int, processes: int) -> float:
                 return counts.get("default", {}).get(JobState.SUCCEEDED, 0) == count
 
             await wait_until(all_done, 300, f"{count} jobs drained")
+            cpu = sum(cpu_seconds(proc.pid) for proc in workers) / count * 1e6
+            used = (script_usec(url) - used) / count
         finally:
             stop(workers)
         jobs = await lane_.store.list_jobs(state=JobState.SUCCEEDED, limit=count)
         first = min(job.started_at or 0.0 for job in jobs)
         last = max(job.finished_at or 0.0 for job in jobs)
-        return count / (last - first)
+        return count / (last - first), used, cpu
 
 
 async def latency(url: str, rate: float, seconds: float, *, poll: bool) -> tuple[float, float]:
@@ -319,17 +355,21 @@ def main() -> None:
     for round_no in range(args.rounds):
         log(f"round {round_no + 1} of {args.rounds}")
         with fresh_url(args.redis) as url:
-            api, store = asyncio.run(enqueue_one_by_one(url, args.one_by_one))
+            api, store, used = asyncio.run(enqueue_one_by_one(url, args.one_by_one))
         note("enqueue one by one: `await task.enqueue(n)` (jobs/s)", api)
         note("enqueue one by one: `store.enqueue([job])` (jobs/s)", store)
+        note("enqueue one by one: Redis script time per job (us)", used)
         with fresh_url(args.redis) as url:
-            api, store = asyncio.run(enqueue_batches(url, args.batch_jobs, args.batch))
+            api, store, used = asyncio.run(enqueue_batches(url, args.batch_jobs, args.batch))
         note(f"enqueue in batches of {args.batch}: `lane.enqueue_jobs` (jobs/s)", api)
         note(f"enqueue in batches of {args.batch}: `store.enqueue` (jobs/s)", store)
+        note(f"enqueue in batches of {args.batch}: Redis script time per job (us)", used)
         for processes in (1, 2):
             with fresh_url(args.redis) as url:
-                rate = asyncio.run(drain(url, args.jobs, processes))
+                rate, used, cpu = asyncio.run(drain(url, args.jobs, processes))
             note(f"drain, async no-op, {processes} worker process(es) (jobs/s)", rate)
+            note(f"drain, {processes} process(es): Redis script time per job (us)", used)
+            note(f"drain, {processes} process(es): worker CPU per job (us)", cpu)
         with fresh_url(args.redis) as url:
             p50, p99 = asyncio.run(store_latency(url, args.rate, args.seconds))
         note(f"store alone, enqueue-to-claimed p50 at {args.rate:g}/s (ms)", p50)

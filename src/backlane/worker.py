@@ -179,9 +179,12 @@ class Worker:
                 continue
             now = time.time()
             generation = self._flushed
+            outcomes, self._outcomes = self._outcomes, []  # recorded in the same call
+            self._in_flight += 1
             try:
                 with anyio.CancelScope(shield=True):  # a claim that commits must be seen
-                    jobs = await self.lane.store.claim(
+                    _, jobs = await self.lane.store.finish_and_claim(
+                        outcomes,
                         worker_id=self.id,
                         queues=self.queues,
                         limit=free,
@@ -189,10 +192,16 @@ class Worker:
                         lease_until=now + self.lease,
                     )
             except Exception:
+                self._outcomes[:0] = outcomes
+                self._in_flight -= 1
                 log.exception("worker %s could not claim jobs; retrying", self.id)
                 await self.lane.notifier.wait(min(idle * 4, 2.0))
                 idle = min(idle * 2, settings.poll_max)
                 continue
+            self._in_flight -= 1
+            if outcomes:
+                self._flushed += 1
+                self.lane.notifier.notify()
             if jobs:
                 idle = settings.poll_min
                 for job in jobs:

@@ -330,11 +330,47 @@ async def test_a_claim_sent_twice_after_a_lost_reply_claims_once(store: RedisSto
     args = ("w1", str(NOW), str(NOW + LEASE), 2, "", 1000)
     first = await call(link, script, "token-c", *args)
     again = await call(link, script, "token-c", *args)
-    assert [decode_job(f).id for f in again[1:]] == [decode_job(f).id for f in first[1:]]
-    assert all(decode_job(f).attempts == 0 for f in again[1:])  # as before the claim
+    assert [decode_job(f).id for f in again[2:]] == [decode_job(f).id for f in first[2:]]
+    assert all(decode_job(f).attempts == 0 for f in again[2:])  # as before the claim
     jobs = await store.list_jobs(state=S.RUNNING)
     assert len(jobs) == 2 and all(job.attempts == 1 for job in jobs)
     assert len(await store.claim(**claim_args())) == 1
+
+
+async def test_finish_and_claim_records_outcomes_then_claims_in_one_call(
+    store: RedisStore,
+) -> None:
+    jobs = [make_job() for _ in range(3)]
+    await store.enqueue(jobs)
+    held = await store.claim(**claim_args(limit=2))
+    outcomes = [Outcome(job.id, "w1", S.SUCCEEDED, NOW + 1, result="1") for job in held]
+    outcomes.append(Outcome(jobs[2].id, "w1", S.SUCCEEDED, NOW + 1))  # not held: ignored
+    applied, claimed = await store.finish_and_claim(outcomes, **claim_args(limit=5))
+    assert applied == [job.id for job in held]
+    assert [job.id for job in claimed] == [jobs[2].id]
+    assert claimed[0].state is S.RUNNING and claimed[0].attempts == 1
+    assert await store.counts() == {"default": {S.SUCCEEDED: 2, S.RUNNING: 1}}
+    assert await store.finish_and_claim([], **claim_args()) == ([], [])
+
+
+async def test_a_finish_and_claim_sent_twice_after_a_lost_reply_acts_once(
+    store: RedisStore,
+) -> None:
+    from backlane.stores.redis_codec import outcomes_json
+
+    jobs = [make_job() for _ in range(3)]
+    await store.enqueue(jobs)
+    (held,) = await store.claim(**claim_args(limit=1))
+    link = await store._links.get()
+    script = load_scripts()["finish_claim"]
+    text = outcomes_json([Outcome(held.id, "w1", S.QUEUED, NOW, run_at=NOW + 50)])
+    args = (text, "token-f", "w1", str(NOW), str(NOW + LEASE), 1, "", 1000)
+    first = await call(link, script, *args)
+    again = await call(link, script, *args)
+    assert first[0] == [held.id] and again[0] == []
+    assert [decode_job(f).id for f in again[3:]] == [decode_job(f).id for f in first[3:]]
+    assert (await store.get(held.id)).attempts == 1  # type: ignore[union-attr]
+    assert await store.counts() == {"default": {S.QUEUED: 2, S.RUNNING: 1}}
 
 
 async def test_times_and_text_come_back_exactly(store: RedisStore) -> None:
@@ -440,6 +476,29 @@ async def test_a_call_during_a_short_outage_waits_and_succeeds(private: PrivateR
     restart.join()
     assert await store.get(job.id) == job
     await store.close()
+
+
+async def test_a_reply_later_than_socket_timeout_breaks_the_connection_and_is_asked_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    if not PrivateRedis.available():
+        require_service("redis-server", "no redis-server binary on PATH")
+    with PrivateRedis(tmp_path / "d", extra=("--enable-debug-command", "yes")) as server:
+        store = RedisStore(server.url + "?socket_timeout=0.5")
+        await store.open()
+        (job,) = await store.enqueue([make_job()])
+        client = redis.Redis(port=server.port, password=server.password)
+        stall = threading.Thread(target=lambda: client.execute_command("DEBUG", "SLEEP", 2))
+        stall.start()
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        with caplog.at_level("DEBUG", logger="backlane.stores.redis"):
+            assert await store.get(job.id) == job
+        assert time.monotonic() - started > 1.0
+        assert "no reply from Redis" in caplog.text
+        stall.join()
+        client.close()
+        await store.close()
 
 
 async def test_redis_cluster_is_refused_with_the_reason(tmp_path: Path) -> None:
@@ -596,6 +655,93 @@ async def test_every_way_work_becomes_claimable_wakes_a_waiting_worker(
             await wait.wait()
     assert time.monotonic() - started < 0.5
     await other.close()
+
+
+async def test_a_waiting_worker_is_handed_the_job_and_takes_it_without_a_round_trip(
+    store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = RedisStore(store.url)
+    await other.open()
+    await _idle_worker(store)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(store.wait_for_work, 10.0)
+        await anyio.sleep(0.05)
+        (job,) = await other.enqueue([make_job(run_at=time.time())])
+    assert [j.id for j in await other.claim(**claim_args(worker_id="w2", now=time.time()))] == []
+    held = await store.get(job.id)
+    assert held is not None and held.state is S.RUNNING and held.worker_id == "w1"
+    assert held.attempts == 1 and held.lease_until is not None
+    with monkeypatch.context() as patched:
+        patched.setattr("backlane.stores.redis.call", None)  # no script may run
+        (taken,) = await store.claim(**claim_args(now=time.time()))
+    assert taken == held
+    assert await store.claim(**claim_args(now=time.time())) == []  # not twice
+    await other.close()
+
+
+async def test_a_job_handed_to_a_worker_that_stops_is_given_back(store: RedisStore) -> None:
+    other = RedisStore(store.url)
+    await other.open()
+    await _idle_worker(store)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(store.wait_for_work, 10.0)
+        await anyio.sleep(0.05)
+        (job,) = await other.enqueue([make_job(run_at=time.time())])
+    await store.forget_worker("w1")
+    back = await other.get(job.id)
+    assert back is not None and back.state is S.QUEUED and back.attempts == 0
+    now = time.time()
+    assert [j.id for j in await other.claim(**claim_args(worker_id="w2", now=now))] == [job.id]
+    await other.close()
+
+
+async def test_a_worker_that_stopped_waiting_without_a_word_is_handed_nothing_after_a_second(
+    store: RedisStore,
+) -> None:
+    other = RedisStore(store.url)
+    await other.open()
+    await _idle_worker(store)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(store.wait_for_work, 10.0)
+        await anyio.sleep(0.05)
+        tg.cancel_scope.cancel()  # as if killed: its offer stays until it lapses
+    await anyio.sleep(1.5)
+    (job,) = await other.enqueue([make_job(run_at=time.time())])
+    now = time.time()
+    assert [j.id for j in await other.claim(**claim_args(worker_id="w2", now=now))] == [job.id]
+    await other.close()
+
+
+async def test_a_hand_off_never_passes_a_job_due_before_it(store: RedisStore) -> None:
+    other = RedisStore(store.url)
+    await other.open()
+    await _idle_worker(store)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(store.wait_for_work, 10.0)
+        await anyio.sleep(0.05)
+        await other.pause_queue("default", True)
+        (paused,) = await other.enqueue([make_job(run_at=time.time())])
+        await other.pause_queue("default", False)  # wakes the waiting worker
+    (first,) = await other.enqueue([make_job(run_at=time.time())])
+    held = await other.get(first.id)
+    assert held is not None and held.state is S.QUEUED  # no one waits now
+    claimed = await store.claim(**claim_args(now=time.time()))
+    assert [j.id for j in claimed] == [paused.id, first.id]
+    await other.close()
+
+
+async def test_wait_for_work_while_redis_is_away_waits_and_raises_nothing(
+    private: PrivateRedis,
+) -> None:
+    store = RedisStore(private.url + "?socket_connect_timeout=0.5")
+    await store.open()
+    await _idle_worker(store)
+    private.stop()
+    started = time.monotonic()
+    await store.wait_for_work(0.3)  # its offer to take work cannot be sent: it just waits
+    assert time.monotonic() - started < 8
+    private.start()
+    await store.close()
 
 
 async def test_no_message_is_published_while_no_worker_is_idle(store: RedisStore) -> None:

@@ -193,6 +193,26 @@ class Store(abc.ABC):
         applied: an outcome for a job its worker no longer holds is ignored (its record
         too)."""
 
+    async def finish_and_claim(
+        self,
+        outcomes: Sequence[Outcome],
+        *,
+        worker_id: str,
+        queues: Sequence[str] | None,
+        limit: int,
+        now: float,
+        lease_until: float,
+    ) -> tuple[list[str], list[Job]]:
+        """``finish(outcomes)``, then ``claim(...)``; returns what each returns. A worker
+        calls it once per turn of its loop. The two steps need not be one atomic step
+        together (each is atomic); a store that can send both at once (Redis: one script)
+        saves a round trip. This default just calls the two verbs."""
+        applied = await self.finish(outcomes) if outcomes else []
+        claimed = await self.claim(
+            worker_id=worker_id, queues=queues, limit=limit, now=now, lease_until=lease_until
+        )
+        return applied, claimed
+
     @abc.abstractmethod
     async def hand_back(self, *, worker_id: str, ids: Sequence[str]) -> None:
         """Return running jobs to the queue unstarted (graceful shutdown): state queued, the

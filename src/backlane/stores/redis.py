@@ -13,7 +13,7 @@ was marks the lane idle for a few seconds, and while it is, a script that makes 
 claimable publishes on the lane's wake channel; ``wait_for_work`` returns on that
 message, or when the next delayed job the last claim saw becomes due.
 
-A call whose connection broke is sent again (``redis_wire``); none acts twice: an
+A call whose connection broke is sent again (``redis_link``); none acts twice: an
 enqueue and a claim carry a token by which a second run recognises the first run's work
 (see ``common.lua``), a schedule slot is recognised by its job. ``docs/redis.md`` says
 what each Redis persistence setting guarantees.
@@ -31,6 +31,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from ..exceptions import ConfigurationError, StoreError
 from ..jobs import TERMINAL_STATES, Job, JobState
 from .base import OUTCOME_STATES, Outcome, ScheduleRecord, StatsBucket, Store, WorkerRecord
@@ -43,7 +45,7 @@ from .redis_codec import (
     outcomes_json,
     worker_json,
 )
-from .redis_link import Link, Links, call, command, load_scripts, parse_redis_url
+from .redis_link import Link, Links, call, command, load_scripts, log, parse_redis_url
 
 _STATS_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 _BATCH = 1000
@@ -57,17 +59,27 @@ published)."""
 _LONGEST_WAIT = _IDLE_MS / 1000 / 2
 """``wait_for_work`` returns at the latest this long after the task's last claim, so
 that the claim that follows renews the idle mark before it lapses."""
+_OFFER = 1.0
+"""Seconds a waiting worker's offer to take work lasts before it renews it: a worker
+killed while waiting is handed jobs (which then wait for their lease to end) for at most
+this long, and a quarter second more."""
 
 
 @dataclass(frozen=True)
 class _ClaimMark:
     """What a task's last claim saw: the wake generation when it started, the earliest
-    delayed job left, and when it ran (monotonic)."""
+    delayed job left, and when it ran (monotonic); and what a wait after it may offer to
+    take: for which worker, how many jobs, with what lease (seconds), from which queues
+    (JSON, '' for every queue)."""
 
     link: Link
     generation: int | None
     next_due: float | None
     at: float
+    worker_id: str = ""
+    capacity: int = 0
+    lease: float = 0.0
+    queues: str = ""
 
 
 def _token() -> str:
@@ -92,6 +104,11 @@ class RedisStore(Store):
         self._mark: contextvars.ContextVar[_ClaimMark | None] = contextvars.ContextVar(
             f"backlane_redis_claim_{id(self)}", default=None
         )
+        self._handed: dict[str, list[Job]] = {}
+        """Jobs handed to a waiting worker, by worker id, that its next claim returns."""
+        self._seen: dict[str, dict[tuple[str, int], float]] = {}
+        """Hand-offs each worker received (id and attempt, monotonic time): a job comes
+        both by the worker's pop and by its next claim when the two cross."""
 
     def __repr__(self) -> str:
         return f"<RedisStore {self._links.url.safe} prefix={self.prefix!r}>"
@@ -178,22 +195,62 @@ class RedisStore(Store):
             return []
         link = await self._links.get()
         generation = None if link.wakes is None else link.wakes.generation
+        args = self._claim_args(worker_id, queues, limit, now, lease_until)
+        handed = self._take_handed(link, generation, args, limit, lease_until - now)
+        if handed:
+            return handed
+        reply = await call(link, self._scripts["claim"], *args)
+        return self._claimed(link, generation, reply, args, now, lease_until)
+
+    async def finish_and_claim(
+        self,
+        outcomes: Sequence[Outcome],
+        *,
+        worker_id: str,
+        queues: Sequence[str] | None,
+        limit: int,
+        now: float,
+        lease_until: float,
+    ) -> tuple[list[str], list[Job]]:
+        """``finish(outcomes)`` then ``claim(...)`` in one script: one round trip for a
+        worker's loop turn."""
+        _check_outcomes(outcomes)
+        if limit <= 0 or (queues is not None and not queues):
+            return await self.finish(outcomes), []
+        link = await self._links.get()
+        generation = None if link.wakes is None else link.wakes.generation
+        args = self._claim_args(worker_id, queues, limit, now, lease_until)
+        handed = self._take_handed(link, generation, args, limit, lease_until - now)
+        if handed:
+            return (await self.finish(outcomes) if outcomes else []), handed
+        text = outcomes_json(outcomes) if outcomes else "[]"
+        reply = await call(link, self._scripts["finish_claim"], text, *args)
+        applied = list(reply[0])
+        return applied, self._claimed(link, generation, reply[1:], args, now, lease_until)
+
+    @staticmethod
+    def _claim_args(
+        worker_id: str, queues: Sequence[str] | None, limit: int, now: float, lease_until: float
+    ) -> tuple[str | int, ...]:
         names = "" if queues is None else _json_list(dict.fromkeys(queues))
-        reply = await call(
-            link,
-            self._scripts["claim"],
-            _token(),
-            worker_id,
-            number(now),
-            number(lease_until),
-            limit,
-            names,
-            _IDLE_MS,
-        )
+        return (_token(), worker_id, number(now), number(lease_until), limit, names, _IDLE_MS)
+
+    def _claimed(
+        self,
+        link: Link,
+        generation: int | None,
+        reply: list[Any],
+        args: tuple[str | int, ...],
+        now: float,
+        lease_until: float,
+    ) -> list[Job]:
+        """The jobs a claim script returned: those handed to the worker while it waited
+        (not seen before), then those it claimed. Remembers what the claim saw."""
+        _, worker_id, _, _, limit, queues, _ = args
+        worker_id = str(worker_id)
         next_due = float(reply[0]) if reply[0] else None
-        self._mark.set(_ClaimMark(link, generation, next_due, time.monotonic()))
-        claimed = []
-        for fields in reply[1:]:
+        claimed = self._fresh(worker_id, [decode_job(fields) for fields in reply[1]])
+        for fields in reply[2:]:
             job = decode_job(fields)
             job.state = JobState.RUNNING
             job.attempts += 1
@@ -201,7 +258,56 @@ class RedisStore(Store):
             job.lease_until = lease_until
             job.worker_id = worker_id
             claimed.append(job)
+        capacity = int(limit) - len(claimed)
+        mark = _ClaimMark(
+            link, generation, next_due, time.monotonic(), worker_id, capacity,
+            lease_until - now, str(queues),
+        )  # fmt: skip
+        self._mark.set(mark)
         return claimed
+
+    def _take_handed(
+        self,
+        link: Link,
+        generation: int | None,
+        args: tuple[str | int, ...],
+        limit: int,
+        lease: float,
+    ) -> list[Job]:
+        """Up to ``limit`` jobs handed to the worker while it waited and not yet returned
+        (no round trip needed: they already run for it)."""
+        worker_id = str(args[1])
+        waiting = self._handed.get(worker_id)
+        if not waiting:
+            return []
+        taken, rest = waiting[:limit], waiting[limit:]
+        if rest:
+            self._handed[worker_id] = rest
+        else:
+            del self._handed[worker_id]
+        mark = _ClaimMark(
+            link, generation, None, time.monotonic(), worker_id, limit - len(taken), lease,
+            str(args[5]),
+        )  # fmt: skip
+        self._mark.set(mark)
+        return taken
+
+    def _fresh(self, worker_id: str, jobs: list[Job]) -> list[Job]:
+        """``jobs`` handed to ``worker_id`` less those it already received."""
+        if not jobs:
+            return jobs
+        seen = self._seen.setdefault(worker_id, {})
+        now = time.monotonic()
+        if len(seen) > 1000:
+            for key in [key for key, at in seen.items() if now - at > 120]:
+                del seen[key]
+        fresh = []
+        for job in jobs:
+            key = (job.id, job.attempts)
+            if key not in seen:
+                seen[key] = now
+                fresh.append(job)
+        return fresh
 
     async def renew_leases(
         self, *, worker_id: str, ids: Sequence[str], lease_until: float
@@ -214,12 +320,7 @@ class RedisStore(Store):
 
     async def finish(self, outcomes: Sequence[Outcome]) -> list[str]:
         """Apply each outcome whose worker still holds its job; return the ids applied."""
-        for outcome in outcomes:
-            if outcome.state not in OUTCOME_STATES:
-                raise StoreError(
-                    f"an outcome ends a job succeeded, failed or cancelled, or queues it "
-                    f"again; got {outcome.state.value!r} for job {outcome.job_id}"
-                )
+        _check_outcomes(outcomes)
         if not outcomes:
             return []
         return list(await self._call("finish", outcomes_json(outcomes)))
@@ -310,12 +411,13 @@ class RedisStore(Store):
         The index (of one state, or of all jobs) is read in steps of ``_SCAN`` entries
         (walked, with ``task``, ``queue`` or ``text``): each step is atomic, the whole
         read is not, so jobs stored or removed meanwhile may shift a long page."""
-        index = "all" if state is None else f"state:{state.value}"
+        active = state is not None and state not in TERMINAL_STATES
+        index = "all" if state is None else "live" if active else f"state:{state.value}"
         limit, offset = max(0, limit), max(0, offset)
         if limit == 0:
             return []
         found: list[Job] = []
-        if task is None and queue is None and text is None:
+        if task is None and queue is None and text is None and not active:
             while len(found) < limit:
                 size = min(_SCAN, limit - len(found))
                 rows = await self._call("page", index, offset + len(found), size)
@@ -336,6 +438,7 @@ class RedisStore(Store):
                 queue or "",
                 "0" if text is None else "1",
                 text or "",
+                state.value if active and state is not None else "",
             )
             start, skip = int(reply[0]), skip - int(reply[1])
             found.extend(decode_job(fields) for fields in reply[2:])
@@ -443,7 +546,12 @@ class RedisStore(Store):
         that claim saw becomes due, or after ``timeout`` — and never later than a few seconds
         after that claim, so that waiting workers keep the lane marked idle. The first
         call in an event loop subscribes to the lane's wake channel and returns once
-        subscribed. While Redis cannot be reached it simply waits ``timeout``."""
+        subscribed. While Redis cannot be reached it simply waits ``timeout``.
+
+        While it waits, the worker of that claim offers to take, as many jobs as the claim
+        left room for: a job of its queues made claimable meanwhile is handed to it,
+        already running for it, and comes with the wake-up; its next ``claim`` returns
+        it without asking Redis."""
         link = await self._links.get()
         wakes = link.wakes_started()
         mark = self._mark.get()
@@ -454,7 +562,64 @@ class RedisStore(Store):
             timeout = min(timeout, mark.at + _LONGEST_WAIT - time.monotonic())
             if mark.next_due is not None:
                 timeout = min(timeout, mark.next_due - time.time())
-        await wakes.wait(generation, timeout)
+        if timeout <= 0 or wakes.generation != generation:
+            return
+        if mark is None or mark.link is not link or mark.capacity <= 0:
+            await wakes.wait(generation, timeout)
+            return
+        worker_id = mark.worker_id
+        until = time.monotonic() + timeout
+        woken = link.loop.create_task(wakes.wait(generation, timeout))
+        try:
+            while not woken.done() and not self._handed.get(worker_id):
+                left = until - time.monotonic()
+                if left <= 0:
+                    return
+                offer = min(left, _OFFER)
+                try:
+                    await self._call(
+                        "wait", worker_id, mark.capacity, number(mark.lease), number(offer),
+                        mark.queues,
+                    )  # fmt: skip
+                except StoreError:  # Redis away: wait for the listener, which waits for Redis
+                    await asyncio.wait([woken], timeout=left)
+                    return
+                pop = link.handoffs.get(worker_id)
+                if pop is None or pop.done():
+                    pop = link.loop.create_task(self._pop_handed(link, worker_id))
+                    link.handoffs[worker_id] = pop
+                ends = time.monotonic() + offer
+                await asyncio.wait([pop, woken], timeout=offer, return_when=asyncio.FIRST_COMPLETED)
+                if pop.done() and not self._handed.get(worker_id):  # the pop failed
+                    await asyncio.wait([woken], timeout=max(0.0, ends - time.monotonic()))
+        finally:
+            woken.cancel()
+
+    async def _pop_handed(self, link: Link, worker_id: str) -> None:
+        """Wait (in Redis) for a batch of jobs handed to ``worker_id``, and keep it for
+        its next claim. Never cancelled by a waiter: a batch popped is never lost (it
+        also stays in Redis until that claim)."""
+        hand, took = f"{self.prefix}hand:{worker_id}", f"{self.prefix}took:{worker_id}"
+        try:
+            text = await link.client.execute_command(  # type: ignore[no-untyped-call]
+                "BLMOVE", hand, took, "LEFT", "RIGHT", _LONGEST_WAIT + 1
+            )  # the pool's connection: blocking, without the read timeout of calls
+        except (RedisError, OSError) as exc:
+            log.debug("waiting for jobs handed to %s failed: %s", worker_id, exc)
+            return
+        if text:
+            jobs = self._fresh(worker_id, [decode_job(fields) for fields in json.loads(text)])
+            if jobs:
+                self._handed.setdefault(worker_id, []).extend(jobs)
+
+
+def _check_outcomes(outcomes: Sequence[Outcome]) -> None:
+    for outcome in outcomes:
+        if outcome.state not in OUTCOME_STATES:
+            raise StoreError(
+                f"an outcome ends a job succeeded, failed or cancelled, or queues it "
+                f"again; got {outcome.state.value!r} for job {outcome.job_id}"
+            )
 
 
 def _stored_copy(job: Job, after: str | None) -> Job:

@@ -1,17 +1,20 @@
-"""The Redis store's plumbing: its URL, its scripts, one connection per event loop, and the
-listener that wakes waiting workers.
+"""The Redis store's plumbing: its URL, its scripts, one redis-py client per event loop,
+and the listener that wakes waiting workers.
 
-A connection belongs to the event loop that opened it, while a store may be used from
+Connections are redis-py's (``redis.asyncio``, replies parsed by hiredis when it is
+installed): TCP, TLS (``rediss://``) and unix sockets, AUTH and database selection. A
+connection belongs to the event loop that opened it, while a store may be used from
 several loops at once (FastAPI's TestClient runs the app on a thread of its own; tests
-call ``asyncio.run`` on threads). So each loop gets a ``Link``: its own ``Wire``, closed by
-``RedisStore.close`` or, when the loop ends first, by the loop's own shutdown
-(``asyncio.run`` closes async generators before it closes the loop, and each link parks
-one there for the purpose).
+call ``asyncio.run`` on threads). So each loop gets a ``Link``: its own client and
+connection pool, closed by ``RedisStore.close`` or, when the loop ends first, by the loop's
+own shutdown (``asyncio.run`` closes async generators before it closes the loop, and each
+link parks one there for the purpose).
 
 Driver errors never leave this module: ``call`` and ``command`` map them to
-``StoreError``. A command that meets a broken connection is retried with backoff for
-2 to 4 s (``redis_wire.RETRIES``), so a Redis restart costs a caller a delay, or a
-``StoreError`` if it lasts longer; the next call reconnects.
+``StoreError``. A command that meets a broken connection is sent again on a new one after
+a backoff (redis-py's ``EqualJitterBackoff``), for 2 to 4 s in all (``RETRIES``), so a
+Redis restart costs a caller a delay, or a ``StoreError`` if it lasts longer. A refused
+password or TLS certificate is not tried again.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import contextlib
 import functools
 import hashlib
 import logging
+import ssl
+import sys
 import threading
 import time
 from collections.abc import AsyncGenerator
@@ -29,18 +34,136 @@ from importlib import resources
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import hiredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.asyncio import Redis
+from redis.asyncio.connection import Connection, parse_url
+from redis.asyncio.retry import Retry
+from redis.backoff import EqualJitterBackoff, NoBackoff
+from redis.exceptions import (
+    AuthenticationError,
+    ConnectionError,
+    DataError,
+    NoScriptError,
+    RedisError,
+    TimeoutError,
+)
 
 from ..exceptions import ConfigurationError, StoreError
-from .redis_wire import Endpoint, Wire, subscribe
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as _timeout
+else:  # pragma: no cover - redis-py depends on async-timeout before 3.11.3
+    from async_timeout import timeout as _timeout  # type: ignore[import-not-found,no-redef,unused-ignore]
 
 log = logging.getLogger("backlane.stores.redis")
 
 DEFAULT_PREFIX = "backlane:"
-_PING = hiredis.pack_command(("PING",))
+RETRIES = 8
+"""Tries after the first for a command that met a broken connection: with the backoff
+below (0.04 s doubling up to 1 s, each wait jittered between half and all of that) a
+command gives up after 2 to 4 s."""
+_BACKOFF_BASE = 0.02
+_BACKOFF_CAP = 1.0
 _PING_EVERY = 15.0
 """Seconds between the wake listener's pings; two periods of silence break its connection."""
+_OPTIONS = frozenset(
+    {
+        "db",
+        "socket_timeout",
+        "socket_connect_timeout",
+        "client_name",
+        "ssl_cert_reqs",
+        "ssl_ca_certs",
+        "ssl_certfile",
+        "ssl_keyfile",
+        "ssl_check_hostname",
+    }
+)
+"""Query parameters a store URL may carry besides ``prefix``."""
+_CERT_REQS = ("none", "optional", "required")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where and how to connect, from a ``redis://``, ``rediss://`` or ``unix://`` URL."""
+
+    host: str = "localhost"
+    port: int = 6379
+    path: str | None = None
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    ssl_cert_reqs: str = "required"
+    ssl_ca_certs: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_check_hostname: bool = True
+    socket_timeout: float | None = 30.0
+    socket_connect_timeout: float = 5.0
+    client_name: str | None = None
+
+    @classmethod
+    def from_url(cls, url: str) -> Endpoint:
+        """The endpoint of ``url`` (without ``prefix``). Raises ``ValueError`` naming what
+        is wrong."""
+        options: dict[str, Any] = dict(parse_url(url))
+        unknown = sorted(
+            set(options)
+            - _OPTIONS
+            - {"host", "port", "path", "username", "password", "connection_class"}
+        )
+        if unknown:
+            raise ValueError(
+                f"unsupported option(s) {', '.join(unknown)}; a Redis store URL takes "
+                f"prefix and {', '.join(sorted(_OPTIONS))}"
+            )
+        options.pop("connection_class", None)
+        tls = urlsplit(url).scheme == "rediss"
+        cert_reqs = options.get("ssl_cert_reqs", "required")
+        if cert_reqs not in _CERT_REQS:
+            raise ValueError(f"ssl_cert_reqs must be none, optional or required, not {cert_reqs!r}")
+        check = options.get("ssl_check_hostname", True)
+        if isinstance(check, str):
+            raise ValueError(f"ssl_check_hostname must be true or false, not {check!r}")
+        return cls(tls=tls, **options)
+
+    def describe(self) -> str:
+        """Where this endpoint points, for messages."""
+        where = self.path if self.path else f"{self.host}:{self.port}"
+        return f"{where} db {self.db}"
+
+    def client(self) -> Redis:
+        """A redis-py client of this endpoint for the running loop: replies as text, raw
+        (no redis-py reply callbacks), no retries and no read timeout of its own
+        (``Link.execute`` applies both; redis-py's per-command timeout costs a task per
+        call)."""
+        options: dict[str, Any] = {
+            "db": self.db,
+            "username": self.username,
+            "password": self.password,
+            "socket_timeout": None,
+            "socket_connect_timeout": self.socket_connect_timeout,
+            "client_name": self.client_name,
+            "decode_responses": True,
+            "protocol": 2,
+            "retry": Retry(NoBackoff(), 0),
+        }
+        if self.path:
+            client = Redis(unix_socket_path=self.path, **options)
+        else:
+            tls: dict[str, Any] = {}
+            if self.tls:
+                tls = {
+                    "ssl": True,
+                    "ssl_cert_reqs": self.ssl_cert_reqs,
+                    "ssl_ca_certs": self.ssl_ca_certs,
+                    "ssl_certfile": self.ssl_certfile,
+                    "ssl_keyfile": self.ssl_keyfile,
+                    "ssl_check_hostname": self.ssl_check_hostname and self.ssl_cert_reqs != "none",
+                }
+            client = Redis(host=self.host, port=self.port, socket_keepalive=True, **tls, **options)
+        client.response_callbacks.clear()
+        return client
 
 
 @dataclass(frozen=True)
@@ -119,9 +242,9 @@ def load_scripts() -> dict[str, Script]:
 class Wakes:
     """Counts the wake-ups published on a lane's channel, for the tasks of one loop.
 
-    ``generation`` grows by one at each batch of messages, and at each (re)subscription
-    (messages may have been missed while not subscribed). A waiter remembers the
-    generation it knew and returns as soon as it changes.
+    ``generation`` grows by one at each message, and at each (re)subscription (messages
+    may have been missed while not subscribed). A waiter remembers the generation it knew
+    and returns as soon as it changes.
     """
 
     def __init__(self, url: RedisURL) -> None:
@@ -159,50 +282,54 @@ class Wakes:
             if not fut.done():
                 fut.set_result(None)
 
-    def _on_messages(self, replies: list[Any]) -> None:
-        for reply in replies:
-            if isinstance(reply, list) and reply and reply[0] in ("message", "subscribe"):
-                self._bump()
-                return
-
     async def _listen(self) -> None:
         delay = 0.05
         while True:
+            client = self._url.endpoint.client()
+            pubsub = client.pubsub()
             try:
-                protocol = await subscribe(self._url.endpoint, self._channel, self._on_messages)
+                await pubsub.subscribe(self._channel)
+                delay = 0.05
+                heard = time.monotonic()
+                while True:
+                    message = await pubsub.get_message(timeout=_PING_EVERY)
+                    now = time.monotonic()
+                    if message is None:
+                        if now - heard > 2 * _PING_EVERY:
+                            raise ConnectionError("the wake listener heard nothing")
+                        await pubsub.ping()
+                        continue
+                    heard = now
+                    if message["type"] in ("message", "subscribe"):
+                        self.connected = True
+                        self._bump()
             except (RedisError, OSError) as exc:
-                log.debug("wake listener cannot subscribe on %s: %s", self._url.safe, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-                continue
-            delay = 0.05
-            self.connected = True
-            try:
-                while not protocol.lost.done():
-                    await asyncio.wait([protocol.lost], timeout=_PING_EVERY)
-                    if protocol.lost.done():
-                        break
-                    if time.monotonic() - protocol.received > 2 * _PING_EVERY:
-                        protocol.abort(ConnectionError("the wake listener heard nothing"))
-                        break
-                    assert protocol.transport is not None
-                    protocol.transport.write(_PING)
+                log.debug("wake listener on %s: %s; subscribing again", self._url.safe, exc)
             finally:
                 self.connected = False
-                if protocol.transport is not None:
-                    protocol.transport.abort()
-            log.debug("wake listener on %s lost its connection; subscribing again", self._url.safe)
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 class Link:
-    """What one event loop uses to reach Redis: a connection and, once a task waited for
-    work there, a wake listener."""
+    """What one event loop uses to reach Redis: a client (with its pool of connections)
+    and, once a task waited for work there, a wake listener."""
 
     def __init__(self, url: RedisURL, loop: asyncio.AbstractEventLoop) -> None:
         self.url = url
         self.loop = loop
-        self.wire = Wire(url.endpoint)
+        self.client = url.endpoint.client()
+        self._own: Connection | None = None
+        self._busy = False
+        self._sent_at: float | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
         self.wakes: Wakes | None = None
+        self.handoffs: dict[str, asyncio.Task[None]] = {}
+        """Each waiting worker's pop of the jobs handed to it (``RedisStore``)."""
         self.watch: AsyncGenerator[None, None] | None = None
         self._closed = False
 
@@ -212,14 +339,102 @@ class Link:
             self.wakes = Wakes(self.url)
         return self.wakes
 
+    async def execute(self, *args: Any) -> Any:
+        """Send one command and return its raw reply, sending it again on a new
+        connection (after a backoff) when the connection broke or no reply came within
+        ``socket_timeout``. Raises redis-py's exceptions."""
+        backoff: EqualJitterBackoff | None = None
+        failures = 0
+        while True:
+            try:
+                return await self._once(args)
+            except AuthenticationError:
+                raise
+            except UnicodeEncodeError as exc:  # raised before anything was sent
+                raise DataError(f"cannot send this to Redis: {exc}") from exc
+            except (ConnectionError, TimeoutError) as exc:
+                if _tls_refused(exc):
+                    raise ConnectionError(
+                        f"TLS with Redis at {self.url.endpoint.describe()} failed: {exc}"
+                    ) from exc
+                failures += 1
+                if failures > RETRIES or self._closed:
+                    raise ConnectionError(
+                        f"cannot connect to Redis at {self.url.endpoint.describe()}, or lost "
+                        f"the connection ({failures} tries): {exc}"
+                    ) from exc
+                if backoff is None:
+                    backoff = EqualJitterBackoff(base=_BACKOFF_BASE, cap=_BACKOFF_CAP)
+                await asyncio.sleep(backoff.compute(failures))
+
+    async def _once(self, args: tuple[Any, ...]) -> Any:
+        """One command on the loop's own connection when it is free (a caller at a time:
+        the cheapest way redis-py offers; ``_watch`` breaks it when a reply is overdue),
+        else on one from the pool, under a timeout of its own."""
+        limit = self.url.endpoint.socket_timeout
+        if self._busy:
+            try:
+                if limit is None:
+                    return await self.client.execute_command(*args)  # type: ignore[no-untyped-call]
+                async with _timeout(limit):
+                    return await self.client.execute_command(*args)  # type: ignore[no-untyped-call]
+            except asyncio.TimeoutError as exc:  # the connection was closed on the way out
+                raise TimeoutError(f"no reply from Redis within {limit}s") from exc
+        self._busy = True
+        try:
+            own = self._own
+            if own is None:
+                own = self._own = self.client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+                if limit is not None:
+                    self._watchdog = self.loop.call_later(min(1.0, limit / 2), self._watch)
+            self._sent_at = time.monotonic()
+            await own.send_packed_command(own.pack_command(*args), check_health=False)
+            return await own.read_response()  # closes the connection on any failure
+        finally:
+            self._sent_at = None
+            self._busy = False
+
+    def _watch(self) -> None:
+        """Break the own connection when a reply on it is overdue (``socket_timeout``);
+        the call waiting for it fails with ``ConnectionError`` and is sent again."""
+        limit = self.url.endpoint.socket_timeout
+        if self._closed or limit is None:
+            return
+        sent, own = self._sent_at, self._own
+        if sent is not None and own is not None and time.monotonic() - sent > limit:
+            log.debug("no reply from Redis at %s within %ss", self.url.safe, limit)
+            self._sent_at = None
+            self.loop.create_task(own.disconnect(nowait=True))
+        self._watchdog = self.loop.call_later(min(1.0, limit / 2), self._watch)
+
     async def aclose(self) -> None:
-        """Stop the listener and close the connection. Idempotent."""
+        """Stop the listener and close the connections. Idempotent."""
         if self._closed:
             return
         self._closed = True
         if self.wakes is not None:
             await self.wakes.stop()
-        await self.wire.close()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        for pop in self.handoffs.values():
+            pop.cancel()
+            with contextlib.suppress(BaseException):
+                await pop
+        if self._own is not None:
+            await self._own.disconnect()
+        await self.client.aclose()
+
+
+def _tls_refused(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from a failed TLS handshake, which another try would repeat."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 class Links:
@@ -286,14 +501,13 @@ class Links:
 async def call(link: Link, script: Script, *args: str | int) -> Any:
     """Run ``script`` by its SHA1 (sending it first when the server does not know it, as
     after a restart), with the lane's prefix as its one key."""
-    wire = link.wire
     prefix = link.url.prefix
     try:
         try:
-            return await wire.execute("EVALSHA", script.sha, 1, prefix, *args)
+            return await link.execute("EVALSHA", script.sha, 1, prefix, *args)
         except NoScriptError:
-            await wire.execute("SCRIPT", "LOAD", script.text)
-            return await wire.execute("EVALSHA", script.sha, 1, prefix, *args)
+            await link.execute("SCRIPT", "LOAD", script.text)
+            return await link.execute("EVALSHA", script.sha, 1, prefix, *args)
     except RedisError as exc:
         raise StoreError(f"Redis store {link.url.safe}: {exc}") from exc
 
@@ -301,6 +515,6 @@ async def call(link: Link, script: Script, *args: str | int) -> Any:
 async def command(link: Link, *args: str | int) -> Any:
     """The reply to one Redis command."""
     try:
-        return await link.wire.execute(*args)
+        return await link.execute(*args)
     except RedisError as exc:
         raise StoreError(f"Redis store {link.url.safe}: {exc}") from exc

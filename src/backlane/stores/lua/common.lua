@@ -17,7 +17,10 @@
 --   P defer           zset: deferred jobs with a release_at, by release_at
 --   P wait:<id>       set: jobs whose `after` names <id>
 --   P all             zset: every job by created_at (member as in due)
---   P state:<s>       zset: the jobs in state s by created_at (member as in due)
+--   P live            zset: the active jobs (deferred, queued, running) by created_at
+--   P state:<s>       zset: the jobs that ended in state s by created_at (member as in
+--                     due); a job moving between active states changes no index but its
+--                     claim order and lease
 --   P kept            zset: ended jobs with a keep_until, by keep_until
 --   P fin:<s>         zset: jobs that ended in state s, by finished_at
 --   P counts          hash: "<state>:<queue>" -> number of jobs
@@ -27,6 +30,11 @@
 --   P idle            set, with an expiry, by a claim that took all there was: a worker
 --                     may be waiting, so scripts that make work claimable publish on P wake
 --   P claim:<worker>  the token and job ids of the worker's last claim (two minutes)
+--   P waiting         hash: worker id -> "<capacity> <lease seconds> <deadline> <queues>"
+--                     of each worker blocked in wait_for_work (queues: JSON, '' = any)
+--   P hand:<worker>   list: batches of jobs handed to a waiting worker (JSON arrays of
+--                     their fields), which it pops into  P took:<worker>  (BLMOVE); the
+--                     worker's next claim empties both
 --
 -- A call the client sends again after its connection broke (Redis may have run it) must
 -- not act twice: enqueue finds its jobs stored under its token and stores only the rest;
@@ -44,6 +52,7 @@ local TERMINAL = {succeeded = true, failed = true, cancelled = true, discarded =
 local FIELDS = {'state', 'queue', 'priority', 'seq', 'created_at', 'run_at', 'key', 'after',
                 'worker_id', 'cancel_requested', 'waited'}
 local woke = false
+local hand_over -- defined with hand_off, below
 local zsets, zorder, deltas, added = {}, {}, {}, {}
 
 local function zput(key, score, m)
@@ -108,6 +117,7 @@ local function flush()
     if woke and redis.call('EXISTS', P .. 'idle') == 1 then
         redis.call('PUBLISH', P .. 'wake', '1')
     end
+    hand_over()
 end
 
 local function jkey(id)
@@ -133,6 +143,14 @@ local function load(id)
     return job
 end
 
+-- The listing index of the jobs in `state`.
+local function state_index(state)
+    if ACTIVE[state] then
+        return P .. 'live'
+    end
+    return P .. 'state:' .. state
+end
+
 local function due_key(job)
     return P .. 'due:' .. job.queue .. ':' .. job.priority
 end
@@ -146,9 +164,12 @@ local function move(job, state)
     end
     count(old, job.queue, -1)
     count(state, job.queue, 1)
-    local m = member(job)
-    zdel(P .. 'state:' .. old, m)
-    zput(P .. 'state:' .. state, job.created_at, m)
+    local before, after = state_index(old), state_index(state)
+    if before ~= after then
+        local m = member(job)
+        zdel(before, m)
+        zput(after, job.created_at, m)
+    end
     if job.key then
         local keys = P .. 'keys'
         if TERMINAL[state] then
@@ -162,9 +183,112 @@ local function move(job, state)
     job.state = state
 end
 
--- A queued job with nothing to wait for goes into its queue's claim order.
+local waiting, handed, clock = nil, {}, nil
+
+-- The server's time, in seconds (the same for the whole script).
+local function server_now()
+    if not clock then
+        local t = redis.call('TIME')
+        clock = tonumber(t[1]) + tonumber(t[2]) / 1e6
+    end
+    return clock
+end
+
+-- The workers waiting in wait_for_work (read once per script; lapsed ones dropped).
+local function waiters()
+    if waiting then
+        return waiting
+    end
+    waiting = {}
+    local flat = redis.call('HGETALL', P .. 'waiting')
+    for i = 1, #flat, 2 do
+        local capacity, lease, deadline, queues = string.match(flat[i + 1],
+            '^(%d+) (%S+) (%S+) ?(.*)$')
+        if capacity and tonumber(deadline) >= server_now() then
+            local w = {id = flat[i], capacity = tonumber(capacity), lease = tonumber(lease)}
+            if queues ~= '' then
+                w.queues = {}
+                for _, q in ipairs(cjson.decode(queues)) do
+                    w.queues[q] = true
+                end
+            end
+            waiting[#waiting + 1] = w
+        else
+            redis.call('HDEL', P .. 'waiting', flat[i])
+        end
+    end
+    return waiting
+end
+
+-- Whether a claimable job of `queue` at `priority` or above is due: a job handed to a
+-- waiting worker must not pass it.
+local function due_before(queue, priority)
+    for _, p in ipairs(redis.call('SMEMBERS', P .. 'prio:' .. queue)) do
+        if tonumber(p) >= tonumber(priority) then
+            local key = P .. 'due:' .. queue .. ':' .. p
+            if #redis.call('ZRANGEBYSCORE', key, '-inf', server_now(), 'LIMIT', 0, 1) > 0 then
+                return true
+            end
+        end
+    end
+    return false
+end
+
+-- Hand a claimable job to a waiting worker that takes its queue, running for it as a
+-- claim would make it; false when none may take it now.
+local function hand_off(job)
+    local list = waiters()
+    if #list == 0 or tonumber(job.run_at) > server_now() then
+        return false
+    end
+    local taker
+    for _, w in ipairs(list) do
+        if w.capacity > 0 and (not w.queues or w.queues[job.queue]) then
+            taker = w
+            break
+        end
+    end
+    if not taker or redis.call('SISMEMBER', P .. 'paused', job.queue) == 1
+        or due_before(job.queue, job.priority) then
+        return false
+    end
+    local jk = jkey(job.id)
+    local now = server_now()
+    local lease = string.format('%.17g', now + taker.lease)
+    local started = string.format('%.17g', now)
+    local attempts = tonumber(redis.call('HGET', jk, 'attempts') or '0') + 1
+    move(job, 'running')
+    redis.call('HSET', jk, 'state', 'running', 'attempts', attempts, 'started_at', started,
+               'lease_until', lease, 'worker_id', taker.id)
+    zput(P .. 'run', lease, job.id)
+    local batch = handed[taker]
+    if not batch then
+        batch = {}
+        handed[taker] = batch
+    end
+    batch[#batch + 1] = redis.call('HGETALL', jk)
+    taker.capacity = taker.capacity - 1
+    return true
+end
+
+-- Push each batch handed out to its worker, which stops waiting (one hand-off each).
+hand_over = function()
+    for taker, batch in pairs(handed) do
+        local list = P .. 'hand:' .. taker.id
+        redis.call('RPUSH', list, cjson.encode(batch))
+        redis.call('PEXPIRE', list, 600000)
+        redis.call('HDEL', P .. 'waiting', taker.id)
+    end
+    handed = {}
+end
+
+-- A queued job with nothing to wait for goes to a waiting worker, or into its queue's
+-- claim order.
 local function make_claimable(job)
     if job.state ~= 'queued' or job.after then
+        return
+    end
+    if hand_off(job) then
         return
     end
     zput(due_key(job), job.run_at, member(job))
@@ -225,7 +349,7 @@ local function remove(job)
     local m = member(job)
     local state = job.state
     zdel(P .. 'all', m)
-    zdel(P .. 'state:' .. state, m)
+    zdel(state_index(state), m)
     count(state, job.queue, -1)
     if state == 'queued' then
         zdel(due_key(job), m)
@@ -291,10 +415,11 @@ local function insert(fields, replaced, seq, token)
     end
     redis.call('HSET', jkey(id), unpack(args))
     local job = {id = id, seq = seq, state = state, queue = fields.queue,
-                 priority = fields.priority, run_at = fields.run_at, after = after}
+                 priority = fields.priority, run_at = fields.run_at, after = after,
+                 created_at = fields.created_at, key = key}
     local m = member(job)
     zput(P .. 'all', fields.created_at, m)
-    zput(P .. 'state:' .. state, fields.created_at, m)
+    zput(state_index(state), fields.created_at, m)
     count(state, job.queue, 1)
     sadd_once(P .. 'queues', job.queue)
     if key and active then
@@ -356,4 +481,252 @@ local function check_new(batch, token)
         end
     end
     return nil, stored
+end
+
+-- Take up to `limit` claimable jobs for `worker`, in claim order: higher priority first,
+-- then earlier run_at, then store order; queues paused are skipped. `queues` is a JSON
+-- array of queue names ('' = every queue); `idle_ms` how long the idle mark lasts.
+-- Returns {next_due, handed, <fields of job 1>, ...}: handed lists the fields, as they
+-- are, of jobs handed to the worker while it waited (see hand_off) that it may not have
+-- taken yet; each claimed job's fields are as they were before the claim (the caller
+-- applies state, attempts + 1, started_at, lease_until, worker_id); next_due is the earliest run_at after now among the jobs left in those
+-- queues ('' if none, or if the limit was reached). Changes are buffered: flush() after.
+local function claim_jobs(token, worker, now, lease, limit, queues, idle_ms)
+    local last_claim = P .. 'claim:' .. worker
+    local last = redis.call('GET', last_claim)
+    if last and string.sub(last, 1, #token + 1) == token .. ' ' then
+        -- sent again after a lost reply: the same jobs, as the first run returned them
+        local out = {''}
+        for _, id in ipairs(cjson.decode(string.sub(last, #token + 2))) do
+            local fields = redis.call('HGETALL', jkey(id))
+            local job = {}
+            for i = 1, #fields, 2 do
+                job[fields[i]] = fields[i + 1]
+            end
+            if job.state == 'running' and job.worker_id == worker then
+                -- undo what the claim changed, which the caller applies again
+                for i = 1, #fields, 2 do
+                    local name = fields[i]
+                    if name == 'state' then
+                        fields[i + 1] = 'queued'
+                    elseif name == 'attempts' then
+                        fields[i + 1] = tostring(tonumber(fields[i + 1]) - 1)
+                    end
+                end
+                out[#out + 1] = fields
+            end
+        end
+        table.insert(out, 2, {})
+        return out
+    end
+
+    -- jobs handed to this worker while it waited that it has not taken (or has taken
+    -- while this call was on its way: the caller drops those), as they are now
+    redis.call('HDEL', P .. 'waiting', worker)
+    local mine, batches = {}, {}
+    local lists = {P .. 'hand:' .. worker, P .. 'took:' .. worker}
+    if redis.call('EXISTS', lists[1], lists[2]) > 0 then
+        for _, list in ipairs(lists) do
+            for _, text in ipairs(redis.call('LRANGE', list, 0, -1)) do
+                batches[#batches + 1] = cjson.decode(text)
+            end
+        end
+        redis.call('DEL', lists[1], lists[2])
+    end
+    for _, w in ipairs(waiting or {}) do
+        if w.id == worker then
+            w.capacity = 0
+            if handed[w] then
+                batches[#batches + 1] = handed[w]
+                handed[w] = nil
+            end
+        end
+    end
+    for _, batch in ipairs(batches) do
+        for _, fields in ipairs(batch) do
+            local id
+            for i = 1, #fields, 2 do
+                if fields[i] == 'id' then
+                    id = fields[i + 1]
+                end
+            end
+            local v = redis.call('HMGET', jkey(id), 'state', 'worker_id')
+            if v[1] == 'running' and v[2] == worker then
+                mine[#mine + 1] = redis.call('HGETALL', jkey(id))
+            end
+        end
+    end
+    limit = limit - #mine
+
+    local names
+    if queues == '' then
+        names = redis.call('SMEMBERS', P .. 'queues')
+    else
+        names = cjson.decode(queues)
+    end
+    local paused = {}
+    for _, queue in ipairs(redis.call('SMEMBERS', P .. 'paused')) do
+        paused[queue] = true
+    end
+    local levels, priorities, seen = {}, {}, {}
+    for _, queue in ipairs(names) do
+        if not paused[queue] and not seen[queue] then
+            seen[queue] = true
+            for _, priority in ipairs(redis.call('SMEMBERS', P .. 'prio:' .. queue)) do
+                local p = tonumber(priority)
+                if not levels[p] then
+                    levels[p] = {}
+                    priorities[#priorities + 1] = p
+                end
+                local level = levels[p]
+                level[#level + 1] = {queue, priority, P .. 'due:' .. queue .. ':' .. priority}
+            end
+        end
+    end
+    table.sort(priorities, function(a, b) return a > b end)
+
+    local function earlier(a, b)
+        if a[2] ~= b[2] then
+            return a[2] < b[2]
+        end
+        return a[1] < b[1]
+    end
+
+    local out = {''}
+    local ids = {}
+    local remaining = limit
+    for _, p in ipairs(priorities) do
+        if remaining <= 0 then
+            break
+        end
+        local level = levels[p]
+        local candidates = {}
+        for _, entry in ipairs(level) do
+            local key = entry[3]
+            local found = redis.call('ZRANGEBYSCORE', key, '-inf', now, 'WITHSCORES', 'LIMIT', 0, remaining)
+            for i = 1, #found, 2 do
+                candidates[#candidates + 1] = {found[i], tonumber(found[i + 1]), entry}
+            end
+        end
+        if #level > 1 then
+            table.sort(candidates, earlier)
+        end
+        local taken = {}
+        for i = 1, math.min(remaining, #candidates) do
+            local m, entry = candidates[i][1], candidates[i][3]
+            local gone = taken[entry]
+            if not gone then
+                gone = {}
+                taken[entry] = gone
+            end
+            gone[#gone + 1] = m
+            local id = string.sub(m, 17)
+            local jk = jkey(id)
+            local fields = redis.call('HGETALL', jk)
+            local job = {}
+            for f = 1, #fields, 2 do
+                job[fields[f]] = fields[f + 1]
+            end
+            move(job, 'running')
+            redis.call('HSET', jk, 'state', 'running', 'attempts', tonumber(job.attempts) + 1,
+                       'started_at', now, 'lease_until', lease, 'worker_id', worker)
+            zput(P .. 'run', lease, id)
+            ids[#ids + 1] = id
+            out[#out + 1] = fields
+            remaining = remaining - 1
+        end
+        for entry, gone in pairs(taken) do
+            for i = 1, #gone, 1000 do
+                redis.call('ZREM', entry[3], unpack(gone, i, math.min(i + 999, #gone)))
+            end
+        end
+        for _, entry in ipairs(level) do
+            if redis.call('EXISTS', entry[3]) == 0 then
+                redis.call('SREM', P .. 'prio:' .. entry[1], entry[2])
+            end
+        end
+    end
+
+    if remaining > 0 then
+        local next_due
+        for _, p in ipairs(priorities) do
+            for _, entry in ipairs(levels[p]) do
+                local later = redis.call('ZRANGEBYSCORE', entry[3], '(' .. now, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+                if #later > 0 and (not next_due or tonumber(later[2]) < tonumber(next_due)) then
+                    next_due = later[2]
+                end
+            end
+        end
+        out[1] = next_due or ''
+    end
+    if remaining > 0 then
+        -- took all there was: the worker may wait now, so work made claimable is announced
+        redis.call('SET', P .. 'idle', '1', 'PX', idle_ms)
+    end
+    if #ids > 0 then
+        redis.call('SET', last_claim, token .. ' ' .. cjson.encode(ids), 'EX', 120)
+    end
+    table.insert(out, 2, mine)
+    return out
+end
+
+-- Record how attempts ended (`text`: JSON array of outcomes {id, worker_id, state,
+-- finished_at, result?, error?, run_at?, keep_until?}, string values), for the jobs their
+-- worker still holds. Returns the ids applied. Changes are buffered: flush() after.
+local function finish_outcomes(text)
+    local applied = {}
+    for _, o in ipairs(cjson.decode(text)) do
+        local id = o.id
+        local jk = jkey(id)
+        local v = redis.call('HMGET', jk, 'state', 'worker_id', 'queue', 'priority', 'seq',
+                             'created_at', 'run_at', 'key', 'waited')
+        if v[1] == 'running' and v[2] == o.worker_id then
+            local job = {id = id, state = v[1], queue = v[3], priority = v[4], seq = v[5],
+                         created_at = v[6], run_at = v[7], key = v[8] or nil}
+            zdel(P .. 'run', id)
+            local set, unset = {}, {'lease_until'}
+            if o.result then
+                set[#set + 1] = 'result'
+                set[#set + 1] = o.result
+            else
+                unset[#unset + 1] = 'result'
+            end
+            if o.error then
+                set[#set + 1] = 'error'
+                set[#set + 1] = o.error
+            else
+                unset[#unset + 1] = 'error'
+            end
+            local state = o.state
+            move(job, state)
+            if state == 'queued' then
+                unset[#unset + 1] = 'worker_id'
+                if o.run_at then
+                    set[#set + 1] = 'run_at'
+                    set[#set + 1] = o.run_at
+                    job.run_at = o.run_at
+                end
+                redis.call('HSET', jk, 'state', 'queued', unpack(set))
+                redis.call('HDEL', jk, unpack(unset))
+                make_claimable(job)
+            else
+                local keep = o.keep_until
+                if keep then
+                    set[#set + 1] = 'keep_until'
+                    set[#set + 1] = keep
+                    zput(P .. 'kept', keep, id)
+                else
+                    unset[#unset + 1] = 'keep_until'
+                end
+                redis.call('HSET', jk, 'state', state, 'finished_at', o.finished_at, unpack(set))
+                redis.call('HDEL', jk, unpack(unset))
+                zput(P .. 'fin:' .. state, o.finished_at, id)
+                if v[9] then
+                    unblock(id)
+                end
+            end
+            applied[#applied + 1] = id
+        end
+    end
+    return applied
 end

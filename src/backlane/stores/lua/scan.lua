@@ -1,12 +1,13 @@
 -- list_jobs with filters: walk part of an index, newest first, and keep the matches.
--- ARGV: index ('all' or 'state:<state>'), start rank, ranks to walk, matches to skip,
--- matches wanted, task ('' any), queue ('' any), has_text ('0'/'1'), text.
+-- ARGV: index ('all', 'live' or 'state:<state>'), start rank, ranks to walk, matches to
+-- skip, matches wanted, task ('' any), queue ('' any), has_text ('0'/'1'), text, state
+-- ('' any).
 -- The text matches, ignoring the case of ASCII letters, part of the id, the task, the
 -- arguments or the error message.
 -- Returns {next rank (-1 when the index is exhausted), matches skipped, <fields>...}.
 local start, walk = tonumber(ARGV[2]), tonumber(ARGV[3])
 local skip, want = tonumber(ARGV[4]), tonumber(ARGV[5])
-local task, queue = ARGV[6], ARGV[7]
+local task, queue, state = ARGV[6], ARGV[7], ARGV[10]
 local text = nil
 if ARGV[8] == '1' then
     text = string.lower(ARGV[9])
@@ -17,6 +18,9 @@ local function has(value)
 end
 
 local function matches(f)
+    if state ~= '' and f[6] ~= state then
+        return false
+    end
     if task ~= '' and f[2] ~= task then
         return false
     end
@@ -46,7 +50,8 @@ local out = {-1, 0}
 local skipped, found = 0, 0
 for i, m in ipairs(members) do
     local jk = jkey(string.sub(m, 17))
-    local f = redis.call('HMGET', jk, 'id', 'task', 'queue', 'payload', 'error')
+    local f = redis.call('HMGET', jk, 'id', 'task', 'queue', 'payload', 'error',
+                           'state')
     if f[1] and matches(f) then
         if skipped < skip then
             skipped = skipped + 1
