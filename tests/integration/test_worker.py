@@ -24,11 +24,6 @@ async def lane(lane_url: str) -> AsyncIterator[Backlane]:
         yield lane
 
 
-def keeps_history(lane: Backlane) -> bool:
-    """Whether the lane's store keeps attempt histories (on Redis: pending)."""
-    return type(lane.store).__name__ != "RedisStore"
-
-
 async def test_enqueue_and_result(lane: Backlane) -> None:
     add = lane.task(t.add)
     handle = await add.enqueue(2, b=3)
@@ -67,12 +62,11 @@ async def test_retries_with_backoff_then_success(lane: Backlane) -> None:
         worker.stop()
     job = await handle.info()
     assert job.attempts == 3 and job.state is JobState.SUCCEEDED
-    if keeps_history(lane):  # the two retried attempts; the third is the job's own fields
-        history = job.attempt_history
-        assert [(r["attempt"], r["outcome"]) for r in history] == [(1, "retried"), (2, "retried")]
-        assert history[1]["error"] == {"type": "ConnectionError", "message": "attempt 2 failed"}
-        assert history[0]["started_at"] <= history[0]["ended_at"] <= history[1]["started_at"]
-        assert history[1]["ended_at"] <= job.started_at
+    history = job.attempt_history  # the two retried attempts; the third is the job's own
+    assert [(r["attempt"], r["outcome"]) for r in history] == [(1, "retried"), (2, "retried")]
+    assert history[1]["error"] == {"type": "ConnectionError", "message": "attempt 2 failed"}
+    assert history[0]["started_at"] <= history[0]["ended_at"] <= history[1]["started_at"]
+    assert history[1]["ended_at"] <= job.started_at
 
 
 async def test_retries_exhausted_keep_the_error(lane: Backlane) -> None:
@@ -89,9 +83,8 @@ async def test_retries_exhausted_keep_the_error(lane: Backlane) -> None:
     assert job.error is not None and "Traceback" in job.error["traceback"]
     assert await lane.retry(handle.id)  # retried by hand
     assert await handle.status() is JobState.QUEUED
-    if keeps_history(lane):  # every attempt that did not succeed, the last one too
-        kept = (await handle.info()).attempt_history
-        assert [(r["attempt"], r["outcome"]) for r in kept] == [(1, "retried"), (2, "failed")]
+    kept = (await handle.info()).attempt_history  # every attempt that did not succeed
+    assert [(r["attempt"], r["outcome"]) for r in kept] == [(1, "retried"), (2, "failed")]
 
 
 async def test_retry_signal(lane: Backlane) -> None:

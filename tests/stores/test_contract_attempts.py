@@ -19,12 +19,6 @@ pytestmark = pytest.mark.anyio
 S = JobState
 
 
-@pytest.fixture(autouse=True)
-def _history_pending_on_redis(request: pytest.FixtureRequest) -> None:
-    if request.node.callspec.params.get("store_factory") == "redis":
-        pytest.skip("attempt history on Redis: pending")
-
-
 def record(attempt: int, outcome: str, **more: Any) -> dict[str, Any]:
     """An attempt's record as the worker builds one (``jobs.attempt_record``)."""
     return {

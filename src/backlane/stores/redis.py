@@ -624,22 +624,7 @@ def _check_outcomes(outcomes: Sequence[Outcome]) -> None:
 
 def _stored_copy(job: Job, after: str | None) -> Job:
     """A copy of ``job`` sharing nothing mutable with it, with ``after`` as stored."""
-    twin = object.__new__(Job)
-    twin.__dict__.update(job.__dict__)  # dataclasses.replace, minus its generic machinery
-    twin.after = after
-    if job.error is not None:
-        twin.error = _copy(job.error)
-    twin.meta = _copy(job.meta) if job.meta else {}
-    return twin
-
-
-def _copy(value: Any) -> Any:
-    """A deep copy of a JSON-like value."""
-    if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy(v) for v in value]
-    return value
+    return job.detached(after=after)
 
 
 def _json_list(items: Any) -> str:

@@ -55,6 +55,10 @@ def job_fields(job: Job) -> dict[str, str]:
         fields["error"] = json.dumps(job.error, separators=(",", ":"), ensure_ascii=False)
     if job.cancel_requested:
         fields["cancel_requested"] = "1"
+    if job.attempt_history:
+        fields["history"] = json.dumps(
+            job.attempt_history, separators=(",", ":"), ensure_ascii=False
+        )
     return fields
 
 
@@ -73,6 +77,7 @@ def decode_job(flat: Sequence[str]) -> Job:
     h = dict(zip(it, it, strict=False))
     error = h.get("error")
     meta = h.get("meta")
+    history = h.get("history")
     return Job(
         task=h["task"],
         payload=h["payload"],
@@ -97,6 +102,7 @@ def decode_job(flat: Sequence[str]) -> Job:
         release_at=_opt_float(h.get("release_at")),
         keep_until=_opt_float(h.get("keep_until")),
         meta={} if meta is None or meta == "{}" else json.loads(meta),
+        attempt_history=[] if history is None else json.loads(history),
     )
 
 
@@ -118,6 +124,8 @@ def outcomes_json(outcomes: Sequence[Outcome]) -> str:
             row["run_at"] = number(o.run_at)
         if o.keep_until is not None:
             row["keep_until"] = number(o.keep_until)
+        if o.attempt is not None:  # appended to the job's history as this very text
+            row["attempt"] = json.dumps(o.attempt, separators=(",", ":"), ensure_ascii=False)
         rows.append(row)
     return json.dumps(rows, ensure_ascii=False)
 

@@ -671,8 +671,10 @@ local function claim_jobs(token, worker, now, lease, limit, queues, idle_ms)
 end
 
 -- Record how attempts ended (`text`: JSON array of outcomes {id, worker_id, state,
--- finished_at, result?, error?, run_at?, keep_until?}, string values), for the jobs their
--- worker still holds. Returns the ids applied. Changes are buffered: flush() after.
+-- finished_at, result?, error?, run_at?, keep_until?, attempt?}, string values), for the
+-- jobs their worker still holds; an outcome's `attempt` (a JSON object, as text) is
+-- appended to the job's `history` (a JSON array, as text). Returns the ids applied.
+-- Changes are buffered: flush() after.
 local function finish_outcomes(text)
     local applied = {}
     for _, o in ipairs(cjson.decode(text)) do
@@ -696,6 +698,16 @@ local function finish_outcomes(text)
                 set[#set + 1] = o.error
             else
                 unset[#unset + 1] = 'error'
+            end
+            if o.attempt then
+                local history = redis.call('HGET', jk, 'history')
+                if history and #history > 2 then
+                    history = string.sub(history, 1, -2) .. ',' .. o.attempt .. ']'
+                else
+                    history = '[' .. o.attempt .. ']'
+                end
+                set[#set + 1] = 'history'
+                set[#set + 1] = history
             end
             local state = o.state
             move(job, state)
