@@ -989,3 +989,20 @@ async def test_long_reads_walk_past_their_steps_with_ties(store: RedisStore) -> 
     listed = await store.list_jobs(limit=5_000)  # read in steps of 2,000
     assert listed == await memory.list_jobs(limit=5_000) and len(listed) == len(jobs)
     assert await store.purge(before=NOW + 1) == len(jobs)
+
+
+async def test_a_search_looks_through_the_newest_jobs_only(
+    store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import backlane.stores.redis as redis_store
+
+    oldest = make_job(task="rare", created_at=NOW - 10)
+    newer = [make_job(task="common", created_at=NOW + n) for n in range(4)]
+    await store.enqueue([oldest, *newer])
+    assert [j.id for j in await store.list_jobs(task="rare")] == [oldest.id]
+    monkeypatch.setattr(redis_store, "_SCAN", 2)
+    monkeypatch.setattr(redis_store, "SEARCH_DEPTH", 4)  # the four newer jobs only
+    assert await store.list_jobs(task="rare") == []
+    assert await store.list_jobs(text="rare") == []
+    assert len(await store.list_jobs(task="common")) == 4
+    assert [j.id for j in await store.list_jobs()][-1] == oldest.id  # unfiltered: all

@@ -53,6 +53,10 @@ _BATCH = 1000
 that no call holds the server for long."""
 _SCAN = 2000
 """Index entries one call of a filtered ``list_jobs`` walks."""
+SEARCH_DEPTH = 20_000
+"""Index entries a filtered ``list_jobs`` walks in all: the newest jobs (of the state
+asked for) that a search by task, queue or text looks through. Redis keeps no index on
+those, so a search reads each job it looks at; 20,000 take about 150 ms."""
 _IDLE_MS = 10_000
 """How long a claim that took all there was keeps the lane marked idle (wake-ups
 published)."""
@@ -408,9 +412,11 @@ class RedisStore(Store):
         skipping ``offset`` and returning at most ``limit``. ``text`` is looked for in the
         id, task, arguments and error message, ignoring the case of ASCII letters only.
 
-        The index (of one state, or of all jobs) is read in steps of ``_SCAN`` entries
-        (walked, with ``task``, ``queue`` or ``text``): each step is atomic, the whole
-        read is not, so jobs stored or removed meanwhile may shift a long page."""
+        With ``task``, ``queue`` or ``text``, only the newest ``SEARCH_DEPTH`` jobs of the
+        index (of one state, or of all jobs) are looked through: Redis keeps no index on
+        those, and a search must not read every job of a large store. The index is read
+        in steps of ``_SCAN`` entries: each step is atomic, the whole read is not, so jobs
+        stored or removed meanwhile may shift a long page."""
         active = state is not None and state not in TERMINAL_STATES
         index = "all" if state is None else "live" if active else f"state:{state.value}"
         limit, offset = max(0, limit), max(0, offset)
@@ -426,7 +432,7 @@ class RedisStore(Store):
                     break
             return found
         start, skip = 0, offset
-        while start >= 0 and len(found) < limit:
+        while 0 <= start < SEARCH_DEPTH and len(found) < limit:
             reply = await self._call(
                 "scan",
                 index,
