@@ -63,10 +63,10 @@ published)."""
 _LONGEST_WAIT = _IDLE_MS / 1000 / 2
 """``wait_for_work`` returns at the latest this long after the task's last claim, so
 that the claim that follows renews the idle mark before it lapses."""
-_OFFER = 1.0
-"""Seconds a waiting worker's offer to take work lasts before it renews it: a worker
-killed while waiting is handed jobs (which then wait for their lease to end) for at most
-this long, and a quarter second more."""
+_OFFER = 0.25
+"""Seconds a waiting worker's offer to take work lasts before it renews it (as often as an
+idle worker claims anyway): a worker killed while waiting is handed jobs (which then wait
+for their lease to end) for at most this long, and a tenth of a second more."""
 
 
 @dataclass(frozen=True)
