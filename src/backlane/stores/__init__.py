@@ -42,7 +42,7 @@ def store_from_url(url: str) -> Store:
 
 
 def _missing(exc: ImportError, driver: str, extra: str) -> Exception:
-    if (exc.name or "").partition(".")[0] in (driver, f"{driver}_pool", "hiredis"):
+    if (exc.name or "").partition(".")[0] in (driver, "hiredis"):
         return DriverMissing(
             f"the {extra} store needs its driver: pip install 'backlane[{extra}]' ({exc})"
         )
