@@ -114,7 +114,7 @@ async def test_the_wal_is_checkpointed_off_the_loop_and_stays_small(tmp_path: Pa
             job = Job(task="t", payload=f'{{"n":{n}}}', created_at=NOW, run_at=NOW)
             await store.enqueue([job])
             await store.release([job.id])
-        for _ in range(100):  # the last checkpoint asked for may still be running
+        for _ in range(1000):  # the last checkpoints asked for may still be running
             if len(checkpointed_on) >= 20:
                 break
             await asyncio.sleep(0.01)
