@@ -438,8 +438,10 @@ class Bench:
                 self.drains(fig, "1", driver, workers, guess, info, 0.0)
                 done = plan.warm_up + fig.drained["1"]
                 rate = median(fig.drain["1"]) or guess
-                done += self.soak(driver, workers, plan.soak_jobs - done, rate)
-                time.sleep(0.5)
+                soaked = self.soak(driver, workers, plan.soak_jobs - done, rate)
+                done += soaked
+                if soaked:
+                    time.sleep(0.5)
                 fig.rss_after = workers.rss()
                 fig.soaked = done
                 note(
