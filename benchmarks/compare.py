@@ -487,7 +487,7 @@ class Bench:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one run, small drains (< 2 min)")
+    parser.add_argument("--quick", action="store_true", help="one run, small drains (2 to 2.5 min)")
     parser.add_argument("--only", help="comma-separated systems (and 'exercise' or web apps)")
     parser.add_argument("--runs", type=int, help="runs per figure (default 3; quick 1)")
     parser.add_argument("--write", action="store_true", help="write the docs even if partial")
