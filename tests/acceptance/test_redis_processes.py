@@ -169,8 +169,9 @@ def test_a_worker_killed_with_sigkill_loses_no_job_on_redis(redis_lab: RedisWork
             assert (job.worker_id, job.attempts) == (survivor_id, 2)
         elif job_id in held:
             assert (job.worker_id, job.attempts) == (victim_id, 1), job
-        else:
-            assert job.attempts == 1
+        elif job.attempts != 1:  # handed to the frozen victim after the snapshot (its offer
+            # was still up): back when its lease ran out, that attempt counted, run once
+            assert (job.worker_id, job.attempts, executions[job_id]) == (survivor_id, 2, 1), job
     print(
         f"\nredis kill test: {JOBS} jobs through the web, {len(lab.recorded())} executions, "
         f"victim held {len(held)} at its death ({len(started_by_victim_while_held)} started), "
