@@ -101,7 +101,7 @@ def test_three_schedulers_one_job_per_slot(url: str, procs: Procs) -> None:
     print(f"\n{len(found)} jobs for {len(set(slots))} slots, {len(runs)} runs")
     assert len(slots) == len(set(slots)), "two jobs for one slot"
     assert all(float(s).is_integer() for s in slots)
-    assert 10 <= len(runs) <= 13, procs.output()
+    assert 10 <= len(runs) <= 14, procs.output()  # slots in the 12 s, and stopping
     assert len(runs) == len(set(runs))  # each job ran once
     assert {state for _, state in found} == {JobState.SUCCEEDED}
 

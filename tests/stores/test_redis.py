@@ -47,6 +47,12 @@ S = JobState
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(autouse=True)
+def _hand_offs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hand-offs are off by default (``HAND_OFFS``); these tests keep their code tested."""
+    monkeypatch.setattr("backlane.stores.redis.HAND_OFFS", True)
+
+
 @pytest.fixture
 def url(tmp_path: Path) -> Iterator[str]:
     """A fresh prefix on the machine's Redis."""
