@@ -249,8 +249,9 @@ end
 
 local TALLY_FIELDS = {'succeeded', 'failed', 'cancelled', 'wait_us', 'waits'}
 
--- Apply the buffered tallies: a minute left with no job loses its hash; the others
--- expire ENDS_KEPT seconds after they start.
+-- Apply the buffered tallies: a minute left with no job loses its hash; a new one expires
+-- ENDS_KEPT seconds after it starts. A minute still kept has its hash exactly while it is
+-- in P ends, so a minute new to P ends is a new hash (and the time to drop lapsed ones).
 flush_tallies = function()
     if #tallied == 0 then
         return
@@ -274,15 +275,14 @@ flush_tallies = function()
                 left = left + (tonumber(n) or 0)
             end
         end
-        if left > 0 then
-            redis.call('EXPIREAT', key, minute + ENDS_KEPT)
-            redis.call('ZADD', index, minute, name)
-        else
+        if left <= 0 then
             redis.call('DEL', key)
             redis.call('ZREM', index, name)
+        elseif redis.call('ZADD', index, minute, name) == 1 then
+            redis.call('EXPIREAT', key, minute + ENDS_KEPT)
+            redis.call('ZREMRANGEBYSCORE', index, '-inf', server_now() - ENDS_KEPT)
         end
     end
-    redis.call('ZREMRANGEBYSCORE', index, '-inf', server_now() - ENDS_KEPT)
     tallies, tallied = {}, {}
 end
 
