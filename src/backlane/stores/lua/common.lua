@@ -27,7 +27,9 @@
 --                     the minute starting at <m> (POSIX seconds, a multiple of 60): how
 --                     many in each state (fields named by state), the total of their
 --                     waits in microseconds (wait_us) and how many have one (waits); kept
---                     until ENDS_KEPT seconds after <m> (see tally)
+--                     until ENDS_KEPT seconds after <m> (see tally). Jobs that ended before
+--                     the tallies existed (an earlier, unreleased layout) are in none: no
+--                     migration; stats misses them until their minute is ENDS_KEPT old
 --   P ends            zset: the minutes <m> that have a P ends:<m>, by <m>
 --   P counts          hash: "<state>:<queue>" -> number of jobs
 --   P sched           hash: schedule name -> latest slot taken ("" for none yet)
