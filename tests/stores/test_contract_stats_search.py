@@ -7,6 +7,7 @@ Part of the conformance suite: each test runs once per store in ``STORE_FACTORIE
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import pytest
@@ -228,3 +229,93 @@ async def test_stats_needs_a_positive_width(store: Store) -> None:
     for width in (0.0, -60.0):
         with pytest.raises(StoreError, match="width"):
             await store.stats(since=0.0, width=width)
+
+
+# -- stats of the last hours ---------------------------------------------------------------
+#
+# A store may count recent minutes ahead (Redis keeps per-minute tallies for two hours)
+# rather than read every job: jobs that ended minutes ago must give the same answers as old
+# ones, whatever verb ended, queued again or removed them.
+
+
+def _expected(
+    ends: list[tuple[JobState, float, float | None]], since: float, width: float
+) -> list[StatsBucket]:
+    """The buckets the contract gives for jobs that ended (state, when, wait or None)."""
+    rows: dict[float, dict[str, Any]] = {}
+    for state, at, wait in ends:
+        if at < since:
+            continue
+        row = rows.setdefault(math.floor(at / width) * width, {})
+        row[state.value] = row.get(state.value, 0) + 1
+        if wait is not None:
+            row["wait_total"] = row.get("wait_total", 0.0) + wait
+            row["wait_count"] = row.get("wait_count", 0) + 1
+    return [StatsBucket(start=start, **row) for start, row in sorted(rows.items())]
+
+
+async def test_stats_of_recent_minutes_follow_every_verb_that_ends_or_removes_a_job(
+    store: Store,
+) -> None:
+    m = math.floor(time.time() / WIDTH) * WIDTH - 1800  # a minute boundary half an hour ago
+    ok, failed, cancelled = S.SUCCEEDED, S.FAILED, S.CANCELLED
+    await _run_and_end(store, ok, run_at=m, started=m + 2.25, ended=m + 10)
+    retried = await _run_and_end(store, failed, run_at=m, started=m + 1, ended=m + 20)
+    deleted = await _run_and_end(store, failed, run_at=m, started=m + 0.5, ended=m + 30)
+    kept_briefly = await add(store, run_at=m)
+    assert await take(store, now=m + 1) == [kept_briefly.id]
+    end = Outcome(kept_briefly.id, "w1", ok, finished_at=m + 40, keep_until=m + 50)
+    assert await store.finish([end]) == [kept_briefly.id]
+    await _run_and_end(store, failed, run_at=m, started=m + 4, ended=m + 45)
+    # queued again by hand: it counts where it ends next, with its new wait
+    assert await store.retry(retried.id, m + 70)
+    assert await take(store, now=m + 70.5) == [retried.id]
+    assert await store.finish([Outcome(retried.id, "w1", ok, finished_at=m + 130)])
+    never_ran = await add(store, run_at=m + 60)
+    assert await store.cancel(never_ran.id, m + 65) is S.CANCELLED
+    abandoned = await add(store, run_at=m + 60)
+    assert await take(store, now=m + 61) == [abandoned.id]
+    assert await store.cancel(abandoned.id, m + 62) is S.RUNNING
+    discarded = await add(store, state=S.DEFERRED)
+    await store.discard([discarded.id], m + 190)
+    assert await store.requeue_expired(m + 125) == 1  # its lease ended: cancelled
+    ended_before = make_job(
+        state=ok, run_at=m + 180, attempts=1, started_at=m + 180.75, finished_at=m + 185
+    )
+    await store.enqueue([ended_before])
+    second_try = await add(store, run_at=m + 200)
+    assert await take(store, now=m + 200) == [second_try.id]
+    await store.finish([outcome(second_try.id, S.QUEUED, run_at=m + 230)])
+    assert await take(store, now=m + 231) == [second_try.id]
+    assert await store.finish([Outcome(second_try.id, "w1", failed, finished_at=m + 240)])
+
+    ends: list[tuple[JobState, float, float | None]] = [
+        (ok, m + 10, 2.25),
+        (failed, m + 30, 0.5),  # deleted below
+        (ok, m + 40, 1.0),  # purged by keep_until below
+        (failed, m + 45, 4.0),  # purged by end state below
+        (cancelled, m + 65, None),
+        (cancelled, m + 125, 1.0),
+        (ok, m + 130, 0.5),
+        (ok, m + 185, 0.75),
+        (failed, m + 240, 1.0),
+    ]
+    assert await store.stats(since=m, width=WIDTH) == _expected(ends, m, WIDTH)
+    assert await store.delete([deleted.id]) == 1
+    assert await store.purge(before=m + 51) == 1
+    assert await store.purge(before=m + 46, states=[failed]) == 1
+    del ends[1:4]
+    for since, width in [
+        (m, WIDTH),  # the dashboard's question
+        (m - 600, WIDTH),
+        (m + 65, WIDTH),  # part of a minute
+        (m + 125.5, 300.0),
+        (m, 120.0),
+        (m - 3600, 3600.0),
+        (m, 7.5),  # not whole minutes
+        (0.0, WIDTH),
+    ]:
+        assert await store.stats(since=since, width=width) == _expected(ends, since, width), (
+            since - m,
+            width,
+        )

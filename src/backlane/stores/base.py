@@ -98,7 +98,8 @@ class StatsBucket:
     total and count of their waits (``started_at - run_at`` of the last attempt, seconds).
     A job whose last attempt never started (cancelled while queued, or queued again and
     ended before it started again: ``started_at`` missing or before ``run_at``) counts in
-    its state but has no wait."""
+    its state but has no wait. A store may count each wait to the microsecond (Redis does
+    for the minutes it keeps tallies of)."""
 
     start: float
     succeeded: int = 0

@@ -23,6 +23,14 @@
 --                     claim order and lease
 --   P kept            zset: ended jobs with a keep_until, by keep_until
 --   P fin:<s>         zset: jobs that ended in state s, by finished_at
+--   P ends:<m>        hash: the jobs stored that ended succeeded, failed or cancelled in
+--                     the minute starting at <m> (POSIX seconds, a multiple of 60): how
+--                     many in each state (fields named by state), the total of their
+--                     waits in microseconds (wait_us) and how many have one (waits); kept
+--                     until ENDS_KEPT seconds after <m> (see tally). Jobs that ended before
+--                     the tallies existed (an earlier, unreleased layout) are in none: no
+--                     migration; stats misses them until their minute is ENDS_KEPT old
+--   P ends            zset: the minutes <m> that have a P ends:<m>, by <m>
 --   P counts          hash: "<state>:<queue>" -> number of jobs
 --   P sched           hash: schedule name -> latest slot taken ("" for none yet)
 --   P sched:paused    set: paused schedules
@@ -50,10 +58,16 @@ local P = KEYS[1]
 local ACTIVE = {deferred = true, queued = true, running = true}
 local TERMINAL = {succeeded = true, failed = true, cancelled = true, discarded = true}
 local FIELDS = {'state', 'queue', 'priority', 'seq', 'created_at', 'run_at', 'key', 'after',
-                'worker_id', 'cancel_requested', 'waited'}
+                'worker_id', 'cancel_requested', 'waited', 'started_at', 'finished_at'}
+local ENDED = {succeeded = true, failed = true, cancelled = true} -- the states stats counts
+local ENDS_KEPT = 7200
+-- Seconds the tallies of a minute are kept after it starts: the dashboard asks for the
+-- last hour, and this leaves as much again for clocks that disagree. stats counts the
+-- minutes older than that from the jobs themselves.
 local woke = false
 local hand_over -- defined with hand_off, below
 local zsets, zorder, deltas, added = {}, {}, {}, {}
+local tallies, tallied = {}, {} -- changes to P ends:<m>, by minute, and the minutes in order
 
 local function zput(key, score, m)
     local t = zsets[key]
@@ -88,6 +102,8 @@ local function sadd_once(key, value)
     end
 end
 
+local flush_tallies -- defined with tally, below
+
 -- Apply the buffered changes, then tell waiting workers (if any may be waiting) that
 -- claimable work appeared.
 local function flush()
@@ -114,6 +130,7 @@ local function flush()
             redis.call('HDEL', counts, field)
         end
     end
+    flush_tallies()
     if woke and redis.call('EXISTS', P .. 'idle') == 1 then
         redis.call('PUBLISH', P .. 'wake', '1')
     end
@@ -192,6 +209,83 @@ local function server_now()
         clock = tonumber(t[1]) + tonumber(t[2]) / 1e6
     end
     return clock
+end
+
+-- The first minute whose tallies are surely kept (a minute more than ENDS_KEPT asks, for
+-- a key expiring while a script reads): stats reads the tallies of the minutes from then
+-- on, and counts the older ones from the jobs.
+local function tallies_kept_from()
+    return (math.floor((server_now() + 60 - ENDS_KEPT) / 60) + 1) * 60
+end
+
+-- Count (sign 1) or uncount (sign -1) an ended job in the tallies of the minute it ended
+-- in, from its state, finished_at, started_at and run_at as stored (strings or nil): a
+-- job is counted while it is stored in an end state stats counts, so every verb that
+-- ends one counts it, and delete, purge and retry uncount it with the same fields. Its
+-- wait (started_at - run_at, when started_at is not before run_at) is counted in whole
+-- microseconds, so that uncounting takes back exactly what counting added. A minute older
+-- than ENDS_KEPT has no tallies any more: nothing is counted for it.
+local function tally(state, finished, started, run_at, sign)
+    if not ENDED[state] or not finished then
+        return
+    end
+    local minute = math.floor(tonumber(finished) / 60) * 60
+    if minute + ENDS_KEPT <= server_now() then
+        return
+    end
+    local t = tallies[minute]
+    if not t then
+        t = {succeeded = 0, failed = 0, cancelled = 0, wait_us = 0, waits = 0}
+        tallies[minute] = t
+        tallied[#tallied + 1] = minute
+    end
+    t[state] = t[state] + sign
+    if started and run_at then
+        local wait = tonumber(started) - tonumber(run_at)
+        if wait >= 0 then
+            t.wait_us = t.wait_us + sign * math.floor(wait * 1e6 + 0.5)
+            t.waits = t.waits + sign
+        end
+    end
+end
+
+local TALLY_FIELDS = {'succeeded', 'failed', 'cancelled', 'wait_us', 'waits'}
+
+-- Apply the buffered tallies: a minute left with no job loses its hash; a new one expires
+-- ENDS_KEPT seconds after it starts. A minute still kept has its hash exactly while it is
+-- in P ends, so a minute new to P ends is a new hash (and the time to drop lapsed ones).
+flush_tallies = function()
+    if #tallied == 0 then
+        return
+    end
+    local index = P .. 'ends'
+    for _, minute in ipairs(tallied) do
+        local t = tallies[minute]
+        local name = string.format('%.17g', minute)
+        local key = P .. 'ends:' .. name
+        local shrank = false
+        for _, field in ipairs(TALLY_FIELDS) do
+            if t[field] ~= 0 then
+                redis.call('HINCRBY', key, field, t[field])
+                shrank = shrank or t[field] < 0
+            end
+        end
+        local left = 1
+        if shrank then
+            left = 0
+            for _, n in ipairs(redis.call('HMGET', key, 'succeeded', 'failed', 'cancelled')) do
+                left = left + (tonumber(n) or 0)
+            end
+        end
+        if left <= 0 then
+            redis.call('DEL', key)
+            redis.call('ZREM', index, name)
+        elseif redis.call('ZADD', index, minute, name) == 1 then
+            redis.call('EXPIREAT', key, minute + ENDS_KEPT)
+            redis.call('ZREMRANGEBYSCORE', index, '-inf', server_now() - ENDS_KEPT)
+        end
+    end
+    tallies, tallied = {}, {}
 end
 
 -- The workers waiting in wait_for_work (read once per script; lapsed ones dropped).
@@ -323,6 +417,7 @@ local function end_job(job, state, now, keep_until)
         zdel(P .. 'kept', job.id)
     end
     zput(P .. 'fin:' .. state, now, job.id)
+    tally(state, now, job.started_at, job.run_at, 1)
     if job.waited then
         unblock(job.id)
     end
@@ -360,6 +455,7 @@ local function remove(job)
     else
         zdel(P .. 'kept', job.id)
         zdel(P .. 'fin:' .. state, job.id)
+        tally(state, job.finished_at, job.started_at, job.run_at, -1)
     end
     if job.key and redis.call('HGET', P .. 'keys', job.key) == job.id then
         redis.call('HDEL', P .. 'keys', job.key)
@@ -441,6 +537,7 @@ local function insert(fields, replaced, seq, token)
         end
         if fields.finished_at then
             zput(P .. 'fin:' .. state, fields.finished_at, id)
+            tally(state, fields.finished_at, fields.started_at, fields.run_at, 1)
         end
     end
     return after or ''
@@ -681,7 +778,7 @@ local function finish_outcomes(text)
         local id = o.id
         local jk = jkey(id)
         local v = redis.call('HMGET', jk, 'state', 'worker_id', 'queue', 'priority', 'seq',
-                             'created_at', 'run_at', 'key', 'waited')
+                             'created_at', 'run_at', 'key', 'waited', 'started_at')
         if v[1] == 'running' and v[2] == o.worker_id then
             local job = {id = id, state = v[1], queue = v[3], priority = v[4], seq = v[5],
                          created_at = v[6], run_at = v[7], key = v[8] or nil}
@@ -733,6 +830,7 @@ local function finish_outcomes(text)
                 redis.call('HSET', jk, 'state', state, 'finished_at', o.finished_at, unpack(set))
                 redis.call('HDEL', jk, unpack(unset))
                 zput(P .. 'fin:' .. state, o.finished_at, id)
+                tally(state, o.finished_at, v[10], v[7], 1)
                 if v[9] then
                     unblock(id)
                 end

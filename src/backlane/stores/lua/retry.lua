@@ -18,6 +18,7 @@ if job.after then
 end
 zdel(P .. 'kept', job.id)
 zdel(P .. 'fin:' .. job.state, job.id)
+tally(job.state, job.finished_at, job.started_at, job.run_at, -1)
 move(job, 'queued')
 redis.call('HSET', jk, 'state', 'queued', 'run_at', ARGV[2])
 redis.call('HDEL', jk, 'finished_at', 'keep_until', 'lease_until', 'worker_id', 'result',

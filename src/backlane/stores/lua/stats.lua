@@ -1,13 +1,16 @@
--- stats: part of the jobs that ended in one state at or after a score, counted per bucket.
+-- stats: part of the jobs that ended in one state at or after a score (and before `to`),
+-- counted per bucket, from the jobs themselves.
 -- ARGV: state, from (a finished_at), skip (entries at exactly `from` already counted),
--- width, count. Returns {walked, last score walked, entries at that score walked in all,
--- bucket, jobs, wait_total, wait_count, bucket, ...}; numbers that may have fractions come
--- as strings. The caller goes on from the last score, so each call costs the same however
--- far into the set it is.
+-- width, count, to (a ZRANGEBYSCORE bound: '+inf', or '(' and a finished_at). Returns
+-- {walked, last score walked, entries at that score walked in all, bucket, jobs,
+-- wait_total, wait_count, bucket, ...}; numbers that may have fractions come as strings.
+-- The caller goes on from the last score, so each call costs the same however far into
+-- the set it is.
 local key = P .. 'fin:' .. ARGV[1]
 local from, skip = ARGV[2], tonumber(ARGV[3])
 local width = tonumber(ARGV[4])
-local found = redis.call('ZRANGEBYSCORE', key, from, '+inf', 'WITHSCORES', 'LIMIT', skip, tonumber(ARGV[5]))
+local found = redis.call('ZRANGEBYSCORE', key, from, ARGV[6], 'WITHSCORES', 'LIMIT', skip,
+                          tonumber(ARGV[5]))
 local buckets, order = {}, {}
 for i = 1, #found, 2 do
     local index = math.floor(tonumber(found[i + 1]) / width)
