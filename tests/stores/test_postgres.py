@@ -642,7 +642,9 @@ async def test_listening_comes_back_after_the_connection_is_killed(
         "WHERE application_name = 'backlane listen' AND query = %s"
     )
     listen = f'LISTEN "{store.settings.channel}"'
-    killed = await scalar(listeners, listen)
+    with anyio.fail_after(10):  # each store starts listening in the background on open
+        while len(killed := await scalar(listeners, listen)) < 2:
+            await anyio.sleep(0.02)
     assert len(killed) == 2  # both stores' listeners
     await scalar(f"SELECT count(pg_terminate_backend(pid)) FROM ({listeners}) AS l(pids), "
                  "unnest(l.pids) AS pid", listen)  # fmt: skip
