@@ -19,8 +19,14 @@ then measures, side by side:
 Each figure is the median of ``--runs`` runs. The Markdown report goes between markers in
 ``docs/benchmarks.md`` and the chart to ``docs/images/benchmarks.png`` (a run of every
 system; ``--quick`` and ``--only`` print the report and write the docs only with
-``--write``). Redis database 12 and the PostgreSQL database ``backlane_bench`` belong to the
-benchmark: both are emptied before and after.
+``--write``). ``--quick`` measures every figure but the soak and the embedded exercise once,
+with small drains: about 1.5 to 2 minutes here.
+
+A run owns one Redis database (``--redis-url``, else the first free one of 12-15, 11-1; a
+``bench:owner`` key marks it) and one PostgreSQL database (``--pg-db``, else
+``backlane_bench_<pid>``): it empties them before and after, and refuses one that holds
+anything but a finished run's. Every process it starts is killed when it ends, however it
+ends (a watchdog process kills what is left even if it is killed itself).
 """
 
 from __future__ import annotations
@@ -134,7 +140,9 @@ class Plan:
 
 
 FULL = Plan(3, 1.5, 100, 30_000, 0.5, 1000, 200.0, 3.0, 100_000, 14.0, 3, 1.0, 100)
-QUICK = Plan(1, 0.4, 50, 8000, 0.25, 1000, 200.0, 0.5, 0, 0.0, 1, 0.2, 30)
+QUICK = Plan(1, 0.4, 20, 8000, 0.25, 1000, 200.0, 0.5, 0, 0.0, 1, 0.0, 30)
+"""One run of each figure, drains of about 0.4 s (at least 20 jobs), no soak, and the idle
+memory read as soon as the workers are idle (``wait_idle`` saw 0.3 s without work)."""
 
 
 # -- one peer -------------------------------------------------------------------------------
@@ -580,7 +588,12 @@ class Bench:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one run, small drains (2 to 2.5 min)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="one run of each figure, small drains, no memory soak, no embedded exercise "
+        "(about 1.5 to 2 min)",
+    )
     parser.add_argument("--only", help="comma-separated systems (and 'exercise' or web apps)")
     parser.add_argument("--runs", type=int, help="runs per figure (default 3; quick 1)")
     parser.add_argument("--write", action="store_true", help="write the docs even if partial")
