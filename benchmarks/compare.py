@@ -20,7 +20,7 @@ Each figure is the median of ``--runs`` runs. The Markdown report goes between m
 ``docs/benchmarks.md`` and the chart to ``docs/images/benchmarks.png`` (a run of every
 system; ``--quick`` and ``--only`` print the report and write the docs only with
 ``--write``). ``--quick`` measures every figure but the soak and the embedded exercise once,
-with small drains: about 1.5 to 2 minutes here.
+with small drains: 1.5 to 2.2 minutes here, by the load.
 
 A run owns one Redis database (``--redis-url``, else the first free one of 12-15, 11-1; a
 ``bench:owner`` key marks it) and one PostgreSQL database (``--pg-db``, else
@@ -592,7 +592,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--quick",
         action="store_true",
         help="one run of each figure, small drains, no memory soak, no embedded exercise "
-        "(about 1.5 to 2 min)",
+        "(1.5 to 2.2 min here, by the load)",
     )
     parser.add_argument("--only", help="comma-separated systems (and 'exercise' or web apps)")
     parser.add_argument("--runs", type=int, help="runs per figure (default 3; quick 1)")
