@@ -19,29 +19,40 @@ then measures, side by side:
 Each figure is the median of ``--runs`` runs. The Markdown report goes between markers in
 ``docs/benchmarks.md`` and the chart to ``docs/images/benchmarks.png`` (a run of every
 system; ``--quick`` and ``--only`` print the report and write the docs only with
-``--write``). Redis database 12 and the PostgreSQL database ``backlane_bench`` belong to the
-benchmark: both are emptied before and after.
+``--write``). ``--quick`` measures every figure but the soak and the embedded exercise once,
+with small drains: 1.5 to 2.2 minutes here, by the load.
+
+A run owns one Redis database (``--redis-url``, else the first free one of 12-15, 11-1; a
+``bench:owner`` key marks it) and one PostgreSQL database (``--pg-db``, else
+``backlane_bench_<pid>``): it empties them before and after, and refuses one that holds
+anything but a finished run's. Every process it starts is killed when it ends, however it
+ends (a watchdog process kills what is left even if it is killed itself).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from peers import SYSTEMS, WEB_APPS, _common, _report
 from peers._exercise import calibrate_cpu, exercise
-from peers._log import fmt, note
-from peers._procs import Workers
+from peers._log import fmt, note, phases_text
+from peers._procs import Reaper, Workers
 from peers._stats import drain_rate, median, percentile, sized
 
 HERE = Path(__file__).resolve().parent
@@ -129,7 +140,9 @@ class Plan:
 
 
 FULL = Plan(3, 1.5, 100, 30_000, 0.5, 1000, 200.0, 3.0, 100_000, 14.0, 3, 1.0, 100)
-QUICK = Plan(1, 0.4, 50, 8000, 0.25, 1000, 200.0, 0.5, 0, 0.0, 1, 0.2, 30)
+QUICK = Plan(1, 0.4, 20, 8000, 0.25, 1000, 200.0, 0.5, 0, 0.0, 1, 0.0, 30)
+"""One run of each figure, drains of about 0.4 s (at least 20 jobs), no soak, and the idle
+memory read as soon as the workers are idle (``wait_idle`` saw 0.3 s without work)."""
 
 
 # -- one peer -------------------------------------------------------------------------------
@@ -138,8 +151,13 @@ QUICK = Plan(1, 0.4, 50, 8000, 0.25, 1000, 200.0, 0.5, 0, 0.0, 1, 0.2, 30)
 class Driver:
     """A peer's client process (``peers/_driver.py``) in the peer's environment."""
 
-    def __init__(self, python: str, module: str, env: dict[str, str], log: Path) -> None:
+    def __init__(
+        self, python: str, module: str, env: dict[str, str], log: Path, reaper: Reaper
+    ) -> None:
         self.log = log.open("ab")
+        self.reaper = reaper
+        # A session of its own, as the workers': Ctrl-C reaches only compare.py, which
+        # stops everything it started in order.
         self.proc = subprocess.Popen(
             [python, "-m", "peers._driver", module],
             cwd=HERE,
@@ -148,7 +166,9 @@ class Driver:
             stdout=subprocess.PIPE,
             stderr=self.log,
             text=True,
+            start_new_session=True,
         )
+        reaper.watch(self.proc.pid)
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
         assert self.proc.stdin and self.proc.stdout
@@ -162,14 +182,20 @@ class Driver:
             raise RuntimeError(f"{op}: {answer['error']}")
         return answer
 
-    def close(self) -> None:
-        if self.proc.stdin:
+    def hang_up(self) -> None:
+        """Tell the client to exit (it closes its connections first); ``reap`` waits."""
+        if self.proc.stdin and not self.proc.stdin.closed:
             self.proc.stdin.close()
+
+    def reap(self, timeout: float = 15.0) -> None:
+        """Wait for the client to exit (killing it after ``timeout`` seconds)."""
+        self.hang_up()
         try:
-            self.proc.wait(timeout=15)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        self.reaper.forget(self.proc.pid)
         self.log.close()
 
 
@@ -194,18 +220,34 @@ class Figures:
     latency_rate: float = 0.0
     load: float = 0.0
     seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
+    """Wall-clock seconds of each step of its turn (start-ups, drains, stops...)."""
     error: str | None = None
+
+
+@contextlib.contextmanager
+def timed(phases: dict[str, float], name: str) -> Iterator[None]:
+    """Add the seconds the block takes to ``phases[name]``."""
+    start = time.monotonic()
+    try:
+        yield
+    finally:
+        phases[name] = phases.get(name, 0.0) + time.monotonic() - start
 
 
 class Bench:
     """Runs the measurements; owns the Redis database and PostgreSQL database used."""
 
-    def __init__(self, args: argparse.Namespace, plan: Plan) -> None:
+    def __init__(self, args: argparse.Namespace, plan: Plan, reaper: Reaper) -> None:
         import redis
 
         self.args = args
         self.plan = plan
+        self.reaper = reaper
         self.redis = redis.Redis.from_url(args.redis_url, decode_responses=True)
+        self.redis_db = int(self.redis.connection_pool.connection_kwargs.get("db", 0))
+        self.hung_up: list[Driver] = []
+        """Clients told to exit at the end of their system's turn, reaped at the next."""
         self.scratch = Path(tempfile.mkdtemp(prefix="backlane-compare-"))
         self.logs = self.scratch / "logs"
         self.logs.mkdir()
@@ -264,15 +306,20 @@ class Bench:
     # -- the stores the benchmark owns --
 
     def reset_stores(self, postgres: bool = True) -> None:
-        """Empty the Redis database and the SQLite folder, and (if ``postgres``) make the
-        PostgreSQL database anew."""
-        self.redis.flushdb()
+        """Empty the Redis database (keeping this run's claim on it) and the SQLite folder,
+        and (if ``postgres``) make the PostgreSQL database anew."""
+        self.wait_pops_gone()
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.flushdb()
+            pipe.set(OWNER_KEY, owner_tag())
+            pipe.execute()
         import psycopg
 
         if postgres:
             with psycopg.connect(self.args.pg_admin_url, autocommit=True) as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{self.args.pg_db}" WITH (FORCE)')
                 conn.execute(f'CREATE DATABASE "{self.args.pg_db}"')
+                conn.execute(f"COMMENT ON DATABASE \"{self.args.pg_db}\" IS '{owner_tag()}'")
         for path in self.scratch.iterdir():
             if path.is_file():
                 path.unlink()
@@ -284,6 +331,21 @@ class Bench:
         with psycopg.connect(self.args.pg_admin_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{self.args.pg_db}" WITH (FORCE)')
         shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def wait_pops_gone(self, timeout: float = 5.0) -> None:
+        """Wait until no client of the Redis database is blocked in a pop (BRPOP,
+        XREADGROUP...): called once the workers are dead, it returns when Redis has seen
+        them go, so it hands no new job to a dead client."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            blocked = [
+                c
+                for c in self.redis.client_list()
+                if int(c.get("db", -1)) == self.redis_db and "b" in c.get("flags", "")
+            ]
+            if not blocked:
+                return
+            time.sleep(0.005)
 
     # -- waiting on the tallies the tasks keep --
 
@@ -315,11 +377,19 @@ class Bench:
     # -- measurements --
 
     def drain(
-        self, driver: Driver, workers: Any, jobs: int, sqlite_file: str | None, single_s: float
+        self,
+        driver: Driver,
+        workers: Any,
+        jobs: int,
+        sqlite_file: str | None,
+        single_s: float,
+        pause: bool = True,
     ) -> tuple[float, dict[str, Any]]:
-        """Enqueue ``jobs`` no-ops while the workers are paused, resume, time the drain."""
+        """Enqueue ``jobs`` no-ops while the workers are paused (if ``pause``), resume,
+        time the drain."""
         self.clear()
-        workers.pause(sqlite_file)
+        if pause:
+            workers.pause(sqlite_file)
         try:
             filled = driver.call(
                 "fill", total=jobs, count=jobs, single_s=single_s, batch=self.plan.batch
@@ -381,9 +451,11 @@ class Bench:
         fig.drain_jobs[key] = jobs
 
     def warm_up(self, driver: Driver, workers: Any, sqlite_file: str | None) -> float:
-        """Queue a few jobs while the workers start (paused), then let them run: waits until
-        the workers are ready, and returns their drain rate as a first guess."""
-        rate, _ = self.drain(driver, workers, self.plan.warm_up, sqlite_file, 60.0)
+        """Queue a few jobs while the workers start (their start-up goes on meanwhile: the
+        jobs are queued long before the workers are ready), and wait until they have run
+        them: waits until the workers are ready, and returns their drain rate as a first
+        guess."""
+        rate, _ = self.drain(driver, workers, self.plan.warm_up, sqlite_file, 60.0, pause=False)
         return rate
 
     def record_fill(self, fig: Figures, filled: dict[str, Any]) -> None:
@@ -401,47 +473,65 @@ class Bench:
         fig = Figures(system.name)
         fig.load = os.getloadavg()[0]
         started = time.monotonic()
-        self.reset_stores(system.postgres)
+        phases = fig.phases
+        with timed(phases, "reset"):
+            self.reset_stores(system.postgres)
+            for old in self.hung_up:
+                old.reap()
+            self.hung_up.clear()
         env = {**self.env, **system.env}
         log = self.logs / f"{system.name}.log"
-        driver = Driver(self.pythons[system.venv], system.module, env, log)
         plan = self.plan
+        with timed(phases, "client"):
+            driver = Driver(self.pythons[system.venv], system.module, env, log, self.reaper)
         try:
-            info = driver.call("describe", processes=[1, 2])
-            fig.info = info
-            driver.call("setup")
+            with timed(phases, "client"):
+                info = driver.call("describe", processes=[1, 2])
+                fig.info = info
+                driver.call("setup")
             sqlite_file = info["sqlite_file"]
             note(f"{system.name}: {info['library']} {info['version']} on {info['store']}")
             # Two worker processes: throughput, then latency at a rate they can sustain.
-            with Workers(info["workers"]["2"], cwd=HERE, env=env, log=log) as workers:
-                guess = self.warm_up(driver, workers, sqlite_file)
-                workers.wait_idle()
-                self.drains(fig, "2", driver, workers, guess, info, plan.single_s)
+            with self.workers(info["workers"]["2"], env, log) as workers:
+                with timed(phases, "2: start"):
+                    guess = self.warm_up(driver, workers, sqlite_file)
+                    workers.wait_idle()
+                with timed(phases, "2: drains"):
+                    self.drains(fig, "2", driver, workers, guess, info, plan.single_s)
                 capacity = median(fig.drain["2"]) or 0.0
                 arrivals = plan.rate if capacity >= 1.25 * plan.rate else max(1.0, capacity / 2)
                 fig.latency_rate = arrivals
-                for _ in range(plan.runs):
-                    p50, p99 = self.latency(driver, workers, arrivals)
-                    fig.p50_ms.append(p50)
-                    fig.p99_ms.append(p99)
+                with timed(phases, "2: latency"):
+                    for _ in range(plan.runs):
+                        p50, p99 = self.latency(driver, workers, arrivals)
+                        fig.p50_ms.append(p50)
+                        fig.p99_ms.append(p99)
                 note(
                     f"  2 processes: {fmt(fig.drain['2'])} jobs/s ({fig.drain_jobs['2']} jobs, "
                     f"{fmt(fig.cpu_us['2'])} us CPU each); start latency "
                     f"at {arrivals:.0f}/s p50 {fmt(fig.p50_ms, 2)} p99 {fmt(fig.p99_ms, 2)} ms"
                 )
+                with timed(phases, "2: stop"):
+                    # The next set works on the same queues: idle first, then gone.
+                    workers.stop(settle=True)
+                    self.wait_pops_gone()
             # One worker process: memory idle, throughput, memory after the soak.
-            with Workers(info["workers"]["1"], cwd=HERE, env=env, log=log) as workers:
-                guess = self.warm_up(driver, workers, sqlite_file)
-                workers.wait_idle()
-                time.sleep(plan.settle_s)
+            with self.workers(info["workers"]["1"], env, log) as workers:
+                with timed(phases, "1: start"):
+                    guess = self.warm_up(driver, workers, sqlite_file)
+                    workers.wait_idle()
+                    if plan.settle_s:
+                        time.sleep(plan.settle_s)
                 fig.rss_idle = workers.rss()
-                self.drains(fig, "1", driver, workers, guess, info, 0.0)
+                with timed(phases, "1: drains"):
+                    self.drains(fig, "1", driver, workers, guess, info, 0.0)
                 done = plan.warm_up + fig.drained["1"]
                 rate = median(fig.drain["1"]) or guess
-                soaked = self.soak(driver, workers, plan.soak_jobs - done, rate)
-                done += soaked
-                if soaked:
-                    time.sleep(0.5)
+                with timed(phases, "1: soak"):
+                    soaked = self.soak(driver, workers, plan.soak_jobs - done, rate)
+                    done += soaked
+                    if soaked:
+                        time.sleep(0.5)
                 fig.rss_after = workers.rss()
                 fig.soaked = done
                 note(
@@ -451,15 +541,26 @@ class Bench:
                     f"{fig.rss_idle[0] / 2**20:.0f} MB, after {done:,} jobs "
                     f"{fig.rss_after[0] / 2**20:.0f} MB"
                 )
-            driver.call("teardown")
+                with timed(phases, "1: stop"):
+                    # Its stores are emptied before anything else uses them: no need to wait
+                    # for the last acknowledgements.
+                    workers.stop(settle=False)
+            with timed(phases, "client"):
+                driver.call("teardown")
         except Exception as exc:
             fig.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
             note(f"  {system.name} FAILED: {exc}")
-        finally:
-            driver.close()
+            driver.reap(timeout=0.0)
+        else:
+            driver.hang_up()  # it exits while the next system's turn starts
+            self.hung_up.append(driver)
         fig.seconds = time.monotonic() - started
-        note(f"  ({fig.seconds:.0f} s)")
+        note(f"  ({fig.seconds:.0f} s: {phases_text(phases)})")
         return fig
+
+    def workers(self, commands: list[list[str]], env: dict[str, str], log: Path) -> Workers:
+        """Worker processes started from ``commands``, known to the reaper."""
+        return Workers(commands, cwd=HERE, env=env, log=log, reaper=self.reaper)
 
     def soak(self, driver: Driver, workers: Any, jobs: int, rate: float) -> int:
         """Run up to ``jobs`` more no-ops through the workers, feeding as they drain, for at
@@ -487,14 +588,26 @@ class Bench:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one run, small drains (2 to 2.5 min)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="one run of each figure, small drains, no memory soak, no embedded exercise "
+        "(1.5 to 2.2 min here, by the load)",
+    )
     parser.add_argument("--only", help="comma-separated systems (and 'exercise' or web apps)")
     parser.add_argument("--runs", type=int, help="runs per figure (default 3; quick 1)")
     parser.add_argument("--write", action="store_true", help="write the docs even if partial")
     parser.add_argument("--no-write", action="store_true", help="never write the docs")
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/12")
+    parser.add_argument(
+        "--redis-url",
+        help="a Redis database for this run alone, emptied before and after (default: the "
+        "first free one of 12-15, 11-1 on 127.0.0.1:6379)",
+    )
     parser.add_argument("--pg-admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
-    parser.add_argument("--pg-db", default="backlane_bench")
+    parser.add_argument(
+        "--pg-db",
+        help="the PostgreSQL database this run creates and drops (default backlane_bench_<pid>)",
+    )
     parser.add_argument("--backlane-python")
     parser.add_argument("--cpu-loops", type=int, help="CPU task iterations (default: ~20 ms)")
     parser.add_argument("--soak-jobs", type=int, help="jobs before the last memory reading")
@@ -519,6 +632,8 @@ def main(argv: list[str]) -> None:
         print("systems:", ", ".join(s.name for s in SYSTEMS))
         print("exercise:", ", ".join(_web_key(a.name) for a in WEB_APPS))
         return
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # stop as on Ctrl-C: clean up, then exit
+        signal.signal(sig, _exit_on_signal)
     plan = QUICK if args.quick else FULL
     if args.runs:
         plan = Plan(**{**plan.__dict__, "runs": args.runs, "exercise_runs": args.runs})
@@ -538,12 +653,35 @@ def main(argv: list[str]) -> None:
     systems = [s for s in systems if s.name not in skipped]
     apps = [a for a in apps if _web_key(a.name) not in skipped]
     args.cpu_loops = args.cpu_loops or calibrate_cpu()
-    bench = Bench(args, plan)
+    args.redis_url = claim_redis(args.redis_url)
+    args.pg_db = args.pg_db or f"backlane_bench_{os.getpid()}"
+    check_pg_db(args.pg_admin_url, args.pg_db)
+    reaper = Reaper()
+    try:
+        run(args, plan, reaper, started_at, wanted, systems, apps, skipped)
+    finally:
+        reaper.close()  # kills whatever is still running
+
+
+def run(
+    args: argparse.Namespace,
+    plan: Plan,
+    reaper: Reaper,
+    started_at: float,
+    wanted: set[str],
+    systems: list[Any],
+    apps: list[Any],
+    skipped: dict[str, str],
+) -> None:
+    bench = Bench(args, plan, reaper)
     load_start = os.getloadavg()
-    baselines = bench.baselines()
-    note(f"scratch folder {bench.scratch}; CPU task {args.cpu_loops:,} loops")
+    note(
+        f"Redis {args.redis_url}, PostgreSQL database {args.pg_db}, scratch folder "
+        f"{bench.scratch}; CPU task {args.cpu_loops:,} loops"
+    )
     results: dict[str, Any] = {"systems": {}, "exercise": {}, "skipped": skipped}
     try:
+        baselines = bench.baselines()
         if apps:
             note("the guide's exercise: 100 concurrent requests, each adding one task")
         for app in apps:
@@ -552,6 +690,8 @@ def main(argv: list[str]) -> None:
             fig = bench.system(system)
             results["systems"][system.name] = fig.__dict__
     finally:
+        for driver in bench.hung_up:
+            driver.reap()
         logs = VENVS / "last-logs"
         shutil.rmtree(logs, ignore_errors=True)
         shutil.copytree(bench.logs, logs)
@@ -576,6 +716,97 @@ def main(argv: list[str]) -> None:
         _report.chart(results, CHART)
         note(f"wrote {DOC.relative_to(ROOT)} and {CHART.relative_to(ROOT)}")
     note(f"done in {took:.0f} s (raw figures and logs in {VENVS.relative_to(ROOT)}/)")
+
+
+def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+# -- the stores this run owns ---------------------------------------------------------------
+
+OWNER_KEY = "bench:owner"
+"""The key that marks a Redis database as taken by a run: ``"<host> <pid>"``."""
+REDIS_DBS = (12, 13, 14, 15, *range(11, 0, -1))
+"""The Redis databases a run without ``--redis-url`` tries, in order (never 0)."""
+
+
+def owner_tag() -> str:
+    return f"backlane compare.py {socket.gethostname()} {os.getpid()}"
+
+
+def _reclaimable(tag: str) -> bool:
+    """Whether the run that wrote ``tag`` has ended (only known for this host's runs), or is
+    this one."""
+    *_, host, pid = tag.split()
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return int(pid) == os.getpid()
+
+
+def _take(url: str) -> str | None:
+    """Claim the Redis database at ``url`` for this run if it is empty or was left by a run
+    that has ended; else say who holds it."""
+    import redis
+
+    client = redis.Redis.from_url(url, decode_responses=True)
+    with client.pipeline() as pipe:
+        try:
+            pipe.watch(OWNER_KEY)
+            owner = pipe.get(OWNER_KEY)
+            size = pipe.dbsize()
+            if owner is None and size:
+                return f"holds {size} keys that are not a benchmark's"
+            if owner is not None and not _reclaimable(owner):
+                return f"is in use by {owner}"
+            pipe.multi()
+            pipe.set(OWNER_KEY, owner_tag())
+            pipe.execute()
+        except redis.WatchError:
+            return "was just taken by another run"
+        finally:
+            client.close()
+    return None
+
+
+def claim_redis(url: str | None) -> str:
+    """The Redis database this run owns: ``url``'s, or the first free one of ``REDIS_DBS``
+    (on the default server). Exits if ``url``'s is not free: this run empties it."""
+    if url:
+        why = _take(url)
+        if why:
+            sys.exit(f"the Redis database {url} {why}: pick a free one with --redis-url")
+        return url
+    for db in REDIS_DBS:
+        candidate = f"redis://127.0.0.1:6379/{db}"
+        if _take(candidate) is None:
+            return candidate
+    sys.exit("no free Redis database on 127.0.0.1:6379: pass one with --redis-url")
+
+
+def check_pg_db(admin_url: str, name: str) -> None:
+    """Exit unless the PostgreSQL database ``name`` is absent or was left by a run that has
+    ended: this run drops and makes it anew."""
+    import psycopg
+
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s",
+            (name,),
+        ).fetchone()
+    if row is None:
+        return
+    tag = row[0] or ""
+    if not tag.startswith("backlane compare.py") or not _reclaimable(tag):
+        sys.exit(
+            f"the PostgreSQL database {name} exists and is not a finished benchmark run's "
+            f"({tag or 'no owner'}): pick another with --pg-db"
+        )
 
 
 def _web_key(name: str) -> str:

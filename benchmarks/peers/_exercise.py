@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._log import fmt, note
+from ._log import fmt, note, phases_text
 from ._procs import Workers
 from ._stats import percentile
 
@@ -60,15 +60,22 @@ def exercise(bench: Any, app: Any) -> dict[str, Any]:
     port = _free_port()
     commands.append([python, "-m", "uvicorn", app.app, "--port", str(port), "--no-access-log",
                      "--log-level", "warning"])  # fmt: skip
-    out: dict[str, Any] = {"sleep": {}, "cpu": {}, "error": None}
+    out: dict[str, Any] = {"sleep": {}, "cpu": {}, "error": None, "phases": {}}
+    phases: dict[str, float] = out["phases"]
+    start = time.monotonic()
     try:
-        with Workers(commands, cwd=HERE, env=env, log=log) as procs:
+        # Nothing uses its stores before they are emptied again: no need to wait for the
+        # workers' last acknowledgements when they stop.
+        procs = Workers(commands, cwd=HERE, env=env, log=log, reaper=bench.reaper, settle=False)
+        with procs:
             _wait_http(port, procs)
+            # Warm-up: three tasks of each kind, at once.
+            bench.clear()
+            asyncio.run(_warm_up(port))
+            bench.wait_list(bench.keys.DONE, 6, timeout=60, workers=procs)
+            phases["start"] = time.monotonic() - start
             for path in ("sleep", "cpu"):
-                bench.clear()
-                asyncio.run(_burst(port, path, 3))
-                bench.wait_list(bench.keys.DONE, 3, timeout=60, workers=procs)
-            for path in ("sleep", "cpu"):
+                start = time.monotonic()
                 runs: dict[str, list[float]] = {"p50": [], "p99": [], "done": []}
                 for _ in range(bench.plan.exercise_runs):
                     bench.clear()
@@ -79,10 +86,14 @@ def exercise(bench: Any, app: Any) -> dict[str, Any]:
                     runs["p99"].append(percentile(replies, 0.99) * 1000)
                     runs["done"].append(max(finished) - t0)
                 out[path] = runs
+                phases[path] = time.monotonic() - start
                 note(
                     f"  {app.name} /{path}: reply p50 {fmt(runs['p50'], 1)} ms, p99 "
                     f"{fmt(runs['p99'], 1)} ms; all done in {fmt(runs['done'], 2)} s"
                 )
+            start = time.monotonic()
+        phases["stop"] = time.monotonic() - start
+        note(f"  ({phases_text(phases)} s)")
     except Exception as exc:
         out["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
         note(f"  {app.name} FAILED: {exc}")
@@ -110,6 +121,10 @@ def _wait_http(port: int, procs: Any, timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError("uvicorn did not answer")
         time.sleep(0.05)
+
+
+async def _warm_up(port: int) -> None:
+    await asyncio.gather(_burst(port, "sleep", 3), _burst(port, "cpu", 3))
 
 
 async def _burst(port: int, path: str, count: int) -> list[float]:

@@ -4,6 +4,9 @@ Each command runs in a session of its own, so one signal to its process group re
 processes it forks (Celery's pool, Dramatiq's and Huey's worker processes, backlane's
 supervised workers). ``pause`` is how a drain starts from a full queue with warm workers:
 SIGSTOP the workers, enqueue, SIGCONT.
+
+A ``Reaper`` outlives the benchmark by a moment: it kills every group still running when the
+benchmark ends, however it ends (an exception, Ctrl-C, SIGTERM, even SIGKILL).
 """
 
 from __future__ import annotations
@@ -13,12 +16,64 @@ import os
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+_REAPER = """\
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+groups = set()
+for line in sys.stdin:
+    pgid = int(line[1:])
+    if line[0] == "+":
+        groups.add(pgid)
+    else:
+        groups.discard(pgid)
+for pgid in groups:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
+"""
 
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
+
+class Reaper:
+    """A watchdog process, in a session of its own, told of each worker process group as it
+    starts and stops: when this process ends and the pipe to it closes, it kills every group
+    still running. Without it, workers (each in its own session, out of reach of Ctrl-C)
+    would outlive a benchmark that was interrupted or killed."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _REAPER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+            text=True,
+        )
+
+    def _tell(self, line: str) -> None:
+        assert self.proc.stdin
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def watch(self, pgid: int) -> None:
+        self._tell(f"+{pgid}")
+
+    def forget(self, pgid: int) -> None:
+        self._tell(f"-{pgid}")
+
+    def close(self) -> None:
+        """Kill whatever is still registered, and wait for the reaper to finish."""
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        self.proc.wait()
+
+
+def _stats() -> list[tuple[int, str, int, int]]:
+    """Every process's pid, state, parent pid and process group (from /proc)."""
+    found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -26,9 +81,22 @@ def _children() -> dict[int, list[int]]:
             stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        tree.setdefault(ppid, []).append(int(entry))
+        state, ppid, pgrp = stat.rsplit(")", 1)[1].split()[:3]
+        found.append((int(entry), state, int(ppid), int(pgrp)))
+    return found
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for pid, _, ppid, _ in _stats():
+        tree.setdefault(ppid, []).append(pid)
     return tree
+
+
+def groups_alive(pgids: list[int]) -> bool:
+    """Whether any process of these process groups still lives (zombies do not count)."""
+    wanted = set(pgids)
+    return any(pgrp in wanted and state != "Z" for _, state, _, pgrp in _stats())
 
 
 def descendants(roots: list[int]) -> list[int]:
@@ -68,29 +136,44 @@ class Workers:
     """Worker processes started from ``commands``; their output goes to ``log``."""
 
     def __init__(
-        self, commands: list[list[str]], *, cwd: Path, env: dict[str, str], log: Path
+        self,
+        commands: list[list[str]],
+        *,
+        cwd: Path,
+        env: dict[str, str],
+        log: Path,
+        reaper: Reaper | None = None,
+        settle: bool = True,
     ) -> None:
         self.log = log
+        self.reaper = reaper
+        self.settle = settle
+        """Whether leaving the ``with`` block waits for the workers to go idle before killing
+        them (see ``stop``)."""
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.stopped = False
         with log.open("ab") as out:
             for command in commands:
-                self.procs.append(
-                    subprocess.Popen(
-                        command,
-                        cwd=cwd,
-                        env=env,
-                        stdin=subprocess.DEVNULL,
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    )
+                proc = subprocess.Popen(
+                    command,
+                    cwd=cwd,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
                 )
+                self.procs.append(proc)
+                if reaper is not None:
+                    reaper.watch(proc.pid)
 
     def __enter__(self) -> Workers:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        # On an error or Ctrl-C nothing more is measured: kill at once.
+        if not self.stopped:
+            self.stop(settle=self.settle and exc_type is None)
 
     def check(self) -> None:
         """Raise if a worker process has exited."""
@@ -144,20 +227,29 @@ class Workers:
     def resume(self) -> None:
         self._signal(signal.SIGCONT)
 
-    def stop(self) -> None:
-        """Kill every process of their groups, once they are idle: only called when every
-        job has run, so nothing is lost, and no peer's graceful shutdown adds to the run's
-        time. Idle first, so that each has recorded (acknowledged) what it ran, or a peer
-        would run it again beside the next set of workers. Then wait a moment: a killed
-        worker blocked in a pop (BRPOP, XREADGROUP) must be seen gone by Redis before new
-        jobs arrive, or Redis hands the first of them to the dead client."""
+    def stop(self, settle: bool = True) -> None:
+        """Kill every process of their groups, and return once all are gone: only called
+        when every job has run, so nothing is lost, and no peer's graceful shutdown adds to
+        the run's time. With ``settle``, first wait until they are idle, so that each has
+        recorded (acknowledged) what it ran, or a peer would run it again beside the next
+        set of workers on the same queues; without, when the store is emptied before
+        anything else uses it. (A killed worker blocked in a pop must also be seen gone by
+        Redis before new jobs arrive: ``compare.py`` waits for that.)"""
+        self.stopped = True
         self.resume()
-        with contextlib.suppress(RuntimeError):
-            self.wait_idle(timeout=5.0)
+        if settle:
+            with contextlib.suppress(RuntimeError):
+                self.wait_idle(timeout=5.0)
         self._signal(signal.SIGKILL)
         for proc in self.procs:
             proc.wait()
-        time.sleep(0.2)
+        pgids = [proc.pid for proc in self.procs]
+        deadline = time.monotonic() + 5.0
+        while groups_alive(pgids) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if self.reaper is not None:
+            for pgid in pgids:
+                self.reaper.forget(pgid)
 
 
 def _writable(path: str) -> bool:
