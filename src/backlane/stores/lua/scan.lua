@@ -17,6 +17,15 @@ local function has(value)
     return value and string.find(string.lower(value), text, 1, true) ~= nil
 end
 
+-- The fields read of each job walked: fewer when no text is looked for.
+local function read(jk)
+    if text then
+        return redis.call('HMGET', jk, 'id', 'task', 'queue', 'payload', 'error', 'state')
+    end
+    local f = redis.call('HMGET', jk, 'id', 'task', 'queue', 'state')
+    return {f[1], f[2], f[3], nil, nil, f[4]}
+end
+
 local function matches(f)
     if state ~= '' and f[6] ~= state then
         return false
@@ -50,8 +59,7 @@ local out = {-1, 0}
 local skipped, found = 0, 0
 for i, m in ipairs(members) do
     local jk = jkey(string.sub(m, 17))
-    local f = redis.call('HMGET', jk, 'id', 'task', 'queue', 'payload', 'error',
-                           'state')
+    local f = read(jk)
     if f[1] and matches(f) then
         if skipped < skip then
             skipped = skipped + 1
