@@ -75,6 +75,16 @@ local function zdel(key, m)
     t[m] = false
 end
 
+-- Whether this script has buffered an addition to sorted set `key`.
+local function buffered(key)
+    for _, score in pairs(zsets[key] or {}) do
+        if score then
+            return true
+        end
+    end
+    return false
+end
+
 local function count(state, queue, delta)
     local field = state .. ':' .. queue
     deltas[field] = (deltas[field] or 0) + delta
@@ -641,7 +651,9 @@ local function claim_jobs(token, worker, now, lease, limit, queues, idle_ms)
             end
         end
         for _, entry in ipairs(level) do
-            if redis.call('EXISTS', entry[3]) == 0 then
+            -- a job made claimable earlier in this script is still in the buffer: its
+            -- priority must stay listed, or no claim would look at it
+            if redis.call('EXISTS', entry[3]) == 0 and not buffered(entry[3]) then
                 redis.call('SREM', P .. 'prio:' .. entry[1], entry[2])
             end
         end
