@@ -777,6 +777,30 @@ async def test_a_job_taken_lives_on_its_full_lease(store: RedisStore) -> None:
     await other.close()
 
 
+async def test_a_hand_off_that_crossed_a_claim_is_returned_by_a_later_claim(
+    store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = RedisStore(store.url)
+    await other.open()
+    await _idle_worker(store)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(store.wait_for_work, 10.0)
+        await anyio.sleep(0.05)
+        (job,) = await other.enqueue([make_job(run_at=time.time())])
+    assert [j.id for j in store._handed["w1"]] == [job.id]  # the pop brought it
+    now = time.time()
+    with monkeypatch.context() as patched:  # a claim sent before the pop's reply came,
+        patched.setattr(store, "_take_handed", lambda *args: [])  # which returns it too
+        assert await store.claim(**claim_args(now=now, lease_until=now + LEASE)) == []
+    await anyio.sleep(1.2)  # the worker was busy: less than half the short lease is left
+    (taken,) = await store.claim(**claim_args(now=time.time(), lease_until=now + LEASE))
+    assert taken.id == job.id
+    await anyio.sleep(2)
+    held = await other.get(job.id)  # never given back: the first claim had taken it
+    assert held is not None and held.worker_id == "w1" and held.lease_until == now + LEASE
+    await other.close()
+
+
 async def test_a_claim_sent_twice_returns_the_jobs_handed_to_it_again(store: RedisStore) -> None:
     other = RedisStore(store.url)
     await other.open()

@@ -272,7 +272,13 @@ class RedisStore(Store):
         _, worker_id, _, _, limit, queues, _ = args
         worker_id = str(worker_id)
         next_due = float(reply[0]) if reply[0] else None
-        claimed = self._fresh(worker_id, [decode_job(fields) for fields in reply[1]])
+        handed = [decode_job(fields) for fields in reply[1]]
+        claimed = self._fresh(worker_id, handed)
+        if len(claimed) < len(handed) and worker_id in self._handed:
+            # crossed with the pop: the copies kept for the next claim are taken now too
+            now_held = {job.id: job for job in handed}
+            kept = self._handed[worker_id]
+            kept[:] = [now_held.get(job.id, job) for job in kept]
         for fields in reply[2:]:
             job = decode_job(fields)
             job.state = JobState.RUNNING
