@@ -600,10 +600,11 @@ class RedisStore(Store):
         call in an event loop subscribes to the lane's wake channel and returns once
         subscribed. While Redis cannot be reached it simply waits ``timeout``.
 
-        While it waits, the worker of that claim offers to take, as many jobs as the claim
-        left room for: a job of its queues made claimable meanwhile is handed to it,
-        already running for it, and comes with the wake-up; its next ``claim`` returns
-        it without asking Redis."""
+        While it waits (``HAND_OFFS``), the worker of that claim offers to take as many
+        jobs as the claim left room for: a job of its queues made claimable meanwhile is
+        handed to it, already running for it under a short lease (``_HANDED_LEASE``), and
+        comes with the wake-up; its next ``claim`` returns it without waiting for Redis and
+        gives it the full lease. A job handed and never taken is queued again, uncounted."""
         link = await self._links.get()
         wakes = link.wakes_started()
         mark = self._mark.get()
