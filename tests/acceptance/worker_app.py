@@ -2,9 +2,10 @@
 
 Its store comes from ``BACKLANE_URL`` (``memory://`` when unset, so importing it is free).
 Leases are short (2 s, expired ones swept every 0.5 s), so a killed worker's jobs come back
-within seconds. Every task first appends ``<job id>\\n`` to the file named by
-``WORKER_APP_LOG``, in one ``O_APPEND`` write: several processes record into one file
-without tearing lines, and each line is one execution that started.
+within seconds (``WORKER_APP_LEASE`` and ``WORKER_APP_SWEEP`` set other values). Every
+task first appends ``<job id>\\n`` to the file named by ``WORKER_APP_LOG``, in one
+``O_APPEND`` write: several processes record into one file without tearing lines, and
+each line is one execution that started.
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ from pathlib import Path
 
 from backlane import Backlane, TaskContext
 
-lane = Backlane(os.environ.get("BACKLANE_URL", "memory://"), lease_seconds=2.0, sweep_interval=0.5)
+lane = Backlane(
+    os.environ.get("BACKLANE_URL", "memory://"),
+    lease_seconds=float(os.environ.get("WORKER_APP_LEASE", "2.0")),
+    sweep_interval=float(os.environ.get("WORKER_APP_SWEEP", "0.5")),
+)
 
 
 def _record_start(job_id: str) -> None:

@@ -312,6 +312,22 @@ async def test_three_chained_jobs_run_one_after_another(store: Store) -> None:
     assert await take(store, now=NOW + 10) == []
 
 
+async def test_jobs_freed_by_a_finish_and_claim_are_claimable_after_it(store: Store) -> None:
+    # a successor freed, and a retry due now, by the outcomes of the same call that claims:
+    # that call may return them or not, but they must not be lost to later claims
+    a, b = make_job(), make_job()
+    successor = make_job(after=a.id)
+    await store.enqueue([a, b, successor])
+    assert await take(store, limit=2) == [a.id, b.id]
+    outcomes = [outcome(a.id, S.SUCCEEDED), outcome(b.id, S.QUEUED, run_at=NOW)]
+    applied, claimed = await store.finish_and_claim(
+        outcomes, worker_id="w1", queues=None, limit=5, now=NOW + 1, lease_until=NOW + LEASE
+    )
+    assert sorted(applied) == sorted([a.id, b.id])
+    later = await take(store, now=NOW + 2)
+    assert sorted([job.id for job in claimed] + later) == sorted([b.id, successor.id])
+
+
 async def test_after_naming_an_ended_or_unknown_job_waits_for_nothing(store: Store) -> None:
     ended = await add(store)
     await _end_by_finish(store, ended, S.SUCCEEDED)

@@ -47,12 +47,6 @@ S = JobState
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def _hand_offs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Hand-offs are off by default (``HAND_OFFS``); these tests keep their code tested."""
-    monkeypatch.setattr("backlane.stores.redis.HAND_OFFS", True)
-
-
 @pytest.fixture
 def url(tmp_path: Path) -> Iterator[str]:
     """A fresh prefix on the machine's Redis."""
@@ -677,10 +671,22 @@ async def test_a_waiting_worker_is_handed_the_job_and_takes_it_without_a_round_t
     held = await store.get(job.id)
     assert held is not None and held.state is S.RUNNING and held.worker_id == "w1"
     assert held.attempts == 1 and held.lease_until is not None
+    assert held.lease_until < time.time() + 2.5  # a short lease until the worker takes it
+    sent: list[str] = []
+
+    async def recorded(link: Any, script: Any, *args: Any) -> Any:
+        sent.append(script.name)
+        return await call(link, script, *args)
+
+    now = time.time()
     with monkeypatch.context() as patched:
-        patched.setattr("backlane.stores.redis.call", None)  # no script may run
-        (taken,) = await store.claim(**claim_args(now=time.time()))
-    assert taken == held
+        patched.setattr("backlane.stores.redis.call", recorded)
+        (taken,) = await store.claim(**claim_args(now=now, lease_until=now + LEASE))
+        assert sent == []  # returned without waiting for Redis
+        await anyio.sleep(0.1)
+    assert sent == ["take"]  # then gave it the full lease, in the background
+    assert taken == held.copy(lease_until=now + LEASE)
+    assert await store.get(job.id) == taken
     assert await store.claim(**claim_args(now=time.time())) == []  # not twice
     await other.close()
 
@@ -698,6 +704,117 @@ async def test_a_job_handed_to_a_worker_that_stops_is_given_back(store: RedisSto
     assert back is not None and back.state is S.QUEUED and back.attempts == 0
     now = time.time()
     assert [j.id for j in await other.claim(**claim_args(worker_id="w2", now=now))] == [job.id]
+    await other.close()
+
+
+async def _handed_to_a_dead_worker(store: RedisStore, other: RedisStore) -> Job:
+    """Hand a job to ``store``'s worker w1, which waited, then stopped without a word (as if
+    killed): it never takes the job (its pop may still receive it)."""
+    await _idle_worker(store)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(store.wait_for_work, 10.0)
+        await anyio.sleep(0.05)
+        (job,) = await other.enqueue([make_job(run_at=time.time())])
+        tg.cancel_scope.cancel()
+    handed = await other.get(job.id)
+    assert handed is not None and handed.state is S.RUNNING and handed.worker_id == "w1"
+    return handed
+
+
+async def test_a_job_handed_to_a_worker_that_never_takes_it_runs_elsewhere_within_seconds(
+    store: RedisStore,
+) -> None:
+    other, survivor = RedisStore(store.url), RedisStore(store.url)
+    await other.open()
+    await survivor.open()
+    handed = await _handed_to_a_dead_worker(store, other)
+    started = time.monotonic()
+    claimed: list[Job] = []
+    with anyio.fail_after(5):
+        while not claimed:  # an idle worker: claim, wait (offering), claim
+            claimed = await survivor.claim(**claim_args(worker_id="w2", now=time.time()))
+            if not claimed:
+                await survivor.wait_for_work(0.25)
+    waited = time.monotonic() - started
+    assert [job.id for job in claimed] == [handed.id]
+    assert 1.5 < waited < 3.0  # its short lease (2 s), then at most an offer period
+    assert claimed[0].worker_id == "w2"
+    assert claimed[0].attempts == 1  # the dead worker's hand-off was never started: uncounted
+    # the first worker, alive after all, claims late: it does not get the job a second time
+    assert await store.claim(**claim_args(now=time.time())) == []
+    assert await other.get(handed.id) == claimed[0]
+    await other.close()
+    await survivor.close()
+
+
+async def test_a_sweep_gives_back_a_job_handed_and_never_taken_uncounted(
+    store: RedisStore,
+) -> None:
+    other = RedisStore(store.url)
+    await other.open()
+    handed = await _handed_to_a_dead_worker(store, other)
+    assert handed.lease_until is not None
+    assert await other.requeue_expired(handed.lease_until - 0.01) == 0
+    assert await other.requeue_expired(handed.lease_until + 0.01) == 1
+    back = await other.get(handed.id)
+    assert back is not None and back.state is S.QUEUED and back.attempts == 0
+    await other.close()
+
+
+async def test_a_job_taken_lives_on_its_full_lease(store: RedisStore) -> None:
+    other = RedisStore(store.url)
+    await other.open()
+    await _idle_worker(store)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(store.wait_for_work, 10.0)
+        await anyio.sleep(0.05)
+        (job,) = await other.enqueue([make_job(run_at=time.time())])
+    now = time.time()
+    (taken,) = await store.claim(**claim_args(now=now, lease_until=now + LEASE))
+    await anyio.sleep(0.1)  # its lease is extended in the background
+    assert await other.requeue_expired(now + 5) == 0
+    assert await other.get(job.id) == taken and taken.lease_until == now + LEASE
+    await other.close()
+
+
+async def test_a_hand_off_that_crossed_a_claim_is_returned_by_a_later_claim(
+    store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = RedisStore(store.url)
+    await other.open()
+    await _idle_worker(store)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(store.wait_for_work, 10.0)
+        await anyio.sleep(0.05)
+        (job,) = await other.enqueue([make_job(run_at=time.time())])
+    assert [j.id for j in store._handed["w1"]] == [job.id]  # the pop brought it
+    now = time.time()
+    with monkeypatch.context() as patched:  # a claim sent before the pop's reply came,
+        patched.setattr(store, "_take_handed", lambda *args: [])  # which returns it too
+        assert await store.claim(**claim_args(now=now, lease_until=now + LEASE)) == []
+    await anyio.sleep(1.2)  # the worker was busy: less than half the short lease is left
+    (taken,) = await store.claim(**claim_args(now=time.time(), lease_until=now + LEASE))
+    assert taken.id == job.id
+    await anyio.sleep(2)
+    held = await other.get(job.id)  # never given back: the first claim had taken it
+    assert held is not None and held.worker_id == "w1" and held.lease_until == now + LEASE
+    await other.close()
+
+
+async def test_a_claim_sent_twice_returns_the_jobs_handed_to_it_again(store: RedisStore) -> None:
+    other = RedisStore(store.url)
+    await other.open()
+    handed = await _handed_to_a_dead_worker(store, other)
+    link = await store._links.get()
+    script = load_scripts()["claim"]
+    now = time.time()
+    args = ("w1", str(now), str(now + LEASE), 5, "", 1000)
+    first = await call(link, script, "token-h", *args)
+    again = await call(link, script, "token-h", *args)
+    assert [decode_job(f).id for f in first[1]] == [handed.id]
+    assert again[1] == first[1]  # not lost to the lease: the reply said the same
+    held = await other.get(handed.id)
+    assert held is not None and held.lease_until == now + LEASE  # taken: the full lease
     await other.close()
 
 

@@ -65,23 +65,30 @@ published)."""
 _LONGEST_WAIT = _IDLE_MS / 1000 / 2
 """``wait_for_work`` returns at the latest this long after the task's last claim, so
 that the claim that follows renews the idle mark before it lapses."""
-HAND_OFFS = False
-"""Whether a waiting worker offers its free slots, to be handed jobs in one step. Off: a job
-handed to a worker that then stopped without a word (killed) waited out its full lease, and
-one test saw a handed job wait so with a live worker; hand-offs need a short lease that the
-worker extends when it takes the job. Until then, workers are woken and claim."""
+HAND_OFFS = True
+"""Whether a waiting worker offers its free slots, to be handed jobs in one step (see
+``wait_for_work``). A job handed over holds only a short lease (``_HANDED_LEASE``) until the
+worker takes it, so a job handed to a worker that died comes back within seconds, its
+attempt uncounted. Off: waiting workers are only woken, and claim."""
 _OFFER = 0.25
 """Seconds a waiting worker's offer to take work lasts before it renews it (as often as an
-idle worker claims anyway): a worker killed while waiting is handed jobs (which then wait
-for their lease to end) for at most this long, and a tenth of a second more."""
+idle worker claims anyway): a worker killed while waiting is handed jobs for at most this
+long, and a tenth of a second more."""
+_HANDED_LEASE = 2.0
+"""Seconds a job handed to a waiting worker is held for it before the worker takes it (and
+gives it its full lease). Not taken by then, the job is queued again, uncounted, by the
+next offer or claim of any worker (or a sweep of expired leases)."""
+_TAKE_WITHIN = _HANDED_LEASE / 2
+"""A handed job whose short lease has less than this left (by this host's clock) is not
+started on the strength of the hand-off alone: the worker's next claim asks Redis whether
+it still holds it."""
 
 
 @dataclass(frozen=True)
 class _ClaimMark:
     """What a task's last claim saw: the wake generation when it started, the earliest
     delayed job left, and when it ran (monotonic); and what a wait after it may offer to
-    take: for which worker, how many jobs, with what lease (seconds), from which queues
-    (JSON, '' for every queue)."""
+    take: for which worker, how many jobs, from which queues (JSON, '' for every queue)."""
 
     link: Link
     generation: int | None
@@ -89,7 +96,6 @@ class _ClaimMark:
     at: float
     worker_id: str = ""
     capacity: int = 0
-    lease: float = 0.0
     queues: str = ""
 
 
@@ -117,9 +123,9 @@ class RedisStore(Store):
         )
         self._handed: dict[str, list[Job]] = {}
         """Jobs handed to a waiting worker, by worker id, that its next claim returns."""
-        self._seen: dict[str, dict[tuple[str, int], float]] = {}
-        """Hand-offs each worker received (id and attempt, monotonic time): a job comes
-        both by the worker's pop and by its next claim when the two cross."""
+        self._seen: dict[str, dict[tuple[str, int, float | None], float]] = {}
+        """Hand-offs each worker received (id, attempt and start, monotonic time): a job
+        comes both by the worker's pop and by its next claim when the two cross."""
 
     def __repr__(self) -> str:
         return f"<RedisStore {self._links.url.safe} prefix={self.prefix!r}>"
@@ -207,8 +213,9 @@ class RedisStore(Store):
         link = await self._links.get()
         generation = None if link.wakes is None else link.wakes.generation
         args = self._claim_args(worker_id, queues, limit, now, lease_until)
-        handed = self._take_handed(link, generation, args, limit, lease_until - now)
+        handed = self._take_handed(link, generation, args, limit)
         if handed:
+            self._took(link, worker_id, handed, lease_until)
             return handed
         reply = await call(link, self._scripts["claim"], *args)
         return self._claimed(link, generation, reply, args, now, lease_until)
@@ -231,9 +238,15 @@ class RedisStore(Store):
         link = await self._links.get()
         generation = None if link.wakes is None else link.wakes.generation
         args = self._claim_args(worker_id, queues, limit, now, lease_until)
-        handed = self._take_handed(link, generation, args, limit, lease_until - now)
+        handed = self._take_handed(link, generation, args, limit)
         if handed:
-            return (await self.finish(outcomes) if outcomes else []), handed
+            try:
+                applied = await self.finish(outcomes) if outcomes else []
+            except BaseException:
+                self._handed[worker_id] = handed + self._handed.get(worker_id, [])
+                raise
+            self._took(link, worker_id, handed, lease_until)
+            return applied, handed
         text = outcomes_json(outcomes) if outcomes else "[]"
         reply = await call(link, self._scripts["finish_claim"], text, *args)
         applied = list(reply[0])
@@ -256,11 +269,18 @@ class RedisStore(Store):
         lease_until: float,
     ) -> list[Job]:
         """The jobs a claim script returned: those handed to the worker while it waited
-        (not seen before), then those it claimed. Remembers what the claim saw."""
+        (not seen before; the script gave them their full lease), then those it claimed.
+        Remembers what the claim saw."""
         _, worker_id, _, _, limit, queues, _ = args
         worker_id = str(worker_id)
         next_due = float(reply[0]) if reply[0] else None
-        claimed = self._fresh(worker_id, [decode_job(fields) for fields in reply[1]])
+        handed = [decode_job(fields) for fields in reply[1]]
+        claimed = self._fresh(worker_id, handed)
+        if len(claimed) < len(handed) and worker_id in self._handed:
+            # crossed with the pop: the copies kept for the next claim are taken now too
+            now_held = {job.id: job for job in handed}
+            kept = self._handed[worker_id]
+            kept[:] = [now_held.get(job.id, job) for job in kept]
         for fields in reply[2:]:
             job = decode_job(fields)
             job.state = JobState.RUNNING
@@ -271,37 +291,58 @@ class RedisStore(Store):
             claimed.append(job)
         capacity = int(limit) - len(claimed)
         mark = _ClaimMark(
-            link, generation, next_due, time.monotonic(), worker_id, capacity,
-            lease_until - now, str(queues),
-        )  # fmt: skip
+            link, generation, next_due, time.monotonic(), worker_id, capacity, str(queues)
+        )
         self._mark.set(mark)
         return claimed
 
     def _take_handed(
-        self,
-        link: Link,
-        generation: int | None,
-        args: tuple[str | int, ...],
-        limit: int,
-        lease: float,
+        self, link: Link, generation: int | None, args: tuple[str | int, ...], limit: int
     ) -> list[Job]:
-        """Up to ``limit`` jobs handed to the worker while it waited and not yet returned
-        (no round trip needed: they already run for it)."""
+        """Up to ``limit`` jobs handed to the worker while it waited, not yet returned, and
+        with most of their short lease left: they run for it already, so they start without
+        a round trip (``_took`` then gives them the full lease). The others are left to the
+        worker's claim script, which returns those it still holds, or gives them back."""
         worker_id = str(args[1])
-        waiting = self._handed.get(worker_id)
+        waiting = self._handed.pop(worker_id, None)
         if not waiting:
             return []
-        taken, rest = waiting[:limit], waiting[limit:]
-        if rest:
-            self._handed[worker_id] = rest
-        else:
-            del self._handed[worker_id]
-        mark = _ClaimMark(
-            link, generation, None, time.monotonic(), worker_id, limit - len(taken), lease,
-            str(args[5]),
-        )  # fmt: skip
-        self._mark.set(mark)
+        fresh_until = time.time() + _TAKE_WITHIN
+        taken: list[Job] = []
+        seen = self._seen.get(worker_id, {})
+        for job in waiting:
+            if len(taken) < limit and (job.lease_until or 0.0) > fresh_until:
+                taken.append(job)
+            else:
+                seen.pop(_seen_key(job), None)
+        if taken:
+            mark = _ClaimMark(
+                link, generation, None, time.monotonic(), worker_id, limit - len(taken),
+                str(args[5]),
+            )  # fmt: skip
+            self._mark.set(mark)
         return taken
+
+    def _took(self, link: Link, worker_id: str, jobs: list[Job], lease_until: float) -> None:
+        """``jobs`` handed to ``worker_id`` start now: give them ``lease_until`` in Redis
+        (one call, not waited for: their short lease leaves it time)."""
+        for job in jobs:
+            job.lease_until = lease_until
+        ids = [job.id for job in jobs]
+        task = link.loop.create_task(self._take(link, worker_id, ids, lease_until))
+        link.takes.add(task)
+        task.add_done_callback(link.takes.discard)
+
+    async def _take(self, link: Link, worker_id: str, ids: list[str], lease_until: float) -> None:
+        try:
+            lost = await call(link, self._scripts["take"], worker_id, number(lease_until), *ids)
+        except StoreError as exc:
+            log.warning("worker %s could not take %d handed jobs: %s", worker_id, len(ids), exc)
+            return
+        for job_id in lost:
+            log.warning(
+                "job %s was given back before %s took it: it may run twice", job_id, worker_id
+            )
 
     def _fresh(self, worker_id: str, jobs: list[Job]) -> list[Job]:
         """``jobs`` handed to ``worker_id`` less those it already received."""
@@ -314,7 +355,7 @@ class RedisStore(Store):
                 del seen[key]
         fresh = []
         for job in jobs:
-            key = (job.id, job.attempts)
+            key = _seen_key(job)
             if key not in seen:
                 seen[key] = now
                 fresh.append(job)
@@ -582,10 +623,11 @@ class RedisStore(Store):
         call in an event loop subscribes to the lane's wake channel and returns once
         subscribed. While Redis cannot be reached it simply waits ``timeout``.
 
-        While it waits, the worker of that claim offers to take, as many jobs as the claim
-        left room for: a job of its queues made claimable meanwhile is handed to it,
-        already running for it, and comes with the wake-up; its next ``claim`` returns
-        it without asking Redis."""
+        While it waits (``HAND_OFFS``), the worker of that claim offers to take as many
+        jobs as the claim left room for: a job of its queues made claimable meanwhile is
+        handed to it, already running for it under a short lease (``_HANDED_LEASE``), and
+        comes with the wake-up; its next ``claim`` returns it without waiting for Redis and
+        gives it the full lease. A job handed and never taken is queued again, uncounted."""
         link = await self._links.get()
         wakes = link.wakes_started()
         mark = self._mark.get()
@@ -612,7 +654,7 @@ class RedisStore(Store):
                 offer = min(left, _OFFER)
                 try:
                     await self._call(
-                        "wait", worker_id, mark.capacity, number(mark.lease), number(offer),
+                        "wait", worker_id, mark.capacity, number(_HANDED_LEASE), number(offer),
                         mark.queues,
                     )  # fmt: skip
                 except StoreError:  # Redis away: wait for the listener, which waits for Redis
@@ -666,6 +708,12 @@ class _Bucket:
             wait_total=self.wait_us / 1e6 + self.wait_total,
             wait_count=self.wait_count,
         )
+
+
+def _seen_key(job: Job) -> tuple[str, int, float | None]:
+    """What tells one hand-off of a job from another (an attempt given back is uncounted, so
+    the attempt alone does not)."""
+    return (job.id, job.attempts, job.started_at)
 
 
 def _check_outcomes(outcomes: Sequence[Outcome]) -> None:

@@ -330,6 +330,8 @@ class Link:
         self.wakes: Wakes | None = None
         self.handoffs: dict[str, asyncio.Task[None]] = {}
         """Each waiting worker's pop of the jobs handed to it (``RedisStore``)."""
+        self.takes: set[asyncio.Task[None]] = set()
+        """Calls under way that give handed jobs a worker took their full lease."""
         self.watch: AsyncGenerator[None, None] | None = None
         self._closed = False
 
@@ -416,6 +418,12 @@ class Link:
             await self.wakes.stop()
         if self._watchdog is not None:
             self._watchdog.cancel()
+        if self.takes:  # a few quick calls: let them land, if Redis answers
+            await asyncio.wait(list(self.takes), timeout=2.0)
+        for take in list(self.takes):
+            take.cancel()
+            with contextlib.suppress(BaseException):
+                await take
         for pop in self.handoffs.values():
             pop.cancel()
             with contextlib.suppress(BaseException):

@@ -43,6 +43,8 @@
 --   P hand:<worker>   list: batches of jobs handed to a waiting worker (JSON arrays of
 --                     their fields), which it pops into  P took:<worker>  (BLMOVE); the
 --                     worker's next claim empties both
+--   P handed          zset: jobs handed to a waiting worker and not taken yet, by the end
+--                     of their short lease (the worker takes one by its claim, or by take)
 --
 -- A call the client sends again after its connection broke (Redis may have run it) must
 -- not act twice: enqueue finds its jobs stored under its token and stores only the rest;
@@ -87,6 +89,16 @@ local function zdel(key, m)
         zorder[#zorder + 1] = key
     end
     t[m] = false
+end
+
+-- Whether this script has buffered an addition to sorted set `key`.
+local function buffered(key)
+    for _, score in pairs(zsets[key] or {}) do
+        if score then
+            return true
+        end
+    end
+    return false
 end
 
 local function count(state, queue, delta)
@@ -355,6 +367,7 @@ local function hand_off(job)
     redis.call('HSET', jk, 'state', 'running', 'attempts', attempts, 'started_at', started,
                'lease_until', lease, 'worker_id', taker.id)
     zput(P .. 'run', lease, job.id)
+    zput(P .. 'handed', lease, job.id)
     local batch = handed[taker]
     if not batch then
         batch = {}
@@ -435,6 +448,30 @@ local function requeue(job, attempts)
     redis.call('HDEL', jk, 'lease_until', 'worker_id')
     move(job, 'queued')
     make_claimable(job)
+end
+
+-- Whether <job> (running) was handed to a waiting worker that has not taken it: its lease
+-- is still the short one it was handed with.
+local function untaken(job)
+    local until_ = redis.call('ZSCORE', P .. 'handed', job.id)
+    return until_ and tonumber(until_) == tonumber(redis.call('HGET', jkey(job.id), 'lease_until'))
+end
+
+-- Queue again, the attempt uncounted, the jobs handed to a waiting worker that it did not
+-- take before their short lease ended at `now` (it never said it started them), at most
+-- `limit` of them; returns how many.
+local function give_back_handed(now, limit)
+    local gone = 0
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'handed', '-inf', '(' .. now,
+                                   'LIMIT', 0, limit)) do
+        local job = load(id)
+        if job and job.state == 'running' and untaken(job) then
+            requeue(job, math.max(tonumber(redis.call('HGET', jkey(id), 'attempts')) - 1, 0))
+            gone = gone + 1
+        end
+        zdel(P .. 'handed', id)
+    end
+    return gone
 end
 
 -- Remove a job and every trace of it; returns whether the caller must free the jobs
@@ -583,9 +620,10 @@ end
 -- Take up to `limit` claimable jobs for `worker`, in claim order: higher priority first,
 -- then earlier run_at, then store order; queues paused are skipped. `queues` is a JSON
 -- array of queue names ('' = every queue); `idle_ms` how long the idle mark lasts.
--- Returns {next_due, handed, <fields of job 1>, ...}: handed lists the fields, as they
--- are, of jobs handed to the worker while it waited (see hand_off) that it may not have
--- taken yet; each claimed job's fields are as they were before the claim (the caller
+-- Returns {next_due, handed, <fields of job 1>, ...}: handed lists the fields of jobs
+-- handed to the worker while it waited (see hand_off) that it may not have taken yet, now
+-- taken: their lease is `lease` (the short one they were handed with ends); those beyond
+-- `limit` are left to their short lease; each claimed job's fields are as they were before the claim (the caller
 -- applies state, attempts + 1, started_at, lease_until, worker_id); next_due is the earliest run_at after now among the jobs left in those
 -- queues ('' if none, or if the limit was reached). Changes are buffered: flush() after.
 local function claim_jobs(token, worker, now, lease, limit, queues, idle_ms)
@@ -593,8 +631,18 @@ local function claim_jobs(token, worker, now, lease, limit, queues, idle_ms)
     local last = redis.call('GET', last_claim)
     if last and string.sub(last, 1, #token + 1) == token .. ' ' then
         -- sent again after a lost reply: the same jobs, as the first run returned them
-        local out = {''}
-        for _, id in ipairs(cjson.decode(string.sub(last, #token + 2))) do
+        local saved = cjson.decode(string.sub(last, #token + 2))
+        if type(saved[1]) ~= 'table' then
+            saved = {saved, {}} -- written before handed jobs were kept too
+        end
+        local out, again = {''}, {}
+        for _, id in ipairs(saved[2]) do
+            local v = redis.call('HMGET', jkey(id), 'state', 'worker_id')
+            if v[1] == 'running' and v[2] == worker then
+                again[#again + 1] = redis.call('HGETALL', jkey(id))
+            end
+        end
+        for _, id in ipairs(saved[1]) do
             local fields = redis.call('HGETALL', jkey(id))
             local job = {}
             for i = 1, #fields, 2 do
@@ -613,14 +661,14 @@ local function claim_jobs(token, worker, now, lease, limit, queues, idle_ms)
                 out[#out + 1] = fields
             end
         end
-        table.insert(out, 2, {})
+        table.insert(out, 2, again)
         return out
     end
 
     -- jobs handed to this worker while it waited that it has not taken (or has taken
     -- while this call was on its way: the caller drops those), as they are now
     redis.call('HDEL', P .. 'waiting', worker)
-    local mine, batches = {}, {}
+    local mine, batches, taken, kept = {}, {}, {}, {}
     local lists = {P .. 'hand:' .. worker, P .. 'took:' .. worker}
     if redis.call('EXISTS', lists[1], lists[2]) > 0 then
         for _, list in ipairs(lists) do
@@ -648,12 +696,20 @@ local function claim_jobs(token, worker, now, lease, limit, queues, idle_ms)
                 end
             end
             local v = redis.call('HMGET', jkey(id), 'state', 'worker_id')
-            if v[1] == 'running' and v[2] == worker then
+            if v[1] == 'running' and v[2] == worker and not taken[id] and #mine < limit then
+                -- (beyond the limit, left as they are: the worker may have started one
+                -- already, its take on the way; the others come back uncounted)
+                taken[id] = true
+                redis.call('HSET', jkey(id), 'lease_until', lease)
+                zput(P .. 'run', lease, id)
+                zdel(P .. 'handed', id)
                 mine[#mine + 1] = redis.call('HGETALL', jkey(id))
+                kept[#kept + 1] = id
             end
         end
     end
     limit = limit - #mine
+    give_back_handed(server_now(), 100)
 
     local names
     if queues == '' then
@@ -738,7 +794,9 @@ local function claim_jobs(token, worker, now, lease, limit, queues, idle_ms)
             end
         end
         for _, entry in ipairs(level) do
-            if redis.call('EXISTS', entry[3]) == 0 then
+            -- a job made claimable earlier in this script is still in the buffer: its
+            -- priority must stay listed, or no claim would look at it
+            if redis.call('EXISTS', entry[3]) == 0 and not buffered(entry[3]) then
                 redis.call('SREM', P .. 'prio:' .. entry[1], entry[2])
             end
         end
@@ -760,8 +818,9 @@ local function claim_jobs(token, worker, now, lease, limit, queues, idle_ms)
         -- took all there was: the worker may wait now, so work made claimable is announced
         redis.call('SET', P .. 'idle', '1', 'PX', idle_ms)
     end
-    if #ids > 0 then
-        redis.call('SET', last_claim, token .. ' ' .. cjson.encode(ids), 'EX', 120)
+    if #ids > 0 or #kept > 0 then
+        local saved = cjson.encode({ids, kept})
+        redis.call('SET', last_claim, token .. ' ' .. saved, 'EX', 120)
     end
     table.insert(out, 2, mine)
     return out

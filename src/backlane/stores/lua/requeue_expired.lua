@@ -1,5 +1,6 @@
 -- requeue_expired: running jobs whose lease ended before now are queued again (or end
--- cancelled when asked to stop); deferred jobs whose release_at is not after now are
+-- cancelled when asked to stop; a job handed to a waiting worker that never took it goes
+-- back uncounted); deferred jobs whose release_at is not after now are
 -- queued. At most `limit` of each per call.
 -- ARGV: now, keep_until ('' for none), limit. Returns {changed, more (1 or 0)}.
 local now, keep_until, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
@@ -12,6 +13,8 @@ for _, id in ipairs(expired) do
             zdel(P .. 'run', id)
             redis.call('HDEL', jkey(id), 'lease_until')
             end_job(job, 'cancelled', now, keep_until)
+        elseif untaken(job) then -- handed to a waiting worker that never took it
+            requeue(job, math.max(tonumber(redis.call('HGET', jkey(id), 'attempts')) - 1, 0))
         else
             requeue(job)
         end
