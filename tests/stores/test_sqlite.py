@@ -214,6 +214,7 @@ async def test_every_field_of_a_job_is_stored_as_given(tmp_path: Path) -> None:
         ("renew_leases", "jobs_id"),
         ("get_key_holder", "jobs_active_key"),
         ("unblock", "jobs_after"),
+        ("unblock_one", "jobs_after"),
         ("cancel_expired_leases", "jobs_state_created"),
         ("requeue_expired_leases", "jobs_state_created"),
         ("requeue_overdue_deferred", "jobs_state_created"),

@@ -481,7 +481,9 @@ class SQLiteStore(Store):
 
     def _unblock(self, conn: sqlite3.Connection, ids: Sequence[str]) -> None:
         """Free the jobs that waited for any of ``ids``."""
-        if ids:
+        if len(ids) == 1:
+            conn.execute(self._sql["unblock_one"], {"id": ids[0]})
+        elif ids:
             conn.execute(self._sql["unblock"], {"ids": _ids(ids)})
 
     def _active(self, conn: sqlite3.Connection, job_id: str) -> bool:

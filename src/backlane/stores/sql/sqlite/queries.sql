@@ -41,6 +41,10 @@ RETURNING id;
 UPDATE jobs INDEXED BY jobs_after SET "after" = NULL
 WHERE "after" IN (SELECT value FROM json_each(:ids));
 
+-- name: unblock_one
+-- unblock, for the usual job that ends alone: a third of the cost without json_each.
+UPDATE jobs INDEXED BY jobs_after SET "after" = NULL WHERE "after" = :id;
+
 -- name: claim_any
 UPDATE jobs
 SET state = 'running', attempts = attempts + 1, started_at = :now,
