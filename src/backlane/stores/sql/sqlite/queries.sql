@@ -194,11 +194,12 @@ OR (error LIKE :pattern ESCAPE '\'
     AND json_extract(error, '$.message') LIKE :pattern ESCAPE '\')
 
 -- name: counts
+-- Deferred and running jobs, few, are left out of jobs_queue_state and read by state.
 SELECT queue, state, COUNT(*) AS n FROM jobs INDEXED BY jobs_queue_state
-WHERE state <> 'deferred' GROUP BY queue, state
+WHERE state NOT IN ('deferred', 'running') GROUP BY queue, state
 UNION ALL
 SELECT queue, state, COUNT(*) AS n FROM jobs INDEXED BY jobs_state_created
-WHERE state = 'deferred' GROUP BY queue;
+WHERE state IN ('deferred', 'running') GROUP BY queue, state;
 
 -- name: stats
 -- Jobs that ended since a time, per bucket of a width: the bucket is the number of widths
