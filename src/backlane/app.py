@@ -96,12 +96,13 @@ class Notifier:
         entry = (loop, fut)
         with self._lock:
             self._waiters.add(entry)
+        timer = loop.call_later(timeout, _settle, fut)  # lighter than asyncio.wait's timeout
         try:
-            await asyncio.wait([fut], timeout=timeout)
+            await fut
         finally:
+            timer.cancel()
             with self._lock:
                 self._waiters.discard(entry)
-            fut.cancel()
 
     def notify(self) -> None:
         """Wake every waiter. Safe from any thread."""

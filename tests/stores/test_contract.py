@@ -799,6 +799,11 @@ async def test_counts_per_queue_and_state(store: Store) -> None:
         "q1": {S.QUEUED: 2, S.FAILED: 1},
         "q2": {S.DEFERRED: 1},
     }
+    await take(store, queues=["q1"], limit=1)
+    assert await store.counts() == {
+        "q1": {S.QUEUED: 1, S.RUNNING: 1, S.FAILED: 1},
+        "q2": {S.DEFERRED: 1},
+    }
 
 
 async def test_open_and_close_are_idempotent(store: Store) -> None:

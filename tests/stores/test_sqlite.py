@@ -205,15 +205,18 @@ async def test_every_field_of_a_job_is_stored_as_given(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("query", "index"),
     [
-        ("claim_any", "jobs_claimable_any"),
-        ("claim_queue", "jobs_claimable"),
-        ("claim_queues", "jobs_claimable"),
+        ("claimable_any", "jobs_claimable_any"),
+        ("claimable_queue", "jobs_claimable"),
+        ("claimable_queues", "jobs_claimable"),
+        ("claim_one", "INTEGER PRIMARY KEY"),
+        ("claim_seqs", "INTEGER PRIMARY KEY"),
         ("release_one", "jobs_id"),
         ("finish_end", "jobs_id"),
         ("finish_retry", "jobs_id"),
         ("renew_leases", "jobs_id"),
         ("get_key_holder", "jobs_active_key"),
         ("unblock", "jobs_after"),
+        ("unblock_one", "jobs_after"),
         ("cancel_expired_leases", "jobs_state_created"),
         ("requeue_expired_leases", "jobs_state_created"),
         ("requeue_overdue_deferred", "jobs_state_created"),
@@ -230,7 +233,7 @@ async def test_the_hot_statements_search_an_index(tmp_path: Path, query: str, in
         "now": NOW, "lease_until": NOW, "worker_id": "w", "limit": 1, "queue": "q",
         "queues": '["a","b"]', "ids": '["x"]', "id": "x", "key": "k", "before": NOW,
         "states": '["failed"]', "run_at": NOW, "result": None, "error": None,
-        "state": "failed", "finished_at": NOW, "keep_until": NOW,
+        "state": "failed", "finished_at": NOW, "keep_until": NOW, "seq": 1, "seqs": "[1]",
     }  # fmt: skip
     conn = sqlite3.connect(tmp_path / "jobs.db")
     try:

@@ -109,7 +109,7 @@ async def test_migrations_applied_one_by_one_build_the_schema_of_a_fresh_file(
     ("query", "index"),
     [
         ("stats", "jobs_finished"),
-        ("claim_any", "jobs_claimable_any"),
+        ("claimable_any", "jobs_claimable_any"),
     ],
 )
 async def test_the_new_statements_search_an_index(tmp_path: Path, query: str, index: str) -> None:

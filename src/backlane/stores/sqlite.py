@@ -481,7 +481,9 @@ class SQLiteStore(Store):
 
     def _unblock(self, conn: sqlite3.Connection, ids: Sequence[str]) -> None:
         """Free the jobs that waited for any of ``ids``."""
-        if ids:
+        if len(ids) == 1:
+            conn.execute(self._sql["unblock_one"], {"id": ids[0]})
+        elif ids:
             conn.execute(self._sql["unblock"], {"ids": _ids(ids)})
 
     def _active(self, conn: sqlite3.Connection, job_id: str) -> bool:
@@ -514,18 +516,24 @@ class SQLiteStore(Store):
     def _claim(
         self, conn: sqlite3.Connection, queues: list[str] | None, params: dict[str, Any]
     ) -> list[Job]:
-        query = "claim_any"
+        query, found = "claimable_any", params
         if queues is not None:
             paused = {row["queue"] for row in self._fetch_named(conn, "paused_queues", {})}
             names = [name for name in queues if name not in paused]
             if not names:
                 return []
             if len(names) == 1:
-                query, params = "claim_queue", {**params, "queue": names[0]}
+                query, found = "claimable_queue", {**params, "queue": names[0]}
             else:
-                query, params = "claim_queues", {**params, "queues": _ids(names)}
-        rows = self._fetch_named(conn, query, params)
-        rows.sort(key=lambda row: (-row["priority"], row["run_at"], row["seq"]))
+                query, found = "claimable_queues", {**params, "queues": _ids(names)}
+        seqs = [row[0] for row in self._fetch_named(conn, query, found)]
+        if not seqs:
+            return []
+        if len(seqs) == 1:
+            rows = self._fetch_named(conn, "claim_one", {**params, "seq": seqs[0]})
+        else:
+            rows = self._fetch_named(conn, "claim_seqs", {**params, "seqs": json.dumps(seqs)})
+            rows.sort(key=lambda row: (-row["priority"], row["run_at"], row["seq"]))
         return [_decode(row) for row in rows]
 
     def _finish(self, conn: sqlite3.Connection, outcomes: list[Outcome]) -> list[str]:

@@ -385,10 +385,22 @@ class Connections:
         _settle_batch(batch, outcomes)
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Pending]) -> list[tuple[bool, Any]]:
-        """Each write of ``batch`` in turn; one that fails is undone alone (a savepoint)."""
+        """Each write of ``batch`` in turn; one that fails is undone alone. The writes run
+        one after another under one savepoint; only if one fails is that undone and the
+        batch run again with a savepoint around each write (two statements a write fewer
+        when none fails, as is usual)."""
         if len(batch) == 1:  # its failure is the transaction's
             pending = batch[0]
             return [(True, pending.fn(conn, *pending.args))]
+        conn.execute("SAVEPOINT backlane_batch")  # COMMIT releases it
+        try:
+            return [(True, pending.fn(conn, *pending.args)) for pending in batch]
+        except Exception:
+            conn.execute("ROLLBACK TO backlane_batch")
+        return self._run_apart(conn, batch)
+
+    def _run_apart(self, conn: sqlite3.Connection, batch: list[_Pending]) -> list[tuple[bool, Any]]:
+        """Each write of ``batch`` in turn, each under a savepoint of its own."""
         outcomes: list[tuple[bool, Any]] = []
         for pending in batch:
             conn.execute("SAVEPOINT backlane_write")

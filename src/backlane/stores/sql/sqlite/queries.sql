@@ -41,50 +41,56 @@ RETURNING id;
 UPDATE jobs INDEXED BY jobs_after SET "after" = NULL
 WHERE "after" IN (SELECT value FROM json_each(:ids));
 
--- name: claim_any
-UPDATE jobs
-SET state = 'running', attempts = attempts + 1, started_at = :now,
-    lease_until = :lease_until, worker_id = :worker_id
-WHERE seq IN (
-    SELECT seq FROM jobs INDEXED BY jobs_claimable_any
-    WHERE state = 'queued' AND "after" IS NULL AND run_at <= :now
-      AND queue NOT IN (SELECT queue FROM paused_queues)
-    ORDER BY priority DESC, run_at, seq
-    LIMIT :limit
-)
-RETURNING *;
+-- name: unblock_one
+-- unblock, for the usual job that ends alone: a third of the cost without json_each.
+UPDATE jobs INDEXED BY jobs_after SET "after" = NULL WHERE "after" = :id;
+
+-- name: claimable_any
+-- A claim is two steps in one transaction: the claimable jobs, in claim order, then
+-- claim_one or claim_seqs. One UPDATE ... WHERE seq IN (subquery) RETURNING * costs
+-- about twice as much for the usual single job.
+SELECT seq FROM jobs INDEXED BY jobs_claimable_any
+WHERE state = 'queued' AND "after" IS NULL AND run_at <= :now
+  AND queue NOT IN (SELECT queue FROM paused_queues)
+ORDER BY priority DESC, run_at, seq
+LIMIT :limit;
 
 -- name: paused_queues
 SELECT queue FROM paused_queues;
 
--- name: claim_queue
--- The store leaves paused queues out of the names it gives claim_queue and claim_queues,
--- so that a paused queue's backlog is never scanned; the clause on paused_queues states
--- the rule all the same.
-UPDATE jobs
+-- name: claimable_queue
+-- The store leaves paused queues out of the names it gives claimable_queue and
+-- claimable_queues, so that a paused queue's backlog is never scanned; the clause on
+-- paused_queues states the rule all the same.
+SELECT seq FROM jobs INDEXED BY jobs_claimable
+WHERE state = 'queued' AND "after" IS NULL AND run_at <= :now AND queue = :queue
+  AND queue NOT IN (SELECT queue FROM paused_queues)
+ORDER BY priority DESC, run_at, seq
+LIMIT :limit;
+
+-- name: claimable_queues
+SELECT seq FROM jobs INDEXED BY jobs_claimable
+WHERE state = 'queued' AND "after" IS NULL AND run_at <= :now
+  AND queue IN (SELECT value FROM json_each(:queues))
+  AND queue NOT IN (SELECT queue FROM paused_queues)
+ORDER BY priority DESC, run_at, seq
+LIMIT :limit;
+
+-- name: claim_one
+-- Claims the one job a claimable_* query found, by its rowid (NOT INDEXED: not through
+-- jobs_state_created, for state = 'queued').
+UPDATE jobs NOT INDEXED
 SET state = 'running', attempts = attempts + 1, started_at = :now,
     lease_until = :lease_until, worker_id = :worker_id
-WHERE seq IN (
-    SELECT seq FROM jobs INDEXED BY jobs_claimable
-    WHERE state = 'queued' AND "after" IS NULL AND run_at <= :now AND queue = :queue
-      AND queue NOT IN (SELECT queue FROM paused_queues)
-    ORDER BY priority DESC, run_at, seq
-    LIMIT :limit
-)
+WHERE seq = :seq AND state = 'queued'
 RETURNING *;
 
--- name: claim_queues
-UPDATE jobs
+-- name: claim_seqs
+-- Claims the jobs a claimable_* query found (a JSON array of their seq).
+UPDATE jobs NOT INDEXED
 SET state = 'running', attempts = attempts + 1, started_at = :now,
     lease_until = :lease_until, worker_id = :worker_id
-WHERE seq IN (
-    SELECT seq FROM jobs INDEXED BY jobs_claimable
-    WHERE state = 'queued' AND "after" IS NULL AND run_at <= :now
-      AND queue IN (SELECT value FROM json_each(:queues))
-      AND queue NOT IN (SELECT queue FROM paused_queues)
-    ORDER BY priority DESC, run_at, seq
-    LIMIT :limit
-)
+WHERE seq IN (SELECT value FROM json_each(:seqs)) AND state = 'queued'
 RETURNING *;
 
 -- name: renew_leases
@@ -190,11 +196,12 @@ OR (error LIKE :pattern ESCAPE '\'
     AND json_extract(error, '$.message') LIKE :pattern ESCAPE '\')
 
 -- name: counts
+-- Deferred and running jobs, few, are left out of jobs_queue_state and read by state.
 SELECT queue, state, COUNT(*) AS n FROM jobs INDEXED BY jobs_queue_state
-WHERE state <> 'deferred' GROUP BY queue, state
+WHERE state NOT IN ('deferred', 'running') GROUP BY queue, state
 UNION ALL
 SELECT queue, state, COUNT(*) AS n FROM jobs INDEXED BY jobs_state_created
-WHERE state = 'deferred' GROUP BY queue;
+WHERE state IN ('deferred', 'running') GROUP BY queue, state;
 
 -- name: stats
 -- Jobs that ended since a time, per bucket of a width: the bucket is the number of widths
