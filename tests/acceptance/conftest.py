@@ -84,6 +84,26 @@ class WorkerProcess:
     def signal(self, signum: int) -> None:
         self.proc.send_signal(signum)
 
+    def freeze_holding(
+        self, holding: Callable[[], set[str]], *, tries: int = 50, pause: float = 0.01
+    ) -> tuple[set[str], float]:
+        """Freeze the worker (SIGSTOP) where ``holding()`` finds it holding jobs: a stop that
+        lands between two batches thaws it for ``pause`` seconds and freezes it again. Returns
+        the jobs held (empty after ``tries`` freezes that found none) and how long the last
+        snapshot took after its stop. The worker stays frozen."""
+        held: set[str] = set()
+        took = 0.0
+        for _ in range(tries):
+            self.signal(signal.SIGSTOP)
+            stopped = time.monotonic()
+            held = holding()
+            took = time.monotonic() - stopped
+            if held:
+                break
+            self.signal(signal.SIGCONT)
+            time.sleep(pause)
+        return held, took
+
     def wait(self, timeout: float) -> int:
         """The exit code, waiting at most ``timeout`` seconds (AssertionError after)."""
         try:

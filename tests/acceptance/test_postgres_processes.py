@@ -214,15 +214,9 @@ def test_web_and_two_workers_on_postgres_lose_nothing_when_one_is_killed(
         # only if the victim had missed heartbeats for a whole lease (2 s); the snapshot is
         # taken within milliseconds.
         # A stop landing between two batches finds it holding nothing: thaw, freeze again.
-        for _ in range(50):
-            victim.signal(signal.SIGSTOP)
-            stopped = time.monotonic()
-            held = {job.id for job in lab.jobs(JobState.RUNNING) if job.worker_id == victim_id}
-            snapshot_took = time.monotonic() - stopped
-            if held:
-                break
-            victim.signal(signal.SIGCONT)
-            time.sleep(0.01)
+        held, snapshot_took = victim.freeze_holding(
+            lambda: {job.id for job in lab.jobs(JobState.RUNNING) if job.worker_id == victim_id}
+        )
         victim.signal(signal.SIGKILL)
         assert victim.wait(10) == -signal.SIGKILL
         started_by_victim_while_held = held & set(lab.recorded())

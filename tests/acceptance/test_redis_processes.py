@@ -135,15 +135,11 @@ def test_a_worker_killed_with_sigkill_loses_no_job_on_redis(redis_lab: RedisWork
         # atomic on the server: it is either in the snapshot or not run at all).
         # The web is slower than the workers here, so the victim is often between jobs:
         # freeze it until it is caught holding some (then thaw it and try again soon).
-        for _ in range(100):
-            victim.signal(signal.SIGSTOP)
-            stopped = time.monotonic()
-            held = {job.id for job in lab.jobs(JobState.RUNNING) if job.worker_id == victim_id}
-            snapshot_took = time.monotonic() - stopped
-            if held:
-                break
-            victim.signal(signal.SIGCONT)
-            time.sleep(0.03)
+        held, snapshot_took = victim.freeze_holding(
+            lambda: {job.id for job in lab.jobs(JobState.RUNNING) if job.worker_id == victim_id},
+            tries=100,
+            pause=0.03,
+        )
         victim.signal(signal.SIGKILL)
         assert victim.wait(10) == -signal.SIGKILL
         started_by_victim_while_held = held & set(lab.recorded())

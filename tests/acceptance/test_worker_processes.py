@@ -42,15 +42,9 @@ def test_a_worker_killed_with_sigkill_loses_no_job(lab: WorkerLab) -> None:
     # pass wrongly).
     # The stop can land between two of its batches, when it holds nothing: then let it run a
     # moment and freeze it again.
-    for _ in range(50):
-        victim.signal(signal.SIGSTOP)
-        stopped = time.monotonic()
-        held = {job.id for job in lab.jobs(JobState.RUNNING) if job.worker_id == victim_id}
-        snapshot_took = time.monotonic() - stopped
-        if held:
-            break
-        victim.signal(signal.SIGCONT)
-        time.sleep(0.01)
+    held, snapshot_took = victim.freeze_holding(
+        lambda: {job.id for job in lab.jobs(JobState.RUNNING) if job.worker_id == victim_id}
+    )
     victim.signal(signal.SIGKILL)
     assert victim.wait(10) == -signal.SIGKILL
     # Every execution the victim ever started is in the log now (each is one atomic write
