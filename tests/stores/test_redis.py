@@ -522,6 +522,17 @@ async def _idle_worker(store: RedisStore) -> None:
         assert await store.claim(**claim_args(now=time.time())) == []
 
 
+async def _handed_one(store: RedisStore, other: RedisStore) -> Job:
+    """Store a job through ``other`` while ``store``'s worker w1 waits for work, idle: the
+    job is handed to w1, and the wait returns."""
+    await _idle_worker(store)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(store.wait_for_work, 10.0)
+        await anyio.sleep(0.05)
+        (job,) = await other.enqueue([make_job(run_at=time.time())])
+    return job
+
+
 _ENQUEUER = """
 import asyncio, sys, time
 from backlane.jobs import Job
@@ -662,11 +673,7 @@ async def test_a_waiting_worker_is_handed_the_job_and_takes_it_without_a_round_t
 ) -> None:
     other = RedisStore(store.url)
     await other.open()
-    await _idle_worker(store)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(store.wait_for_work, 10.0)
-        await anyio.sleep(0.05)
-        (job,) = await other.enqueue([make_job(run_at=time.time())])
+    job = await _handed_one(store, other)
     assert [j.id for j in await other.claim(**claim_args(worker_id="w2", now=time.time()))] == []
     held = await store.get(job.id)
     assert held is not None and held.state is S.RUNNING and held.worker_id == "w1"
@@ -694,11 +701,7 @@ async def test_a_waiting_worker_is_handed_the_job_and_takes_it_without_a_round_t
 async def test_a_job_handed_to_a_worker_that_stops_is_given_back(store: RedisStore) -> None:
     other = RedisStore(store.url)
     await other.open()
-    await _idle_worker(store)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(store.wait_for_work, 10.0)
-        await anyio.sleep(0.05)
-        (job,) = await other.enqueue([make_job(run_at=time.time())])
+    job = await _handed_one(store, other)
     await store.forget_worker("w1")
     back = await other.get(job.id)
     assert back is not None and back.state is S.QUEUED and back.attempts == 0
@@ -764,11 +767,7 @@ async def test_a_sweep_gives_back_a_job_handed_and_never_taken_uncounted(
 async def test_a_job_taken_lives_on_its_full_lease(store: RedisStore) -> None:
     other = RedisStore(store.url)
     await other.open()
-    await _idle_worker(store)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(store.wait_for_work, 10.0)
-        await anyio.sleep(0.05)
-        (job,) = await other.enqueue([make_job(run_at=time.time())])
+    job = await _handed_one(store, other)
     now = time.time()
     (taken,) = await store.claim(**claim_args(now=now, lease_until=now + LEASE))
     await anyio.sleep(0.1)  # its lease is extended in the background
@@ -782,11 +781,7 @@ async def test_a_hand_off_that_crossed_a_claim_is_returned_by_a_later_claim(
 ) -> None:
     other = RedisStore(store.url)
     await other.open()
-    await _idle_worker(store)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(store.wait_for_work, 10.0)
-        await anyio.sleep(0.05)
-        (job,) = await other.enqueue([make_job(run_at=time.time())])
+    job = await _handed_one(store, other)
     assert [j.id for j in store._handed["w1"]] == [job.id]  # the pop brought it
     now = time.time()
     with monkeypatch.context() as patched:  # a claim sent before the pop's reply came,
