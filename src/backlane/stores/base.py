@@ -37,6 +37,7 @@ from typing import Any
 
 import anyio
 
+from ..exceptions import StoreError
 from ..jobs import Job, JobState
 
 OUTCOME_STATES = frozenset(
@@ -66,6 +67,17 @@ class Outcome:
     run_at: float | None = None
     keep_until: float | None = None
     attempt: dict[str, Any] | None = None
+
+
+def check_outcomes(outcomes: Sequence[Outcome]) -> None:
+    """Raise ``StoreError`` naming the first outcome whose state an outcome cannot have
+    (it ends a job succeeded, failed or cancelled, or queues it again)."""
+    for outcome in outcomes:
+        if outcome.state not in OUTCOME_STATES:
+            raise StoreError(
+                f"an outcome ends a job succeeded, failed or cancelled, or queues it "
+                f"again; got {outcome.state.value!r} for job {outcome.job_id}"
+            )
 
 
 @dataclass(frozen=True)

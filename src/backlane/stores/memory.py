@@ -20,7 +20,7 @@ from typing import Any
 
 from ..exceptions import ConfigurationError, StoreError
 from ..jobs import ACTIVE_STATES, TERMINAL_STATES, Job, JobState
-from .base import OUTCOME_STATES, Outcome, ScheduleRecord, StatsBucket, Store, WorkerRecord
+from .base import Outcome, ScheduleRecord, StatsBucket, Store, WorkerRecord, check_outcomes
 
 _STATS_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 
@@ -205,12 +205,7 @@ class MemoryStore(Store):
     async def finish(self, outcomes: Sequence[Outcome]) -> list[str]:
         """Apply each outcome whose worker still holds its job; return the ids applied."""
         with self._lock:
-            for outcome in outcomes:
-                if outcome.state not in OUTCOME_STATES:
-                    raise StoreError(
-                        f"an outcome ends a job succeeded, failed or cancelled, or queues "
-                        f"it again; got {outcome.state.value!r} for job {outcome.job_id}"
-                    )
+            check_outcomes(outcomes)
             applied: list[str] = []
             for outcome in outcomes:
                 job = self._jobs.get(outcome.job_id)

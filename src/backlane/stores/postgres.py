@@ -31,7 +31,7 @@ from psycopg.rows import dict_row
 
 from ..exceptions import StoreError
 from ..jobs import TERMINAL_STATES, Job, JobState
-from .base import OUTCOME_STATES, Outcome, ScheduleRecord, StatsBucket, Store, WorkerRecord
+from .base import Outcome, ScheduleRecord, StatsBucket, Store, WorkerRecord, check_outcomes
 from .postgres_jobs import (
     PsycopgSession,
     Row,
@@ -208,12 +208,7 @@ class PostgresStore(Store):
     async def finish(self, outcomes: Sequence[Outcome]) -> list[str]:
         """Apply each outcome whose worker still holds its job (the first, when one job has
         several); return the ids applied, in the order given."""
-        for outcome in outcomes:
-            if outcome.state not in OUTCOME_STATES:
-                raise StoreError(
-                    f"an outcome ends a job succeeded, failed or cancelled, or queues it "
-                    f"again; got {outcome.state.value!r} for job {outcome.job_id}"
-                )
+        check_outcomes(outcomes)
         if not outcomes:
             return []
         params: dict[str, list[Any]] = {

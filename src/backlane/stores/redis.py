@@ -35,7 +35,7 @@ from redis.exceptions import RedisError
 
 from ..exceptions import ConfigurationError, StoreError
 from ..jobs import TERMINAL_STATES, Job, JobState
-from .base import OUTCOME_STATES, Outcome, ScheduleRecord, StatsBucket, Store, WorkerRecord
+from .base import Outcome, ScheduleRecord, StatsBucket, Store, WorkerRecord, check_outcomes
 from .redis_codec import (
     decode_job,
     decode_worker,
@@ -232,7 +232,7 @@ class RedisStore(Store):
     ) -> tuple[list[str], list[Job]]:
         """``finish(outcomes)`` then ``claim(...)`` in one script: one round trip for a
         worker's loop turn."""
-        _check_outcomes(outcomes)
+        check_outcomes(outcomes)
         if limit <= 0 or (queues is not None and not queues):
             return await self.finish(outcomes), []
         link = await self._links.get()
@@ -372,7 +372,7 @@ class RedisStore(Store):
 
     async def finish(self, outcomes: Sequence[Outcome]) -> list[str]:
         """Apply each outcome whose worker still holds its job; return the ids applied."""
-        _check_outcomes(outcomes)
+        check_outcomes(outcomes)
         if not outcomes:
             return []
         return list(await self._call("finish", outcomes_json(outcomes)))
@@ -714,15 +714,6 @@ def _seen_key(job: Job) -> tuple[str, int, float | None]:
     """What tells one hand-off of a job from another (an attempt given back is uncounted, so
     the attempt alone does not)."""
     return (job.id, job.attempts, job.started_at)
-
-
-def _check_outcomes(outcomes: Sequence[Outcome]) -> None:
-    for outcome in outcomes:
-        if outcome.state not in OUTCOME_STATES:
-            raise StoreError(
-                f"an outcome ends a job succeeded, failed or cancelled, or queues it "
-                f"again; got {outcome.state.value!r} for job {outcome.job_id}"
-            )
 
 
 def _stored_copy(job: Job, after: str | None) -> Job:

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from ..exceptions import ConfigurationError, StoreError
 from ..jobs import ACTIVE_STATES, TERMINAL_STATES, Job, JobState
-from .base import OUTCOME_STATES, Outcome, ScheduleRecord, StatsBucket, Store, WorkerRecord
+from .base import Outcome, ScheduleRecord, StatsBucket, Store, WorkerRecord, check_outcomes
 from .sqlite_connections import Connections
 from .sqlite_schema import path_from_url, queries
 
@@ -236,12 +236,7 @@ class SQLiteStore(Store):
         """Apply each outcome whose worker still holds its job; return the ids applied.
         Waits for the loop's next turn, to share a transaction with the worker's next
         claim."""
-        for outcome in outcomes:
-            if outcome.state not in OUTCOME_STATES:
-                raise StoreError(
-                    f"an outcome ends a job succeeded, failed or cancelled, or queues it "
-                    f"again; got {outcome.state.value!r} for job {outcome.job_id}"
-                )
+        check_outcomes(outcomes)
         return await self._db.write_soon(self._finish, list(outcomes))
 
     async def hand_back(self, *, worker_id: str, ids: Sequence[str]) -> None:
