@@ -89,10 +89,11 @@ class Notifier:
         self._lock = threading.Lock()
         self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = set()
 
-    async def wait(self, timeout: float) -> None:
-        """Return at the next ``notify()`` or after ``timeout`` seconds."""
+    async def wait(self, timeout: float, *, future: asyncio.Future[None] | None = None) -> None:
+        """Return at the next ``notify()`` or after ``timeout`` seconds; or, given a
+        ``future`` of the running loop, as soon as someone else settles it."""
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
+        fut: asyncio.Future[None] = loop.create_future() if future is None else future
         entry = (loop, fut)
         with self._lock:
             self._waiters.add(entry)
@@ -152,6 +153,8 @@ class Backlane:
         self._by_function: dict[Callable[..., Any], Task[Any, Any]] = {}
         self._schedules: dict[str, Schedule] = {}
         self._opened = False
+        self._running: list[Worker] = []
+        """Workers of this lane running in this process, on any loop."""
 
     def __repr__(self) -> str:
         return f"<Backlane {self.settings.url}>"
@@ -433,6 +436,14 @@ class Backlane:
         from .worker import Worker
 
         return Worker(self, concurrency=concurrency, queues=queues, threads=threads)
+
+    def worker_with_room(self) -> Worker | None:
+        """A worker of this lane running on the running event loop, not stopping, with a
+        free slot; None if there is none."""
+        for worker in self._running:
+            if worker.has_room_here():
+                return worker
+        return None
 
     def install(
         self,

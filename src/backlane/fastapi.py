@@ -159,9 +159,14 @@ class RequestBatch:
             else:
                 if not self.stored:  # no middleware stored them when the response started
                     await self.persist()
-                with anyio.CancelScope(shield=True):
-                    await self.lane.store.release([j.id for j in self.jobs])
-                self.lane.notifier.notify()
+                ids = [j.id for j in self.jobs]
+                worker = self.lane.worker_with_room()
+                if worker is not None:  # an embedded worker releases them with its claim
+                    worker.hand_over(ids)
+                else:
+                    with anyio.CancelScope(shield=True):
+                        await self.lane.store.release(ids)
+                    self.lane.notifier.notify()
         for func, args, kwargs in self.local:
             try:
                 if inspect.iscoroutinefunction(func):

@@ -9,6 +9,7 @@ claiming, lets running jobs finish within the grace period, and hands the rest b
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -16,7 +17,7 @@ import socket
 import time
 import traceback
 import uuid
-from contextlib import AsyncExitStack, nullcontext
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,10 @@ if TYPE_CHECKING:
     from .tasks import Task
 
 log = logging.getLogger("backlane.worker")
+
+_GATHER = 0.002
+"""Seconds an embedded worker fed by its own requests waits after a claim, so that the
+next requests' jobs, and the outcomes of those it runs, share one claim."""
 
 
 @dataclass
@@ -86,12 +91,17 @@ class Worker:
         self._outcomes: list[Outcome] = []
         self._stopping = False
         self._slot_free = anyio.Event()
-        self._outcome_ready = anyio.Event()
+        self._wake: asyncio.Future[None] | None = None
+        """What the claim loop waits on while idle: settled by a change or an outcome."""
         self._limiter: anyio.CapacityLimiter | None = None
         self._until_idle = False
         self.started_at = time.time()
         self._in_flight = 0
         self._flushed = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._group: anyio.abc.TaskGroup | None = None
+        self._released: list[str] = []
+        """Jobs requests of this process handed over, to release with the next claim."""
         self.processed = 0
 
     def __repr__(self) -> str:
@@ -112,16 +122,24 @@ class Worker:
         self._limiter = anyio.CapacityLimiter(self.threads)
         self.started_at = time.time()
         self._slot_free = anyio.Event()
-        self._outcome_ready = anyio.Event()
         await self.lane.open()
         log.info("worker %s started (concurrency %d)", self.id, self.concurrency)
-        async with anyio.create_task_group() as jobs_group, anyio.create_task_group() as service:
-            service.start_soon(self._maintain)
-            service.start_soon(self._flush_loop)
-            await self._claim_loop(jobs_group)
-            await self._wind_down()
-            await self._flush()
-            service.cancel_scope.cancel()
+        self._loop = asyncio.get_running_loop()
+        self.lane._running.append(self)
+        try:
+            async with (
+                anyio.create_task_group() as jobs_group,
+                anyio.create_task_group() as service,
+            ):
+                service.start_soon(self._maintain)
+                self._group = jobs_group
+                await self._claim_loop(jobs_group)
+                await self._wind_down()
+                await self._flush()
+                service.cancel_scope.cancel()
+        finally:
+            self.lane._running.remove(self)
+            self._group = None
         await self._flush()
         with anyio.CancelScope(shield=True):
             try:
@@ -166,12 +184,34 @@ class Worker:
             await self.lane.store.finish([outcome])
             self.lane.notifier.notify()
 
+    def has_room_here(self) -> bool:
+        """Whether this worker runs on the running event loop, is not stopping, and has a
+        free slot."""
+        return (
+            not self._stopping
+            and self._group is not None
+            and len(self._held) < self.concurrency
+            and self._loop is asyncio.get_running_loop()
+        )
+
+    def hand_over(self, ids: list[str]) -> None:
+        """Take the deferred jobs ``ids`` of a request whose response has been sent (an
+        embedded worker, from its own web process, on its loop): this worker releases them
+        with its next claim, which may take them; where the store can, that is one
+        transaction with the outcomes it records, shared by a burst of requests."""
+        self._released.extend(ids)
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
     async def _claim_loop(self, group: anyio.abc.TaskGroup) -> None:
         settings = self.lane.settings
         idle = settings.poll_min
         while not self._stopping:
             free = self.concurrency - len(self._held)
             if free <= 0:
+                if self._released:  # no room here: let other workers have them
+                    await self._release_handed_over()
                 # stop() may come from another thread: look at it again now and then
                 with anyio.move_on_after(settings.poll_max):
                     await self._slot_free.wait()
@@ -180,6 +220,7 @@ class Worker:
             now = time.time()
             generation = self._flushed
             outcomes, self._outcomes = self._outcomes, []  # recorded in the same call
+            released, self._released = self._released, []
             self._in_flight += 1
             try:
                 with anyio.CancelScope(shield=True):  # a claim that commits must be seen
@@ -190,9 +231,11 @@ class Worker:
                         limit=free,
                         now=now,
                         lease_until=now + self.lease,
+                        release=released,
                     )
             except Exception:
                 self._outcomes[:0] = outcomes
+                self._released[:0] = released
                 self._in_flight -= 1
                 log.exception("worker %s could not claim jobs; retrying", self.id)
                 await self.lane.notifier.wait(min(idle * 4, 2.0))
@@ -201,6 +244,7 @@ class Worker:
             self._in_flight -= 1
             if outcomes:
                 self._flushed += 1
+            if outcomes or released:
                 self.lane.notifier.notify()
             if jobs:
                 idle = settings.poll_min
@@ -210,6 +254,9 @@ class Worker:
                     group.start_soon(self._run_one, held, name=f"backlane job {job.id}")
                 if len(jobs) == free:
                     continue  # there may be more: claim again at once
+                if released:  # fed by this process's requests: let the next few gather
+                    await anyio.sleep(_GATHER)
+                    continue
                 await self._idle(idle)  # took all there was: no empty claim right after
                 continue
             if self._until_idle and not (self._held or self._outcomes or self._in_flight):
@@ -221,15 +268,26 @@ class Worker:
 
     async def _idle(self, timeout: float) -> None:
         """Wait until jobs may be claimable: a change in this process, a change the store
-        reports from elsewhere (if it can), ``stop()``, or ``timeout`` seconds."""
+        reports from elsewhere (if it can), ``stop()``, or ``timeout`` seconds; or until a
+        job of this worker ended, whose outcome the next claim records, or a request
+        handed jobs over."""
+        if self._outcomes or self._released:
+            return
+        self._wake = wake = asyncio.get_running_loop().create_future()
+        try:
+            await self._idle_until(wake, timeout)
+        finally:
+            self._wake = None
+
+    async def _idle_until(self, wake: asyncio.Future[None], timeout: float) -> None:
         store = self.lane.store
         if type(store).wait_for_work is Store.wait_for_work:
-            await self.lane.notifier.wait(timeout)
+            await self.lane.notifier.wait(timeout, future=wake)
             return
         async with anyio.create_task_group() as group:
 
             async def local() -> None:
-                await self.lane.notifier.wait(timeout)
+                await self.lane.notifier.wait(timeout, future=wake)
                 group.cancel_scope.cancel()
 
             async def remote() -> None:
@@ -243,7 +301,18 @@ class Worker:
             group.start_soon(local)
             group.start_soon(remote)
 
+    async def _release_handed_over(self) -> None:
+        released, self._released = self._released, []
+        try:
+            with anyio.CancelScope(shield=True):
+                await self.lane.store.release(released)
+        except Exception:  # they are released by the sweep after the release grace
+            log.exception("worker %s could not release %d jobs", self.id, len(released))
+        self.lane.notifier.notify()
+
     async def _wind_down(self) -> None:
+        if self._released:
+            await self._release_handed_over()
         if self._held:
             log.info(
                 "worker %s waiting up to %ss for %d jobs", self.id, self.grace, len(self._held)
@@ -252,6 +321,7 @@ class Worker:
                 while self._held:
                     await self._slot_free.wait()
                     self._slot_free = anyio.Event()
+                    await self._flush()
         if self._held:
             ids = list(self._held)
             for held in self._held.values():
@@ -272,39 +342,38 @@ class Worker:
             self._slot_free.set()
         if outcome is not None:
             self._outcomes.append(outcome)
-            self._outcome_ready.set()
             self.processed += 1
+            if self._wake is not None and not self._wake.done():
+                self._wake.set_result(None)  # the claim loop records it with its next claim
 
     async def execute(self, held: _Held) -> Outcome | None:
         """Run one claimed job; the outcome to record, or None if it was handed back."""
         job = held.job
-        lane = self.lane
         try:
-            task = lane.resolve_task(job.task)
+            task = self.lane.resolve_task(job.task)
             args, kwargs = task.codec.decode(job.payload)
         except Exception as exc:  # unknown task or corrupt payload: a failed job, not a crash
             log.error("job %s (%s) cannot run: %s", job.id, job.task, exc)
             return self._ended(job, JobState.FAILED, error=error_record(exc))
 
-        async def report(fraction: float | None, message: str | None) -> None:
-            await lane.store.set_progress(
-                job.id, worker_id=self.id, progress=fraction, message=message
-            )
-            lane.notifier.notify()
-
-        ctx = TaskContext(
-            job_id=job.id, task=job.task, attempt=job.attempts, queue=job.queue, report=report
-        )
-        held.context = ctx
-        if task.codec.context_param:
-            kwargs[task.codec.context_param] = ctx
         finished = False
         value: Any = None
         try:
-            async with AsyncExitStack() as stack:
-                kwargs.update(
-                    await resolve_dependencies(task.codec.dependencies, stack=stack, context=ctx)
-                )
+            if task.codec.context_param or task.codec.dependencies:
+                async with AsyncExitStack() as stack:
+                    ctx = self._context(job)
+                    held.context = ctx
+                    if task.codec.context_param:
+                        kwargs[task.codec.context_param] = ctx
+                    kwargs.update(
+                        await resolve_dependencies(
+                            task.codec.dependencies, stack=stack, context=ctx
+                        )
+                    )
+                    with held.scope:
+                        value = await self._call(task, args, kwargs)
+                        finished = True
+            else:  # nothing to set up or close: the common case, kept lean
                 with held.scope:
                     value = await self._call(task, args, kwargs)
                     finished = True
@@ -326,16 +395,31 @@ class Worker:
             return self._after_failure(job, task, exc)
         return self._ended(job, JobState.SUCCEEDED, result=result)
 
-    async def _call(self, task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
-        timeout = task.timeout
-        with anyio.fail_after(timeout) if timeout else nullcontext():
-            if task.is_async:
-                return await task.func(*args, **kwargs)
-            assert self._limiter is not None
-            call = functools.partial(task.func, *args, **kwargs)
-            return await anyio.to_thread.run_sync(
-                call, limiter=self._limiter, abandon_on_cancel=True
+    def _context(self, job: Job) -> TaskContext:
+        lane = self.lane
+
+        async def report(fraction: float | None, message: str | None) -> None:
+            await lane.store.set_progress(
+                job.id, worker_id=self.id, progress=fraction, message=message
             )
+            lane.notifier.notify()
+
+        return TaskContext(
+            job_id=job.id, task=job.task, attempt=job.attempts, queue=job.queue, report=report
+        )
+
+    async def _call(self, task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
+        if task.timeout:
+            with anyio.fail_after(task.timeout):
+                return await self._call_now(task, args, kwargs)
+        return await self._call_now(task, args, kwargs)
+
+    async def _call_now(self, task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
+        if task.is_async:
+            return await task.func(*args, **kwargs)
+        assert self._limiter is not None
+        call = functools.partial(task.func, *args, **kwargs) if args or kwargs else task.func
+        return await anyio.to_thread.run_sync(call, limiter=self._limiter, abandon_on_cancel=True)
 
     def _after_failure(
         self, job: Job, task: Task[Any, Any], exc: BaseException, *, message: str | None = None
@@ -384,12 +468,6 @@ class Worker:
             if state is JobState.SUCCEEDED
             else attempt_record(job, state.value, now, error),
         )
-
-    async def _flush_loop(self) -> None:
-        while True:
-            await self._outcome_ready.wait()
-            self._outcome_ready = anyio.Event()
-            await self._flush()
 
     async def _flush(self) -> None:
         delay = 0.05

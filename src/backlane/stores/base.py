@@ -215,11 +215,16 @@ class Store(abc.ABC):
         limit: int,
         now: float,
         lease_until: float,
+        release: Sequence[str] = (),
     ) -> tuple[list[str], list[Job]]:
-        """``finish(outcomes)``, then ``claim(...)``; returns what each returns. A worker
-        calls it once per turn of its loop. The two steps need not be one atomic step
-        together (each is atomic); a store that can send both at once (Redis: one script)
-        saves a round trip. This default just calls the two verbs."""
+        """``release(release)`` (if any), ``finish(outcomes)``, then ``claim(...)``;
+        returns what finish and claim return. A worker calls it once per turn of its loop
+        (an embedded worker passes the jobs its web process's requests handed over).
+        The steps need not be one atomic step together (each is atomic); a store that can
+        send them at once (Redis: one script; SQLite: one transaction) saves round trips.
+        This default just calls the verbs."""
+        if release:
+            await self.release(release)
         applied = await self.finish(outcomes) if outcomes else []
         claimed = await self.claim(
             worker_id=worker_id, queues=queues, limit=limit, now=now, lease_until=lease_until

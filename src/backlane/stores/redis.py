@@ -229,10 +229,13 @@ class RedisStore(Store):
         limit: int,
         now: float,
         lease_until: float,
+        release: Sequence[str] = (),
     ) -> tuple[list[str], list[Job]]:
         """``finish(outcomes)`` then ``claim(...)`` in one script: one round trip for a
-        worker's loop turn."""
+        worker's loop turn (``release``, if any, is one call before)."""
         check_outcomes(outcomes)
+        if release:
+            await self.release(release)
         if limit <= 0 or (queues is not None and not queues):
             return await self.finish(outcomes), []
         link = await self._links.get()

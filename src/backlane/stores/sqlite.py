@@ -239,6 +239,42 @@ class SQLiteStore(Store):
         check_outcomes(outcomes)
         return await self._db.write_soon(self._finish, list(outcomes))
 
+    async def finish_and_claim(
+        self,
+        outcomes: Sequence[Outcome],
+        *,
+        worker_id: str,
+        queues: Sequence[str] | None,
+        limit: int,
+        now: float,
+        lease_until: float,
+        release: Sequence[str] = (),
+    ) -> tuple[list[str], list[Job]]:
+        """``release(release)``, ``finish(outcomes)`` then ``claim(...)`` in one
+        transaction (with outcomes or releases: at the loop's next turn, with whatever else
+        this loop writes until then)."""
+        if not (outcomes or release) or limit <= 0 or (queues is not None and not queues):
+            return await super().finish_and_claim(
+                outcomes,
+                worker_id=worker_id,
+                queues=queues,
+                limit=limit,
+                now=now,
+                lease_until=lease_until,
+                release=release,
+            )
+        check_outcomes(outcomes)
+        params: dict[str, Any] = {
+            "worker_id": worker_id,
+            "limit": limit,
+            "now": now,
+            "lease_until": lease_until,
+        }
+        names = None if queues is None else list(dict.fromkeys(queues))
+        return await self._db.write_soon(
+            self._finish_and_claim, list(release), list(outcomes), names, params
+        )
+
     async def hand_back(self, *, worker_id: str, ids: Sequence[str]) -> None:
         """Jobs ``worker_id`` holds among ``ids`` are queued again, the attempt uncounted."""
         await self._write(self._execute, "hand_back", {"worker_id": worker_id, "ids": _ids(ids)})
@@ -530,6 +566,21 @@ class SQLiteStore(Store):
             rows = self._fetch_named(conn, "claim_seqs", {**params, "seqs": json.dumps(seqs)})
             rows.sort(key=lambda row: (-row["priority"], row["run_at"], row["seq"]))
         return [_decode(row) for row in rows]
+
+    def _finish_and_claim(
+        self,
+        conn: sqlite3.Connection,
+        release: list[str],
+        outcomes: list[Outcome],
+        queues: list[str] | None,
+        params: dict[str, Any],
+    ) -> tuple[list[str], list[Job]]:
+        if len(release) == 1:
+            self._execute(conn, "release_one", {"id": release[0]})
+        elif release:
+            self._execute(conn, "release", {"ids": _ids(release)})
+        applied = self._finish(conn, outcomes) if outcomes else []
+        return applied, self._claim(conn, queues, params)
 
     def _finish(self, conn: sqlite3.Connection, outcomes: list[Outcome]) -> list[str]:
         applied: list[str] = []
