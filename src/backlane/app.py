@@ -79,7 +79,11 @@ class Settings(BaseModel):
     release_grace: float = 10.0
     """Seconds after which a stored request's jobs run even if the release never came."""
     poll_min: float = 0.005
+    """Shortest wait between two claims of a worker that found work (an embedded worker
+    fed by its own requests waits this long after each claim, so that a burst of requests
+    shares one); the first wait of an idle worker's back-off."""
     poll_max: float = 0.25
+    """Longest wait between two claims of an idle worker."""
 
 
 class Notifier:
@@ -366,7 +370,7 @@ class Backlane:
 
     async def enqueue_jobs(self, jobs: Sequence[Job], *, connection: Any = None) -> list[Job]:
         """Store built jobs in one step (inside ``connection``'s transaction when given) and
-        wake local workers."""
+        wake local workers (unless every job waits for its request's release)."""
         await self.open()
         for job in jobs:
             inject_context(job.meta)  # the caller's trace travels with the job (otel extra)
@@ -374,7 +378,8 @@ class Backlane:
             stored = await self.store.enqueue(jobs)
         else:
             stored = await self.store.enqueue(jobs, connection=connection)
-        self.notifier.notify()
+        if any(job.state is not JobState.DEFERRED for job in jobs):
+            self.notifier.notify()
         return stored
 
     async def job(self, job_id: str) -> JobHandle:

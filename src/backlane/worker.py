@@ -36,9 +36,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("backlane.worker")
 
-_GATHER = 0.002
-"""Seconds an embedded worker fed by its own requests waits after a claim, so that the
-next requests' jobs, and the outcomes of those it runs, share one claim."""
 
 
 @dataclass
@@ -255,7 +252,7 @@ class Worker:
                 if len(jobs) == free:
                     continue  # there may be more: claim again at once
                 if released:  # fed by this process's requests: let the next few gather
-                    await anyio.sleep(_GATHER)
+                    await anyio.sleep(settings.poll_min)
                     continue
                 await self._idle(idle)  # took all there was: no empty claim right after
                 continue
