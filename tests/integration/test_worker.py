@@ -193,6 +193,50 @@ async def test_graceful_shutdown_hands_back_unfinished_jobs(lane: Backlane) -> N
     assert job.state is JobState.QUEUED and job.attempts == 0  # handed back, not counted
 
 
+async def _deferred_job(lane: Backlane) -> Job:
+    """A job stored as a request stores it before its reply: waiting for its release."""
+    job = lane.task(t.add).build_job((2,), {"b": 3}, None, state=JobState.DEFERRED)
+    job.release_at = time.time() + 60
+    (stored,) = await lane.enqueue_jobs([job])
+    return stored
+
+
+async def test_jobs_handed_over_by_a_request_run_on_the_embedded_worker(lane: Backlane) -> None:
+    job = await _deferred_job(lane)
+    worker = lane.worker()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        with anyio.fail_after(5):
+            while lane.worker_with_room() is not worker:
+                await anyio.sleep(0.01)
+        worker.hand_over([job.id])
+        with anyio.fail_after(5):
+            while (await lane.store.get(job.id)).state is not JobState.SUCCEEDED:  # type: ignore[union-attr]
+                await anyio.sleep(0.01)
+        worker.stop()
+    assert (await lane.job(job.id)).id == job.id
+    assert await (await lane.job(job.id)).result(timeout=1) == 5
+
+
+async def test_jobs_handed_over_to_a_stopping_worker_are_released_not_stranded(
+    lane: Backlane,
+) -> None:
+    job = await _deferred_job(lane)
+    worker = lane.worker()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        with anyio.fail_after(5):
+            while lane.worker_with_room() is not worker:
+                await anyio.sleep(0.01)
+        worker.hand_over([job.id])
+        worker.stop()  # before its claim loop saw the hand-over
+    assert lane.worker_with_room() is None
+    stored = await lane.store.get(job.id)
+    assert stored is not None
+    # released for any worker to run now, not left for the release grace; or run already
+    assert stored.state in (JobState.QUEUED, JobState.SUCCEEDED)
+
+
 async def test_sync_tasks_use_the_workers_own_threads(lane: Backlane) -> None:
     """Many blocking tasks at once do not take AnyIO's default thread limiter, which a
     FastAPI app's sync endpoints need."""
