@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 import time
@@ -11,6 +12,7 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
+import anyio
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from .exceptions import ConfigurationError, InvalidArguments, JobNotFound, UnknownTask
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
 
     from .scheduler import Missed, Schedule, Scheduler
     from .worker import Worker
+
+log = logging.getLogger("backlane")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -159,6 +163,9 @@ class Backlane:
         self._opened = False
         self._running: list[Worker] = []
         """Workers of this lane running in this process, on any loop."""
+        self._releasing: dict[asyncio.AbstractEventLoop, list[str]] = {}
+        """Per loop, jobs whose requests' responses were sent, to release together."""
+        self._release_tasks: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         return f"<Backlane {self.settings.url}>"
@@ -183,10 +190,55 @@ class Backlane:
             self._opened = True
 
     async def close(self) -> None:
-        """Close the store (idempotent)."""
+        """Close the store (idempotent), after the releases gathered on this loop."""
         if self._opened:
+            await self.flush_releases()
             self._opened = False
             await self.store.close()
+
+    async def release(self, ids: Sequence[str]) -> None:
+        """Let the deferred jobs ``ids`` run: their request's response has been sent.
+        Where the store gathers releases (``Store.gather_releases``), they are released
+        ``poll_min`` seconds later, in one call with other requests' on this loop, and this
+        returns at once; a release that fails is logged, and its jobs run after the
+        release grace, as after a crash."""
+        if not self.store.gather_releases:
+            with anyio.CancelScope(shield=True):
+                await self.store.release(ids)
+            self.notifier.notify()
+            return
+        loop = asyncio.get_running_loop()
+        waiting = self._releasing.get(loop)
+        if waiting is None:
+            waiting = self._releasing[loop] = []
+            loop.call_later(self.settings.poll_min, self._release_due, loop)
+        waiting.extend(ids)
+
+    def _release_due(self, loop: asyncio.AbstractEventLoop) -> None:
+        ids = self._releasing.pop(loop, None)
+        if ids:
+            task = loop.create_task(self._release_gathered(ids))
+            self._release_tasks.add(task)
+            task.add_done_callback(self._release_tasks.discard)
+
+    async def _release_gathered(self, ids: list[str]) -> None:
+        try:
+            with anyio.CancelScope(shield=True):
+                await self.store.release(ids)
+        except Exception:
+            log.exception("could not release %d jobs; they run after the release grace", len(ids))
+            return
+        self.notifier.notify()
+
+    async def flush_releases(self) -> None:
+        """Send the releases gathered on this loop now, and wait for those under way."""
+        loop = asyncio.get_running_loop()
+        ids = self._releasing.pop(loop, None)
+        if ids:
+            await self._release_gathered(ids)
+        pending = [task for task in self._release_tasks if task.get_loop() is loop]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
 
     async def __aenter__(self) -> Backlane:
         await self.open()

@@ -164,9 +164,7 @@ class RequestBatch:
                 if worker is not None:  # an embedded worker releases them with its claim
                     worker.hand_over(ids)
                 else:
-                    with anyio.CancelScope(shield=True):
-                        await self.lane.store.release(ids)
-                    self.lane.notifier.notify()
+                    await self.lane.release(ids)
         for func, args, kwargs in self.local:
             try:
                 if inspect.iscoroutinefunction(func):

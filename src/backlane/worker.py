@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("backlane.worker")
 
 
-
 @dataclass
 class _Held:
     job: Job

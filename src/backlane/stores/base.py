@@ -138,6 +138,11 @@ class Store(abc.ABC):
     Jobs returned are copies: changing one changes nothing stored."""
 
     url: str
+    gather_releases: bool = False
+    """Whether the web side should gather the releases of several requests into one call
+    (a short delay before their jobs may start): true where workers of other processes
+    poll the store instead of being woken by it (SQLite), so the delay costs them
+    nothing while the web process saves a transaction per request."""
 
     @abc.abstractmethod
     async def open(self) -> None:

@@ -151,6 +151,8 @@ def _decode_worker(row: sqlite3.Row) -> WorkerRecord:
 class SQLiteStore(Store):
     """Jobs in a SQLite file (``sqlite:///relative/path.db``, ``sqlite:////abs/path.db``)."""
 
+    gather_releases = True
+
     def __init__(self, url: str) -> None:
         self.url = url
         self.path = path_from_url(url)
