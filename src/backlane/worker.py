@@ -255,7 +255,8 @@ class Worker:
                     continue
                 await self._idle(idle)  # took all there was: no empty claim right after
                 continue
-            if self._until_idle and not (self._held or self._outcomes or self._in_flight):
+            busy = self._held or self._outcomes or self._released or self._in_flight
+            if self._until_idle and not busy:
                 if generation == self._flushed:
                     return
                 continue
