@@ -35,7 +35,7 @@ from backlane.stores.base import Outcome, WorkerRecord
 from backlane.stores.memory import MemoryStore
 from backlane.stores.redis import RedisStore
 from backlane.stores.redis_codec import decode_job
-from backlane.stores.redis_link import call, command, load_scripts
+from backlane.stores.redis_link import call, command, library, load_scripts
 from tests.acceptance._procs import free_port
 from tests.acceptance.redis_lab import PrivateRedis
 from tests.services import REDIS_URL, require_service, store_url
@@ -282,14 +282,39 @@ async def test_a_lane_removes_its_last_job_and_leaves_only_bookkeeping(
 # -- scripts and replays -----------------------------------------------------------------
 
 
-async def test_scripts_are_sent_again_when_the_server_forgot_them(store: RedisStore) -> None:
+async def test_scripts_are_sent_again_when_the_server_forgot_them(url: str) -> None:
+    store = RedisStore(url)
+    store.use_functions = False
+    await store.open()
     (job,) = await store.enqueue([make_job()])
     link = await store._links.get()
+    assert link.functions is False
     assert await command(link, "SCRIPT", "FLUSH") == "OK"
     assert [j.id for j in await store.claim(**claim_args())] == [job.id]
     scripts = load_scripts()
     exists = await command(link, "SCRIPT", "EXISTS", scripts["claim"].sha)
     assert exists == [1]
+    await store.close()
+
+
+async def test_the_library_is_loaded_again_when_the_server_forgot_it(store: RedisStore) -> None:
+    (job,) = await store.enqueue([make_job()])
+    link = await store._links.get()
+    assert link.functions is True  # Redis 7: the verbs run as functions
+    name = library().name
+    assert await command(link, "FUNCTION", "DELETE", name) == "OK"  # as after a restart
+    assert [j.id for j in await store.claim(**claim_args())] == [job.id]
+    (loaded,) = await command(link, "FUNCTION", "LIST", "LIBRARYNAME", name)
+    assert loaded[1] == name
+
+
+def test_the_library_holds_every_verb_as_a_function() -> None:
+    scripts, text = load_scripts(), library().text
+    assert text.startswith(f"#!lua name={library().name}\n")
+    for script in scripts.values():
+        assert f"redis.register_function('{script.function}', function(KEYS, ARGV)" in text
+        body = script.text.partition("\nbegin(KEYS[1])\n")[2]
+        assert body and f"begin(KEYS[1])\n{body}\nend)" in text
 
 
 async def test_an_enqueue_sent_twice_after_a_lost_reply_stores_once(store: RedisStore) -> None:
