@@ -9,6 +9,7 @@ claiming, lets running jobs finish within the grace period, and hands the rest b
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -226,22 +227,22 @@ class Worker:
         if type(store).wait_for_work is Store.wait_for_work:
             await self.lane.notifier.wait(timeout)
             return
-        async with anyio.create_task_group() as group:
+        # one task for the store's wait, none for the local one: a job handed over by the
+        # store reaches the claim loop in as few turns of the event loop as possible
+        remote = asyncio.ensure_future(self._wait_for_store(timeout))
+        try:
+            await self.lane.notifier.wait(timeout, until=remote)
+        finally:
+            if not remote.done():
+                remote.cancel()
+                await asyncio.wait([remote])
 
-            async def local() -> None:
-                await self.lane.notifier.wait(timeout)
-                group.cancel_scope.cancel()
-
-            async def remote() -> None:
-                try:
-                    await store.wait_for_work(timeout)
-                except Exception:
-                    log.debug("store wake-up failed; polling instead", exc_info=True)
-                    await anyio.sleep(timeout)
-                group.cancel_scope.cancel()
-
-            group.start_soon(local)
-            group.start_soon(remote)
+    async def _wait_for_store(self, timeout: float) -> None:
+        try:
+            await self.lane.store.wait_for_work(timeout)
+        except Exception:
+            log.debug("store wake-up failed; polling instead", exc_info=True)
+            await asyncio.sleep(timeout)
 
     async def _wind_down(self) -> None:
         if self._held:

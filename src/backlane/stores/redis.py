@@ -369,6 +369,7 @@ class RedisStore(Store):
         task.add_done_callback(link.takes.discard)
 
     async def _take(self, link: Link, worker_id: str, ids: list[str], lease_until: float) -> None:
+        await asyncio.sleep(0)  # the jobs taken start first: this call is not waited for
         try:
             lost = await call(link, self._scripts["take"], worker_id, number(lease_until), *ids)
         except StoreError as exc:
