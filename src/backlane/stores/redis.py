@@ -312,10 +312,15 @@ class RedisStore(Store):
         handed = [decode_job(fields) for fields in reply[1]]
         claimed = self._fresh(worker_id, handed)
         if len(claimed) < len(handed) and worker_id in self._handed:
-            # crossed with the pop: the copies kept for the next claim are taken now too
+            # crossed with the pop: the copies it kept for the next claim are returned now
+            # (the script took them): a worker that stops when a claim finds nothing, or
+            # stops at all, must not leave them behind
             now_held = {job.id: job for job in handed}
-            kept = self._handed[worker_id]
-            kept[:] = [now_held.get(job.id, job) for job in kept]
+            kept = self._handed.pop(worker_id)
+            claimed.extend(now_held[job.id] for job in kept if job.id in now_held)
+            rest = [job for job in kept if job.id not in now_held]
+            if rest:
+                self._handed[worker_id] = rest
         for fields in reply[2:]:
             job = decode_job(fields)
             job.state = JobState.RUNNING
