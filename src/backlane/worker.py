@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 
 from .context import TaskContext, resolve_dependencies
 from .jobs import ATTEMPT_RETRIED, Job, JobState, attempt_record
@@ -211,6 +212,7 @@ class Worker:
                     group.start_soon(self._run_one, held, name=f"backlane job {job.id}")
                 if len(jobs) == free:
                     continue  # there may be more: claim again at once
+                await anyio.lowlevel.checkpoint()  # the jobs start before the wait is set up
                 await self._idle(idle)  # took all there was: no empty claim right after
                 continue
             if self._until_idle and not (self._held or self._outcomes or self._in_flight):

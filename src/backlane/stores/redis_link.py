@@ -28,7 +28,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -49,6 +49,12 @@ from redis.exceptions import (
 )
 
 from ..exceptions import ConfigurationError, StoreError
+
+_pack_command: Callable[[tuple[Any, ...]], bytes] | None
+try:  # a command packed in C: a few microseconds less of the caller's CPU per call
+    from hiredis import pack_command as _pack_command
+except ImportError:  # pragma: no cover - hiredis comes with the redis extra
+    _pack_command = None
 
 if sys.version_info >= (3, 11):
     from asyncio import timeout as _timeout
@@ -431,7 +437,8 @@ class Link:
                 if limit is not None:
                     self._watchdog = self.loop.call_later(min(1.0, limit / 2), self._watch)
             self._sent_at = time.monotonic()
-            await own.send_packed_command(own.pack_command(*args), check_health=False)
+            packed = own.pack_command(*args) if _pack_command is None else _pack_command(args)
+            await own.send_packed_command(packed, check_health=False)
             return await own.read_response()  # closes the connection on any failure
         finally:
             self._sent_at = None
