@@ -312,9 +312,33 @@ def test_the_library_holds_every_verb_as_a_function() -> None:
     scripts, text = load_scripts(), library().text
     assert text.startswith(f"#!lua name={library().name}\n")
     for script in scripts.values():
-        assert f"redis.register_function('{script.function}', function(KEYS, ARGV)" in text
+        assert f"redis.register_function{{function_name = '{script.function}'," in text
         body = script.text.partition("\nbegin(KEYS[1])\n")[2]
-        assert body and f"begin(KEYS[1])\n{body}\nend)" in text
+        assert body and f"begin(KEYS[1])\n{body}\nend}}" in text
+
+
+@pytest.mark.parametrize("functions", [True, False], ids=["functions", "scripts"])
+async def test_out_of_memory_refuses_new_work_but_purging_and_reading_go_on(
+    private: PrivateRedis, functions: bool
+) -> None:
+    store = RedisStore(private.url)
+    store.use_functions = functions
+    await store.open()
+    (old,) = await store.enqueue([make_job()])
+    (held,) = await store.claim(**claim_args())
+    await store.finish([Outcome(held.id, "w1", S.SUCCEEDED, NOW, keep_until=NOW + 1)])
+    client = redis.Redis(port=private.port, password=private.password)
+    client.config_set("maxmemory", 1)  # every write that needs memory is refused now
+    try:
+        with pytest.raises(StoreError, match="maxmemory"):
+            await store.enqueue([make_job()])
+        assert [job.id for job in await store.list_jobs()] == [old.id]
+        assert await store.purge(before=NOW + 2) == 1  # removing is how room is made
+        assert await store.list_jobs() == []
+    finally:
+        client.config_set("maxmemory", 0)
+        client.close()
+        await store.close()
 
 
 async def test_an_enqueue_sent_twice_after_a_lost_reply_stores_once(store: RedisStore) -> None:

@@ -246,6 +246,15 @@ class Library:
     text: str
 
 
+_ALLOW_OOM = frozenset(
+    {"purge", "delete", "page", "scan", "stats", "stats_minutes", "schedules", "workers"}
+)
+"""Verbs that only read or remove: as functions they run when Redis is out of memory
+(``maxmemory``), as scripts do, so that purging can make room and the dashboard can look.
+A function without this flag is refused whole then (a script would fail at its first
+write that needs memory)."""
+
+
 @functools.cache
 def load_scripts() -> dict[str, Script]:
     """Every script in ``stores/lua/``, by file name without ``.lua``."""
@@ -277,9 +286,10 @@ def _load() -> tuple[dict[str, Script], Library]:
         sha = hashlib.sha1(text.encode("utf-8")).hexdigest()  # Redis names scripts by SHA1
         function = f"{lib}_{name}"
         scripts[name] = Script(name, text, sha, function)
+        flags = "{'allow-oom'}" if name in _ALLOW_OOM else "{}"
         parts.append(
-            f"\nredis.register_function('{function}', function(KEYS, ARGV)\n"
-            f"begin(KEYS[1])\n{body}\nend)\n"
+            f"\nredis.register_function{{function_name = '{function}', flags = {flags},\n"
+            f"callback = function(KEYS, ARGV)\nbegin(KEYS[1])\n{body}\nend}}\n"
         )
     return scripts, Library(lib, "".join(parts))
 
