@@ -136,8 +136,8 @@ async def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Non
 
 
 def script_usec(url: str) -> float:
-    """Microseconds Redis has spent in Lua scripts (EVAL, EVALSHA) since its stats were
-    reset: every client's, not only this lane's."""
+    """Microseconds Redis has spent in Lua scripts and functions (EVAL, EVALSHA, FCALL)
+    since its stats were reset: every client's, not only this lane's."""
     import redis
 
     client = redis.Redis.from_url(url.partition("?")[0])
@@ -145,7 +145,7 @@ def script_usec(url: str) -> float:
         stats = client.info("commandstats")
     finally:
         client.close()
-    names = ("cmdstat_eval", "cmdstat_evalsha")
+    names = ("cmdstat_eval", "cmdstat_evalsha", "cmdstat_fcall")
     return float(sum(stats.get(name, {}).get("usec", 0) for name in names))
 
 

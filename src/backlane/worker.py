@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 
 from .context import TaskContext, resolve_dependencies
 from .jobs import ATTEMPT_RETRIED, Job, JobState, attempt_record
@@ -253,6 +254,7 @@ class Worker:
                 if released:  # fed by this process's requests: let the next few gather
                     await anyio.sleep(settings.poll_min)
                     continue
+                await anyio.lowlevel.checkpoint()  # the jobs start before the wait is set up
                 await self._idle(idle)  # took all there was: no empty claim right after
                 continue
             busy = self._held or self._outcomes or self._released or self._in_flight
@@ -281,22 +283,22 @@ class Worker:
         if type(store).wait_for_work is Store.wait_for_work:
             await self.lane.notifier.wait(timeout, future=wake)
             return
-        async with anyio.create_task_group() as group:
+        # one task for the store's wait, none for the local one: a job handed over by the
+        # store reaches the claim loop in as few turns of the event loop as possible
+        remote = asyncio.ensure_future(self._wait_for_store(timeout))
+        try:
+            await self.lane.notifier.wait(timeout, future=wake, until=remote)
+        finally:
+            if not remote.done():
+                remote.cancel()
+                await asyncio.wait([remote])
 
-            async def local() -> None:
-                await self.lane.notifier.wait(timeout, future=wake)
-                group.cancel_scope.cancel()
-
-            async def remote() -> None:
-                try:
-                    await store.wait_for_work(timeout)
-                except Exception:
-                    log.debug("store wake-up failed; polling instead", exc_info=True)
-                    await anyio.sleep(timeout)
-                group.cancel_scope.cancel()
-
-            group.start_soon(local)
-            group.start_soon(remote)
+    async def _wait_for_store(self, timeout: float) -> None:
+        try:
+            await self.lane.store.wait_for_work(timeout)
+        except Exception:
+            log.debug("store wake-up failed; polling instead", exc_info=True)
+            await asyncio.sleep(timeout)
 
     async def _release_handed_over(self) -> None:
         released, self._released = self._released, []

@@ -17,6 +17,7 @@ import pytest
 from backlane.stores import store_from_url
 from backlane.stores.base import Store
 from backlane.stores.memory import MemoryStore
+from backlane.stores.redis import RedisStore
 from backlane.stores.sqlite import SQLiteStore
 from tests.services import (
     require_service,  # noqa: F401 - re-exported for store test modules
@@ -54,6 +55,19 @@ def redis_store(tmp_path: Path) -> AbstractAsyncContextManager[Store]:
     return _server_store("redis", tmp_path)
 
 
+@asynccontextmanager
+async def _redis_scripts_store(tmp_path: Path) -> AsyncIterator[Store]:
+    with store_url("redis", tmp_path) as url:
+        store = RedisStore(url)
+        store.use_functions = False  # as on Redis 6.2, which has no functions
+        async with _opened(store) as opened:
+            yield opened
+
+
+def redis_scripts_store(tmp_path: Path) -> AbstractAsyncContextManager[Store]:
+    return _redis_scripts_store(tmp_path)
+
+
 def postgres_store(tmp_path: Path) -> AbstractAsyncContextManager[Store]:
     return _server_store("postgres", tmp_path)
 
@@ -62,6 +76,7 @@ STORE_FACTORIES: dict[str, StoreFactory] = {
     "memory": memory_store,
     "sqlite": sqlite_store,
     "redis": redis_store,
+    "redis-scripts": redis_scripts_store,
     "postgres": postgres_store,
 }
 

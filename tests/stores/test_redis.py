@@ -35,7 +35,7 @@ from backlane.stores.base import Outcome, WorkerRecord
 from backlane.stores.memory import MemoryStore
 from backlane.stores.redis import RedisStore
 from backlane.stores.redis_codec import decode_job
-from backlane.stores.redis_link import call, command, load_scripts
+from backlane.stores.redis_link import call, command, library, load_scripts
 from tests.acceptance._procs import free_port
 from tests.acceptance.redis_lab import PrivateRedis
 from tests.services import REDIS_URL, require_service, store_url
@@ -282,14 +282,63 @@ async def test_a_lane_removes_its_last_job_and_leaves_only_bookkeeping(
 # -- scripts and replays -----------------------------------------------------------------
 
 
-async def test_scripts_are_sent_again_when_the_server_forgot_them(store: RedisStore) -> None:
+async def test_scripts_are_sent_again_when_the_server_forgot_them(url: str) -> None:
+    store = RedisStore(url)
+    store.use_functions = False
+    await store.open()
     (job,) = await store.enqueue([make_job()])
     link = await store._links.get()
+    assert link.functions is False
     assert await command(link, "SCRIPT", "FLUSH") == "OK"
     assert [j.id for j in await store.claim(**claim_args())] == [job.id]
     scripts = load_scripts()
     exists = await command(link, "SCRIPT", "EXISTS", scripts["claim"].sha)
     assert exists == [1]
+    await store.close()
+
+
+async def test_the_library_is_loaded_again_when_the_server_forgot_it(store: RedisStore) -> None:
+    (job,) = await store.enqueue([make_job()])
+    link = await store._links.get()
+    assert link.functions is True  # Redis 7: the verbs run as functions
+    name = library().name
+    assert await command(link, "FUNCTION", "DELETE", name) == "OK"  # as after a restart
+    assert [j.id for j in await store.claim(**claim_args())] == [job.id]
+    (loaded,) = await command(link, "FUNCTION", "LIST", "LIBRARYNAME", name)
+    assert loaded[1] == name
+
+
+def test_the_library_holds_every_verb_as_a_function() -> None:
+    scripts, text = load_scripts(), library().text
+    assert text.startswith(f"#!lua name={library().name}\n")
+    for script in scripts.values():
+        assert f"redis.register_function{{function_name = '{script.function}'," in text
+        body = script.text.partition("\nbegin(KEYS[1])\n")[2]
+        assert body and f"begin(KEYS[1])\n{body}\nend}}" in text
+
+
+@pytest.mark.parametrize("functions", [True, False], ids=["functions", "scripts"])
+async def test_out_of_memory_refuses_new_work_but_purging_and_reading_go_on(
+    private: PrivateRedis, functions: bool
+) -> None:
+    store = RedisStore(private.url)
+    store.use_functions = functions
+    await store.open()
+    (old,) = await store.enqueue([make_job()])
+    (held,) = await store.claim(**claim_args())
+    await store.finish([Outcome(held.id, "w1", S.SUCCEEDED, NOW, keep_until=NOW + 1)])
+    client = redis.Redis(port=private.port, password=private.password)
+    client.config_set("maxmemory", 1)  # every write that needs memory is refused now
+    try:
+        with pytest.raises(StoreError, match="maxmemory"):
+            await store.enqueue([make_job()])
+        assert [job.id for job in await store.list_jobs()] == [old.id]
+        assert await store.purge(before=NOW + 2) == 1  # removing is how room is made
+        assert await store.list_jobs() == []
+    finally:
+        client.config_set("maxmemory", 0)
+        client.close()
+        await store.close()
 
 
 async def test_an_enqueue_sent_twice_after_a_lost_reply_stores_once(store: RedisStore) -> None:
@@ -776,7 +825,7 @@ async def test_a_job_taken_lives_on_its_full_lease(store: RedisStore) -> None:
     await other.close()
 
 
-async def test_a_hand_off_that_crossed_a_claim_is_returned_by_a_later_claim(
+async def test_a_hand_off_that_crossed_a_claim_is_returned_by_that_claim(
     store: RedisStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     other = RedisStore(store.url)
@@ -786,12 +835,14 @@ async def test_a_hand_off_that_crossed_a_claim_is_returned_by_a_later_claim(
     now = time.time()
     with monkeypatch.context() as patched:  # a claim sent before the pop's reply came,
         patched.setattr(store, "_take_handed", lambda *args: [])  # which returns it too
-        assert await store.claim(**claim_args(now=now, lease_until=now + LEASE)) == []
-    await anyio.sleep(1.2)  # the worker was busy: less than half the short lease is left
-    (taken,) = await store.claim(**claim_args(now=time.time(), lease_until=now + LEASE))
-    assert taken.id == job.id
-    await anyio.sleep(2)
-    held = await other.get(job.id)  # never given back: the first claim had taken it
+        (taken,) = await store.claim(**claim_args(now=now, lease_until=now + LEASE))
+    assert taken.id == job.id and taken.lease_until == now + LEASE
+    # nothing left for a later claim: a worker that stops when a claim finds nothing
+    # (run_until_idle) or stops at all leaves nothing behind
+    assert "w1" not in store._handed
+    assert await store.claim(**claim_args(now=time.time(), lease_until=now + LEASE)) == []
+    await anyio.sleep(2.2)
+    held = await other.get(job.id)  # never given back: the claim had taken it
     assert held is not None and held.worker_id == "w1" and held.lease_until == now + LEASE
     await other.close()
 

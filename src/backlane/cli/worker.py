@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -165,6 +166,12 @@ async def _serve(one: Worker, supervisor_pid: int | None) -> None:
     watchdog = None
     if supervisor_pid is not None:
         watchdog = asyncio.create_task(_watch_supervisor(one, supervisor_pid))
+    # What the process holds by now (the app, its tasks, the libraries) lives as long as
+    # it does: frozen, the cyclic collector's full collections no longer walk it (about
+    # 12 ms each here, a pause the jobs waiting then share). After the signal handlers:
+    # a stop asked for meanwhile is still a graceful one.
+    gc.collect()
+    gc.freeze()
     try:
         await one.run()
     finally:

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from ..exceptions import ConfigurationError, StoreError
 from ..jobs import TERMINAL_STATES, Job, JobState
@@ -45,7 +45,16 @@ from .redis_codec import (
     outcomes_json,
     worker_json,
 )
-from .redis_link import Link, Links, call, command, load_scripts, log, parse_redis_url
+from .redis_link import (
+    Link,
+    Links,
+    call,
+    command,
+    load_library,
+    load_scripts,
+    log,
+    parse_redis_url,
+)
 
 _STATS_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 _MINUTE = 60.0
@@ -112,6 +121,11 @@ class RedisStore(Store):
     ``unix:///path/redis.sock?db=0``), under the key prefix ``?prefix=`` (default
     ``backlane:``). Other query parameters go to redis-py (``socket_timeout=5``, ...)."""
 
+    use_functions = True
+    """Whether to run the verbs as a library of Redis functions where Redis has them (7.0
+    and later): ``common.lua`` then runs once, not at each call (about 20 us of Redis time
+    saved per call). False: as scripts, as on Redis 6.2."""
+
     def __init__(self, url: str) -> None:
         self.url = url
         parsed = parse_redis_url(url)
@@ -145,12 +159,33 @@ class RedisStore(Store):
                     f"{self._links.url.safe} is a Redis Cluster node: the Redis store does "
                     "not support Redis Cluster yet; point it at a standalone Redis"
                 )
-            await asyncio.gather(
-                *(command(link, "SCRIPT", "LOAD", script.text) for script in self._scripts.values())
-            )
+            self._links.functions = link.functions = await self._load_functions(link)
+            if not link.functions:
+                await asyncio.gather(
+                    *(
+                        command(link, "SCRIPT", "LOAD", script.text)
+                        for script in self._scripts.values()
+                    )
+                )
         except BaseException:
             await self._links.close()
             raise
+
+    async def _load_functions(self, link: Link) -> bool:
+        """Load the library of functions; False when this Redis has none (before 7.0) or
+        refuses them (ACL): the verbs then run as scripts."""
+        if not self.use_functions:
+            return False
+        try:
+            await load_library(link)
+        except ResponseError as exc:
+            log.info(
+                "Redis at %s runs backlane's scripts, not functions: %s", self._links.url.safe, exc
+            )
+            return False
+        except RedisError as exc:
+            raise StoreError(f"Redis store {self._links.url.safe}: {exc}") from exc
+        return True
 
     async def close(self) -> None:
         """Close the connections of every event loop. Idempotent."""
@@ -280,10 +315,15 @@ class RedisStore(Store):
         handed = [decode_job(fields) for fields in reply[1]]
         claimed = self._fresh(worker_id, handed)
         if len(claimed) < len(handed) and worker_id in self._handed:
-            # crossed with the pop: the copies kept for the next claim are taken now too
+            # crossed with the pop: the copies it kept for the next claim are returned now
+            # (the script took them): a worker that stops when a claim finds nothing, or
+            # stops at all, must not leave them behind
             now_held = {job.id: job for job in handed}
-            kept = self._handed[worker_id]
-            kept[:] = [now_held.get(job.id, job) for job in kept]
+            kept = self._handed.pop(worker_id)
+            claimed.extend(now_held[job.id] for job in kept if job.id in now_held)
+            rest = [job for job in kept if job.id not in now_held]
+            if rest:
+                self._handed[worker_id] = rest
         for fields in reply[2:]:
             job = decode_job(fields)
             job.state = JobState.RUNNING
@@ -337,6 +377,7 @@ class RedisStore(Store):
         task.add_done_callback(link.takes.discard)
 
     async def _take(self, link: Link, worker_id: str, ids: list[str], lease_until: float) -> None:
+        await asyncio.sleep(0)  # the jobs taken start first: this call is not waited for
         try:
             lost = await call(link, self._scripts["take"], worker_id, number(lease_until), *ids)
         except StoreError as exc:

@@ -1,6 +1,8 @@
--- Shared by every script of backlane's Redis store: the store prepends this file to each
--- verb's script. KEYS[1] is the lane's key prefix; every key below starts with it, so a
--- prefix with a hash tag ("{app}:") keeps a lane's keys in one cluster slot.
+-- Shared by every script of backlane's Redis store: on Redis 7 the store loads this file
+-- and every verb as one library of Redis functions (each verb's file the body of one
+-- function); on Redis 6.2 it prepends this file to each verb's script. Either way a verb
+-- starts with begin(KEYS[1]): KEYS[1] is the lane's key prefix; every key below starts
+-- with it, so a prefix with a hash tag ("{app}:") keeps a lane's keys in one cluster slot.
 --
 -- Keys (P = the prefix):
 --   P job:<id>        hash: the job's fields (absent field = None), its store order
@@ -56,7 +58,7 @@
 -- thousands. No script reads a sorted set after writing it (claim reads the due sets, and
 -- removes what it took at once, before anything is buffered for them).
 
-local P = KEYS[1]
+local P -- the lane's key prefix, set by begin()
 local ACTIVE = {deferred = true, queued = true, running = true}
 local TERMINAL = {succeeded = true, failed = true, cancelled = true, discarded = true}
 local FIELDS = {'state', 'queue', 'priority', 'seq', 'created_at', 'run_at', 'key', 'after',
@@ -213,6 +215,18 @@ local function move(job, state)
 end
 
 local waiting, handed, clock = nil, {}, nil
+
+-- Start a call for the lane whose key prefix is `prefix`: every verb calls this first.
+-- The helpers keep their state (buffered changes, the waiting workers read, the server's
+-- time) in locals of this file, which live as long as the library of Redis functions
+-- does (see redis_link.py): each call starts from scratch.
+local function begin(prefix)
+    P = prefix
+    woke = false
+    zsets, zorder, deltas, added = {}, {}, {}, {}
+    tallies, tallied = {}, {}
+    waiting, handed, clock = nil, {}, nil
+end
 
 -- The server's time, in seconds (the same for the whole script).
 local function server_now()
