@@ -10,6 +10,7 @@ import pytest
 
 from backlane import Backlane, InvalidArguments, Job, JobFailed, JobState, ResultTimeout
 from backlane.testing import drain
+from backlane.worker import Worker
 from tests.integration import jobs_tasks as t
 
 pytestmark = pytest.mark.anyio
@@ -201,14 +202,19 @@ async def _deferred_job(lane: Backlane) -> Job:
     return stored
 
 
+async def _started(lane: Backlane, worker: Worker, tg: anyio.abc.TaskGroup) -> None:
+    """Run ``worker`` in ``tg`` and return once requests on this loop may hand it jobs."""
+    tg.start_soon(worker.run)
+    with anyio.fail_after(5):
+        while lane.worker_with_room() is not worker:
+            await anyio.sleep(0.01)
+
+
 async def test_jobs_handed_over_by_a_request_run_on_the_embedded_worker(lane: Backlane) -> None:
     job = await _deferred_job(lane)
     worker = lane.worker()
     async with anyio.create_task_group() as tg:
-        tg.start_soon(worker.run)
-        with anyio.fail_after(5):
-            while lane.worker_with_room() is not worker:
-                await anyio.sleep(0.01)
+        await _started(lane, worker, tg)
         worker.hand_over([job.id])
         with anyio.fail_after(5):
             while (await lane.store.get(job.id)).state is not JobState.SUCCEEDED:  # type: ignore[union-attr]
@@ -224,10 +230,7 @@ async def test_jobs_handed_over_to_a_stopping_worker_are_released_not_stranded(
     job = await _deferred_job(lane)
     worker = lane.worker()
     async with anyio.create_task_group() as tg:
-        tg.start_soon(worker.run)
-        with anyio.fail_after(5):
-            while lane.worker_with_room() is not worker:
-                await anyio.sleep(0.01)
+        await _started(lane, worker, tg)
         worker.hand_over([job.id])
         worker.stop()  # before its claim loop saw the hand-over
     assert lane.worker_with_room() is None

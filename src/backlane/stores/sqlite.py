@@ -148,6 +148,19 @@ def _decode_worker(row: sqlite3.Row) -> WorkerRecord:
     )
 
 
+def _claim_args(
+    worker_id: str, queues: Sequence[str] | None, limit: int, now: float, lease_until: float
+) -> tuple[list[str] | None, dict[str, Any]]:
+    """A claim's queue names (None: any queue) and query parameters."""
+    params: dict[str, Any] = {
+        "worker_id": worker_id,
+        "limit": limit,
+        "now": now,
+        "lease_until": lease_until,
+    }
+    return (None if queues is None else list(dict.fromkeys(queues))), params
+
+
 class SQLiteStore(Store):
     """Jobs in a SQLite file (``sqlite:///relative/path.db``, ``sqlite:////abs/path.db``)."""
 
@@ -216,13 +229,7 @@ class SQLiteStore(Store):
         ``worker_id``, in claim order."""
         if limit <= 0 or (queues is not None and not queues):
             return []
-        params: dict[str, Any] = {
-            "worker_id": worker_id,
-            "limit": limit,
-            "now": now,
-            "lease_until": lease_until,
-        }
-        names = None if queues is None else list(dict.fromkeys(queues))
+        names, params = _claim_args(worker_id, queues, limit, now, lease_until)
         return await self._write(self._claim, names, params)
 
     async def renew_leases(
@@ -266,13 +273,7 @@ class SQLiteStore(Store):
                 release=release,
             )
         check_outcomes(outcomes)
-        params: dict[str, Any] = {
-            "worker_id": worker_id,
-            "limit": limit,
-            "now": now,
-            "lease_until": lease_until,
-        }
-        names = None if queues is None else list(dict.fromkeys(queues))
+        names, params = _claim_args(worker_id, queues, limit, now, lease_until)
         return await self._db.write_soon(
             self._finish_and_claim, list(release), list(outcomes), names, params
         )
