@@ -97,34 +97,19 @@ class Notifier:
         self._lock = threading.Lock()
         self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = set()
 
-    async def wait(
-        self,
-        timeout: float,
-        *,
-        future: asyncio.Future[None] | None = None,
-        until: asyncio.Future[Any] | None = None,
-    ) -> None:
-        """Return at the next ``notify()``, after ``timeout`` seconds, as soon as someone
-        else settles ``future`` (a future of the running loop, if given), or once ``until``
-        is done (if given)."""
+    async def wait(self, timeout: float, *, future: asyncio.Future[None] | None = None) -> None:
+        """Return at the next ``notify()`` or after ``timeout`` seconds; or, given a
+        ``future`` of the running loop, as soon as someone else settles it."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future() if future is None else future
         entry = (loop, fut)
         with self._lock:
             self._waiters.add(entry)
         timer = loop.call_later(timeout, _settle, fut)  # lighter than asyncio.wait's timeout
-
-        def done(_: asyncio.Future[Any]) -> None:
-            _settle(fut)
-
-        if until is not None:
-            until.add_done_callback(done)
         try:
             await fut
         finally:
             timer.cancel()
-            if until is not None:
-                until.remove_done_callback(done)
             with self._lock:
                 self._waiters.discard(entry)
 

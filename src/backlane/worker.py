@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.lowlevel
 
+from .app import _settle
 from .context import TaskContext, resolve_dependencies
 from .jobs import ATTEMPT_RETRIED, Job, JobState, attempt_record
 from .metrics import observe_attempt
@@ -96,7 +97,6 @@ class Worker:
         self._in_flight = 0
         self._flushed = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._group: anyio.abc.TaskGroup | None = None
         self._released: list[str] = []
         """Jobs requests of this process handed over, to release with the next claim."""
         self.processed = 0
@@ -129,14 +129,14 @@ class Worker:
                 anyio.create_task_group() as service,
             ):
                 service.start_soon(self._maintain)
-                self._group = jobs_group
                 await self._claim_loop(jobs_group)
                 await self._wind_down()
                 await self._flush()
                 service.cancel_scope.cancel()
         finally:
-            self.lane._running.remove(self)
-            self._group = None
+            self.lane._running.remove(self)  # no request hands jobs over from here on
+        if self._released:  # handed over as it wound down
+            await self._release_handed_over()
         await self._flush()
         with anyio.CancelScope(shield=True):
             try:
@@ -186,7 +186,6 @@ class Worker:
         free slot."""
         return (
             not self._stopping
-            and self._group is not None
             and len(self._held) < self.concurrency
             and self._loop is asyncio.get_running_loop()
         )
@@ -197,9 +196,8 @@ class Worker:
         with its next claim, which may take them; where the store can, that is one
         transaction with the outcomes it records, shared by a burst of requests."""
         self._released.extend(ids)
-        wake = self._wake
-        if wake is not None and not wake.done():
-            wake.set_result(None)
+        if self._wake is not None:
+            _settle(self._wake)
 
     async def _claim_loop(self, group: anyio.abc.TaskGroup) -> None:
         settings = self.lane.settings
@@ -286,8 +284,9 @@ class Worker:
         # one task for the store's wait, none for the local one: a job handed over by the
         # store reaches the claim loop in as few turns of the event loop as possible
         remote = asyncio.ensure_future(self._wait_for_store(timeout))
+        remote.add_done_callback(lambda _: _settle(wake))
         try:
-            await self.lane.notifier.wait(timeout, future=wake, until=remote)
+            await self.lane.notifier.wait(timeout, future=wake)
         finally:
             if not remote.done():
                 remote.cancel()
@@ -342,8 +341,8 @@ class Worker:
         if outcome is not None:
             self._outcomes.append(outcome)
             self.processed += 1
-            if self._wake is not None and not self._wake.done():
-                self._wake.set_result(None)  # the claim loop records it with its next claim
+            if self._wake is not None:
+                _settle(self._wake)  # the claim loop records it with its next claim
 
     async def execute(self, held: _Held) -> Outcome | None:
         """Run one claimed job; the outcome to record, or None if it was handed back."""
