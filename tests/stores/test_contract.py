@@ -371,6 +371,63 @@ async def test_release_leaves_jobs_that_are_not_deferred_alone(store: Store) -> 
     assert await state_of(store, queued.id) is S.QUEUED
 
 
+async def _release_and_claim(
+    store: Store, release: list[str], *, limit: int = 100, queues: list[str] | None = None
+) -> list[str]:
+    _, claimed = await store.finish_and_claim(
+        [],
+        worker_id="w1",
+        queues=queues,
+        limit=limit,
+        now=NOW + 1,
+        lease_until=NOW + LEASE,
+        release=release,
+    )
+    return [job.id for job in claimed]
+
+
+async def test_finish_and_claim_releases_then_claims_in_claim_order(store: Store) -> None:
+    queued = await add(store, priority=0)
+    low = await add(store, state=S.DEFERRED, priority=-1)
+    high = await add(store, state=S.DEFERRED, priority=5)
+    claimed = await _release_and_claim(store, [low.id, high.id, "unknown"])
+    assert claimed == [high.id, queued.id, low.id]
+    for job in (queued, low, high):
+        stored = await store.get(job.id)
+        assert stored is not None
+        assert (stored.state, stored.worker_id, stored.attempts) == (S.RUNNING, "w1", 1)
+        assert stored.started_at == NOW + 1 and stored.lease_until == NOW + LEASE
+
+
+async def test_finish_and_claim_gives_a_full_claim_to_the_first_in_claim_order(
+    store: Store,
+) -> None:
+    # released jobs compete with queued ones: a released job of higher priority is taken
+    # before a queued one, and those that find no room are queued, not lost
+    first, second = await add(store, priority=1), await add(store, priority=0)
+    urgent = await add(store, state=S.DEFERRED, priority=9)
+    later = await add(store, state=S.DEFERRED, priority=0)
+    assert await _release_and_claim(store, [urgent.id, later.id], limit=2) == [urgent.id, first.id]
+    assert await state_of(store, later.id) is S.QUEUED
+    assert await take(store, now=NOW + 2) == [second.id, later.id]
+
+
+async def test_finish_and_claim_queues_released_jobs_it_may_not_take(store: Store) -> None:
+    waiting_for = await add(store, queue="other")
+    chained = await add(store, state=S.DEFERRED, after=waiting_for.id)
+    delayed = await add(store, state=S.DEFERRED, run_at=NOW + 60)
+    elsewhere = await add(store, state=S.DEFERRED, queue="other")
+    await store.pause_queue("paused", True)
+    paused = await add(store, state=S.DEFERRED, queue="paused")
+    more = [await add(store, state=S.DEFERRED) for _ in range(3)]
+    released = [chained.id, delayed.id, elsewhere.id, paused.id, *(job.id for job in more)]
+    claimed = await _release_and_claim(store, released, limit=2, queues=["default", "paused"])
+    assert claimed == [more[0].id, more[1].id]
+    for job in (chained, delayed, elsewhere, paused, more[2]):
+        assert await state_of(store, job.id) is S.QUEUED
+    assert await take(store, queues=["default"], now=NOW + 2) == [more[2].id]
+
+
 async def test_discard_ends_deferred_jobs_only(store: Store) -> None:
     deferred = await add(store, state=S.DEFERRED)
     queued = await add(store)

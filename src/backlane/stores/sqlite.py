@@ -548,27 +548,74 @@ class SQLiteStore(Store):
         self._unblock(conn, [row["id"] for row in rows])
 
     def _claim(
-        self, conn: sqlite3.Connection, queues: list[str] | None, params: dict[str, Any]
+        self,
+        conn: sqlite3.Connection,
+        queues: list[str] | None,
+        params: dict[str, Any],
+        release: Sequence[str] = (),
     ) -> list[Job]:
+        """Release ``release`` then claim, as two steps would; where every queued
+        claimable job fits in the claim, the released jobs it would take go straight from
+        deferred to running."""
+        names: list[str] | None = None
         query, found = "claimable_any", params
         if queues is not None:
             paused = {row["queue"] for row in self._fetch_named(conn, "paused_queues", {})}
             names = [name for name in queues if name not in paused]
             if not names:
+                self._release(conn, release)
                 return []
             if len(names) == 1:
                 query, found = "claimable_queue", {**params, "queue": names[0]}
             else:
                 query, found = "claimable_queues", {**params, "queues": _ids(names)}
         seqs = [row[0] for row in self._fetch_named(conn, query, found)]
-        if not seqs:
+        handed: list[sqlite3.Row] = []
+        if release:
+            room = params["limit"] - len(seqs)
+            if room > 0:
+                handed = self._claim_handed(conn, names, params, release, room)
+            if len(handed) < len(release):
+                self._release(conn, release)  # those claimed are no longer deferred
+                if room <= 0:  # the claim is full: released jobs compete for it
+                    seqs = [row[0] for row in self._fetch_named(conn, query, found)]
+        if not seqs and not handed:
             return []
         if len(seqs) == 1:
             rows = self._fetch_named(conn, "claim_one", {**params, "seq": seqs[0]})
-        else:
+        elif seqs:
             rows = self._fetch_named(conn, "claim_seqs", {**params, "seqs": json.dumps(seqs)})
+        else:
+            rows = []
+        if handed:
+            rows += handed
+        if len(rows) > 1:
             rows.sort(key=lambda row: (-row["priority"], row["run_at"], row["seq"]))
         return [_decode(row) for row in rows]
+
+    def _claim_handed(
+        self,
+        conn: sqlite3.Connection,
+        names: list[str] | None,
+        params: dict[str, Any],
+        release: Sequence[str],
+        room: int,
+    ) -> list[sqlite3.Row]:
+        """Claim up to ``room`` of the deferred jobs ``release``, in claim order."""
+        found = {**params, "ids": _ids(release), "limit": room}
+        query = "handed_claimable_any"
+        if names is not None:
+            query, found["queues"] = "handed_claimable_queues", _ids(names)
+        seqs = [row[0] for row in self._fetch_named(conn, query, found)]
+        if not seqs:
+            return []
+        return self._fetch_named(conn, "claim_handed", {**params, "seqs": json.dumps(seqs)})
+
+    def _release(self, conn: sqlite3.Connection, ids: Sequence[str]) -> None:
+        if len(ids) == 1:
+            self._execute(conn, "release_one", {"id": ids[0]})
+        elif ids:
+            self._execute(conn, "release", {"ids": _ids(ids)})
 
     def _finish_and_claim(
         self,
@@ -578,12 +625,8 @@ class SQLiteStore(Store):
         queues: list[str] | None,
         params: dict[str, Any],
     ) -> tuple[list[str], list[Job]]:
-        if len(release) == 1:
-            self._execute(conn, "release_one", {"id": release[0]})
-        elif release:
-            self._execute(conn, "release", {"ids": _ids(release)})
         applied = self._finish(conn, outcomes) if outcomes else []
-        return applied, self._claim(conn, queues, params)
+        return applied, self._claim(conn, queues, params, release)
 
     def _finish(self, conn: sqlite3.Connection, outcomes: list[Outcome]) -> list[str]:
         applied: list[str] = []

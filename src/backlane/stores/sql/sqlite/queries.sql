@@ -93,6 +93,32 @@ SET state = 'running', attempts = attempts + 1, started_at = :now,
 WHERE seq IN (SELECT value FROM json_each(:seqs)) AND state = 'queued'
 RETURNING *;
 
+-- name: handed_claimable_any
+-- finish_and_claim's released jobs that a claim would take, in claim order, while they
+-- are still deferred: when every queued claimable job fits in the claim, they go straight
+-- from deferred to running, without a pass through queued (and its indexes).
+SELECT seq FROM jobs INDEXED BY jobs_id
+WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'deferred' AND "after" IS NULL
+  AND run_at <= :now AND queue NOT IN (SELECT queue FROM paused_queues)
+ORDER BY priority DESC, run_at, seq
+LIMIT :limit;
+
+-- name: handed_claimable_queues
+SELECT seq FROM jobs INDEXED BY jobs_id
+WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'deferred' AND "after" IS NULL
+  AND run_at <= :now AND queue IN (SELECT value FROM json_each(:queues))
+  AND queue NOT IN (SELECT queue FROM paused_queues)
+ORDER BY priority DESC, run_at, seq
+LIMIT :limit;
+
+-- name: claim_handed
+-- Claims the jobs handed_claimable_* found (a JSON array of their seq).
+UPDATE jobs NOT INDEXED
+SET state = 'running', attempts = attempts + 1, started_at = :now,
+    lease_until = :lease_until, worker_id = :worker_id
+WHERE seq IN (SELECT value FROM json_each(:seqs)) AND state = 'deferred'
+RETURNING *;
+
 -- name: renew_leases
 UPDATE jobs INDEXED BY jobs_id SET lease_until = :lease_until
 WHERE state = 'running' AND worker_id = :worker_id
