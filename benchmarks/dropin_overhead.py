@@ -2,16 +2,20 @@
 
 Two apps that differ only by the import (``apps/with_fastapi.py``, ``apps/with_backlane.py``:
 one POST endpoint adding a no-op task), each served by its own uvicorn process (one worker
-process, no access log). A client on one keep-alive connection sends sequential requests
-after a warm-up, then ten clients (one connection each) keep ten requests in flight. The
-drop-in runs on SQLite twice: with its embedded worker (the default ``install(app)``), and
-web-only (``workers=0``, as when workers run in their own processes).
+process, no access log). The drop-in runs on SQLite twice: with its embedded worker (the
+default ``install(app)``), and web-only (``workers=0``, as when workers run in their own
+processes). All three servers stay up for the whole run.
 
-The whole comparison runs ``--rounds`` times, in a rotating order; the table shows the
-median over rounds of each figure, and of each round's ratio drop-in / BackgroundTasks.
-Beside latency, each phase reports the server's CPU time per request (user + system, all
-its threads, read from /proc on Linux): on a shared machine it moves far less than
-latency does, and it is what bounds throughput.
+A round sends each server ``--requests`` sequential requests on one keep-alive connection,
+then ``--requests`` more from ten clients (one connection each) keeping ten in flight. The
+requests go in bursts of ``--burst`` that alternate between the servers, in an order that
+rotates, so that every variant meets the load of the same moments on a shared machine: a
+ratio to BackgroundTasks compares figures taken within seconds of each other.
+Beside latency, each round reports each server's CPU time per request (user + system, all
+its threads, read from /proc on Linux), counting, with the embedded worker, the CPU until
+the burst's jobs have run: it moves far less than latency does, and it is what bounds
+throughput. The table shows the median over rounds of each figure, and of each round's
+ratio drop-in / BackgroundTasks.
 
     .venv/bin/python benchmarks/dropin_overhead.py [--requests 2000] [--rounds 3]
 """
@@ -19,6 +23,7 @@ latency does, and it is what bounds throughput.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import http.client
 import os
 import sqlite3
@@ -49,7 +54,8 @@ class Figures:
     conc_p99_ms: float
     conc_rps: float
     drain_s: float | None
-    """Seconds after the last reply until every stored task had run (embedded worker)."""
+    """Seconds after the round's last reply until every stored task had run (embedded
+    worker)."""
     seq_cpu_us: float | None = None
     """Server CPU time per sequential request, microseconds (None where /proc is missing)."""
     conc_cpu_us: float | None = None
@@ -145,12 +151,16 @@ def post_many(port: int, first: int, count: int, latencies: list[float]) -> None
         conn.close()
 
 
-def concurrently(port: int, requests: int, in_flight: int) -> tuple[list[float], float]:
+def concurrently(
+    port: int, requests: int, in_flight: int, *, first: int = 0
+) -> tuple[list[float], float]:
     """``requests`` POSTs from ``in_flight`` clients at once; latencies and seconds taken."""
     per_client = requests // in_flight
     results: list[list[float]] = [[] for _ in range(in_flight)]
     threads = [
-        threading.Thread(target=post_many, args=(port, 10**6 * (i + 1), per_client, results[i]))
+        threading.Thread(
+            target=post_many, args=(port, first + i * per_client, per_client, results[i])
+        )
         for i in range(in_flight)
     ]
     start = time.perf_counter()
@@ -182,43 +192,85 @@ def wait_drained(db: Path, timeout: float = 120.0) -> float:
         conn.close()
 
 
-def measure(name: str, requests: int, warmup: int, in_flight: int) -> Figures:
-    target, extra = VARIANTS[name]
-    with tempfile.TemporaryDirectory(prefix="backlane-bench-") as tmp:
-        folder = Path(tmp)
-        db = folder / "bench.db"
-        server = Server(target, {"BACKLANE_URL": f"sqlite:///{db}", **extra}, folder)
-        try:
-            post_many(server.port, 0, warmup, [])
-            pid = server.proc.pid
-            sequential: list[float] = []
-            embedded = extra.get("BENCH_WORKERS") == "1"
-            if embedded:
-                wait_drained(db)
-            cpu_before = cpu_seconds(pid)
-            start = time.perf_counter()
-            post_many(server.port, warmup, requests, sequential)
-            seq_took = time.perf_counter() - start
-            if embedded:
-                wait_drained(db)  # the worker's share of the requests' cost counts too
-            seq_cpu = cpu_per_request(cpu_before, cpu_seconds(pid), requests)
-            cpu_before = cpu_seconds(pid)
-            conc, conc_took = concurrently(server.port, requests, in_flight)
-            drained = wait_drained(db) if embedded else None
-            conc_cpu = cpu_per_request(cpu_before, cpu_seconds(pid), len(conc))
-        finally:
-            server.stop()
+@dataclass
+class Tally:
+    """One variant's share of one round: latencies, seconds spent answering, CPU seconds."""
+
+    latencies: list[float] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+    cpu: float | None = 0.0
+
+    def add_cpu(self, before: float | None, after: float | None) -> None:
+        if self.cpu is None or before is None or after is None:
+            self.cpu = None
+        else:
+            self.cpu += after - before
+
+
+class Variant:
+    """A server for one variant, up for the whole run, on its own SQLite file."""
+
+    def __init__(self, name: str, folder: Path) -> None:
+        target, extra = VARIANTS[name]
+        self.name = name
+        self.db = folder / f"{len(os.listdir(folder))}.db"
+        self.embedded = extra.get("BENCH_WORKERS") == "1"
+        self.server = Server(target, {"BACKLANE_URL": f"sqlite:///{self.db}", **extra}, folder)
+        self.sent = 0
+        self.drain_s: float | None = None
+        """Seconds from the end of its last burst until every job had run (embedded)."""
+
+    def burst(self, tally: Tally, count: int, in_flight: int) -> None:
+        """``count`` requests, one at a time or ``in_flight`` at once, into ``tally``; for
+        an embedded worker, its CPU until the jobs have run counts too."""
+        pid = self.server.proc.pid
+        if self.embedded:
+            wait_drained(self.db)
+        before = cpu_seconds(pid)
+        start = time.perf_counter()
+        if in_flight == 1:
+            post_many(self.server.port, self.sent, count, tally.latencies)
+        else:
+            latencies, _ = concurrently(self.server.port, count, in_flight, first=self.sent)
+            tally.latencies.extend(latencies)
+        tally.seconds += time.perf_counter() - start
+        self.sent += count
+        if self.embedded:
+            self.drain_s = wait_drained(self.db)
+        tally.add_cpu(before, cpu_seconds(pid))
+
+
+def figures(seq: Tally, conc: Tally, drain_s: float | None) -> Figures:
+    def per_request(tally: Tally) -> float | None:
+        return None if tally.cpu is None else tally.cpu / len(tally.latencies) * 1e6
+
     return Figures(
-        seq_p50_ms=statistics.median(sequential) * 1000,
-        seq_p99_ms=percentile(sequential, 0.99) * 1000,
-        seq_rps=requests / seq_took,
-        conc_p50_ms=statistics.median(conc) * 1000,
-        conc_p99_ms=percentile(conc, 0.99) * 1000,
-        conc_rps=len(conc) / conc_took,
-        drain_s=drained,
-        seq_cpu_us=seq_cpu,
-        conc_cpu_us=conc_cpu,
+        seq_p50_ms=statistics.median(seq.latencies) * 1000,
+        seq_p99_ms=percentile(seq.latencies, 0.99) * 1000,
+        seq_rps=len(seq.latencies) / seq.seconds,
+        conc_p50_ms=statistics.median(conc.latencies) * 1000,
+        conc_p99_ms=percentile(conc.latencies, 0.99) * 1000,
+        conc_rps=len(conc.latencies) / conc.seconds,
+        drain_s=drain_s,
+        seq_cpu_us=per_request(seq),
+        conc_cpu_us=per_request(conc),
     )
+
+
+def measure_round(
+    variants: list[Variant], round_no: int, requests: int, burst: int, in_flight: int
+) -> dict[str, Figures]:
+    """One round: every variant answers ``requests`` sequential requests, then ``requests``
+    with ``in_flight`` at once, in bursts of ``burst`` that alternate between the variants
+    (the order rotating), so that each sees the machine's load of the same moments."""
+    seq = {v.name: Tally() for v in variants}
+    conc = {v.name: Tally() for v in variants}
+    for tallies, flight in ((seq, 1), (conc, in_flight)):
+        for number in range(max(1, requests // burst)):
+            shift = (round_no + number) % len(variants)
+            for variant in variants[shift:] + variants[:shift]:
+                variant.burst(tallies[variant.name], burst, flight)
+    return {v.name: figures(seq[v.name], conc[v.name], v.drain_s) for v in variants}
 
 
 def main() -> None:
@@ -227,16 +279,28 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--in-flight", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--burst", type=int, default=250, help="requests to one server before the next's turn"
+    )
     args = parser.parse_args()
 
     names = list(VARIANTS)
     runs: dict[str, list[Figures]] = {name: [] for name in names}
-    for round_no in range(args.rounds):
-        order = names[round_no % len(names) :] + names[: round_no % len(names)]
-        for name in order:
-            figures = measure(name, args.requests, args.warmup, args.in_flight)
-            runs[name].append(figures)
-            print(f"round {round_no + 1} {name}: {figures}", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="backlane-bench-") as tmp:
+        variants: list[Variant] = []
+        try:
+            for name in names:
+                variants.append(Variant(name, Path(tmp)))
+            for variant in variants:
+                variant.burst(Tally(), args.warmup, 1)
+            for round_no in range(args.rounds):
+                found = measure_round(variants, round_no, args.requests, args.burst, args.in_flight)
+                for name, figures_ in found.items():
+                    runs[name].append(figures_)
+                    print(f"round {round_no + 1} {name}: {figures_}", file=sys.stderr, flush=True)
+        finally:
+            for variant in variants:
+                variant.server.stop()
 
     def med(name: str, field: str) -> float:
         values = [getattr(f, field) for f in runs[name]]
