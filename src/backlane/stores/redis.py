@@ -137,6 +137,8 @@ class RedisStore(Store):
         )
         self._handed: dict[str, list[Job]] = {}
         """Jobs handed to a waiting worker, by worker id, that its next claim returns."""
+        self._ending: dict[str, asyncio.Future[None]] = {}
+        """What each worker's ``wait_for_work`` awaits, for its pop to settle."""
         self._seen: dict[str, dict[tuple[str, int, float | None], float]] = {}
         """Hand-offs each worker received (id, attempt and start, monotonic time): a job
         comes both by the worker's pop and by its next claim when the two cross."""
@@ -247,11 +249,11 @@ class RedisStore(Store):
             return []
         link = await self._links.get()
         generation = None if link.wakes is None else link.wakes.generation
-        args = self._claim_args(worker_id, queues, limit, now, lease_until)
-        handed = self._take_handed(link, generation, args, limit)
+        handed = self._take_handed(link, generation, worker_id, queues, limit)
         if handed:
             self._took(link, worker_id, handed, lease_until)
             return handed
+        args = self._claim_args(worker_id, queues, limit, now, lease_until)
         reply = await call(link, self._scripts["claim"], *args)
         return self._claimed(link, generation, reply, args, now, lease_until)
 
@@ -275,8 +277,7 @@ class RedisStore(Store):
             return await self.finish(outcomes), []
         link = await self._links.get()
         generation = None if link.wakes is None else link.wakes.generation
-        args = self._claim_args(worker_id, queues, limit, now, lease_until)
-        handed = self._take_handed(link, generation, args, limit)
+        handed = self._take_handed(link, generation, worker_id, queues, limit)
         if handed:
             try:
                 applied = await self.finish(outcomes) if outcomes else []
@@ -285,6 +286,7 @@ class RedisStore(Store):
                 raise
             self._took(link, worker_id, handed, lease_until)
             return applied, handed
+        args = self._claim_args(worker_id, queues, limit, now, lease_until)
         text = outcomes_json(outcomes) if outcomes else "[]"
         reply = await call(link, self._scripts["finish_claim"], text, *args)
         applied = list(reply[0])
@@ -294,7 +296,7 @@ class RedisStore(Store):
     def _claim_args(
         worker_id: str, queues: Sequence[str] | None, limit: int, now: float, lease_until: float
     ) -> tuple[str | int, ...]:
-        names = "" if queues is None else _json_list(dict.fromkeys(queues))
+        names = _names(queues)
         return (_token(), worker_id, number(now), number(lease_until), limit, names, _IDLE_MS)
 
     def _claimed(
@@ -340,13 +342,17 @@ class RedisStore(Store):
         return claimed
 
     def _take_handed(
-        self, link: Link, generation: int | None, args: tuple[str | int, ...], limit: int
+        self,
+        link: Link,
+        generation: int | None,
+        worker_id: str,
+        queues: Sequence[str] | None,
+        limit: int,
     ) -> list[Job]:
         """Up to ``limit`` jobs handed to the worker while it waited, not yet returned, and
         with most of their short lease left: they run for it already, so they start without
         a round trip (``_took`` then gives them the full lease). The others are left to the
         worker's claim script, which returns those it still holds, or gives them back."""
-        worker_id = str(args[1])
         waiting = self._handed.pop(worker_id, None)
         if not waiting:
             return []
@@ -361,7 +367,7 @@ class RedisStore(Store):
         if taken:
             mark = _ClaimMark(
                 link, generation, None, time.monotonic(), worker_id, limit - len(taken),
-                str(args[5]),
+                _names(queues),
             )  # fmt: skip
             self._mark.set(mark)
         return taken
@@ -688,32 +694,42 @@ class RedisStore(Store):
             await wakes.wait(generation, timeout)
             return
         worker_id = mark.worker_id
-        until = time.monotonic() + timeout
-        woken = link.loop.create_task(wakes.wait(generation, timeout))
-        try:
-            while not woken.done() and not self._handed.get(worker_id):
-                left = until - time.monotonic()
-                if left <= 0:
-                    return
-                offer = min(left, _OFFER)
-                try:
-                    await self._call(
-                        "wait", worker_id, mark.capacity, number(_HANDED_LEASE), number(offer),
-                        mark.queues,
-                    )  # fmt: skip
-                except StoreError:  # Redis away: wait for the listener, which waits for Redis
-                    await asyncio.wait([woken], timeout=left)
-                    return
-                pop = link.handoffs.get(worker_id)
-                if pop is None or pop.done():
-                    pop = link.loop.create_task(self._pop_handed(link, worker_id))
-                    link.handoffs[worker_id] = pop
-                ends = time.monotonic() + offer
-                await asyncio.wait([pop, woken], timeout=offer, return_when=asyncio.FIRST_COMPLETED)
-                if pop.done() and not self._handed.get(worker_id):  # the pop failed
-                    await asyncio.wait([woken], timeout=max(0.0, ends - time.monotonic()))
-        finally:
-            woken.cancel()
+        loop = link.loop
+        until = loop.time() + timeout
+        while not self._handed.get(worker_id):
+            left = until - loop.time()
+            if left <= 0:
+                return
+            offer = min(left, _OFFER)
+            try:
+                await self._call(
+                    "wait", worker_id, mark.capacity, number(_HANDED_LEASE), number(offer),
+                    mark.queues,
+                )  # fmt: skip
+            except StoreError:  # Redis away: wait for the listener, which waits for Redis
+                await wakes.wait(generation, left)
+                return
+            pop = link.handoffs.get(worker_id)
+            if pop is None or pop.done():
+                pop = loop.create_task(self._pop_handed(link, worker_id))
+                link.handoffs[worker_id] = pop
+            # One future ends this offer: settled by the pop when it keeps a batch (one
+            # turn of the loop from the reply to this task), by a wake-up, or at the end
+            # of the offer (a pop that failed waits for that too).
+            ends = loop.create_future()
+            if self._handed.get(worker_id) or not wakes.add(generation, ends):
+                return
+            self._ending[worker_id] = ends
+            timer = loop.call_later(offer, _settle, ends)
+            try:
+                await ends
+            finally:
+                timer.cancel()
+                wakes.discard(ends)
+                if self._ending.get(worker_id) is ends:
+                    del self._ending[worker_id]
+            if wakes.generation != generation:
+                return
 
     async def _pop_handed(self, link: Link, worker_id: str) -> None:
         """Wait (in Redis) for a batch of jobs handed to ``worker_id``, and keep it for
@@ -731,6 +747,9 @@ class RedisStore(Store):
             jobs = self._fresh(worker_id, [decode_job(fields) for fields in json.loads(text)])
             if jobs:
                 self._handed.setdefault(worker_id, []).extend(jobs)
+                ends = self._ending.pop(worker_id, None)
+                if ends is not None:
+                    _settle(ends)
 
 
 class _Bucket:
@@ -754,6 +773,11 @@ class _Bucket:
         )
 
 
+def _settle(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 def _seen_key(job: Job) -> tuple[str, int, float | None]:
     """What tells one hand-off of a job from another (an attempt given back is uncounted, so
     the attempt alone does not)."""
@@ -763,6 +787,11 @@ def _seen_key(job: Job) -> tuple[str, int, float | None]:
 def _stored_copy(job: Job, after: str | None) -> Job:
     """A copy of ``job`` sharing nothing mutable with it, with ``after`` as stored."""
     return job.detached(after=after)
+
+
+def _names(queues: Sequence[str] | None) -> str:
+    """Queue names as the scripts take them: a JSON array, '' for every queue."""
+    return "" if queues is None else _json_list(dict.fromkeys(queues))
 
 
 def _json_list(items: Any) -> str:

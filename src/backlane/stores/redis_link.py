@@ -324,6 +324,18 @@ class Wakes:
             self._waiters.discard(fut)
             fut.cancel()
 
+    def add(self, generation: int, fut: asyncio.Future[None]) -> bool:
+        """Settle ``fut`` at the next wake-up, unless ``generation`` is not the current one
+        already: then False, and nothing is registered. ``discard`` undoes it."""
+        if self.generation != generation:
+            return False
+        self._waiters.add(fut)
+        return True
+
+    def discard(self, fut: asyncio.Future[None]) -> None:
+        """Forget ``fut`` (registered by ``add``)."""
+        self._waiters.discard(fut)
+
     async def stop(self) -> None:
         """Stop listening and close the connection."""
         self._task.cancel()
