@@ -40,6 +40,7 @@ from .redis_codec import (
     decode_job,
     decode_worker,
     job_fields,
+    job_pairs,
     jobs_json,
     number,
     outcomes_json,
@@ -211,7 +212,10 @@ class RedisStore(Store):
             )
         if not jobs:
             return []
-        replies = await self._call("enqueue", _token(), jobs_json(jobs))
+        if len(jobs) == 1:  # one job as name, value, name, value... (no JSON either side)
+            replies = await self._call("enqueue", _token(), *job_pairs(jobs[0]))
+        else:
+            replies = await self._call("enqueue", _token(), jobs_json(jobs))
         stored: list[Job] = []
         for job, reply in zip(jobs, replies, strict=True):
             if isinstance(reply, list):

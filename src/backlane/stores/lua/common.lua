@@ -354,12 +354,14 @@ local function due_before(queue, priority)
     return false
 end
 
--- Hand a claimable job to a waiting worker that takes its queue, running for it as a
--- claim would make it; false when none may take it now.
-local function hand_off(job)
+-- The waiting worker that may take claimable `job` (a table with its queue, priority and
+-- run_at) now: one that takes its queue and has room, unless the job is not due, its queue
+-- is paused, or a claimable job of its queue at its priority or above is due (it must not
+-- pass that one). nil when there is none.
+local function taker_for(job)
     local list = waiters()
     if #list == 0 or tonumber(job.run_at) > server_now() then
-        return false
+        return nil
     end
     local taker
     for _, w in ipairs(list) do
@@ -370,6 +372,30 @@ local function hand_off(job)
     end
     if not taker or redis.call('SISMEMBER', P .. 'paused', job.queue) == 1
         or due_before(job.queue, job.priority) then
+        return nil
+    end
+    return taker
+end
+
+-- Record that job <id>, now running for `taker` until `lease` (its short lease), goes to
+-- it with the next hand-over: `flat` is its hash as HGETALL gives it.
+local function handed_to(taker, id, lease, flat)
+    zput(P .. 'run', lease, id)
+    zput(P .. 'handed', lease, id)
+    local batch = handed[taker]
+    if not batch then
+        batch = {}
+        handed[taker] = batch
+    end
+    batch[#batch + 1] = flat
+    taker.capacity = taker.capacity - 1
+end
+
+-- Hand a claimable job to a waiting worker that takes its queue, running for it as a
+-- claim would make it; false when none may take it now.
+local function hand_off(job)
+    local taker = taker_for(job)
+    if not taker then
         return false
     end
     local jk = jkey(job.id)
@@ -380,15 +406,7 @@ local function hand_off(job)
     move(job, 'running')
     redis.call('HSET', jk, 'state', 'running', 'attempts', attempts, 'started_at', started,
                'lease_until', lease, 'worker_id', taker.id)
-    zput(P .. 'run', lease, job.id)
-    zput(P .. 'handed', lease, job.id)
-    local batch = handed[taker]
-    if not batch then
-        batch = {}
-        handed[taker] = batch
-    end
-    batch[#batch + 1] = redis.call('HGETALL', jk)
-    taker.capacity = taker.capacity - 1
+    handed_to(taker, job.id, lease, redis.call('HGETALL', jk))
     return true
 end
 
@@ -542,7 +560,22 @@ local function insert(fields, replaced, seq, token)
             after = nil
         end
     end
-    local args = {'seq', seq}
+    -- a job claimable at once goes straight to a waiting worker, if one may take it: stored
+    -- running for it, in one write (see hand_off)
+    local taker
+    if state == 'queued' and not after then
+        taker = taker_for(fields)
+        if taker then
+            local now = server_now()
+            state = 'running'
+            fields.state = state
+            fields.attempts = tostring((tonumber(fields.attempts) or 0) + 1)
+            fields.started_at = string.format('%.17g', now)
+            fields.lease_until = string.format('%.17g', now + taker.lease)
+            fields.worker_id = taker.id
+        end
+    end
+    local args = {'seq', tostring(seq)}
     if token then
         args[3] = 'tok'
         args[4] = token
@@ -574,6 +607,8 @@ local function insert(fields, replaced, seq, token)
     end
     if state == 'queued' then
         make_claimable(job)
+    elseif taker then
+        handed_to(taker, id, fields.lease_until, args)
     elseif state == 'running' then
         if fields.lease_until then
             zput(P .. 'run', fields.lease_until, id)
