@@ -88,6 +88,9 @@ _HANDED_LEASE = 2.0
 """Seconds a job handed to a waiting worker is held for it before the worker takes it (and
 gives it its full lease). Not taken by then, the job is queued again, uncounted, by the
 next offer or claim of any worker (or a sweep of expired leases)."""
+_TAKE_LATEST = 0.05
+"""Seconds after a worker starts jobs handed to it within which it takes them (gives them
+its full lease) in a call of its own, if no offer to take work carried them first."""
 _TAKE_WITHIN = _HANDED_LEASE / 2
 """A handed job whose short lease has less than this left (by this host's clock) is not
 started on the strength of the hand-off alone: the worker's next claim asks Redis whether
@@ -377,26 +380,40 @@ class RedisStore(Store):
         return taken
 
     def _took(self, link: Link, worker_id: str, jobs: list[Job], lease_until: float) -> None:
-        """``jobs`` handed to ``worker_id`` start now: give them ``lease_until`` in Redis
-        (one call, not waited for: their short lease leaves it time)."""
+        """``jobs`` handed to ``worker_id`` start now: give them ``lease_until`` in Redis,
+        not waited for (their short lease leaves it time): with the worker's next offer to
+        take work, which follows at once when it waits, or in a call of its own within
+        ``_TAKE_LATEST``."""
         for job in jobs:
             job.lease_until = lease_until
         ids = [job.id for job in jobs]
-        task = link.loop.create_task(self._take(link, worker_id, ids, lease_until))
+        pending = link.taking.get(worker_id)
+        if pending is not None and pending[0] == lease_until:
+            pending[1].extend(ids)
+            return
+        if pending is not None:  # another lease: that one goes now
+            self._send_take(link, worker_id)
+        link.taking[worker_id] = (lease_until, ids)
+        link.loop.call_later(_TAKE_LATEST, self._send_take, link, worker_id, ids)
+
+    def _send_take(self, link: Link, worker_id: str, ids: list[str] | None = None) -> None:
+        """Send the take ``_took`` keeps for ``worker_id`` in a call of its own (if ``ids``,
+        only if that is still the one kept)."""
+        pending = link.taking.get(worker_id)
+        if pending is None or (ids is not None and pending[1] is not ids):
+            return
+        del link.taking[worker_id]
+        task = link.loop.create_task(self._take(link, worker_id, *pending))
         link.takes.add(task)
         task.add_done_callback(link.takes.discard)
 
-    async def _take(self, link: Link, worker_id: str, ids: list[str], lease_until: float) -> None:
-        await asyncio.sleep(0)  # the jobs taken start first: this call is not waited for
+    async def _take(self, link: Link, worker_id: str, lease_until: float, ids: list[str]) -> None:
         try:
             lost = await call(link, self._scripts["take"], worker_id, number(lease_until), *ids)
         except StoreError as exc:
             log.warning("worker %s could not take %d handed jobs: %s", worker_id, len(ids), exc)
             return
-        for job_id in lost:
-            log.warning(
-                "job %s was given back before %s took it: it may run twice", job_id, worker_id
-            )
+        _lost(worker_id, lost)
 
     def _fresh(self, worker_id: str, jobs: list[Job]) -> list[Job]:
         """``jobs`` handed to ``worker_id`` less those it already received."""
@@ -705,14 +722,20 @@ class RedisStore(Store):
             if left <= 0:
                 return
             offer = min(left, _OFFER)
+            taking = link.taking.pop(worker_id, None)  # the jobs it started go with the offer
+            take = () if taking is None else (number(taking[0]), *taking[1])
             try:
-                await self._call(
+                lost = await self._call(
                     "wait", worker_id, mark.capacity, number(_HANDED_LEASE), number(offer),
-                    mark.queues,
+                    mark.queues, *take,
                 )  # fmt: skip
             except StoreError:  # Redis away: wait for the listener, which waits for Redis
+                if taking is not None:  # the take goes on trying in a call of its own
+                    link.taking[worker_id] = taking
+                    self._send_take(link, worker_id)
                 await wakes.wait(generation, left)
                 return
+            _lost(worker_id, lost)
             pop = link.handoffs.get(worker_id)
             if pop is None or pop.done():
                 pop = loop.create_task(self._pop_handed(link, worker_id))
@@ -775,6 +798,12 @@ class _Bucket:
             wait_total=self.wait_us / 1e6 + self.wait_total,
             wait_count=self.wait_count,
         )
+
+
+def _lost(worker_id: str, ids: list[str]) -> None:
+    """Warn of jobs ``worker_id`` started that were given back before it took them."""
+    for job_id in ids:
+        log.warning("job %s was given back before %s took it: it may run twice", job_id, worker_id)
 
 
 def _settle(fut: asyncio.Future[None]) -> None:

@@ -401,8 +401,15 @@ class Link:
         """Each waiting worker's pop of the jobs handed to it (``RedisStore``)."""
         self.takes: set[asyncio.Task[None]] = set()
         """Calls under way that give handed jobs a worker took their full lease."""
+        self.taking: dict[str, tuple[float, list[str]]] = {}
+        """Jobs each worker took, with their full lease, that no call has carried yet
+        (``RedisStore._took``)."""
         self.watch: AsyncGenerator[None, None] | None = None
         self._closed = False
+
+    async def _take(self, worker_id: str, lease: float, ids: list[str]) -> None:
+        with contextlib.suppress(StoreError):
+            await call(self, load_scripts()["take"], worker_id, repr(lease), *ids)
 
     def wakes_started(self) -> Wakes:
         """The wake listener of this loop, started on first use."""
@@ -488,6 +495,9 @@ class Link:
             await self.wakes.stop()
         if self._watchdog is not None:
             self._watchdog.cancel()
+        taking, self.taking = self.taking, {}
+        for worker_id, (lease, ids) in taking.items():  # not carried by an offer yet
+            self.takes.add(self.loop.create_task(self._take(worker_id, lease, ids)))
         if self.takes:  # a few quick calls: let them land, if Redis answers
             await asyncio.wait(list(self.takes), timeout=2.0)
         for take in list(self.takes):

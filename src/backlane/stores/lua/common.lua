@@ -506,6 +506,26 @@ local function give_back_handed(now, limit)
     return gone
 end
 
+-- A worker takes jobs handed to it while it waited (see hand_off): each of `ids` it still
+-- holds gets `lease` (the worker's full lease) in place of the short one it was handed
+-- with. Returns the ids among them that were given back before it took them (queued
+-- again, or running for another worker): they may run twice. Changes are buffered.
+local function take_jobs(worker, lease, ids, from)
+    local lost = {}
+    for i = from, #ids do
+        local id = ids[i]
+        local v = redis.call('HMGET', jkey(id), 'state', 'worker_id')
+        if v[1] == 'running' and v[2] == worker then
+            redis.call('HSET', jkey(id), 'lease_until', lease)
+            zput(P .. 'run', lease, id)
+            zdel(P .. 'handed', id)
+        elseif v[1] == 'queued' or v[1] == 'running' then
+            lost[#lost + 1] = id
+        end
+    end
+    return lost
+end
+
 -- Remove a job and every trace of it; returns whether the caller must free the jobs
 -- that waited for it (once all the removed jobs are gone).
 local function remove(job)
