@@ -788,6 +788,34 @@ async def test_jobs_a_worker_started_are_taken_when_its_store_closes_first(
     await other.close()
 
 
+async def test_a_claim_that_leaves_a_waiting_worker_room_offers_it_to_take_work(
+    store: RedisStore,
+) -> None:
+    other = RedisStore(store.url)
+    await other.open()
+    await _idle_worker(store)
+    await store.wait_for_work(0.01)  # waited: its pop of handed jobs is under way
+    assert await store.claim(**claim_args(now=time.time())) == []
+    (job,) = await other.enqueue([make_job(run_at=time.time())])  # no wait sent meanwhile
+    handed = await other.get(job.id)
+    assert handed is not None and handed.state is S.RUNNING and handed.worker_id == "w1"
+    with anyio.fail_after(2):
+        await store.wait_for_work(10.0)
+    (taken,) = await store.claim(**claim_args(now=time.time()))
+    assert taken.id == job.id and taken.attempts == 1
+    await other.close()
+
+
+async def test_a_claim_by_a_worker_that_never_waited_offers_nothing(store: RedisStore) -> None:
+    other = RedisStore(store.url)
+    await other.open()
+    assert await store.claim(**claim_args(now=time.time())) == []
+    (job,) = await other.enqueue([make_job(run_at=time.time())])
+    queued = await other.get(job.id)
+    assert queued is not None and queued.state is S.QUEUED
+    await other.close()
+
+
 async def test_a_job_handed_to_a_worker_that_stops_is_given_back(store: RedisStore) -> None:
     other = RedisStore(store.url)
     await other.open()

@@ -110,6 +110,9 @@ class _ClaimMark:
     worker_id: str = ""
     capacity: int = 0
     queues: str = ""
+    offered: float = 0.0
+    """Until when (monotonic) the claim's own offer to take work lasts: the wait after it
+    makes none before then."""
 
 
 def _token() -> str:
@@ -260,7 +263,7 @@ class RedisStore(Store):
         if handed:
             self._took(link, worker_id, handed, lease_until)
             return handed
-        args = self._claim_args(worker_id, queues, limit, now, lease_until)
+        args = self._claim_args(link, worker_id, queues, limit, now, lease_until)
         reply = await call(link, self._scripts["claim"], *args)
         return self._claimed(link, generation, reply, args, now, lease_until)
 
@@ -293,7 +296,7 @@ class RedisStore(Store):
                 raise
             self._took(link, worker_id, handed, lease_until)
             return applied, handed
-        args = self._claim_args(worker_id, queues, limit, now, lease_until)
+        args = self._claim_args(link, worker_id, queues, limit, now, lease_until)
         text = outcomes_json(outcomes) if outcomes else "[]"
         reply = await call(link, self._scripts["finish_claim"], text, *args)
         applied = list(reply[0])
@@ -301,10 +304,21 @@ class RedisStore(Store):
 
     @staticmethod
     def _claim_args(
-        worker_id: str, queues: Sequence[str] | None, limit: int, now: float, lease_until: float
+        link: Link,
+        worker_id: str,
+        queues: Sequence[str] | None,
+        limit: int,
+        now: float,
+        lease_until: float,
     ) -> tuple[str | int, ...]:
         names = _names(queues)
-        return (_token(), worker_id, number(now), number(lease_until), limit, names, _IDLE_MS)
+        # A worker whose pop of handed jobs is under way waits again after a claim that
+        # leaves it room: the claim makes its offer to take work, the wait then needs none.
+        pop = link.handoffs.get(worker_id)
+        offer = HAND_OFFS and pop is not None and not pop.done()
+        lease, period = (number(_HANDED_LEASE), number(_OFFER)) if offer else ("", "")
+        args = (_token(), worker_id, number(now), number(lease_until), limit, names, _IDLE_MS)
+        return (*args, lease, period)
 
     def _claimed(
         self,
@@ -318,7 +332,7 @@ class RedisStore(Store):
         """The jobs a claim script returned: those handed to the worker while it waited
         (not seen before; the script gave them their full lease), then those it claimed.
         Remembers what the claim saw."""
-        _, worker_id, _, _, limit, queues, _ = args
+        _, worker_id, _, _, limit, queues, _, _, period = args
         worker_id = str(worker_id)
         next_due = float(reply[0]) if reply[0] else None
         handed = [decode_job(fields) for fields in reply[1]]
@@ -342,9 +356,11 @@ class RedisStore(Store):
             job.worker_id = worker_id
             claimed.append(job)
         capacity = int(limit) - len(claimed)
+        at = time.monotonic()
+        offered = at + _OFFER if period and capacity > 0 else 0.0
         mark = _ClaimMark(
-            link, generation, next_due, time.monotonic(), worker_id, capacity, str(queues)
-        )
+            link, generation, next_due, at, worker_id, capacity, str(queues), offered
+        )  # fmt: skip
         self._mark.set(mark)
         return claimed
 
@@ -717,25 +733,30 @@ class RedisStore(Store):
         worker_id = mark.worker_id
         loop = link.loop
         until = loop.time() + timeout
+        offered = mark.offered - loop.time()  # the claim's own offer (same clock)
         while not self._handed.get(worker_id):
             left = until - loop.time()
             if left <= 0:
                 return
-            offer = min(left, _OFFER)
-            taking = link.taking.pop(worker_id, None)  # the jobs it started go with the offer
-            take = () if taking is None else (number(taking[0]), *taking[1])
-            try:
-                lost = await self._call(
-                    "wait", worker_id, mark.capacity, number(_HANDED_LEASE), number(offer),
-                    mark.queues, *take,
-                )  # fmt: skip
-            except StoreError:  # Redis away: wait for the listener, which waits for Redis
-                if taking is not None:  # the take goes on trying in a call of its own
-                    link.taking[worker_id] = taking
-                    self._send_take(link, worker_id)
-                await wakes.wait(generation, left)
-                return
-            _lost(worker_id, lost)
+            if offered > _OFFER / 10 and worker_id not in link.taking:
+                offer, offered = min(left, offered), 0.0  # made by the claim: none to send
+            else:
+                offered = 0.0
+                offer = min(left, _OFFER)
+                taking = link.taking.pop(worker_id, None)  # the jobs it started go with it
+                take = () if taking is None else (number(taking[0]), *taking[1])
+                try:
+                    lost = await self._call(
+                        "wait", worker_id, mark.capacity, number(_HANDED_LEASE), number(offer),
+                        mark.queues, *take,
+                    )  # fmt: skip
+                except StoreError:  # Redis away: wait for the listener, which waits for Redis
+                    if taking is not None:  # the take goes on trying in a call of its own
+                        link.taking[worker_id] = taking
+                        self._send_take(link, worker_id)
+                    await wakes.wait(generation, left)
+                    return
+                _lost(worker_id, lost)
             pop = link.handoffs.get(worker_id)
             if pop is None or pop.done():
                 pop = loop.create_task(self._pop_handed(link, worker_id))

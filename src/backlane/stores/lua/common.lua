@@ -694,8 +694,12 @@ end
 -- taken: their lease is `lease` (the short one they were handed with ends); those beyond
 -- `limit` are left to their short lease; each claimed job's fields are as they were before the claim (the caller
 -- applies state, attempts + 1, started_at, lease_until, worker_id); next_due is the earliest run_at after now among the jobs left in those
--- queues ('' if none, or if the limit was reached). Changes are buffered: flush() after.
-local function claim_jobs(token, worker, now, lease, limit, queues, idle_ms)
+-- queues ('' if none, or if the limit was reached). A worker that waits next gives
+-- `handed_lease` and `offer` (seconds; else '' or nil): a claim that leaves it room then
+-- offers that room to take work, as its wait would (see wait.lua). Changes are buffered:
+-- flush() after.
+local function claim_jobs(token, worker, now, lease, limit, queues, idle_ms, handed_lease,
+                          offer)
     local last_claim = P .. 'claim:' .. worker
     local last = redis.call('GET', last_claim)
     if last and string.sub(last, 1, #token + 1) == token .. ' ' then
@@ -886,6 +890,11 @@ local function claim_jobs(token, worker, now, lease, limit, queues, idle_ms)
     if remaining > 0 then
         -- took all there was: the worker may wait now, so work made claimable is announced
         redis.call('SET', P .. 'idle', '1', 'PX', idle_ms)
+        if offer and offer ~= '' then
+            local deadline = string.format('%.17g', server_now() + tonumber(offer) + 0.1)
+            redis.call('HSET', P .. 'waiting', worker,
+                       remaining .. ' ' .. handed_lease .. ' ' .. deadline .. ' ' .. queues)
+        end
     end
     if #ids > 0 or #kept > 0 then
         local saved = cjson.encode({ids, kept})
