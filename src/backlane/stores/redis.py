@@ -785,9 +785,9 @@ class RedisStore(Store):
         also stays in Redis until that claim)."""
         hand, took = f"{self.prefix}hand:{worker_id}", f"{self.prefix}took:{worker_id}"
         try:
-            text = await link.client.execute_command(  # type: ignore[no-untyped-call]
-                "BLMOVE", hand, took, "LEFT", "RIGHT", _LONGEST_WAIT + 1
-            )  # the pool's connection: blocking, without the read timeout of calls
+            text = await link.blocking(
+                worker_id, "BLMOVE", hand, took, "LEFT", "RIGHT", _LONGEST_WAIT + 1
+            )
         except (RedisError, OSError) as exc:
             log.debug("waiting for jobs handed to %s failed: %s", worker_id, exc)
             return

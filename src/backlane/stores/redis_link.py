@@ -399,6 +399,7 @@ class Link:
         """Whether verbs run as the library's functions (Redis 7), not as scripts."""
         self.handoffs: dict[str, asyncio.Task[None]] = {}
         """Each waiting worker's pop of the jobs handed to it (``RedisStore``)."""
+        self._blocking: dict[str, Connection] = {}
         self.takes: set[asyncio.Task[None]] = set()
         """Calls under way that give handed jobs a worker took their full lease."""
         self.taking: dict[str, tuple[float, list[str]]] = {}
@@ -473,6 +474,23 @@ class Link:
             self._sent_at = None
             self._busy = False
 
+    async def blocking(self, owner: str, *args: Any) -> Any:
+        """Send a blocking command (``BLMOVE``) on the connection of ``owner`` (one per
+        waiting worker, made on first use), and return its reply, however long it takes:
+        no read timeout, no retry, no pool (its checks cost a turn of the loop). Raises
+        redis-py's exceptions; the connection is closed after a failure or cancellation,
+        and opened again by the next call."""
+        conn = self._blocking.get(owner)
+        if conn is None:
+            conn = self._blocking[owner] = self.client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        try:
+            packed = conn.pack_command(*args) if _pack_command is None else _pack_command(args)
+            await conn.send_packed_command(packed, check_health=False)
+            return await conn.read_response()  # socket_timeout None: waits as Redis does
+        except BaseException:
+            await asyncio.shield(conn.disconnect(nowait=True))
+            raise
+
     def _watch(self) -> None:
         """Break the own connection when a reply on it is overdue (``socket_timeout``);
         the call waiting for it fails with ``ConnectionError`` and is sent again."""
@@ -510,6 +528,8 @@ class Link:
                 await pop
         if self._own is not None:
             await self._own.disconnect()
+        for conn in self._blocking.values():
+            await conn.disconnect()
         await self.client.aclose()
 
 
