@@ -41,7 +41,8 @@
 --                     may be waiting, so scripts that make work claimable publish on P wake
 --   P claim:<worker>  the token and job ids of the worker's last claim (two minutes)
 --   P waiting         hash: worker id -> "<capacity> <lease seconds> <deadline> <queues>"
---                     of each worker blocked in wait_for_work (queues: JSON, '' = any)
+--                     of each worker blocked in wait_for_work (queues: JSON, '' = any),
+--                     written by its wait, or by the claim before it (see claim_jobs)
 --   P hand:<worker>   list: batches of jobs handed to a waiting worker (JSON arrays of
 --                     their fields), which it pops into  P took:<worker>  (BLMOVE); the
 --                     worker's next claim empties both
