@@ -34,6 +34,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _ANY: TypeAdapter[Any] = TypeAdapter(Any)
+_BY_POSITION = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
 class ArgumentCodec:
@@ -68,20 +69,33 @@ class ArgumentCodec:
             call_params.append(param)
         self.call_signature = signature.replace(parameters=call_params)
         self.kinds = {p.name: p.kind for p in call_params}
+        self._positional: tuple[str, ...] | None = None
+        """The parameters' names in order when every one may be given by position (no
+        ``*args``, ``**kwargs`` or keyword-only ones): positional arguments then need no
+        ``Signature.bind``."""
+        self._required = 0
+        if all(p.kind in _BY_POSITION for p in call_params):
+            self._positional = tuple(p.name for p in call_params)
+            self._required = sum(p.default is p.empty for p in call_params)
         returns = hints.get("return", Any)
         self.result_adapter: TypeAdapter[Any] = TypeAdapter(returns)
 
     def encode(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         """The arguments as JSON text. Raises ``InvalidArguments`` naming each problem."""
-        try:
-            bound = self.call_signature.bind(*args, **kwargs)
-        except TypeError as exc:
-            raise InvalidArguments(
-                self.task_name, [{"loc": [], "msg": str(exc), "type": "signature"}]
-            ) from None
+        names = self._positional
+        arguments: Any
+        if not kwargs and names is not None and self._required <= len(args) <= len(names):
+            arguments = zip(names, args, strict=False)  # as bind gives them, only faster
+        else:
+            try:
+                arguments = self.call_signature.bind(*args, **kwargs).arguments.items()
+            except TypeError as exc:
+                raise InvalidArguments(
+                    self.task_name, [{"loc": [], "msg": str(exc), "type": "signature"}]
+                ) from None
         errors: list[dict[str, Any]] = []
         encoded: dict[str, Any] = {}
-        for name, value in bound.arguments.items():
+        for name, value in arguments:
             adapter = self.adapters[name]
             try:
                 encoded[name] = adapter.dump_python(adapter.validate_python(value), mode="json")
@@ -185,6 +199,8 @@ class Task(Generic[P, R]):
         self.priority = priority
         self.is_async = inspect.iscoroutinefunction(func)
         self.codec = ArgumentCodec(func, name)
+        self._plain: TaskCall[P, R] = TaskCall(self, _NO_OPTIONS)
+        """This task without options: what ``enqueue`` uses."""
         self.__doc__ = func.__doc__
         self.__wrapped__ = func
 
@@ -224,7 +240,7 @@ class Task(Generic[P, R]):
 
     async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> JobHandle:
         """Store a job running this task with these arguments; returns its handle."""
-        return await self.options().enqueue(*args, **kwargs)
+        return await self._plain.enqueue(*args, **kwargs)
 
     def options(
         self,

@@ -283,8 +283,7 @@ class Worker:
             return
         # one task for the store's wait, none for the local one: a job handed over by the
         # store reaches the claim loop in as few turns of the event loop as possible
-        remote = asyncio.ensure_future(self._wait_for_store(timeout))
-        remote.add_done_callback(lambda _: _settle(wake))
+        remote = asyncio.ensure_future(self._wait_for_store(timeout, wake))
         try:
             await self.lane.notifier.wait(timeout, future=wake)
         finally:
@@ -292,12 +291,14 @@ class Worker:
                 remote.cancel()
                 await asyncio.wait([remote])
 
-    async def _wait_for_store(self, timeout: float) -> None:
+    async def _wait_for_store(self, timeout: float, wake: asyncio.Future[None]) -> None:
         try:
             await self.lane.store.wait_for_work(timeout)
         except Exception:
             log.debug("store wake-up failed; polling instead", exc_info=True)
             await asyncio.sleep(timeout)
+        finally:  # here, not in a done callback: the claim loop runs one turn sooner
+            _settle(wake)
 
     async def _release_handed_over(self) -> None:
         released, self._released = self._released, []

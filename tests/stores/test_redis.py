@@ -747,6 +747,75 @@ async def test_a_waiting_worker_is_handed_the_job_and_takes_it_without_a_round_t
     await other.close()
 
 
+async def test_a_worker_that_waits_again_takes_the_jobs_it_started_with_its_offer(
+    store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = RedisStore(store.url)
+    await other.open()
+    job = await _handed_one(store, other)
+    sent: list[str] = []
+
+    async def recorded(link: Any, script: Any, *args: Any) -> Any:
+        sent.append(script.name)
+        return await call(link, script, *args)
+
+    now = time.time()
+    with monkeypatch.context() as patched:
+        patched.setattr("backlane.stores.redis.call", recorded)
+        (taken,) = await store.claim(**claim_args(now=now, lease_until=now + LEASE, limit=2))
+        await store.wait_for_work(0.01)  # offers its free slot, and takes the job with it
+        await anyio.sleep(0.1)
+    assert sent == ["wait"]
+    assert await store.get(job.id) == taken.copy(lease_until=now + LEASE)
+    # given the full lease: the job is no longer one to give back when its short one ends
+    survivor = RedisStore(store.url)
+    await survivor.open()
+    assert await survivor.requeue_expired(time.time() + 3) == 0
+    await survivor.close()
+    await other.close()
+
+
+async def test_jobs_a_worker_started_are_taken_when_its_store_closes_first(
+    store: RedisStore,
+) -> None:
+    other = RedisStore(store.url)
+    await other.open()
+    job = await _handed_one(store, other)
+    now = time.time()
+    (taken,) = await store.claim(**claim_args(now=now, lease_until=now + LEASE))
+    await store.close()  # before the take went
+    assert await other.get(job.id) == taken.copy(lease_until=now + LEASE)
+    await other.close()
+
+
+async def test_a_claim_that_leaves_a_waiting_worker_room_offers_it_to_take_work(
+    store: RedisStore,
+) -> None:
+    other = RedisStore(store.url)
+    await other.open()
+    await _idle_worker(store)
+    await store.wait_for_work(0.01)  # waited: its pop of handed jobs is under way
+    assert await store.claim(**claim_args(now=time.time())) == []
+    (job,) = await other.enqueue([make_job(run_at=time.time())])  # no wait sent meanwhile
+    handed = await other.get(job.id)
+    assert handed is not None and handed.state is S.RUNNING and handed.worker_id == "w1"
+    with anyio.fail_after(2):
+        await store.wait_for_work(10.0)
+    (taken,) = await store.claim(**claim_args(now=time.time()))
+    assert taken.id == job.id and taken.attempts == 1
+    await other.close()
+
+
+async def test_a_claim_by_a_worker_that_never_waited_offers_nothing(store: RedisStore) -> None:
+    other = RedisStore(store.url)
+    await other.open()
+    assert await store.claim(**claim_args(now=time.time())) == []
+    (job,) = await other.enqueue([make_job(run_at=time.time())])
+    queued = await other.get(job.id)
+    assert queued is not None and queued.state is S.QUEUED
+    await other.close()
+
+
 async def test_a_job_handed_to_a_worker_that_stops_is_given_back(store: RedisStore) -> None:
     other = RedisStore(store.url)
     await other.open()

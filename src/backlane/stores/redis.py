@@ -40,6 +40,7 @@ from .redis_codec import (
     decode_job,
     decode_worker,
     job_fields,
+    job_pairs,
     jobs_json,
     number,
     outcomes_json,
@@ -87,6 +88,9 @@ _HANDED_LEASE = 2.0
 """Seconds a job handed to a waiting worker is held for it before the worker takes it (and
 gives it its full lease). Not taken by then, the job is queued again, uncounted, by the
 next offer or claim of any worker (or a sweep of expired leases)."""
+_TAKE_LATEST = 0.05
+"""Seconds after a worker starts jobs handed to it within which it takes them (gives them
+its full lease) in a call of its own, if no offer to take work carried them first."""
 _TAKE_WITHIN = _HANDED_LEASE / 2
 """A handed job whose short lease has less than this left (by this host's clock) is not
 started on the strength of the hand-off alone: the worker's next claim asks Redis whether
@@ -106,6 +110,9 @@ class _ClaimMark:
     worker_id: str = ""
     capacity: int = 0
     queues: str = ""
+    offered: float = 0.0
+    """Until when (monotonic) the claim's own offer to take work lasts: the wait after it
+    makes none before then."""
 
 
 def _token() -> str:
@@ -137,6 +144,8 @@ class RedisStore(Store):
         )
         self._handed: dict[str, list[Job]] = {}
         """Jobs handed to a waiting worker, by worker id, that its next claim returns."""
+        self._ending: dict[str, asyncio.Future[None]] = {}
+        """What each worker's ``wait_for_work`` awaits, for its pop to settle."""
         self._seen: dict[str, dict[tuple[str, int, float | None], float]] = {}
         """Hand-offs each worker received (id, attempt and start, monotonic time): a job
         comes both by the worker's pop and by its next claim when the two cross."""
@@ -209,7 +218,10 @@ class RedisStore(Store):
             )
         if not jobs:
             return []
-        replies = await self._call("enqueue", _token(), jobs_json(jobs))
+        if len(jobs) == 1:  # one job as name, value, name, value... (no JSON either side)
+            replies = await self._call("enqueue", _token(), *job_pairs(jobs[0]))
+        else:
+            replies = await self._call("enqueue", _token(), jobs_json(jobs))
         stored: list[Job] = []
         for job, reply in zip(jobs, replies, strict=True):
             if isinstance(reply, list):
@@ -247,11 +259,11 @@ class RedisStore(Store):
             return []
         link = await self._links.get()
         generation = None if link.wakes is None else link.wakes.generation
-        args = self._claim_args(worker_id, queues, limit, now, lease_until)
-        handed = self._take_handed(link, generation, args, limit)
+        handed = self._take_handed(link, generation, worker_id, queues, limit)
         if handed:
             self._took(link, worker_id, handed, lease_until)
             return handed
+        args = self._claim_args(link, worker_id, queues, limit, now, lease_until)
         reply = await call(link, self._scripts["claim"], *args)
         return self._claimed(link, generation, reply, args, now, lease_until)
 
@@ -275,8 +287,7 @@ class RedisStore(Store):
             return await self.finish(outcomes), []
         link = await self._links.get()
         generation = None if link.wakes is None else link.wakes.generation
-        args = self._claim_args(worker_id, queues, limit, now, lease_until)
-        handed = self._take_handed(link, generation, args, limit)
+        handed = self._take_handed(link, generation, worker_id, queues, limit)
         if handed:
             try:
                 applied = await self.finish(outcomes) if outcomes else []
@@ -285,6 +296,7 @@ class RedisStore(Store):
                 raise
             self._took(link, worker_id, handed, lease_until)
             return applied, handed
+        args = self._claim_args(link, worker_id, queues, limit, now, lease_until)
         text = outcomes_json(outcomes) if outcomes else "[]"
         reply = await call(link, self._scripts["finish_claim"], text, *args)
         applied = list(reply[0])
@@ -292,10 +304,21 @@ class RedisStore(Store):
 
     @staticmethod
     def _claim_args(
-        worker_id: str, queues: Sequence[str] | None, limit: int, now: float, lease_until: float
+        link: Link,
+        worker_id: str,
+        queues: Sequence[str] | None,
+        limit: int,
+        now: float,
+        lease_until: float,
     ) -> tuple[str | int, ...]:
-        names = "" if queues is None else _json_list(dict.fromkeys(queues))
-        return (_token(), worker_id, number(now), number(lease_until), limit, names, _IDLE_MS)
+        names = _names(queues)
+        # A worker whose pop of handed jobs is under way waits again after a claim that
+        # leaves it room: the claim makes its offer to take work, the wait then needs none.
+        pop = link.handoffs.get(worker_id)
+        offer = HAND_OFFS and pop is not None and not pop.done()
+        lease, period = (number(_HANDED_LEASE), number(_OFFER)) if offer else ("", "")
+        args = (_token(), worker_id, number(now), number(lease_until), limit, names, _IDLE_MS)
+        return (*args, lease, period)
 
     def _claimed(
         self,
@@ -309,7 +332,7 @@ class RedisStore(Store):
         """The jobs a claim script returned: those handed to the worker while it waited
         (not seen before; the script gave them their full lease), then those it claimed.
         Remembers what the claim saw."""
-        _, worker_id, _, _, limit, queues, _ = args
+        _, worker_id, _, _, limit, queues, _, _, period = args
         worker_id = str(worker_id)
         next_due = float(reply[0]) if reply[0] else None
         handed = [decode_job(fields) for fields in reply[1]]
@@ -333,20 +356,26 @@ class RedisStore(Store):
             job.worker_id = worker_id
             claimed.append(job)
         capacity = int(limit) - len(claimed)
+        at = time.monotonic()
+        offered = at + _OFFER if period and capacity > 0 else 0.0
         mark = _ClaimMark(
-            link, generation, next_due, time.monotonic(), worker_id, capacity, str(queues)
-        )
+            link, generation, next_due, at, worker_id, capacity, str(queues), offered
+        )  # fmt: skip
         self._mark.set(mark)
         return claimed
 
     def _take_handed(
-        self, link: Link, generation: int | None, args: tuple[str | int, ...], limit: int
+        self,
+        link: Link,
+        generation: int | None,
+        worker_id: str,
+        queues: Sequence[str] | None,
+        limit: int,
     ) -> list[Job]:
         """Up to ``limit`` jobs handed to the worker while it waited, not yet returned, and
         with most of their short lease left: they run for it already, so they start without
         a round trip (``_took`` then gives them the full lease). The others are left to the
         worker's claim script, which returns those it still holds, or gives them back."""
-        worker_id = str(args[1])
         waiting = self._handed.pop(worker_id, None)
         if not waiting:
             return []
@@ -361,32 +390,46 @@ class RedisStore(Store):
         if taken:
             mark = _ClaimMark(
                 link, generation, None, time.monotonic(), worker_id, limit - len(taken),
-                str(args[5]),
+                _names(queues),
             )  # fmt: skip
             self._mark.set(mark)
         return taken
 
     def _took(self, link: Link, worker_id: str, jobs: list[Job], lease_until: float) -> None:
-        """``jobs`` handed to ``worker_id`` start now: give them ``lease_until`` in Redis
-        (one call, not waited for: their short lease leaves it time)."""
+        """``jobs`` handed to ``worker_id`` start now: give them ``lease_until`` in Redis,
+        not waited for (their short lease leaves it time): with the worker's next offer to
+        take work, which follows at once when it waits, or in a call of its own within
+        ``_TAKE_LATEST``."""
         for job in jobs:
             job.lease_until = lease_until
         ids = [job.id for job in jobs]
-        task = link.loop.create_task(self._take(link, worker_id, ids, lease_until))
+        pending = link.taking.get(worker_id)
+        if pending is not None and pending[0] == lease_until:
+            pending[1].extend(ids)
+            return
+        if pending is not None:  # another lease: that one goes now
+            self._send_take(link, worker_id)
+        link.taking[worker_id] = (lease_until, ids)
+        link.loop.call_later(_TAKE_LATEST, self._send_take, link, worker_id, ids)
+
+    def _send_take(self, link: Link, worker_id: str, ids: list[str] | None = None) -> None:
+        """Send the take ``_took`` keeps for ``worker_id`` in a call of its own (if ``ids``,
+        only if that is still the one kept)."""
+        pending = link.taking.get(worker_id)
+        if pending is None or (ids is not None and pending[1] is not ids):
+            return
+        del link.taking[worker_id]
+        task = link.loop.create_task(self._take(link, worker_id, *pending))
         link.takes.add(task)
         task.add_done_callback(link.takes.discard)
 
-    async def _take(self, link: Link, worker_id: str, ids: list[str], lease_until: float) -> None:
-        await asyncio.sleep(0)  # the jobs taken start first: this call is not waited for
+    async def _take(self, link: Link, worker_id: str, lease_until: float, ids: list[str]) -> None:
         try:
             lost = await call(link, self._scripts["take"], worker_id, number(lease_until), *ids)
         except StoreError as exc:
             log.warning("worker %s could not take %d handed jobs: %s", worker_id, len(ids), exc)
             return
-        for job_id in lost:
-            log.warning(
-                "job %s was given back before %s took it: it may run twice", job_id, worker_id
-            )
+        _lost(worker_id, lost)
 
     def _fresh(self, worker_id: str, jobs: list[Job]) -> list[Job]:
         """``jobs`` handed to ``worker_id`` less those it already received."""
@@ -671,7 +714,9 @@ class RedisStore(Store):
         jobs as the claim left room for: a job of its queues made claimable meanwhile is
         handed to it, already running for it under a short lease (``_HANDED_LEASE``), and
         comes with the wake-up; its next ``claim`` returns it without waiting for Redis and
-        gives it the full lease. A job handed and never taken is queued again, uncounted."""
+        gives it the full lease (sent with the worker's next offer). A job handed and never
+        taken is queued again, uncounted. A worker whose pop is under way made its offer with
+        its last claim already: the wait sends none until that offer is due for renewal."""
         link = await self._links.get()
         wakes = link.wakes_started()
         mark = self._mark.get()
@@ -688,32 +733,53 @@ class RedisStore(Store):
             await wakes.wait(generation, timeout)
             return
         worker_id = mark.worker_id
-        until = time.monotonic() + timeout
-        woken = link.loop.create_task(wakes.wait(generation, timeout))
-        try:
-            while not woken.done() and not self._handed.get(worker_id):
-                left = until - time.monotonic()
-                if left <= 0:
-                    return
+        loop = link.loop
+        until = loop.time() + timeout
+        offered = mark.offered - loop.time()  # the claim's own offer (same clock)
+        while not self._handed.get(worker_id):
+            left = until - loop.time()
+            if left <= 0:
+                return
+            if offered > _OFFER / 10 and worker_id not in link.taking:
+                offer, offered = min(left, offered), 0.0  # made by the claim: none to send
+            else:
+                offered = 0.0
                 offer = min(left, _OFFER)
+                taking = link.taking.pop(worker_id, None)  # the jobs it started go with it
+                take = () if taking is None else (number(taking[0]), *taking[1])
                 try:
-                    await self._call(
+                    lost = await self._call(
                         "wait", worker_id, mark.capacity, number(_HANDED_LEASE), number(offer),
-                        mark.queues,
+                        mark.queues, *take,
                     )  # fmt: skip
                 except StoreError:  # Redis away: wait for the listener, which waits for Redis
-                    await asyncio.wait([woken], timeout=left)
+                    if taking is not None:  # the take goes on trying in a call of its own
+                        link.taking[worker_id] = taking
+                        self._send_take(link, worker_id)
+                    await wakes.wait(generation, left)
                     return
-                pop = link.handoffs.get(worker_id)
-                if pop is None or pop.done():
-                    pop = link.loop.create_task(self._pop_handed(link, worker_id))
-                    link.handoffs[worker_id] = pop
-                ends = time.monotonic() + offer
-                await asyncio.wait([pop, woken], timeout=offer, return_when=asyncio.FIRST_COMPLETED)
-                if pop.done() and not self._handed.get(worker_id):  # the pop failed
-                    await asyncio.wait([woken], timeout=max(0.0, ends - time.monotonic()))
-        finally:
-            woken.cancel()
+                _lost(worker_id, lost)
+            pop = link.handoffs.get(worker_id)
+            if pop is None or pop.done():
+                pop = loop.create_task(self._pop_handed(link, worker_id))
+                link.handoffs[worker_id] = pop
+            # One future ends this offer: settled by the pop when it keeps a batch (one
+            # turn of the loop from the reply to this task), by a wake-up, or at the end
+            # of the offer (a pop that failed waits for that too).
+            ends = loop.create_future()
+            if self._handed.get(worker_id) or not wakes.add(generation, ends):
+                return
+            self._ending[worker_id] = ends
+            timer = loop.call_later(offer, _settle, ends)
+            try:
+                await ends
+            finally:
+                timer.cancel()
+                wakes.discard(ends)
+                if self._ending.get(worker_id) is ends:
+                    del self._ending[worker_id]
+            if wakes.generation != generation:
+                return
 
     async def _pop_handed(self, link: Link, worker_id: str) -> None:
         """Wait (in Redis) for a batch of jobs handed to ``worker_id``, and keep it for
@@ -721,9 +787,9 @@ class RedisStore(Store):
         also stays in Redis until that claim)."""
         hand, took = f"{self.prefix}hand:{worker_id}", f"{self.prefix}took:{worker_id}"
         try:
-            text = await link.client.execute_command(  # type: ignore[no-untyped-call]
-                "BLMOVE", hand, took, "LEFT", "RIGHT", _LONGEST_WAIT + 1
-            )  # the pool's connection: blocking, without the read timeout of calls
+            text = await link.blocking(
+                worker_id, "BLMOVE", hand, took, "LEFT", "RIGHT", _LONGEST_WAIT + 1
+            )
         except (RedisError, OSError) as exc:
             log.debug("waiting for jobs handed to %s failed: %s", worker_id, exc)
             return
@@ -731,6 +797,9 @@ class RedisStore(Store):
             jobs = self._fresh(worker_id, [decode_job(fields) for fields in json.loads(text)])
             if jobs:
                 self._handed.setdefault(worker_id, []).extend(jobs)
+                ends = self._ending.pop(worker_id, None)
+                if ends is not None:
+                    _settle(ends)
 
 
 class _Bucket:
@@ -754,6 +823,17 @@ class _Bucket:
         )
 
 
+def _lost(worker_id: str, ids: list[str]) -> None:
+    """Warn of jobs ``worker_id`` started that were given back before it took them."""
+    for job_id in ids:
+        log.warning("job %s was given back before %s took it: it may run twice", job_id, worker_id)
+
+
+def _settle(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 def _seen_key(job: Job) -> tuple[str, int, float | None]:
     """What tells one hand-off of a job from another (an attempt given back is uncounted, so
     the attempt alone does not)."""
@@ -763,6 +843,11 @@ def _seen_key(job: Job) -> tuple[str, int, float | None]:
 def _stored_copy(job: Job, after: str | None) -> Job:
     """A copy of ``job`` sharing nothing mutable with it, with ``after`` as stored."""
     return job.detached(after=after)
+
+
+def _names(queues: Sequence[str] | None) -> str:
+    """Queue names as the scripts take them: a JSON array, '' for every queue."""
+    return "" if queues is None else _json_list(dict.fromkeys(queues))
 
 
 def _json_list(items: Any) -> str:

@@ -62,6 +62,11 @@ def job_fields(job: Job) -> dict[str, str]:
     return fields
 
 
+def job_pairs(job: Job) -> list[str]:
+    """``job``'s fields as the ``enqueue`` script takes one job: name, value, name, value..."""
+    return [text for pair in job_fields(job).items() for text in pair]
+
+
 def jobs_json(jobs: Sequence[Job]) -> str:
     """A batch of jobs as the JSON array the ``enqueue`` script reads."""
     return json.dumps([job_fields(job) for job in jobs], ensure_ascii=False)

@@ -324,6 +324,18 @@ class Wakes:
             self._waiters.discard(fut)
             fut.cancel()
 
+    def add(self, generation: int, fut: asyncio.Future[None]) -> bool:
+        """Settle ``fut`` at the next wake-up, unless ``generation`` is not the current one
+        already: then False, and nothing is registered. ``discard`` undoes it."""
+        if self.generation != generation:
+            return False
+        self._waiters.add(fut)
+        return True
+
+    def discard(self, fut: asyncio.Future[None]) -> None:
+        """Forget ``fut`` (registered by ``add``)."""
+        self._waiters.discard(fut)
+
     async def stop(self) -> None:
         """Stop listening and close the connection."""
         self._task.cancel()
@@ -387,10 +399,18 @@ class Link:
         """Whether verbs run as the library's functions (Redis 7), not as scripts."""
         self.handoffs: dict[str, asyncio.Task[None]] = {}
         """Each waiting worker's pop of the jobs handed to it (``RedisStore``)."""
+        self._blocking: dict[str, Connection] = {}
         self.takes: set[asyncio.Task[None]] = set()
         """Calls under way that give handed jobs a worker took their full lease."""
+        self.taking: dict[str, tuple[float, list[str]]] = {}
+        """Jobs each worker took, with their full lease, that no call has carried yet
+        (``RedisStore._took``)."""
         self.watch: AsyncGenerator[None, None] | None = None
         self._closed = False
+
+    async def _take(self, worker_id: str, lease: float, ids: list[str]) -> None:
+        with contextlib.suppress(StoreError):
+            await call(self, load_scripts()["take"], worker_id, repr(lease), *ids)
 
     def wakes_started(self) -> Wakes:
         """The wake listener of this loop, started on first use."""
@@ -454,6 +474,23 @@ class Link:
             self._sent_at = None
             self._busy = False
 
+    async def blocking(self, owner: str, *args: Any) -> Any:
+        """Send a blocking command (``BLMOVE``) on the connection of ``owner`` (one per
+        waiting worker, made on first use), and return its reply, however long it takes:
+        no read timeout, no retry, no pool (its checks cost a turn of the loop). Raises
+        redis-py's exceptions; the connection is closed after a failure or cancellation,
+        and opened again by the next call."""
+        conn = self._blocking.get(owner)
+        if conn is None:
+            conn = self._blocking[owner] = self.client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        try:
+            packed = conn.pack_command(*args) if _pack_command is None else _pack_command(args)
+            await conn.send_packed_command(packed, check_health=False)
+            return await conn.read_response()  # socket_timeout None: waits as Redis does
+        except BaseException:
+            await asyncio.shield(conn.disconnect(nowait=True))
+            raise
+
     def _watch(self) -> None:
         """Break the own connection when a reply on it is overdue (``socket_timeout``);
         the call waiting for it fails with ``ConnectionError`` and is sent again."""
@@ -476,6 +513,9 @@ class Link:
             await self.wakes.stop()
         if self._watchdog is not None:
             self._watchdog.cancel()
+        taking, self.taking = self.taking, {}
+        for worker_id, (lease, ids) in taking.items():  # not carried by an offer yet
+            self.takes.add(self.loop.create_task(self._take(worker_id, lease, ids)))
         if self.takes:  # a few quick calls: let them land, if Redis answers
             await asyncio.wait(list(self.takes), timeout=2.0)
         for take in list(self.takes):
@@ -488,6 +528,8 @@ class Link:
                 await pop
         if self._own is not None:
             await self._own.disconnect()
+        for conn in self._blocking.values():
+            await conn.disconnect()
         await self.client.aclose()
 
 

@@ -41,7 +41,8 @@
 --                     may be waiting, so scripts that make work claimable publish on P wake
 --   P claim:<worker>  the token and job ids of the worker's last claim (two minutes)
 --   P waiting         hash: worker id -> "<capacity> <lease seconds> <deadline> <queues>"
---                     of each worker blocked in wait_for_work (queues: JSON, '' = any)
+--                     of each worker blocked in wait_for_work (queues: JSON, '' = any),
+--                     written by its wait, or by the claim before it (see claim_jobs)
 --   P hand:<worker>   list: batches of jobs handed to a waiting worker (JSON arrays of
 --                     their fields), which it pops into  P took:<worker>  (BLMOVE); the
 --                     worker's next claim empties both
@@ -354,12 +355,14 @@ local function due_before(queue, priority)
     return false
 end
 
--- Hand a claimable job to a waiting worker that takes its queue, running for it as a
--- claim would make it; false when none may take it now.
-local function hand_off(job)
+-- The waiting worker that may take claimable `job` (a table with its queue, priority and
+-- run_at) now: one that takes its queue and has room, unless the job is not due, its queue
+-- is paused, or a claimable job of its queue at its priority or above is due (it must not
+-- pass that one). nil when there is none.
+local function taker_for(job)
     local list = waiters()
     if #list == 0 or tonumber(job.run_at) > server_now() then
-        return false
+        return nil
     end
     local taker
     for _, w in ipairs(list) do
@@ -370,6 +373,30 @@ local function hand_off(job)
     end
     if not taker or redis.call('SISMEMBER', P .. 'paused', job.queue) == 1
         or due_before(job.queue, job.priority) then
+        return nil
+    end
+    return taker
+end
+
+-- Record that job <id>, now running for `taker` until `lease` (its short lease), goes to
+-- it with the next hand-over: `flat` is its hash as HGETALL gives it.
+local function handed_to(taker, id, lease, flat)
+    zput(P .. 'run', lease, id)
+    zput(P .. 'handed', lease, id)
+    local batch = handed[taker]
+    if not batch then
+        batch = {}
+        handed[taker] = batch
+    end
+    batch[#batch + 1] = flat
+    taker.capacity = taker.capacity - 1
+end
+
+-- Hand a claimable job to a waiting worker that takes its queue, running for it as a
+-- claim would make it; false when none may take it now.
+local function hand_off(job)
+    local taker = taker_for(job)
+    if not taker then
         return false
     end
     local jk = jkey(job.id)
@@ -380,15 +407,7 @@ local function hand_off(job)
     move(job, 'running')
     redis.call('HSET', jk, 'state', 'running', 'attempts', attempts, 'started_at', started,
                'lease_until', lease, 'worker_id', taker.id)
-    zput(P .. 'run', lease, job.id)
-    zput(P .. 'handed', lease, job.id)
-    local batch = handed[taker]
-    if not batch then
-        batch = {}
-        handed[taker] = batch
-    end
-    batch[#batch + 1] = redis.call('HGETALL', jk)
-    taker.capacity = taker.capacity - 1
+    handed_to(taker, job.id, lease, redis.call('HGETALL', jk))
     return true
 end
 
@@ -488,6 +507,26 @@ local function give_back_handed(now, limit)
     return gone
 end
 
+-- A worker takes jobs handed to it while it waited (see hand_off): each of `ids` it still
+-- holds gets `lease` (the worker's full lease) in place of the short one it was handed
+-- with. Returns the ids among them that were given back before it took them (queued
+-- again, or running for another worker): they may run twice. Changes are buffered.
+local function take_jobs(worker, lease, ids, from)
+    local lost = {}
+    for i = from, #ids do
+        local id = ids[i]
+        local v = redis.call('HMGET', jkey(id), 'state', 'worker_id')
+        if v[1] == 'running' and v[2] == worker then
+            redis.call('HSET', jkey(id), 'lease_until', lease)
+            zput(P .. 'run', lease, id)
+            zdel(P .. 'handed', id)
+        elseif v[1] == 'queued' or v[1] == 'running' then
+            lost[#lost + 1] = id
+        end
+    end
+    return lost
+end
+
 -- Remove a job and every trace of it; returns whether the caller must free the jobs
 -- that waited for it (once all the removed jobs are gone).
 local function remove(job)
@@ -542,7 +581,22 @@ local function insert(fields, replaced, seq, token)
             after = nil
         end
     end
-    local args = {'seq', seq}
+    -- a job claimable at once goes straight to a waiting worker, if one may take it: stored
+    -- running for it, in one write (see hand_off)
+    local taker
+    if state == 'queued' and not after then
+        taker = taker_for(fields)
+        if taker then
+            local now = server_now()
+            state = 'running'
+            fields.state = state
+            fields.attempts = tostring((tonumber(fields.attempts) or 0) + 1)
+            fields.started_at = string.format('%.17g', now)
+            fields.lease_until = string.format('%.17g', now + taker.lease)
+            fields.worker_id = taker.id
+        end
+    end
+    local args = {'seq', tostring(seq)}
     if token then
         args[3] = 'tok'
         args[4] = token
@@ -574,6 +628,8 @@ local function insert(fields, replaced, seq, token)
     end
     if state == 'queued' then
         make_claimable(job)
+    elseif taker then
+        handed_to(taker, id, fields.lease_until, args)
     elseif state == 'running' then
         if fields.lease_until then
             zput(P .. 'run', fields.lease_until, id)
@@ -639,8 +695,12 @@ end
 -- taken: their lease is `lease` (the short one they were handed with ends); those beyond
 -- `limit` are left to their short lease; each claimed job's fields are as they were before the claim (the caller
 -- applies state, attempts + 1, started_at, lease_until, worker_id); next_due is the earliest run_at after now among the jobs left in those
--- queues ('' if none, or if the limit was reached). Changes are buffered: flush() after.
-local function claim_jobs(token, worker, now, lease, limit, queues, idle_ms)
+-- queues ('' if none, or if the limit was reached). A worker that waits next gives
+-- `handed_lease` and `offer` (seconds; else '' or nil): a claim that leaves it room then
+-- offers that room to take work, as its wait would (see wait.lua). Changes are buffered:
+-- flush() after.
+local function claim_jobs(token, worker, now, lease, limit, queues, idle_ms, handed_lease,
+                          offer)
     local last_claim = P .. 'claim:' .. worker
     local last = redis.call('GET', last_claim)
     if last and string.sub(last, 1, #token + 1) == token .. ' ' then
@@ -831,6 +891,11 @@ local function claim_jobs(token, worker, now, lease, limit, queues, idle_ms)
     if remaining > 0 then
         -- took all there was: the worker may wait now, so work made claimable is announced
         redis.call('SET', P .. 'idle', '1', 'PX', idle_ms)
+        if offer and offer ~= '' then
+            local deadline = string.format('%.17g', server_now() + tonumber(offer) + 0.1)
+            redis.call('HSET', P .. 'waiting', worker,
+                       remaining .. ' ' .. handed_lease .. ' ' .. deadline .. ' ' .. queues)
+        end
     end
     if #ids > 0 or #kept > 0 then
         local saved = cjson.encode({ids, kept})

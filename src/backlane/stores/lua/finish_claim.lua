@@ -5,7 +5,7 @@
 -- returns the same jobs.
 local applied = finish_outcomes(ARGV[1])
 local out = claim_jobs(ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7],
-                       ARGV[8])
+                       ARGV[8], ARGV[9], ARGV[10])
 flush()
 table.insert(out, 1, applied)
 return out
