@@ -210,6 +210,8 @@ async def test_every_field_of_a_job_is_stored_as_given(tmp_path: Path) -> None:
         ("claimable_queues", "jobs_claimable"),
         ("claim_one", "INTEGER PRIMARY KEY"),
         ("claim_seqs", "INTEGER PRIMARY KEY"),
+        ("handed_claimable_any", "jobs_id"),
+        ("handed_claimable_queues", "jobs_id"),
         ("release_one", "jobs_id"),
         ("finish_end", "jobs_id"),
         ("finish_retry", "jobs_id"),
@@ -234,6 +236,7 @@ async def test_the_hot_statements_search_an_index(tmp_path: Path, query: str, in
         "queues": '["a","b"]', "ids": '["x"]', "id": "x", "key": "k", "before": NOW,
         "states": '["failed"]', "run_at": NOW, "result": None, "error": None,
         "state": "failed", "finished_at": NOW, "keep_until": NOW, "seq": 1, "seqs": "[1]",
+        "was": "queued",
     }  # fmt: skip
     conn = sqlite3.connect(tmp_path / "jobs.db")
     try:

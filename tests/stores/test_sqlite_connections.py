@@ -114,14 +114,16 @@ async def test_the_wal_is_checkpointed_off_the_loop_and_stays_small(tmp_path: Pa
             job = Job(task="t", payload=f'{{"n":{n}}}', created_at=NOW, run_at=NOW)
             await store.enqueue([job])
             await store.release([job.id])
-        for _ in range(1000):  # the last checkpoints asked for may still be running
-            if len(checkpointed_on) >= 20:
+        for _ in range(1000):  # the last checkpoint asked for may still be running
+            if not store._db._checkpoint_asked:
                 break
             await asyncio.sleep(0.01)
         wal = path.with_name(path.name + "-wal").stat().st_size
     finally:
         await store.close()
-    assert len(checkpointed_on) >= 20
+    # one every CHECKPOINT_EVERY commits, unless one asked for earlier is still running
+    # (then that one serves both): on a busy machine, fewer than 40
+    assert len(checkpointed_on) >= 5
     assert on_loop not in checkpointed_on
     # 4,000 jobs stored and released write about 150 MiB of WAL: it was started afresh
     assert wal < 2 * RESTART_FRAMES * 4096, wal

@@ -584,7 +584,8 @@ class SQLiteStore(Store):
         if len(seqs) == 1:
             rows = self._fetch_named(conn, "claim_one", {**params, "seq": seqs[0]})
         elif seqs:
-            rows = self._fetch_named(conn, "claim_seqs", {**params, "seqs": json.dumps(seqs)})
+            claiming = {**params, "seqs": json.dumps(seqs), "was": "queued"}
+            rows = self._fetch_named(conn, "claim_seqs", claiming)
         else:
             rows = []
         if handed:
@@ -609,7 +610,8 @@ class SQLiteStore(Store):
         seqs = [row[0] for row in self._fetch_named(conn, query, found)]
         if not seqs:
             return []
-        return self._fetch_named(conn, "claim_handed", {**params, "seqs": json.dumps(seqs)})
+        found = {**params, "seqs": json.dumps(seqs), "was": "deferred"}
+        return self._fetch_named(conn, "claim_seqs", found)
 
     def _release(self, conn: sqlite3.Connection, ids: Sequence[str]) -> None:
         if len(ids) == 1:

@@ -86,11 +86,12 @@ WHERE seq = :seq AND state = 'queued'
 RETURNING *;
 
 -- name: claim_seqs
--- Claims the jobs a claimable_* query found (a JSON array of their seq).
+-- Claims the jobs a claimable_* query found (a JSON array of their seq; :was 'queued'),
+-- or those a handed_claimable_* query found (:was 'deferred').
 UPDATE jobs NOT INDEXED
 SET state = 'running', attempts = attempts + 1, started_at = :now,
     lease_until = :lease_until, worker_id = :worker_id
-WHERE seq IN (SELECT value FROM json_each(:seqs)) AND state = 'queued'
+WHERE seq IN (SELECT value FROM json_each(:seqs)) AND state = :was
 RETURNING *;
 
 -- name: handed_claimable_any
@@ -110,14 +111,6 @@ WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'deferred' AND "afte
   AND queue NOT IN (SELECT queue FROM paused_queues)
 ORDER BY priority DESC, run_at, seq
 LIMIT :limit;
-
--- name: claim_handed
--- Claims the jobs handed_claimable_* found (a JSON array of their seq).
-UPDATE jobs NOT INDEXED
-SET state = 'running', attempts = attempts + 1, started_at = :now,
-    lease_until = :lease_until, worker_id = :worker_id
-WHERE seq IN (SELECT value FROM json_each(:seqs)) AND state = 'deferred'
-RETURNING *;
 
 -- name: renew_leases
 UPDATE jobs INDEXED BY jobs_id SET lease_until = :lease_until
