@@ -204,10 +204,7 @@ class SQLiteStore(Store):
     async def release(self, ids: Sequence[str]) -> None:
         """Deferred jobs among ``ids`` become queued; others are left as they are. Waits
         for the loop's next turn, to share a transaction with other releases."""
-        if len(ids) == 1:
-            await self._db.write_soon(self._execute, "release_one", {"id": ids[0]})
-        else:
-            await self._db.write_soon(self._execute, "release", {"ids": _ids(ids)})
+        await self._db.write_soon(self._release, list(ids))
 
     async def discard(
         self, ids: Sequence[str], now: float, keep_until: float | None = None
@@ -614,6 +611,7 @@ class SQLiteStore(Store):
         return self._fetch_named(conn, "claim_seqs", found)
 
     def _release(self, conn: sqlite3.Connection, ids: Sequence[str]) -> None:
+        """The ``release`` verb, inside a transaction."""
         if len(ids) == 1:
             self._execute(conn, "release_one", {"id": ids[0]})
         elif ids:
