@@ -13,7 +13,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 import anyio
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .exceptions import ConfigurationError, InvalidArguments, JobNotFound, UnknownTask
 from .jobs import Job, JobHandle, JobState
@@ -40,7 +40,11 @@ class TaskDecorator(Protocol):
 
 
 class Settings(BaseModel):
-    """Every setting, from arguments first, then ``BACKLANE_*`` environment variables."""
+    """Every setting, from arguments first, then ``BACKLANE_*`` environment variables.
+
+    A variable set to the empty string counts as unset. A value that does not fit raises
+    pydantic's ``ValidationError`` here; ``Backlane(...)`` raises ``ConfigurationError``
+    naming the argument or the variable it came from."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -51,43 +55,76 @@ class Settings(BaseModel):
         case (plain pydantic: pydantic-settings would cost every worker 1.5 MB)."""
         if not isinstance(data, dict):
             return data
-        found = {key.lower(): value for key, value in os.environ.items()}
-        given = {
-            name: found[f"backlane_{name}"]
-            for name in cls.model_fields
-            if name not in data and f"backlane_{name}" in found
-        }
-        return {**given, **data}
+        return {**environment_settings(exclude=data), **data}
+
+    @model_validator(mode="after")
+    def _polls_in_order(self) -> Settings:
+        if self.poll_max < self.poll_min:
+            raise ValueError(
+                f"poll_max ({self.poll_max}) must not be below poll_min ({self.poll_min})"
+            )
+        return self
 
     url: str = "sqlite:///./backlane.db"
     eager: bool = False
-    concurrency: int = 20
+    concurrency: int = Field(20, ge=1)
     """Jobs one worker runs at once."""
-    threads: int | None = None
+    threads: int | None = Field(None, ge=1)
     """Threads of one worker's pool for ``def`` tasks (default: the concurrency)."""
-    retries: int = 3
+    retries: int = Field(3, ge=0)
     """Default further attempts after a failure, for tasks that do not say."""
-    backoff: float = 1.0
+    backoff: float = Field(1.0, ge=0)
     """Default base of the exponential backoff, in seconds."""
-    lease_seconds: float = 30.0
+    lease_seconds: float = Field(30.0, gt=0)
     """How long a job stays held without a heartbeat; a dead worker's jobs return after it."""
-    sweep_interval: float = 5.0
+    sweep_interval: float = Field(5.0, gt=0)
     """How often a worker looks for expired leases."""
-    purge_interval: float = 60.0
-    keep_succeeded: float = 24 * 3600.0
+    purge_interval: float = Field(60.0, gt=0)
+    keep_succeeded: float = Field(24 * 3600.0, ge=0)
     """Seconds a succeeded job (and its result) is kept."""
-    keep_failed: float = 7 * 24 * 3600.0
+    keep_failed: float = Field(7 * 24 * 3600.0, ge=0)
     """Seconds a failed or cancelled job (and its error) is kept."""
-    shutdown_grace: float = 10.0
+    shutdown_grace: float = Field(10.0, ge=0)
     """Seconds running jobs get to finish at shutdown before they are handed back."""
-    release_grace: float = 10.0
+    release_grace: float = Field(10.0, gt=0)
     """Seconds after which a stored request's jobs run even if the release never came."""
-    poll_min: float = 0.005
+    poll_min: float = Field(0.005, gt=0)
     """Shortest wait between two claims of a worker that found work (an embedded worker
     fed by its own requests waits this long after each claim, so that a burst of requests
     shares one); the first wait of an idle worker's back-off."""
-    poll_max: float = 0.25
+    poll_max: float = Field(0.25, gt=0)
     """Longest wait between two claims of an idle worker."""
+
+
+def environment_settings(exclude: typing.Container[str] = ()) -> dict[str, str]:
+    """The settings the ``BACKLANE_*`` variables give (names in any case; empty values
+    left out), by setting name, but for those in ``exclude``."""
+    found = {key.lower(): value for key, value in os.environ.items() if value != ""}
+    return {
+        name: found[f"backlane_{name}"]
+        for name in Settings.model_fields
+        if name not in exclude and f"backlane_{name}" in found
+    }
+
+
+def _settings(given: dict[str, Any]) -> Settings:
+    """``Settings(**given)``, or ``ConfigurationError`` naming each value that does not
+    fit and where it came from: an argument, or a ``BACKLANE_*`` variable."""
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        from_env = environment_settings(exclude=given)
+        problems = []
+        for error in exc.errors():
+            name = str(error["loc"][0]) if error["loc"] else ""
+            cause = error.get("ctx", {}).get("error")
+            message = str(cause) if isinstance(cause, ValueError) else error["msg"]
+            if name in from_env:
+                message = f"BACKLANE_{name.upper()}={from_env[name]!r} (environment): {message}"
+            elif name in given:
+                message = f"{name}={given[name]!r}: {message}"
+            problems.append(message)
+        raise ConfigurationError("invalid setting: " + "; ".join(problems)) from None
 
 
 class Notifier:
@@ -154,7 +191,7 @@ class Backlane:
             given["url"] = url
         if eager is not None:
             given["eager"] = eager
-        self.settings = Settings(**given)
+        self.settings = _settings(given)
         self.store: Store = store_from_url(self.settings.url)
         self.notifier = Notifier()
         self._tasks: dict[str, Task[Any, Any]] = {}

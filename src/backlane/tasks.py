@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import PydanticSchemaGenerationError, TypeAdapter, ValidationError
 from pydantic_core import PydanticSerializationError
 from typing_extensions import ParamSpec
 
 from .context import TaskContext, dependency_of
-from .exceptions import InvalidArguments, NotImportable, UnknownTask
+from .exceptions import InvalidArguments, NotImportable, TaskError, UnknownTask
 from .jobs import Job, JobHandle, JobState
 from .retry import RetryPolicy
 
@@ -51,21 +51,30 @@ class ArgumentCodec:
         self.dependencies: dict[str, Any] = {}
         self.adapters: dict[str, TypeAdapter[Any]] = {}
         call_params = []
+        self._by_position: set[str] = set()
+        """Parameters the worker passes by position when given: those before any that the
+        worker fills itself (``TaskContext``, dependencies), which it passes by keyword."""
+        injected = False
         for param in signature.parameters.values():
             hint = hints.get(param.name, Any)
             if _is_context(hint):
                 self.context_param = param.name
+                injected = True
                 continue
             dep = dependency_of(param.default, hint)
             if dep is not None:
                 self.dependencies[param.name] = dep
+                injected = True
                 continue
+            if param.kind is param.POSITIONAL_OR_KEYWORD and not injected:
+                self._by_position.add(param.name)
             if param.kind is param.VAR_POSITIONAL:
-                self.adapters[param.name] = TypeAdapter(list[hint])  # type: ignore[valid-type]
+                hint = list[hint]  # type: ignore[valid-type]
             elif param.kind is param.VAR_KEYWORD:
-                self.adapters[param.name] = TypeAdapter(dict[str, hint])  # type: ignore[valid-type]
-            else:
-                self.adapters[param.name] = TypeAdapter(hint)
+                hint = dict[str, hint]  # type: ignore[valid-type]
+            self.adapters[param.name] = _adapter(
+                hint, f"task {task_name!r}: parameter {param.name!r}"
+            )
             call_params.append(param)
         self.call_signature = signature.replace(parameters=call_params)
         self.kinds = {p.name: p.kind for p in call_params}
@@ -78,7 +87,9 @@ class ArgumentCodec:
             self._positional = tuple(p.name for p in call_params)
             self._required = sum(p.default is p.empty for p in call_params)
         returns = hints.get("return", Any)
-        self.result_adapter: TypeAdapter[Any] = TypeAdapter(returns)
+        self.result_adapter: TypeAdapter[Any] = _adapter(
+            returns, f"task {task_name!r}: return annotation"
+        )
 
     def encode(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         """The arguments as JSON text. Raises ``InvalidArguments`` naming each problem."""
@@ -117,18 +128,26 @@ class ArgumentCodec:
         return json.dumps(encoded, separators=(",", ":"))
 
     def decode(self, payload: str) -> tuple[list[Any], dict[str, Any]]:
-        """Positional and keyword arguments from JSON text, as the annotated types."""
+        """Positional and keyword arguments from JSON text, as the annotated types: the
+        call ``func(*args, **kwargs)`` binds each parameter as ``encode`` was given it."""
         data = json.loads(payload)
         if not isinstance(data, dict):
             raise ValueError("payload is not a JSON object")
+        unknown = data.keys() - self.kinds.keys()
+        if unknown:
+            raise ValueError(f"payload names unknown parameter {min(unknown)!r}")
         args: list[Any] = []
         kwargs: dict[str, Any] = {}
-        for name, raw in data.items():
-            kind = self.kinds.get(name)
-            if kind is None:
-                raise ValueError(f"payload names unknown parameter {name!r}")
-            value = self.adapters[name].validate_python(raw)
-            if kind is inspect.Parameter.POSITIONAL_ONLY:
+        by_position = True  # until a parameter that may come by position is left out
+        for name, kind in self.kinds.items():
+            if name not in data:
+                if kind in _BY_POSITION:
+                    by_position = False
+                continue
+            value = self.adapters[name].validate_python(data[name])
+            if kind is inspect.Parameter.POSITIONAL_ONLY or (
+                by_position and name in self._by_position
+            ):
                 args.append(value)
             elif kind is inspect.Parameter.VAR_POSITIONAL:
                 args.extend(value)
@@ -145,6 +164,19 @@ class ArgumentCodec:
     def decode_result(self, text: str) -> Any:
         """A stored result as the annotated return type."""
         return self.result_adapter.validate_json(text)
+
+
+def _adapter(hint: Any, what: str) -> TypeAdapter[Any]:
+    """A pydantic adapter for ``hint``, or ``TaskError`` saying ``what`` has a type that
+    cannot be validated or stored as JSON."""
+    try:
+        return TypeAdapter(hint)
+    except PydanticSchemaGenerationError:
+        raise TaskError(
+            f"{what}: {hint!r} cannot be validated or stored as JSON; annotate it with a "
+            "JSON-friendly type (str, int, datetime, a pydantic model, a dataclass...) and "
+            "pass what the task needs to rebuild the object (a path, an id)"
+        ) from None
 
 
 def _is_context(hint: Any) -> bool:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pydantic
 import pytest
 
-from backlane import Backlane, InvalidArguments, NotImportable
-from backlane.exceptions import UnknownTask
+from backlane import Backlane, InvalidArguments, NotImportable, TaskContext
+from backlane.exceptions import TaskError, UnknownTask
 from backlane.tasks import ArgumentCodec, import_name, resolve_import_name
 
 
@@ -53,6 +53,51 @@ def test_rich_types_round_trip() -> None:
                     Point(1, 2), 7, 8]  # fmt: skip
     assert kwargs == {"flag": True, "note": "hi"}
     assert type(args[3]) is Decimal and type(args[6]) is Point
+
+
+def collects(a: int, b: int = 2, *rest: int, c: int = 3, **extra: int) -> list[object]:
+    return [a, b, list(rest), c, extra]
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [
+        ((1,), {}),
+        ((1, 5), {}),
+        ((1, 5, 6, 7), {}),  # *rest after parameters given by position
+        ((1, 5, 6), {"c": 9, "z": 4}),
+        ((), {"a": 1, "b": 5}),
+        ((1,), {"c": 9}),  # b left to its default, c by keyword
+        ((), {"b": 5, "a": 1, "y": 0}),
+    ],
+)
+def test_the_task_receives_the_arguments_as_given(
+    args: tuple[int, ...], kwargs: dict[str, int]
+) -> None:
+    codec = ArgumentCodec(collects, "collects")
+    decoded_args, decoded_kwargs = codec.decode(codec.encode(args, kwargs))
+    assert collects(*decoded_args, **decoded_kwargs) == collects(*args, **kwargs)
+
+
+def with_context_first(ctx: TaskContext, a: int, b: int = 2) -> list[object]:
+    return [ctx, a, b]
+
+
+def test_parameters_after_the_context_reach_the_task_beside_it() -> None:
+    codec = ArgumentCodec(with_context_first, "with_context_first")
+    args, kwargs = codec.decode(codec.encode((1, 5), {}))
+    kwargs[codec.context_param or ""] = "the context"  # as the worker adds it
+    assert with_context_first(*args, **kwargs) == ["the context", 1, 5]
+
+
+def test_a_parameter_type_that_json_cannot_hold_is_refused_when_the_task_is_made() -> None:
+    import io
+
+    def takes_file(f: io.BytesIO) -> None:
+        raise NotImplementedError
+
+    with pytest.raises(TaskError, match=r"task 'mod:takes_file': parameter 'f': .*BytesIO"):
+        ArgumentCodec(takes_file, "mod:takes_file")
 
 
 def test_mismatch_names_task_parameter_and_problem() -> None:
