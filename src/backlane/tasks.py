@@ -10,13 +10,14 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import math
 import sys
 import time
 import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 from pydantic import PydanticSchemaGenerationError, TypeAdapter, ValidationError
 from pydantic_core import PydanticSerializationError
@@ -200,8 +201,40 @@ class EnqueueOptions:
     def __post_init__(self) -> None:
         if self.delay is not None and self.at is not None:
             raise ValueError("give either delay= or at=, not both")
-        if self.at is not None and self.at.tzinfo is None:
-            raise ValueError("at= must be timezone-aware (e.g. datetime.now(timezone.utc))")
+        if self.delay is not None and not (
+            isinstance(self.delay, (int, float)) and math.isfinite(self.delay)
+        ):
+            raise ValueError(f"delay= must be a finite number of seconds, got {self.delay!r}")
+        if self.at is not None:
+            if not isinstance(self.at, datetime):
+                raise TypeError(f"at= must be a datetime, got {self.at!r}")
+            if self.at.tzinfo is None:
+                raise ValueError("at= must be timezone-aware (e.g. datetime.now(timezone.utc))")
+        if self.key is not None and not (isinstance(self.key, str) and self.key):
+            raise ValueError(f"key= must be a non-empty string, got {self.key!r}")
+        if self.priority is not None:
+            check_priority(self.priority, "priority=")
+        if self.queue is not None:
+            check_name(self.queue, "queue=")
+
+
+PRIORITY_RANGE: Final = (-(2**31), 2**31 - 1)
+"""Priorities every store can hold (PostgreSQL keeps them in an ``integer``)."""
+
+
+def check_priority(priority: Any, what: str) -> None:
+    """Raise ``ValueError`` unless ``priority`` is an int every store can hold."""
+    low, high = PRIORITY_RANGE
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise ValueError(f"{what} must be an int, got {priority!r}")
+    if not low <= priority <= high:
+        raise ValueError(f"{what} must be between {low} and {high}, got {priority}")
+
+
+def check_name(name: Any, what: str) -> None:
+    """Raise ``ValueError`` unless ``name`` is a non-empty string (a queue or task name)."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"{what} must be a non-empty string, got {name!r}")
 
 
 _NO_OPTIONS = EnqueueOptions()
@@ -222,6 +255,16 @@ class Task(Generic[P, R]):
         queue: str = "default",
         priority: int = 0,
     ) -> None:
+        check_name(name, f"task {name!r}: name=")
+        check_name(queue, f"task {name!r}: queue=")
+        check_priority(priority, f"task {name!r}: priority=")
+        if timeout is not None and not (
+            isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0
+        ):
+            raise ValueError(
+                f"task {name!r}: timeout= must be a number of seconds above 0 (or None for "
+                f"none), got {timeout!r}"
+            )
         self.lane = lane
         self.func = func
         self.name = name

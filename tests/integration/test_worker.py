@@ -1,6 +1,7 @@
 """Enqueue, run and follow jobs: results, progress, retries, timeouts, cancellation,
 dependencies, shutdown — on every local store."""
 
+import re
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
@@ -145,6 +146,44 @@ async def test_options_delay_at_priority_queue_key(lane: Backlane) -> None:
         add.options(at=datetime(2030, 1, 1))
     with pytest.raises(ResultTimeout):
         await later.result(timeout=0.05)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"priority": "high"}, "priority= must be an int, got 'high'"),
+        ({"priority": 2**31}, "priority= must be between -2147483648 and 2147483647"),
+        ({"queue": ""}, "queue= must be a non-empty string"),
+        ({"key": ""}, "key= must be a non-empty string"),
+        ({"delay": float("nan")}, "delay= must be a finite number of seconds"),
+        ({"at": "tomorrow"}, "at= must be a datetime, got 'tomorrow'"),
+    ],
+)
+async def test_options_that_no_store_could_keep_are_refused_before_anything_is_stored(
+    lane: Backlane, options: dict[str, object], message: str
+) -> None:
+    add = lane.task(t.add)
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+        await add.options(**options).enqueue(1, 1)  # type: ignore[arg-type]
+    assert await lane.store.counts() == {}
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"timeout": 0}, "timeout= must be a number of seconds above 0 (or None for none)"),
+        ({"queue": " "}, "queue= must be a non-empty string"),
+        ({"priority": 1.5}, "priority= must be an int, got 1.5"),
+    ],
+)
+def test_task_options_out_of_range_are_refused_naming_the_task(
+    options: dict[str, object], message: str
+) -> None:
+    lane = Backlane("memory://")
+    with pytest.raises(ValueError, match=r"task 'tests\.integration\.jobs_tasks:add': .*"):
+        lane.task(**options)(t.add)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        lane.task(**options)(t.add)  # type: ignore[arg-type]
 
 
 async def test_depends_resolved_per_job_and_closed_after(lane: Backlane) -> None:
