@@ -384,26 +384,33 @@ def install(
 
     @asynccontextmanager
     async def lifespan(application: Any) -> AsyncIterator[Any]:
+        # The store opens before the app's own start-up (which may enqueue) and closes after
+        # its shutdown; the workers and the scheduler run only in between, so that tasks
+        # may use what the app's lifespan sets up and tears down.
         await lane.open()
-        count = 0 if lane.eager else workers
-        embedded = [lane.worker(concurrency=concurrency, queues=queues) for _ in range(count)]
-        schedules = (
-            lane.scheduler() if (scheduler is None and lane.schedules) or scheduler else None
-        )
         try:
-            async with anyio.create_task_group() as group:
-                for worker in embedded:
-                    group.start_soon(worker.run)
-                if schedules is not None:
-                    group.start_soon(schedules.run)
-                try:
-                    async with original(application) as state:
-                        yield state
-                finally:
+            async with original(application) as state:
+                count = 0 if lane.eager else workers
+                embedded = [
+                    lane.worker(concurrency=concurrency, queues=queues) for _ in range(count)
+                ]
+                schedules = (
+                    lane.scheduler()
+                    if (scheduler is None and lane.schedules) or scheduler
+                    else None
+                )
+                async with anyio.create_task_group() as group:
                     for worker in embedded:
-                        worker.stop()
+                        group.start_soon(worker.run)
                     if schedules is not None:
-                        schedules.stop()
+                        group.start_soon(schedules.run)
+                    try:
+                        yield state
+                    finally:  # the group then waits for running jobs, up to shutdown_grace
+                        for worker in embedded:
+                            worker.stop()
+                        if schedules is not None:
+                            schedules.stop()
         finally:
             await lane.close()
 

@@ -52,3 +52,13 @@ def failing(label: str) -> None:
 
 def note(label: str) -> None:
     RECORD.add("end", label)
+
+
+RESOURCE: dict[str, str] = {}
+"""What an app's lifespan sets up and tears down, as a database pool would be."""
+
+
+async def uses_resource(label: str, seconds: float = 0.0) -> None:
+    RECORD.add("start", f"{label}:{RESOURCE.get('pool', 'missing')}")
+    await anyio.sleep(seconds)
+    RECORD.add("end", f"{label}:{RESOURCE.get('pool', 'missing')}")

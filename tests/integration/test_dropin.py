@@ -2,6 +2,8 @@
 
 import json
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import anyio
@@ -89,6 +91,40 @@ def make_app(lane: Backlane, workers: int = 1, seconds: float = 0.05) -> FastAPI
         await websocket.close()
 
     return app
+
+
+def test_embedded_workers_run_inside_the_apps_own_lifespan(lane_url: str) -> None:
+    # A job left from an earlier run starts only once the app's own start-up has set up
+    # what tasks use; one running at shutdown ends before the app's own shutdown tears it
+    # down (its grace period permitting).
+    lane = Backlane(lane_url, shutdown_grace=5)
+    anyio.run(_enqueue_before_start_up, lane)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await anyio.sleep(0.2)  # an embedded worker already running would take the job now
+        recorder.RESOURCE["pool"] = "ready"
+        yield
+        recorder.RESOURCE.clear()
+
+    app = FastAPI(lifespan=lifespan)
+    lane.install(app)
+
+    @app.post("/work")
+    def work(background_tasks: BackgroundTasks) -> None:
+        background_tasks.add_task(recorder.uses_resource, "during", 0.3)
+
+    with TestClient(app) as client:
+        wait_until(lambda: "left:ready" in RECORD.labels())
+        client.post("/work")
+        wait_until(lambda: "during:ready" in RECORD.labels("start"))
+    assert RECORD.labels("start") == ["left:ready", "during:ready"]
+    assert RECORD.labels() == ["left:ready", "during:ready"]
+
+
+async def _enqueue_before_start_up(lane: Backlane) -> None:
+    async with lane:
+        await lane.task_for(recorder.uses_resource).enqueue("left")
 
 
 def test_dependency_tasks_first_then_endpoint_one_after_another(lane_url: str) -> None:
