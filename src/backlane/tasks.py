@@ -7,6 +7,7 @@ the return annotation. Nothing is pickled.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import json
@@ -368,6 +369,12 @@ def import_name(func: Callable[..., Any]) -> str:
         "define it at module level in an importable module, or decorate it with @lane.task; "
         "for in-process, non-durable execution use add_local_task()"
     )
+    if isinstance(func, functools.partial):
+        raise NotImportable(
+            f"{what!s} is a functools.partial, which a worker cannot find by name: pass "
+            f"{getattr(func.func, '__qualname__', 'the function')} itself, with all its "
+            "arguments, to add_task or enqueue"
+        )
     if not inspect.isfunction(func):
         raise NotImportable(
             f"{what!s} is not a plain function, so a worker cannot find it by name: {how}"

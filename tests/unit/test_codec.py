@@ -2,6 +2,7 @@
 
 import dataclasses
 import enum
+import functools
 import uuid
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -160,6 +161,8 @@ def test_functions_another_process_cannot_find_are_refused() -> None:
         import_name(main_func)
     with pytest.raises(NotImportable, match="not a plain function"):
         import_name(print)
+    with pytest.raises(NotImportable, match="pass module_level itself, with all its arguments"):
+        import_name(functools.partial(module_level, 1))
 
 
 def test_workers_refuse_to_import_what_is_not_a_task() -> None:
