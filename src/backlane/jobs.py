@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import enum
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field, fields
@@ -203,6 +204,8 @@ class JobHandle:
         Raises ``JobFailed`` if it failed, was cancelled or discarded, and ``ResultTimeout``
         if it has not ended within ``timeout`` seconds.
         """
+        if timeout is not None and math.isnan(timeout):
+            raise ValueError("timeout must be a number of seconds or None, not NaN")
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = min(poll, 0.01)
         while True:

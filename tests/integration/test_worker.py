@@ -146,6 +146,8 @@ async def test_options_delay_at_priority_queue_key(lane: Backlane) -> None:
         add.options(at=datetime(2030, 1, 1))
     with pytest.raises(ResultTimeout):
         await later.result(timeout=0.05)
+    with pytest.raises(ValueError, match="not NaN"):  # it waited for ever
+        await later.result(timeout=float("nan"))
 
 
 @pytest.mark.parametrize(
