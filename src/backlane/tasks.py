@@ -369,6 +369,12 @@ def import_name(func: Callable[..., Any]) -> str:
         "define it at module level in an importable module, or decorate it with @lane.task; "
         "for in-process, non-durable execution use add_local_task()"
     )
+    if inspect.iscoroutine(func):
+        func.close()  # never to be awaited: no "never awaited" warning on top of this error
+        raise NotImportable(
+            f"{what!s} is a coroutine, not a function: write add_task({what}, arg, ...), "
+            f"not add_task({what}(arg, ...))"
+        )
     if isinstance(func, functools.partial):
         raise NotImportable(
             f"{what!s} is a functools.partial, which a worker cannot find by name: pass "

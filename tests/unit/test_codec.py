@@ -143,6 +143,10 @@ def module_level(x: int) -> int:
     return x
 
 
+async def sends(x: int) -> None:
+    raise NotImplementedError
+
+
 def test_plain_function_is_named_by_import_path() -> None:
     assert import_name(module_level) == "tests.unit.test_codec:module_level"
     assert resolve_import_name("tests.unit.test_codec:module_level") is module_level
@@ -163,6 +167,8 @@ def test_functions_another_process_cannot_find_are_refused() -> None:
         import_name(print)
     with pytest.raises(NotImportable, match="pass module_level itself, with all its arguments"):
         import_name(functools.partial(module_level, 1))
+    with pytest.raises(NotImportable, match=r"write add_task\(sends, arg, ...\), not"):
+        import_name(sends(1))  # called by mistake: the coroutine is closed, not left unawaited
 
 
 def test_workers_refuse_to_import_what_is_not_a_task() -> None:
