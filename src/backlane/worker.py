@@ -389,7 +389,7 @@ class Worker:
             message = f"timed out after {task.timeout}s"
             log.warning("job %s (%s) %s", job.id, job.task, message)
             return self._after_failure(job, task, exc, message=message)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a task's sys.exit() ends its attempt only
             log.warning("job %s (%s) attempt %d failed: %r", job.id, job.task, job.attempts, exc)
             return self._after_failure(job, task, exc)
         return self._ended(job, JobState.SUCCEEDED, result=result)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -84,3 +85,12 @@ def uses_session(
 
 def records(label: str) -> None:
     STATE["calls"].append(label)
+
+
+def exits(code: int) -> None:
+    """A script turned into a task, still ending with ``sys.exit``."""
+    sys.exit(code)
+
+
+async def exits_async(code: int) -> None:
+    raise SystemExit(code)

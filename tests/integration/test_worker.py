@@ -217,6 +217,18 @@ async def test_corrupt_or_unknown_job_fails_without_crashing_the_worker(lane: Ba
     assert await good.status() is JobState.SUCCEEDED
 
 
+async def test_a_task_that_calls_sys_exit_fails_and_the_worker_carries_on(lane: Backlane) -> None:
+    exits = [await lane.task(t.exits).enqueue(3), await lane.task(t.exits_async).enqueue(4)]
+    good = await lane.task(t.records).enqueue("after the exits")
+    assert await drain(lane) == 3
+    for handle, code in zip(exits, ("3", "4"), strict=True):
+        job = await handle.info()
+        assert job.state is JobState.FAILED and job.attempts == 1  # not retried: it meant it
+        assert job.error is not None and job.error["type"] == "SystemExit"
+        assert job.error["message"] == code
+    assert await good.status() is JobState.SUCCEEDED
+
+
 async def test_graceful_shutdown_hands_back_unfinished_jobs(lane: Backlane) -> None:
     slow = lane.task(t.sleeps)
     quick = await slow.enqueue(0.05)
