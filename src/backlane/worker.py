@@ -62,6 +62,21 @@ def error_record(exc: BaseException, *, message: str | None = None) -> dict[str,
     }
 
 
+class _DeadlinePassed(Exception):
+    """The task's ``timeout`` ran out; ``error`` is the ``TimeoutError`` that says where."""
+
+    def __init__(self, error: TimeoutError) -> None:
+        self.error = error
+
+
+def _being_cancelled() -> bool:
+    """Whether something asked to cancel the running task (always True on Python 3.10,
+    which cannot tell)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is None or cancelling() > 0
+
+
 class Worker:
     """Runs jobs from a lane's store until ``stop()`` is called."""
 
@@ -385,11 +400,17 @@ class Worker:
                     error={"type": "Cancelled", "message": "cancelled on request", "traceback": ""},
                 )
             result = task.codec.encode_result(value)
-        except TimeoutError as exc:
+        except _DeadlinePassed as passed:
             message = f"timed out after {task.timeout}s"
             log.warning("job %s (%s) %s", job.id, job.task, message)
-            return self._after_failure(job, task, exc, message=message)
+            return self._after_failure(job, task, passed.error, message=message)
         except (Exception, SystemExit) as exc:  # a task's sys.exit() ends its attempt only
+            log.warning("job %s (%s) attempt %d failed: %r", job.id, job.task, job.attempts, exc)
+            return self._after_failure(job, task, exc)
+        except asyncio.CancelledError as exc:
+            if held.scope.cancel_called or _being_cancelled():
+                raise
+            # raised by the task itself (a library's leaked cancellation): its attempt fails
             log.warning("job %s (%s) attempt %d failed: %r", job.id, job.task, job.attempts, exc)
             return self._after_failure(job, task, exc)
         return self._ended(job, JobState.SUCCEEDED, result=result)
@@ -408,10 +429,15 @@ class Worker:
         )
 
     async def _call(self, task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
-        if task.timeout:
-            with anyio.fail_after(task.timeout):
+        if not task.timeout:
+            return await self._call_now(task, args, kwargs)
+        try:
+            with anyio.fail_after(task.timeout) as deadline:
                 return await self._call_now(task, args, kwargs)
-        return await self._call_now(task, args, kwargs)
+        except TimeoutError as exc:
+            if deadline.cancelled_caught:  # not a TimeoutError of the task's own
+                raise _DeadlinePassed(exc) from None
+            raise
 
     async def _call_now(self, task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
         if task.is_async:

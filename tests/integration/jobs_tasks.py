@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import threading
 import time
@@ -94,3 +95,13 @@ def exits(code: int) -> None:
 
 async def exits_async(code: int) -> None:
     raise SystemExit(code)
+
+
+async def leaks_cancellation(label: str) -> None:
+    """Raises a CancelledError that no one asked for, as a library bug may."""
+    raise asyncio.CancelledError(label)
+
+
+async def times_out_on_its_own(seconds: float) -> None:
+    """A TimeoutError of the task's own (its call to something slow), not backlane's."""
+    await asyncio.wait_for(asyncio.sleep(seconds * 10), seconds)

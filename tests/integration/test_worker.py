@@ -229,6 +229,21 @@ async def test_a_task_that_calls_sys_exit_fails_and_the_worker_carries_on(lane: 
     assert await good.status() is JobState.SUCCEEDED
 
 
+async def test_a_tasks_own_cancelled_or_timeout_error_is_its_failure(lane: Backlane) -> None:
+    leaked = await lane.task(retries=0)(t.leaks_cancellation).enqueue("from a library")
+    own = await lane.task(timeout=5, retries=0)(t.times_out_on_its_own).enqueue(0.01)
+    good = await lane.task(t.records).enqueue("after them")
+    await drain(lane)
+    job = await leaked.info()
+    assert job.state is JobState.FAILED and job.error is not None
+    assert job.error["type"] == "asyncio.exceptions.CancelledError"
+    job = await own.info()
+    assert job.state is JobState.FAILED and job.error is not None
+    assert job.error["type"] == "TimeoutError" and "wait_for" in job.error["traceback"]
+    assert job.error["message"] != "timed out after 5s"  # not the task's timeout: 5 s
+    assert await good.status() is JobState.SUCCEEDED
+
+
 async def test_graceful_shutdown_hands_back_unfinished_jobs(lane: Backlane) -> None:
     slow = lane.task(t.sleeps)
     quick = await slow.enqueue(0.05)
