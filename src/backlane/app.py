@@ -382,7 +382,14 @@ class Backlane:
     ) -> TaskDecorator:
         """Run the decorated function every ``interval`` (a timedelta or seconds, at least
         1 s), on slots aligned to multiples of the interval. See ``cron`` for the rest."""
-        seconds = interval.total_seconds() if isinstance(interval, timedelta) else float(interval)
+        if isinstance(interval, timedelta):
+            seconds = interval.total_seconds()
+        elif isinstance(interval, (int, float)) and not isinstance(interval, bool):
+            seconds = float(interval)
+        else:
+            raise ConfigurationError(
+                f"every() takes a timedelta or a number of seconds, not {interval!r}"
+            )
         return self._scheduled(name, options, every=seconds, missed=missed)
 
     def _scheduled(self, name: str | None, options: dict[str, Any], **how: Any) -> TaskDecorator:

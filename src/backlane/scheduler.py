@@ -55,8 +55,10 @@ class Schedule:
             raise ConfigurationError(
                 f"schedule {self.name!r}: missed must be 'run_once' or 'skip', not {self.missed!r}"
             )
-        if self.every is not None and self.every < 1:
-            raise ConfigurationError(f"schedule {self.name!r}: the interval must be at least 1 s")
+        if self.every is not None and not (math.isfinite(self.every) and self.every >= 1):
+            raise ConfigurationError(
+                f"schedule {self.name!r}: the interval must be at least 1 s, got {self.every}"
+            )
         try:
             zone = ZoneInfo(self.tz)
         except (ZoneInfoNotFoundError, ValueError) as exc:

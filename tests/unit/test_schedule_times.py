@@ -86,6 +86,7 @@ def test_interval_slots_are_aligned() -> None:
         ({"cron": "61 * * * *"}, "bad cron expression"),
         ({"cron": "* * * * *", "tz": "Mars/Olympus"}, "unknown time zone"),
         ({"every": 0.5}, "at least 1 s"),
+        ({"every": float("nan")}, "at least 1 s, got nan"),  # it was accepted
         ({}, "give a cron expression or an interval"),
         ({"every": 5.0, "missed": "sometimes"}, "run_once"),
     ],
@@ -93,6 +94,11 @@ def test_interval_slots_are_aligned() -> None:
 def test_bad_schedules_are_refused(how: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         schedule(**how)
+
+
+def test_an_interval_that_is_not_a_number_is_refused_by_every() -> None:
+    with pytest.raises(ConfigurationError, match="not '5m'"):
+        Backlane("memory://").every("5m")  # type: ignore[arg-type]
 
 
 def test_scheduled_task_must_take_no_arguments() -> None:
