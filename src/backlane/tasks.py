@@ -11,6 +11,7 @@ import functools
 import importlib
 import inspect
 import json
+import logging
 import math
 import sys
 import time
@@ -31,6 +32,8 @@ from .retry import RetryPolicy
 
 if TYPE_CHECKING:
     from .app import Backlane
+
+log = logging.getLogger("backlane")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -160,12 +163,37 @@ class ArgumentCodec:
         return args, kwargs
 
     def encode_result(self, value: Any) -> str:
-        """The return value as JSON text."""
-        return self.result_adapter.dump_json(value).decode()
+        """The return value as JSON text. A value that does not match the return annotation
+        is stored as it is, with a warning naming the task (failing the job would run the
+        task again); a value JSON cannot hold raises ``PydanticSerializationError``."""
+        try:
+            return self.result_adapter.dump_json(value, warnings="error").decode()
+        except PydanticSerializationError:
+            text = self.result_adapter.dump_json(value, warnings=False).decode()
+        try:
+            self.result_adapter.validate_json(text)  # a tuple for a list, say: no harm done
+            return text
+        except ValidationError:
+            pass
+        log.warning(
+            "task %r returned %s, which does not match its return annotation: stored as it "
+            "is; handle.result() will refuse it",
+            self.task_name,
+            type(value).__name__,
+        )
+        return text
 
     def decode_result(self, text: str) -> Any:
-        """A stored result as the annotated return type."""
-        return self.result_adapter.validate_json(text)
+        """A stored result as the annotated return type; ``TaskError`` if it does not match
+        the annotation."""
+        try:
+            return self.result_adapter.validate_json(text)
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            raise TaskError(
+                f"the result of task {self.task_name!r} does not match its return "
+                f"annotation: {first['msg']} (stored: {text[:200]})"
+            ) from None
 
 
 def _adapter(hint: Any, what: str) -> TypeAdapter[Any]:

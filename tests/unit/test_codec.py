@@ -4,6 +4,7 @@ import dataclasses
 import enum
 import functools
 import uuid
+import warnings
 from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -137,6 +138,29 @@ def test_result_encoded_from_return_annotation() -> None:
     codec = ArgumentCodec(returns, "returns")
     when = datetime(2026, 1, 1, tzinfo=timezone.utc)
     assert codec.decode_result(codec.encode_result(when)) == when
+
+
+def test_a_result_that_does_not_match_its_annotation_is_kept_and_refused_when_read(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def counts() -> int:
+        raise NotImplementedError
+
+    def pairs() -> list[int]:
+        raise NotImplementedError
+
+    codec = ArgumentCodec(counts, "mod:counts")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # pydantic's own serializer warning stays quiet
+        stored = codec.encode_result("many")
+    assert stored == '"many"'  # kept: failing the job would run its task again
+    assert "task 'mod:counts' returned str, which does not match" in caplog.text
+    with pytest.raises(TaskError, match=r"result of task 'mod:counts' does not match"):
+        codec.decode_result(stored)
+    caplog.clear()
+    lenient = ArgumentCodec(pairs, "mod:pairs")
+    assert lenient.decode_result(lenient.encode_result((1, 2))) == [1, 2]
+    assert caplog.text == ""  # a tuple for a list reads back fine: nothing to say
 
 
 def module_level(x: int) -> int:
