@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import numbers
 import os
 import threading
 import time
@@ -60,17 +61,20 @@ class Settings(BaseModel):
     @model_validator(mode="after")
     def _polls_in_order(self) -> Settings:
         if self.poll_max < self.poll_min:
-            raise ValueError(
-                f"poll_max ({self.poll_max}) must not be below poll_min ({self.poll_min})"
-            )
+            if "poll_max" not in self.model_fields_set:  # only poll_min was raised
+                self.poll_max = self.poll_min
+            else:
+                raise ValueError(
+                    f"poll_max ({self.poll_max}) must not be below poll_min ({self.poll_min})"
+                )
         return self
 
     url: str = "sqlite:///./backlane.db"
     eager: bool = False
     concurrency: int = Field(20, ge=1)
     """Jobs one worker runs at once."""
-    threads: int | None = Field(None, ge=1)
-    """Threads of one worker's pool for ``def`` tasks (default: the concurrency)."""
+    threads: int | None = Field(None, ge=0)
+    """Threads of one worker's pool for ``def`` tasks (unset or 0: the concurrency)."""
     retries: int = Field(3, ge=0)
     """Default further attempts after a failure, for tasks that do not say."""
     backoff: float = Field(1.0, ge=0)
@@ -119,7 +123,11 @@ def _settings(given: dict[str, Any]) -> Settings:
             name = str(error["loc"][0]) if error["loc"] else ""
             cause = error.get("ctx", {}).get("error")
             message = str(cause) if isinstance(cause, ValueError) else error["msg"]
-            if name in from_env:
+            if not name:  # about several settings (poll_min and poll_max): say where each was
+                sources = [f"BACKLANE_{key.upper()}={value!r}" for key, value in from_env.items()]
+                sources += [f"{key}={value!r}" for key, value in given.items() if key != "url"]
+                message += f" (from {', '.join(sources)})" if sources else ""
+            elif name in from_env:
                 message = f"BACKLANE_{name.upper()}={from_env[name]!r} (environment): {message}"
             elif name in given:
                 message = f"{name}={given[name]!r}: {message}"
@@ -384,7 +392,7 @@ class Backlane:
         1 s), on slots aligned to multiples of the interval. See ``cron`` for the rest."""
         if isinstance(interval, timedelta):
             seconds = interval.total_seconds()
-        elif isinstance(interval, (int, float)) and not isinstance(interval, bool):
+        elif isinstance(interval, numbers.Real) and not isinstance(interval, bool):
             seconds = float(interval)
         else:
             raise ConfigurationError(

@@ -191,7 +191,7 @@ class DurableBackgroundTasks:
         """Handles of the tasks added so far, in order."""
         return list(self._batch.handles)
 
-    def add_task(self, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> JobHandle:
+    def add_task(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> JobHandle:
         """Add a task to run after the response, durably; returns its handle.
 
         ``func`` is a plain module-level function (found by its import path), a
@@ -215,7 +215,7 @@ class DurableBackgroundTasks:
         self._batch.add(job, handle, None if options is None else options.connection)
         return handle
 
-    def add_local_task(self, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> None:
+    def add_local_task(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """Run ``func`` in this process after the response, as Starlette does: not stored,
         not retried, lost on a crash. For callables a worker cannot import."""
         self._batch.local.append((func, args, kwargs))

@@ -57,7 +57,8 @@ class Schedule:
             )
         if self.every is not None and not (math.isfinite(self.every) and self.every >= 1):
             raise ConfigurationError(
-                f"schedule {self.name!r}: the interval must be at least 1 s, got {self.every}"
+                f"schedule {self.name!r}: the interval must be a finite number of seconds, "
+                f"at least 1, got {self.every}"
             )
         try:
             zone = ZoneInfo(self.tz)

@@ -13,6 +13,7 @@ import inspect
 import json
 import logging
 import math
+import numbers
 import sys
 import time
 import typing
@@ -59,19 +60,31 @@ class ArgumentCodec:
         self._by_position: set[str] = set()
         """Parameters the worker passes by position when given: those before any that the
         worker fills itself (``TaskContext``, dependencies), which it passes by keyword."""
-        injected = False
+        injected: str | None = None
+        """The first parameter the worker fills itself, if any comes by position."""
         for param in signature.parameters.values():
             hint = hints.get(param.name, Any)
-            if _is_context(hint):
-                self.context_param = param.name
-                injected = True
+            dep = None if _is_context(hint) else dependency_of(param.default, hint)
+            if dep is not None or _is_context(hint):
+                if param.kind is param.POSITIONAL_ONLY:
+                    raise TaskError(
+                        f"task {task_name!r}: parameter {param.name!r} is filled by the worker, "
+                        "which passes it by keyword: it cannot be positional-only"
+                    )
+                if dep is None:
+                    self.context_param = param.name
+                else:
+                    self.dependencies[param.name] = dep
+                if param.kind is param.POSITIONAL_OR_KEYWORD and injected is None:
+                    injected = param.name
                 continue
-            dep = dependency_of(param.default, hint)
-            if dep is not None:
-                self.dependencies[param.name] = dep
-                injected = True
-                continue
-            if param.kind is param.POSITIONAL_OR_KEYWORD and not injected:
+            if param.kind is param.VAR_POSITIONAL and injected is not None:
+                raise TaskError(
+                    f"task {task_name!r}: parameter {injected!r} is filled by the worker, "
+                    f"which passes it by keyword, so it cannot come before *{param.name}: "
+                    f"put it after *{param.name} (keyword-only)"
+                )
+            if param.kind is param.POSITIONAL_OR_KEYWORD and injected is None:
                 self._by_position.add(param.name)
             if param.kind is param.VAR_POSITIONAL:
                 hint = list[hint]  # type: ignore[valid-type]
@@ -254,9 +267,9 @@ PRIORITY_RANGE: Final = (-(2**31), 2**31 - 1)
 def check_priority(priority: Any, what: str) -> None:
     """Raise ``ValueError`` unless ``priority`` is an int every store can hold."""
     low, high = PRIORITY_RANGE
-    if isinstance(priority, bool) or not isinstance(priority, int):
+    if isinstance(priority, bool) or not isinstance(priority, numbers.Integral):
         raise ValueError(f"{what} must be an int, got {priority!r}")
-    if not low <= priority <= high:
+    if not low <= int(priority) <= high:
         raise ValueError(f"{what} must be between {low} and {high}, got {priority}")
 
 
@@ -300,7 +313,7 @@ class Task(Generic[P, R]):
         self.policy = policy
         self.timeout = timeout
         self.queue = queue
-        self.priority = priority
+        self.priority = int(priority)
         self.is_async = inspect.iscoroutinefunction(func)
         self.codec = ArgumentCodec(func, name)
         self._plain: TaskCall[P, R] = TaskCall(self, _NO_OPTIONS)
@@ -335,7 +348,7 @@ class Task(Generic[P, R]):
             task=self.name,
             payload=self.codec.encode(args, kwargs),
             queue=opts.queue or self.queue,
-            priority=self.priority if opts.priority is None else opts.priority,
+            priority=self.priority if opts.priority is None else int(opts.priority),
             state=state,
             key=opts.key,
             run_at=run_at,

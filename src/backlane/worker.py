@@ -392,13 +392,7 @@ class Worker:
                     value = await self._call(task, args, kwargs)
                     finished = True
             if not finished:
-                if held.handed_back:
-                    return None
-                return self._ended(
-                    job,
-                    JobState.CANCELLED,
-                    error={"type": "Cancelled", "message": "cancelled on request", "traceback": ""},
-                )
+                return None if held.handed_back else self._cancelled(job)
             result = task.codec.encode_result(value)
         except _DeadlinePassed as passed:
             message = f"timed out after {task.timeout}s"
@@ -408,12 +402,18 @@ class Worker:
             log.warning("job %s (%s) attempt %d failed: %r", job.id, job.task, job.attempts, exc)
             return self._after_failure(job, task, exc)
         except asyncio.CancelledError as exc:
-            if held.scope.cancel_called or _being_cancelled():
+            if _being_cancelled():
                 raise
+            if held.scope.cancel_called:  # it swallowed our cancel, then raised its own
+                return None if held.handed_back else self._cancelled(job)
             # raised by the task itself (a library's leaked cancellation): its attempt fails
             log.warning("job %s (%s) attempt %d failed: %r", job.id, job.task, job.attempts, exc)
             return self._after_failure(job, task, exc)
         return self._ended(job, JobState.SUCCEEDED, result=result)
+
+    def _cancelled(self, job: Job) -> Outcome:
+        error = {"type": "Cancelled", "message": "cancelled on request", "traceback": ""}
+        return self._ended(job, JobState.CANCELLED, error=error)
 
     def _context(self, job: Job) -> TaskContext:
         lane = self.lane

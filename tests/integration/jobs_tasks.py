@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import threading
 import time
@@ -105,3 +106,9 @@ async def leaks_cancellation(label: str) -> None:
 async def times_out_on_its_own(seconds: float) -> None:
     """A TimeoutError of the task's own (its call to something slow), not backlane's."""
     await asyncio.wait_for(asyncio.sleep(seconds * 10), seconds)
+
+
+async def swallows_cancel_then_raises() -> None:
+    with contextlib.suppress(asyncio.CancelledError):  # a task that will not be cancelled...
+        await asyncio.sleep(30)
+    raise asyncio.CancelledError("its own")  # ...and ends with a cancellation of its own

@@ -62,8 +62,3 @@ async def uses_resource(label: str, seconds: float = 0.0) -> None:
     RECORD.add("start", f"{label}:{RESOURCE.get('pool', 'missing')}")
     await anyio.sleep(seconds)
     RECORD.add("end", f"{label}:{RESOURCE.get('pool', 'missing')}")
-
-
-def named_func(func: str) -> None:
-    """A task whose parameter is called ``func``, as add_task's first one is."""
-    RECORD.add("end", func)

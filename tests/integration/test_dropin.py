@@ -127,20 +127,6 @@ async def _enqueue_before_start_up(lane: Backlane) -> None:
         await lane.task_for(recorder.uses_resource).enqueue("left")
 
 
-def test_a_task_parameter_named_func_may_be_given_by_keyword() -> None:
-    lane = Backlane("memory://")
-    app = FastAPI()
-    lane.install(app)
-
-    @app.post("/func")
-    def func_by_keyword(background_tasks: BackgroundTasks) -> None:
-        background_tasks.add_task(recorder.named_func, func="by keyword")
-
-    with TestClient(app) as client:
-        assert client.post("/func").status_code == 200
-        wait_until(lambda: RECORD.labels() == ["by keyword"])
-
-
 def test_dependency_tasks_first_then_endpoint_one_after_another(lane_url: str) -> None:
     lane = Backlane(lane_url)
     with TestClient(make_app(lane)) as client:

@@ -2,6 +2,7 @@
 dependencies, shutdown — on every local store."""
 
 import re
+import sys
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
@@ -229,6 +230,9 @@ async def test_a_task_that_calls_sys_exit_fails_and_the_worker_carries_on(lane: 
     assert await good.status() is JobState.SUCCEEDED
 
 
+@pytest.mark.skipif(
+    sys.version_info < (3, 11), reason="Python 3.10 cannot tell a task's own CancelledError"
+)
 async def test_a_tasks_own_cancelled_or_timeout_error_is_its_failure(lane: Backlane) -> None:
     leaked = await lane.task(retries=0)(t.leaks_cancellation).enqueue("from a library")
     own = await lane.task(timeout=5, retries=0)(t.times_out_on_its_own).enqueue(0.01)
@@ -242,6 +246,23 @@ async def test_a_tasks_own_cancelled_or_timeout_error_is_its_failure(lane: Backl
     assert job.error["type"] == "TimeoutError" and "wait_for" in job.error["traceback"]
     assert job.error["message"] != "timed out after 5s"  # not the task's timeout: 5 s
     assert await good.status() is JobState.SUCCEEDED
+
+
+async def test_a_task_that_swallows_its_cancel_then_raises_its_own_ends_cancelled(
+    lane: Backlane,
+) -> None:
+    stubborn = await lane.task(t.swallows_cancel_then_raises).enqueue()
+    worker = lane.worker()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        with anyio.fail_after(5):
+            while await stubborn.status() is not JobState.RUNNING:
+                await anyio.sleep(0.01)
+            await stubborn.cancel()
+            while not (await stubborn.status()).terminal:  # it stayed running: not held
+                await anyio.sleep(0.01)
+        worker.stop()
+    assert await stubborn.status() is JobState.CANCELLED
 
 
 async def test_graceful_shutdown_hands_back_unfinished_jobs(lane: Backlane) -> None:

@@ -92,6 +92,23 @@ def test_parameters_after_the_context_reach_the_task_beside_it() -> None:
     assert with_context_first(*args, **kwargs) == ["the context", 1, 5]
 
 
+def context_before_rest(a: int, ctx: TaskContext, *rest: int) -> None:
+    raise NotImplementedError
+
+
+def context_by_position_only(ctx: TaskContext, /, a: int) -> None:
+    raise NotImplementedError
+
+
+def test_a_parameter_the_worker_fills_must_be_one_it_can_pass_by_keyword() -> None:
+    # The worker passes TaskContext and dependencies by keyword: before *rest, every job
+    # with extra positional arguments failed ("got multiple values for argument 'ctx'").
+    with pytest.raises(TaskError, match=r"'ctx' .* cannot come before \*rest: put it after"):
+        ArgumentCodec(context_before_rest, "context_before_rest")
+    with pytest.raises(TaskError, match="'ctx' .* cannot be positional-only"):
+        ArgumentCodec(context_by_position_only, "context_by_position_only")
+
+
 def test_a_parameter_type_that_json_cannot_hold_is_refused_when_the_task_is_made() -> None:
     import io
 

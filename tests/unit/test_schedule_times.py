@@ -85,8 +85,9 @@ def test_interval_slots_are_aligned() -> None:
     [
         ({"cron": "61 * * * *"}, "bad cron expression"),
         ({"cron": "* * * * *", "tz": "Mars/Olympus"}, "unknown time zone"),
-        ({"every": 0.5}, "at least 1 s"),
-        ({"every": float("nan")}, "at least 1 s, got nan"),  # it was accepted
+        ({"every": 0.5}, "at least 1, got 0.5"),
+        ({"every": float("nan")}, "at least 1, got nan"),  # it was accepted
+        ({"every": float("inf")}, "a finite number of seconds"),
         ({}, "give a cron expression or an interval"),
         ({"every": 5.0, "missed": "sometimes"}, "run_once"),
     ],

@@ -46,7 +46,10 @@ def test_an_empty_variable_counts_as_unset(monkeypatch: pytest.MonkeyPatch) -> N
         ({"concurrency": 0}, "concurrency=0: Input should be greater than or equal to 1"),
         ({"lease_seconds": -1}, "lease_seconds=-1: Input should be greater than 0"),
         ({"retries": -2}, "retries=-2: Input should be greater than or equal to 0"),
-        ({"poll_min": 1, "poll_max": 0.5}, "poll_max (0.5) must not be below poll_min (1.0)"),
+        (
+            {"poll_min": 1, "poll_max": 0.5},
+            "poll_max (0.5) must not be below poll_min (1.0) (from poll_min=1, poll_max=0.5)",
+        ),
     ],
 )
 def test_a_setting_out_of_range_is_refused_by_name(given: dict[str, float], named: str) -> None:
@@ -63,3 +66,13 @@ def test_the_pool_for_def_tasks_is_the_concurrency_unless_threads_says(
     assert Backlane("memory://", threads=3).worker(concurrency=5).threads == 3
     monkeypatch.setenv("BACKLANE_THREADS", "4")
     assert Backlane("memory://").worker().threads == 4
+
+
+def test_raising_poll_min_alone_raises_poll_max_with_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Backlane("memory://", threads=0).worker(concurrency=7).threads == 7  # 0: default
+    assert Backlane("memory://", poll_min=0.5).settings.poll_max == 0.5
+    monkeypatch.setenv("BACKLANE_POLL_MIN", "0.4")
+    assert Backlane("memory://").settings.poll_max == 0.4
+    monkeypatch.setenv("BACKLANE_POLL_MAX", "0.3")
+    with pytest.raises(ConfigurationError, match=r"BACKLANE_POLL_MIN='0\.4', BACKLANE_POLL_MAX"):
+        Backlane("memory://")
