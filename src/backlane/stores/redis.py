@@ -746,19 +746,14 @@ class RedisStore(Store):
                 offered = 0.0
                 offer = min(left, _OFFER)
                 taking = link.taking.pop(worker_id, None)  # the jobs it started go with it
-                take = () if taking is None else (number(taking[0]), *taking[1])
-                try:
-                    lost = await self._call(
-                        "wait", worker_id, mark.capacity, number(_HANDED_LEASE), number(offer),
-                        mark.queues, *take,
-                    )  # fmt: skip
+                sent = loop.create_task(self._offer(link, mark, offer, taking))
+                link.takes.add(sent)
+                sent.add_done_callback(link.takes.discard)
+                try:  # a worker that stops waiting leaves the call to end on its own
+                    await asyncio.shield(sent)
                 except StoreError:  # Redis away: wait for the listener, which waits for Redis
-                    if taking is not None:  # the take goes on trying in a call of its own
-                        link.taking[worker_id] = taking
-                        self._send_take(link, worker_id)
                     await wakes.wait(generation, left)
                     return
-                _lost(worker_id, lost)
             pop = link.handoffs.get(worker_id)
             if pop is None or pop.done():
                 pop = loop.create_task(self._pop_handed(link, worker_id))
@@ -780,6 +775,28 @@ class RedisStore(Store):
                     del self._ending[worker_id]
             if wakes.generation != generation:
                 return
+
+    async def _offer(
+        self, link: Link, mark: _ClaimMark, offer: float, taking: tuple[float, list[str]] | None
+    ) -> None:
+        """Send the offer of ``mark``'s worker to take work for ``offer`` seconds, with the
+        take of the jobs it started, if any. Runs apart from the wait that sends it: a call
+        cancelled before its reply is read costs its connection, and a waiting worker stops
+        waiting whenever one of its jobs ends."""
+        worker_id = mark.worker_id
+        take = () if taking is None else (number(taking[0]), *taking[1])
+        try:
+            lost = await self._call(
+                "wait", worker_id, mark.capacity, number(_HANDED_LEASE), number(offer),
+                mark.queues, *take,
+            )  # fmt: skip
+        except StoreError:
+            if taking is not None:  # the take goes on trying in a call of its own
+                task = link.loop.create_task(self._take(link, worker_id, *taking))
+                link.takes.add(task)
+                task.add_done_callback(link.takes.discard)
+            raise
+        _lost(worker_id, lost)
 
     async def _pop_handed(self, link: Link, worker_id: str) -> None:
         """Wait (in Redis) for a batch of jobs handed to ``worker_id``, and keep it for
