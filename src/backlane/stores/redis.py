@@ -27,6 +27,7 @@ import json
 import math
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -95,6 +96,9 @@ _HOLD = _TAKE_LATEST / 2
 """Seconds a worker that started jobs handed to it waits before it offers to take more, if
 none of them ended meanwhile (a job that ends brings a claim, which makes the offer and
 takes the jobs): a short job costs one call to Redis, not two."""
+_SEEN_FOR = 120.0
+"""Seconds a worker remembers a hand-off it received, to know it again when its next claim
+returns it too."""
 _TAKE_WITHIN = _HANDED_LEASE / 2
 """A handed job whose short lease has less than this left (by this host's clock) is not
 started on the strength of the hand-off alone: the worker's next claim asks Redis whether
@@ -154,7 +158,7 @@ class RedisStore(Store):
         """Jobs handed to a waiting worker, by worker id, that its next claim returns."""
         self._ending: dict[str, asyncio.Future[None]] = {}
         """What each worker's ``wait_for_work`` awaits, for its pop to settle."""
-        self._seen: dict[str, dict[tuple[str, int, float | None], float]] = {}
+        self._seen: dict[str, OrderedDict[tuple[str, int, float | None], float]] = {}
         """Hand-offs each worker received (id, attempt and start, monotonic time): a job
         comes both by the worker's pop and by its next claim when the two cross."""
 
@@ -394,7 +398,7 @@ class RedisStore(Store):
             return []
         fresh_until = time.time() + _TAKE_WITHIN
         taken: list[Job] = []
-        seen = self._seen.get(worker_id, {})
+        seen = self._seen.get(worker_id, OrderedDict())
         for job in waiting:
             if len(taken) < limit and (job.lease_until or 0.0) > fresh_until:
                 taken.append(job)
@@ -448,11 +452,10 @@ class RedisStore(Store):
         """``jobs`` handed to ``worker_id`` less those it already received."""
         if not jobs:
             return jobs
-        seen = self._seen.setdefault(worker_id, {})
+        seen = self._seen.setdefault(worker_id, OrderedDict())
         now = time.monotonic()
-        if len(seen) > 1000:
-            for key in [key for key, at in seen.items() if now - at > 120]:
-                del seen[key]
+        while seen and now - next(iter(seen.values())) > _SEEN_FOR:  # oldest first
+            seen.popitem(last=False)
         fresh = []
         for job in jobs:
             key = _seen_key(job)
