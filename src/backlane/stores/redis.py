@@ -92,12 +92,10 @@ next offer or claim of any worker (or a sweep of expired leases)."""
 _TAKE_LATEST = 0.05
 """Seconds after a worker starts jobs handed to it within which it takes them (gives them
 its full lease) in a call of its own, if no offer to take work carried them first."""
-_HOLD = 0.01
+_HOLD = _TAKE_LATEST / 2
 """Seconds a worker that started jobs handed to it waits before it offers to take more, if
 none of them ended meanwhile (a job that ends brings a claim, which makes the offer and
-takes the jobs): a short job costs one call to Redis, not two. Meanwhile jobs go to other
-waiting workers, or are queued and announced; less than ``_TAKE_LATEST``, so that the
-offer carries the take."""
+takes the jobs): a short job costs one call to Redis, not two."""
 _SEEN_FOR = 120.0
 """Seconds a worker remembers a hand-off it received, to know it again when its next claim
 returns it too."""
@@ -734,9 +732,7 @@ class RedisStore(Store):
         comes with the wake-up; its next ``claim`` returns it without waiting for Redis and
         gives it the full lease (sent with the worker's next offer). A job handed and never
         taken is queued again, uncounted. A worker whose pop is under way made its offer with
-        its last claim already: the wait sends none until that offer is due for renewal; one
-        that has just started jobs handed to it holds its offer back for ``_HOLD`` seconds,
-        as a job that ends meanwhile brings a claim that makes it."""
+        its last claim already: the wait sends none until that offer is due for renewal."""
         link = await self._links.get()
         wakes = link.wakes_started()
         mark = self._mark.get()
