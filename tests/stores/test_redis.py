@@ -762,11 +762,8 @@ async def test_a_worker_that_waits_again_takes_the_jobs_it_started_with_its_offe
     now = time.time()
     with monkeypatch.context() as patched:
         patched.setattr("backlane.stores.redis.call", recorded)
-        patched.setattr("backlane.stores.redis._TAKE_LATEST", 5.0)
         (taken,) = await store.claim(**claim_args(now=now, lease_until=now + LEASE, limit=2))
-        await store.wait_for_work(0.01)  # a job it started may end soon: no offer yet
-        assert sent == []
-        await store.wait_for_work(0.1)  # then offers its free slot, and takes the job with it
+        await store.wait_for_work(0.01)  # offers its free slot, and takes the job with it
         await anyio.sleep(0.1)
     assert sent == ["wait"]
     assert await store.get(job.id) == taken.copy(lease_until=now + LEASE)
@@ -775,43 +772,6 @@ async def test_a_worker_that_waits_again_takes_the_jobs_it_started_with_its_offe
     await survivor.open()
     assert await survivor.requeue_expired(time.time() + 3) == 0
     await survivor.close()
-    await other.close()
-
-
-@pytest.mark.parametrize("ended", [True, False])
-async def test_the_claim_after_a_job_handed_over_ends_offers_and_takes_in_one_call(
-    store: RedisStore, monkeypatch: pytest.MonkeyPatch, ended: bool
-) -> None:
-    other = RedisStore(store.url)
-    await other.open()
-    job = await _handed_one(store, other)
-    sent: list[str] = []
-
-    async def recorded(link: Any, script: Any, *args: Any) -> Any:
-        sent.append(script.name)
-        return await call(link, script, *args)
-
-    now = time.time()
-    outcomes = [Outcome(job.id, "w1", S.SUCCEEDED, now, keep_until=now + 60)] if ended else []
-    with monkeypatch.context() as patched:
-        patched.setattr("backlane.stores.redis.call", recorded)
-        (taken,) = await store.claim(**claim_args(now=now, lease_until=now + LEASE, limit=2))
-        await store.wait_for_work(0.01)  # holds its offer back: the job may end soon
-        _, claimed = await store.finish_and_claim(
-            outcomes, **claim_args(now=now, lease_until=now + LEASE, limit=1 if ended else 2)
-        )
-        await anyio.sleep(0.15)  # past the time a take of its own would have gone
-    assert claimed == []
-    assert sent == ["finish_claim"]  # no wait, no take of its own
-    stored = await store.get(job.id)
-    assert stored is not None
-    if ended:
-        assert stored.state is S.SUCCEEDED
-    else:  # taken by the claim: its full lease
-        assert stored == taken.copy(lease_until=now + LEASE)
-    (later,) = await other.enqueue([make_job(run_at=time.time())])  # the claim offered
-    handed = await other.get(later.id)
-    assert handed is not None and handed.state is S.RUNNING and handed.worker_id == "w1"
     await other.close()
 
 

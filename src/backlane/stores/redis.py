@@ -92,10 +92,6 @@ next offer or claim of any worker (or a sweep of expired leases)."""
 _TAKE_LATEST = 0.05
 """Seconds after a worker starts jobs handed to it within which it takes them (gives them
 its full lease) in a call of its own, if no offer to take work carried them first."""
-_HOLD = _TAKE_LATEST / 2
-"""Seconds a worker that started jobs handed to it waits before it offers to take more, if
-none of them ended meanwhile (a job that ends brings a claim, which makes the offer and
-takes the jobs): a short job costs one call to Redis, not two."""
 _SEEN_FOR = 120.0
 """Seconds a worker remembers a hand-off it received, to know it again when its next claim
 returns it too."""
@@ -121,10 +117,6 @@ class _ClaimMark:
     offered: float = 0.0
     """Until when (monotonic) the claim's own offer to take work lasts: the wait after it
     makes none before then."""
-    started: bool = False
-    """Whether the claim only started jobs handed over: the claim that follows their end
-    offers to take work and takes them, so the wait after it holds its own offer back for
-    ``_HOLD`` seconds."""
 
 
 def _token() -> str:
@@ -312,8 +304,7 @@ class RedisStore(Store):
         text = outcomes_json(outcomes) if outcomes else "[]"
         reply = await call(link, self._scripts["finish_claim"], text, *args)
         applied = list(reply[0])
-        ended = {outcome.job_id for outcome in outcomes}
-        return applied, self._claimed(link, generation, reply[1:], args, now, lease_until, ended)
+        return applied, self._claimed(link, generation, reply[1:], args, now, lease_until)
 
     @staticmethod
     def _claim_args(
@@ -341,18 +332,14 @@ class RedisStore(Store):
         args: tuple[str | int, ...],
         now: float,
         lease_until: float,
-        ended: set[str] | None = None,
     ) -> list[Job]:
         """The jobs a claim script returned: those handed to the worker while it waited
         (not seen before; the script gave them their full lease), then those it claimed.
-        Remembers what the claim saw. The take kept for the worker drops the jobs the
-        script took, and those among ``ended`` (ended by the same call)."""
+        Remembers what the claim saw."""
         _, worker_id, _, _, limit, queues, _, _, period = args
         worker_id = str(worker_id)
         next_due = float(reply[0]) if reply[0] else None
         handed = [decode_job(fields) for fields in reply[1]]
-        if worker_id in link.taking:  # taken or ended by this call: no take to send
-            _taken(link, worker_id, {job.id for job in handed}.union(ended or ()))
         claimed = self._fresh(worker_id, handed)
         if len(claimed) < len(handed) and worker_id in self._handed:
             # crossed with the pop: the copies it kept for the next claim are returned now
@@ -407,7 +394,7 @@ class RedisStore(Store):
         if taken:
             mark = _ClaimMark(
                 link, generation, None, time.monotonic(), worker_id, limit - len(taken),
-                _names(queues), started=True,
+                _names(queues),
             )  # fmt: skip
             self._mark.set(mark)
         return taken
@@ -752,14 +739,11 @@ class RedisStore(Store):
         loop = link.loop
         until = loop.time() + timeout
         offered = mark.offered - loop.time()  # the claim's own offer (same clock)
-        hold = mark.started
         while not self._handed.get(worker_id):
             left = until - loop.time()
             if left <= 0:
                 return
-            if hold:  # the end of the jobs it started brings a claim that offers
-                offer, hold = min(left, _HOLD), False
-            elif offered > _OFFER / 10 and worker_id not in link.taking:
+            if offered > _OFFER / 10 and worker_id not in link.taking:
                 offer, offered = min(left, offered), 0.0  # made by the claim: none to send
             else:
                 offered = 0.0
@@ -863,14 +847,6 @@ def _lost(worker_id: str, ids: list[str]) -> None:
     """Warn of jobs ``worker_id`` started that were given back before it took them."""
     for job_id in ids:
         log.warning("job %s was given back before %s took it: it may run twice", job_id, worker_id)
-
-
-def _taken(link: Link, worker_id: str, ids: set[str]) -> None:
-    """Drop ``ids`` from the take kept for ``worker_id`` (a claim took them)."""
-    pending = link.taking[worker_id]
-    pending[1][:] = [job_id for job_id in pending[1] if job_id not in ids]
-    if not pending[1]:
-        del link.taking[worker_id]
 
 
 def _settle(fut: asyncio.Future[None]) -> None:
