@@ -743,6 +743,11 @@ class RedisStore(Store):
             left = until - loop.time()
             if left <= 0:
                 return
+            # the pop first: a claim sent while the offer below is on its way (a job of the
+            # worker ended) sees it under way, and makes the next offer itself
+            pop = link.handoffs.get(worker_id)
+            if pop is None or pop.done():
+                link.handoffs[worker_id] = loop.create_task(self._pop_handed(link, worker_id))
             if offered > _OFFER / 10 and worker_id not in link.taking:
                 offer, offered = min(left, offered), 0.0  # made by the claim: none to send
             else:
@@ -757,10 +762,6 @@ class RedisStore(Store):
                 except StoreError:  # Redis away: wait for the listener, which waits for Redis
                     await wakes.wait(generation, left)
                     return
-            pop = link.handoffs.get(worker_id)
-            if pop is None or pop.done():
-                pop = loop.create_task(self._pop_handed(link, worker_id))
-                link.handoffs[worker_id] = pop
             # One future ends this offer: settled by the pop when it keeps a batch (one
             # turn of the loop from the reply to this task), by a wake-up, or at the end
             # of the offer (a pop that failed waits for that too).
