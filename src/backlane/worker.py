@@ -217,6 +217,10 @@ class Worker:
     async def _claim_loop(self, group: anyio.abc.TaskGroup) -> None:
         settings = self.lane.settings
         idle = settings.poll_min
+        # after jobs, a store that tells of new work (a wait_for_work of its own) needs no
+        # quick polls: its wait returns as soon as there is any
+        told = type(self.lane.store).wait_for_work is not Store.wait_for_work
+        after_jobs = settings.poll_max if told else settings.poll_min
         while not self._stopping:
             free = self.concurrency - len(self._held)
             if free <= 0:
@@ -257,7 +261,7 @@ class Worker:
             if outcomes or released:
                 self.lane.notifier.notify()
             if jobs:
-                idle = settings.poll_min
+                idle = after_jobs
                 for job in jobs:
                     held = _Held(job)
                     self._held[job.id] = held

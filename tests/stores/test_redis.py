@@ -775,6 +775,27 @@ async def test_a_worker_that_waits_again_takes_the_jobs_it_started_with_its_offe
     await other.close()
 
 
+async def test_a_wait_cancelled_before_its_offer_is_answered_keeps_its_connection(
+    store: RedisStore,
+) -> None:
+    # a worker stops waiting whenever one of its jobs ends: its offer still lands, and the
+    # connection it went on stays open (a call cut off before its reply costs it)
+    await _idle_worker(store)
+    link = await store._links.get()
+    own = link._own
+    assert own is not None and own.is_connected
+    waiting = asyncio.ensure_future(store.wait_for_work(10.0))
+    with anyio.fail_after(2):
+        while not link._busy:  # the offer is on its way
+            await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await anyio.sleep(0.05)
+    assert link._own is own and own.is_connected
+    assert await command(link, "HKEYS", store.prefix + "waiting") == ["w1"]
+
+
 async def test_jobs_a_worker_started_are_taken_when_its_store_closes_first(
     store: RedisStore,
 ) -> None:

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -91,6 +92,9 @@ next offer or claim of any worker (or a sweep of expired leases)."""
 _TAKE_LATEST = 0.05
 """Seconds after a worker starts jobs handed to it within which it takes them (gives them
 its full lease) in a call of its own, if no offer to take work carried them first."""
+_SEEN_FOR = 120.0
+"""Seconds a worker remembers a hand-off it received, to know it again when its next claim
+returns it too."""
 _TAKE_WITHIN = _HANDED_LEASE / 2
 """A handed job whose short lease has less than this left (by this host's clock) is not
 started on the strength of the hand-off alone: the worker's next claim asks Redis whether
@@ -146,7 +150,7 @@ class RedisStore(Store):
         """Jobs handed to a waiting worker, by worker id, that its next claim returns."""
         self._ending: dict[str, asyncio.Future[None]] = {}
         """What each worker's ``wait_for_work`` awaits, for its pop to settle."""
-        self._seen: dict[str, dict[tuple[str, int, float | None], float]] = {}
+        self._seen: dict[str, OrderedDict[tuple[str, int, float | None], float]] = {}
         """Hand-offs each worker received (id, attempt and start, monotonic time): a job
         comes both by the worker's pop and by its next claim when the two cross."""
 
@@ -381,7 +385,7 @@ class RedisStore(Store):
             return []
         fresh_until = time.time() + _TAKE_WITHIN
         taken: list[Job] = []
-        seen = self._seen.get(worker_id, {})
+        seen = self._seen.get(worker_id, OrderedDict())
         for job in waiting:
             if len(taken) < limit and (job.lease_until or 0.0) > fresh_until:
                 taken.append(job)
@@ -435,11 +439,10 @@ class RedisStore(Store):
         """``jobs`` handed to ``worker_id`` less those it already received."""
         if not jobs:
             return jobs
-        seen = self._seen.setdefault(worker_id, {})
+        seen = self._seen.setdefault(worker_id, OrderedDict())
         now = time.monotonic()
-        if len(seen) > 1000:
-            for key in [key for key, at in seen.items() if now - at > 120]:
-                del seen[key]
+        while seen and now - next(iter(seen.values())) > _SEEN_FOR:  # oldest first
+            seen.popitem(last=False)
         fresh = []
         for job in jobs:
             key = _seen_key(job)
@@ -740,29 +743,25 @@ class RedisStore(Store):
             left = until - loop.time()
             if left <= 0:
                 return
+            # the pop first: a claim sent while the offer below is on its way (a job of the
+            # worker ended) sees it under way, and makes the next offer itself
+            pop = link.handoffs.get(worker_id)
+            if pop is None or pop.done():
+                link.handoffs[worker_id] = loop.create_task(self._pop_handed(link, worker_id))
             if offered > _OFFER / 10 and worker_id not in link.taking:
                 offer, offered = min(left, offered), 0.0  # made by the claim: none to send
             else:
                 offered = 0.0
                 offer = min(left, _OFFER)
                 taking = link.taking.pop(worker_id, None)  # the jobs it started go with it
-                take = () if taking is None else (number(taking[0]), *taking[1])
-                try:
-                    lost = await self._call(
-                        "wait", worker_id, mark.capacity, number(_HANDED_LEASE), number(offer),
-                        mark.queues, *take,
-                    )  # fmt: skip
+                sent = loop.create_task(self._offer(link, mark, offer, taking))
+                link.takes.add(sent)
+                sent.add_done_callback(link.takes.discard)
+                try:  # a worker that stops waiting leaves the call to end on its own
+                    await asyncio.shield(sent)
                 except StoreError:  # Redis away: wait for the listener, which waits for Redis
-                    if taking is not None:  # the take goes on trying in a call of its own
-                        link.taking[worker_id] = taking
-                        self._send_take(link, worker_id)
                     await wakes.wait(generation, left)
                     return
-                _lost(worker_id, lost)
-            pop = link.handoffs.get(worker_id)
-            if pop is None or pop.done():
-                pop = loop.create_task(self._pop_handed(link, worker_id))
-                link.handoffs[worker_id] = pop
             # One future ends this offer: settled by the pop when it keeps a batch (one
             # turn of the loop from the reply to this task), by a wake-up, or at the end
             # of the offer (a pop that failed waits for that too).
@@ -780,6 +779,28 @@ class RedisStore(Store):
                     del self._ending[worker_id]
             if wakes.generation != generation:
                 return
+
+    async def _offer(
+        self, link: Link, mark: _ClaimMark, offer: float, taking: tuple[float, list[str]] | None
+    ) -> None:
+        """Send the offer of ``mark``'s worker to take work for ``offer`` seconds, with the
+        take of the jobs it started, if any. Runs apart from the wait that sends it: a call
+        cancelled before its reply is read costs its connection, and a waiting worker stops
+        waiting whenever one of its jobs ends."""
+        worker_id = mark.worker_id
+        take = () if taking is None else (number(taking[0]), *taking[1])
+        try:
+            lost = await self._call(
+                "wait", worker_id, mark.capacity, number(_HANDED_LEASE), number(offer),
+                mark.queues, *take,
+            )  # fmt: skip
+        except StoreError:
+            if taking is not None:  # the take goes on trying in a call of its own
+                task = link.loop.create_task(self._take(link, worker_id, *taking))
+                link.takes.add(task)
+                task.add_done_callback(link.takes.discard)
+            raise
+        _lost(worker_id, lost)
 
     async def _pop_handed(self, link: Link, worker_id: str) -> None:
         """Wait (in Redis) for a batch of jobs handed to ``worker_id``, and keep it for

@@ -401,7 +401,8 @@ class Link:
         """Each waiting worker's pop of the jobs handed to it (``RedisStore``)."""
         self._blocking: dict[str, Connection] = {}
         self.takes: set[asyncio.Task[None]] = set()
-        """Calls under way that give handed jobs a worker took their full lease."""
+        """Calls under way that give handed jobs a worker took their full lease, or offer to
+        take work (``RedisStore``)."""
         self.taking: dict[str, tuple[float, list[str]]] = {}
         """Jobs each worker took, with their full lease, that no call has carried yet
         (``RedisStore._took``)."""
