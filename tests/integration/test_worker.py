@@ -10,7 +10,15 @@ from datetime import datetime, timedelta, timezone
 import anyio
 import pytest
 
-from backlane import Backlane, InvalidArguments, Job, JobFailed, JobState, ResultTimeout
+from backlane import (
+    Backlane,
+    InvalidArguments,
+    Job,
+    JobFailed,
+    JobHandle,
+    JobState,
+    ResultTimeout,
+)
 from backlane.testing import drain
 from backlane.worker import Worker
 from tests.integration import jobs_tasks as t
@@ -112,6 +120,12 @@ async def test_async_timeout_cancels_and_sync_timeout_is_reported(lane: Backlane
         assert job.error is not None and job.error["message"] == "timed out after 0.1s"
 
 
+async def until_running(handle: JobHandle, timeout: float = 5.0) -> None:
+    with anyio.fail_after(timeout):
+        while await handle.status() is not JobState.RUNNING:
+            await anyio.sleep(0.01)
+
+
 async def test_cancel_queued_and_running(lane: Backlane) -> None:
     waiting = lane.task(t.waits_for_cancel)
     queued = await lane.task(t.add).options(delay=60).enqueue(1, 2)
@@ -120,9 +134,7 @@ async def test_cancel_queued_and_running(lane: Backlane) -> None:
     worker = lane.worker()
     async with anyio.create_task_group() as tg:
         tg.start_soon(worker.run)
-        with anyio.fail_after(5):
-            while await running.status() is not JobState.RUNNING:
-                await anyio.sleep(0.01)
+        await until_running(running)
         assert await running.cancel() is JobState.RUNNING  # asked; the worker stops it
         with pytest.raises(JobFailed, match="cancelled"):
             await running.result(timeout=5)
@@ -255,10 +267,9 @@ async def test_a_task_that_swallows_its_cancel_then_raises_its_own_ends_cancelle
     worker = lane.worker()
     async with anyio.create_task_group() as tg:
         tg.start_soon(worker.run)
+        await until_running(stubborn)
+        await stubborn.cancel()
         with anyio.fail_after(5):
-            while await stubborn.status() is not JobState.RUNNING:
-                await anyio.sleep(0.01)
-            await stubborn.cancel()
             while not (await stubborn.status()).terminal:  # it stayed running: not held
                 await anyio.sleep(0.01)
         worker.stop()
@@ -272,9 +283,7 @@ async def test_graceful_shutdown_hands_back_unfinished_jobs(lane: Backlane) -> N
     worker = lane.worker()
     async with anyio.create_task_group() as tg:
         tg.start_soon(worker.run)
-        with anyio.fail_after(5):
-            while await long.status() is not JobState.RUNNING:
-                await anyio.sleep(0.01)
+        await until_running(long)
         started = time.monotonic()
         worker.stop()
     assert time.monotonic() - started < 3  # grace is 1 s
