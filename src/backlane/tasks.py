@@ -64,8 +64,9 @@ class ArgumentCodec:
         """The first parameter the worker fills itself, if any comes by position."""
         for param in signature.parameters.values():
             hint = hints.get(param.name, Any)
-            dep = None if _is_context(hint) else dependency_of(param.default, hint)
-            if dep is not None or _is_context(hint):
+            is_context = _is_context(hint)
+            dep = None if is_context else dependency_of(param.default, hint)
+            if dep is not None or is_context:
                 if param.kind is param.POSITIONAL_ONLY:
                     raise TaskError(
                         f"task {task_name!r}: parameter {param.name!r} is filled by the worker, "

@@ -9,6 +9,7 @@ tests that kill, restart or reconfigure Redis start a private ``redis-server``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import math
@@ -717,6 +718,20 @@ async def test_every_way_work_becomes_claimable_wakes_a_waiting_worker(
     await other.close()
 
 
+@contextlib.contextmanager
+def scripts_sent(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The names of the scripts the store runs inside the block, in order."""
+    sent: list[str] = []
+
+    async def recorded(link: Any, script: Any, *args: Any) -> Any:
+        sent.append(script.name)
+        return await call(link, script, *args)
+
+    with monkeypatch.context() as patched:
+        patched.setattr("backlane.stores.redis.call", recorded)
+        yield sent
+
+
 async def test_a_waiting_worker_is_handed_the_job_and_takes_it_without_a_round_trip(
     store: RedisStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -728,15 +743,8 @@ async def test_a_waiting_worker_is_handed_the_job_and_takes_it_without_a_round_t
     assert held is not None and held.state is S.RUNNING and held.worker_id == "w1"
     assert held.attempts == 1 and held.lease_until is not None
     assert held.lease_until < time.time() + 2.5  # a short lease until the worker takes it
-    sent: list[str] = []
-
-    async def recorded(link: Any, script: Any, *args: Any) -> Any:
-        sent.append(script.name)
-        return await call(link, script, *args)
-
     now = time.time()
-    with monkeypatch.context() as patched:
-        patched.setattr("backlane.stores.redis.call", recorded)
+    with scripts_sent(monkeypatch) as sent:
         (taken,) = await store.claim(**claim_args(now=now, lease_until=now + LEASE))
         assert sent == []  # returned without waiting for Redis
         await anyio.sleep(0.1)
@@ -753,15 +761,8 @@ async def test_a_worker_that_waits_again_takes_the_jobs_it_started_with_its_offe
     other = RedisStore(store.url)
     await other.open()
     job = await _handed_one(store, other)
-    sent: list[str] = []
-
-    async def recorded(link: Any, script: Any, *args: Any) -> Any:
-        sent.append(script.name)
-        return await call(link, script, *args)
-
     now = time.time()
-    with monkeypatch.context() as patched:
-        patched.setattr("backlane.stores.redis.call", recorded)
+    with scripts_sent(monkeypatch) as sent:
         (taken,) = await store.claim(**claim_args(now=now, lease_until=now + LEASE, limit=2))
         await store.wait_for_work(0.01)  # offers its free slot, and takes the job with it
         await anyio.sleep(0.1)
