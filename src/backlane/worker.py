@@ -30,6 +30,7 @@ from .jobs import ATTEMPT_RETRIED, Job, JobState, attempt_record
 from .metrics import observe_attempt
 from .retry import Retry
 from .stores.base import Outcome, Store, WorkerRecord
+from .threads import ThreadRunner
 from .tracing import job_span
 
 if TYPE_CHECKING:
@@ -106,7 +107,7 @@ class Worker:
         self._slot_free = anyio.Event()
         self._wake: asyncio.Future[None] | None = None
         """What the claim loop waits on while idle: settled by a change or an outcome."""
-        self._limiter: anyio.CapacityLimiter | None = None
+        self._threads: ThreadRunner | None = None
         self._until_idle = False
         self.started_at = time.time()
         self._in_flight = 0
@@ -131,7 +132,7 @@ class Worker:
 
     async def run(self) -> None:
         """Claim and run jobs until ``stop()``; then finish or hand back what is held."""
-        self._limiter = anyio.CapacityLimiter(self.threads)
+        self._threads = ThreadRunner(anyio.CapacityLimiter(self.threads))
         self.started_at = time.time()
         self._slot_free = anyio.Event()
         await self.lane.open()
@@ -169,8 +170,8 @@ class Worker:
     async def run_inline(self, jobs: list[Job]) -> None:
         """Run ``jobs`` here, one after another, once each (eager mode): each is stored as
         running, executed, and its outcome recorded; a failure does not stop the rest."""
-        if self._limiter is None:
-            self._limiter = anyio.CapacityLimiter(1)
+        if self._threads is None:
+            self._threads = ThreadRunner(anyio.CapacityLimiter(1))
         for job in jobs:
             now = time.time()
             job = job.copy(
@@ -446,9 +447,9 @@ class Worker:
     async def _call_now(self, task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
         if task.is_async:
             return await task.func(*args, **kwargs)
-        assert self._limiter is not None
+        assert self._threads is not None
         call = functools.partial(task.func, *args, **kwargs) if args or kwargs else task.func
-        return await anyio.to_thread.run_sync(call, limiter=self._limiter, abandon_on_cancel=True)
+        return await self._threads.run(task.name, call)
 
     def _after_failure(
         self, job: Job, task: Task[Any, Any], exc: BaseException, *, message: str | None = None

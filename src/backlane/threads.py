@@ -1,0 +1,170 @@
+"""A worker's threads for ``def`` tasks: bounded, and cheap for quick calls.
+
+Each ``def`` task runs on an AnyIO worker thread (``anyio.from_thread`` works inside it),
+at most ``limiter.total_tokens`` at once, in the context of the job that called it. Going
+to a thread and back costs more than a quick task itself (two hand-overs of the GIL and a
+wake-up of the event loop), so calls made in the same turn of the event loop by tasks
+whose last run was quick (under ``QUICK`` seconds) share one trip: one thread runs them one
+after another. A shared call that turns out slow holds up the calls behind it for
+``SHARE_AT_MOST`` seconds at most: they then get threads of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextvars
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+
+QUICK = 0.001
+"""Seconds under which a task's last call counts as quick: its next calls may share a
+thread's trip with others."""
+SHARE_AT_MOST = 0.002
+"""Seconds after which calls still waiting behind a shared call get threads of their own."""
+
+
+class _Call:
+    __slots__ = ("context", "func", "future", "key", "outcome", "took", "trip")
+
+    def __init__(self, key: str, func: Callable[[], Any], future: asyncio.Future[Any]) -> None:
+        self.key = key
+        self.func = func
+        self.future = future
+        self.context = contextvars.copy_context()
+        self.outcome: tuple[bool, Any] = (False, None)
+        self.took = 0.0
+        self.trip: _Trip | None = None
+
+
+class _Trip:
+    """Calls that one thread runs one after another. ``lock`` guards which call runs and
+    whether the trip goes on: the thread takes calls from the left of ``waiting``, and the
+    event loop may take all the rest, or stop the trip after the call that runs."""
+
+    __slots__ = ("done", "lock", "running", "stopped", "task", "waiting")
+
+    def __init__(self, calls: list[_Call]) -> None:
+        self.waiting = collections.deque(calls)
+        self.done: list[_Call] = []
+        self.running: _Call | None = None
+        self.stopped = False
+        self.lock = threading.Lock()
+        self.task: asyncio.Task[None] | None = None
+
+    def take_waiting(self) -> list[_Call]:
+        """The calls not started yet, which the thread will then not start."""
+        with self.lock:
+            calls = list(self.waiting)
+            self.waiting.clear()
+        return calls
+
+    def stop_after(self, call: _Call) -> bool:
+        """Stop the trip after ``call``, if it is the one running; whether it was."""
+        with self.lock:
+            if self.running is not call:
+                return False
+            self.stopped = True
+            return True
+
+    def run(self) -> None:
+        """On a worker thread: run the calls in turn until none is left or it stops."""
+        while True:
+            with self.lock:
+                if self.stopped or not self.waiting:
+                    self.running = None
+                    return
+                call = self.running = self.waiting.popleft()
+            if call.future.cancelled():
+                continue
+            start = time.perf_counter()
+            try:
+                call.outcome = (True, call.context.run(call.func))
+            except StopIteration as exc:  # a future cannot carry it
+                error = RuntimeError("a task raised StopIteration")
+                error.__cause__ = exc
+                call.outcome = (False, error)
+            except BaseException as exc:  # the awaiting job sorts out what it means
+                call.outcome = (False, exc)
+            call.took = time.perf_counter() - start
+            self.done.append(call)
+
+
+class ThreadRunner:
+    """Runs ``def`` calls on worker threads, at most as many at once as ``limiter`` lets."""
+
+    def __init__(self, limiter: anyio.CapacityLimiter) -> None:
+        self.limiter = limiter
+        self._pending: list[_Call] = []
+        self._last_took: dict[str, float] = {}
+        self._trips: set[asyncio.Task[None]] = set()
+
+    async def run(self, key: str, func: Callable[[], Any]) -> Any:
+        """Call ``func()`` on a worker thread, in the caller's context, and return what it
+        returns (or raise what it raises). ``key`` names the task: how long its last call
+        took decides whether the next may share a thread's trip. Cancelled, the caller
+        returns at once: a call already running goes on in its thread, a call not started
+        never starts."""
+        loop = asyncio.get_running_loop()
+        call = _Call(key, func, loop.create_future())
+        if not self._pending:
+            loop.call_soon(self._dispatch)
+        self._pending.append(call)
+        try:
+            return await call.future
+        except asyncio.CancelledError:
+            trip = call.trip
+            if trip is not None and trip.task is not None and trip.stop_after(call):
+                trip.task.cancel()  # the thread finishes the call on its own
+            raise
+
+    def _dispatch(self) -> None:
+        calls, self._pending = self._pending, []
+        shared = []
+        for call in calls:
+            if self._last_took.get(call.key, QUICK) < QUICK:
+                shared.append(call)
+            else:
+                self._start([call])
+        if len(shared) > 1:
+            trip = self._start(shared)
+            handle = asyncio.get_running_loop().call_later(SHARE_AT_MOST, self._spread, trip)
+            assert trip.task is not None
+            trip.task.add_done_callback(lambda _: handle.cancel())
+        elif shared:
+            self._start(shared)
+
+    def _start(self, calls: list[_Call]) -> _Trip:
+        trip = _Trip(calls)
+        for call in calls:
+            call.trip = trip
+        trip.task = task = asyncio.ensure_future(self._travel(trip))
+        self._trips.add(task)
+        task.add_done_callback(self._trips.discard)
+        return trip
+
+    async def _travel(self, trip: _Trip) -> None:
+        try:
+            await anyio.to_thread.run_sync(trip.run, limiter=self.limiter, abandon_on_cancel=True)
+        except asyncio.CancelledError:
+            pass  # abandoned by its running call's job: the rest go on their own below
+        finally:
+            for call in trip.done:
+                self._last_took[call.key] = call.took
+                if not call.future.done():
+                    ok, value = call.outcome
+                    if ok:
+                        call.future.set_result(value)
+                    else:
+                        call.future.set_exception(value)
+            self._spread(trip)
+
+    def _spread(self, trip: _Trip) -> None:
+        """Give each call still waiting in ``trip`` a thread of its own."""
+        for call in trip.take_waiting():
+            if not call.future.done():
+                self._start([call])
