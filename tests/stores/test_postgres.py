@@ -618,6 +618,37 @@ async def test_nothing_to_claim_means_no_wake_up(
         assert await woken_within(store, 0.5) >= 0.45
 
 
+@pytest.mark.parametrize("queues", [None, ["default"]])
+async def test_a_wait_after_a_claim_ends_when_the_earliest_later_job_is_due(
+    store: PostgresStore, queues: list[str] | None
+) -> None:
+    await listening(store)
+    now = time.time()
+    await store.enqueue([make_job(run_at=now + 1.0, priority=1), make_job(run_at=now + 0.8),
+                         make_job(run_at=now + 60, priority=-1),
+                         make_job(run_at=now + 0.3, queue="other")])  # fmt: skip
+    await store.pause_queue("other", True)  # its job is not for this claim
+    await anyio.sleep(0.2)  # the announcements go by before the claim
+    claimed = await store.claim(
+        worker_id="w", queues=queues, limit=5, now=time.time(), lease_until=now + 60
+    )
+    assert claimed == []
+    await woken_within(store)
+    assert 0.75 < time.time() - now < 1.1  # when the job due in 0.8 s is, not the timeout
+
+
+async def test_work_due_later_announced_while_waiting_ends_the_wait_when_due(
+    store: PostgresStore, elsewhere: PostgresStore
+) -> None:
+    await store.claim(worker_id="w", queues=None, limit=1, now=time.time(), lease_until=NOW)
+    await quiet(store)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(after, 0.1, elsewhere.enqueue, [make_job(run_at=time.time() + 1.5)])
+        began = time.monotonic()
+        waited = await woken_within(store)
+    assert 1.4 < time.monotonic() - began < 1.9, waited  # beyond a second: announced too
+
+
 async def test_work_in_a_callers_transaction_is_announced_at_commit_only(
     store: PostgresStore,
 ) -> None:

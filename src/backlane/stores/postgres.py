@@ -6,7 +6,10 @@ schema (created if missing), brought up to date at open unless ``auto_migrate=0`
 ``FOR UPDATE SKIP LOCKED``, so any number of worker processes on any number of machines
 share one queue without handing a job to two of them. A trigger announces claimable work
 on a LISTEN/NOTIFY channel; ``wait_for_work`` returns when it does, so a waiting worker
-starts a job within milliseconds instead of polling (polling stays the fallback).
+starts a job within milliseconds instead of polling (polling stays the fallback). A job
+queued to run later (a delay, a retry's backoff) is announced with the time it becomes
+due, and a claim learns when the earliest of its queues' is: the wait after it returns
+then, however long the worker meant to wait.
 
 ``enqueue(jobs, connection=...)`` writes the jobs inside a caller's own transaction (a
 psycopg ``AsyncConnection``, or a SQLAlchemy ``AsyncSession`` or ``AsyncConnection``): they
@@ -110,9 +113,11 @@ class PostgresStore(Store):
         handed back or freed, by any process using this schema — or after ``timeout``
         seconds. Work announced since the last ``claim`` began in the calling task (or in
         the task that started it) returns at once, so a claim that found nothing and this
-        wait miss no job between them. While the store cannot listen (the connection broke;
-        it reconnects), it only waits out the timeout: callers keep polling as their
-        fallback."""
+        wait miss no job between them. A job queued to run later is claimable when it is
+        due: this returns then at the latest, for the earliest one that claim saw or that
+        was announced while waiting. While the store cannot listen (the connection broke;
+        it reconnects), it only waits out the timeout (or until that claim's earliest job
+        is due): callers keep polling as their fallback."""
         await self._link.signal.wait(timeout)
 
     # -- write side -------------------------------------------------------------------
@@ -180,8 +185,10 @@ class PostgresStore(Store):
     ) -> list[Job]:
         """Up to ``limit`` claimable jobs of queues not paused, now running for
         ``worker_id``, in claim order. Rows being claimed by others are skipped, never
-        waited for."""
-        self._link.signal.mark()
+        waited for. Remembers, for a ``wait_for_work`` in the calling task, when the
+        earliest job of those queues queued to run later becomes due."""
+        signal = self._link.signal
+        signal.mark()
         if limit <= 0 or (queues is not None and not queues):
             return []
         params: dict[str, Any] = {
@@ -190,10 +197,11 @@ class PostgresStore(Store):
             "now": float(now),
             "lease_until": float(lease_until),
         }
-        query = "claim_any"
+        scope = "any"
         if queues is not None:
-            query, params["queues"] = "claim_queues", list(dict.fromkeys(queues))
-        rows = await self._run(self._fetch, query, params)
+            scope, params["queues"] = "queues", list(dict.fromkeys(queues))
+        rows, next_due = await self._run(self._claim, scope, params)
+        signal.expect(next_due)
         return sort_claimed(rows)
 
     async def renew_leases(
@@ -458,6 +466,17 @@ class PostgresStore(Store):
             return await enqueue_on(PsycopgSession(conn), self._sql, jobs)
         async with conn.transaction():
             return await enqueue_on(PsycopgSession(conn), self._sql, jobs)
+
+    async def _claim(
+        self, conn: Any, scope: str, params: dict[str, Any]
+    ) -> tuple[list[Row], float | None]:
+        """The rows claimed, and, when they were fewer than the limit (else the worker
+        claims again at once), when the earliest job left queued to run later is due."""
+        rows = await self._fetch(conn, f"claim_{scope}", params)
+        if len(rows) >= params["limit"]:
+            return rows, None
+        due = await self._fetch(conn, f"next_due_{scope}", params)
+        return rows, _float(due[0]["next_due"])
 
     async def _requeue_expired(self, conn: Any, now: float, keep_until: float | None) -> int:
         params = {"now": now, "keep_until": keep_until}

@@ -16,7 +16,8 @@ A verb runs as a task of its own that its caller awaits shielded: once started, 
 its end even if its caller stops waiting, and ``close`` lets verbs in flight finish. Only
 the end of the verb's own loop cuts it off: its transaction is then rolled back and its
 connection closed. The listener (LISTEN) lives on a daemon thread's loop for the store's
-whole life, whichever loops come and go; it announces work through a ``WorkSignal``.
+whole life, whichever loops come and go; it announces work through a ``WorkSignal``,
+with the time it becomes due when the notification gives one (work queued to run later).
 """
 
 from __future__ import annotations
@@ -26,8 +27,11 @@ import collections
 import concurrent.futures
 import contextlib
 import contextvars
+import dataclasses
 import logging
+import math
 import threading
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, Generic, TypeVar
 
@@ -334,8 +338,8 @@ class PostgresLink:
                     self.listening = True
                     pause = 0.1
                     self.signal.announce()  # work may have come while we were not listening
-                    async for _ in conn.notifies():
-                        self.signal.announce()
+                    async for notice in conn.notifies():
+                        self.signal.announce(_due(notice.payload))
             except psycopg.Error as exc:
                 log.warning(
                     "PostgreSQL store: listening for work failed (%s); polling until it "
@@ -483,55 +487,109 @@ class LoopThread:
         self._thread.join(timeout=5.0)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Mark:
+    """What a claim noted in its context: the announcements seen before it, and when the
+    earliest job it saw queued to run later becomes due (None: none, or not known yet)."""
+
+    count: int
+    due: float | None = None
+
+
+class _Waiter:
+    """One task waiting on a ``WorkSignal``: settled when work is announced, or, for work
+    due later, told when (then it waits again, until then at the latest)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.woken = loop.create_future()
+        self.now = False
+        """Whether work claimable now was announced to it."""
+        self.due: float | None = None
+        """The earliest due time announced to it (POSIX seconds)."""
+
+    def hear(self, due: float | None) -> None:
+        """On the waiter's loop: work now (None), or work due at ``due``."""
+        if due is None:
+            self.now = True
+        elif self.due is None or due < self.due:
+            self.due = due
+        _settle(self.woken)
+
+
 class WorkSignal:
     """The announcements of claimable work a store has seen, and the tasks waiting for one.
 
-    ``announce`` (from any thread) counts one more and wakes every waiter. ``mark``, before
-    a claim, notes the count in the current context, which tasks started from it inherit:
-    ``wait`` there returns at once if work was announced since, so that a job enqueued
-    while an empty claim ran is not missed.
+    ``announce`` (from any thread) counts one more and tells every waiter: work now, or
+    work due at a time. ``mark``, before a claim, notes the count in the current context,
+    which tasks started from it inherit: ``wait`` there returns at once if work was
+    announced since, so that a job enqueued while an empty claim ran is not missed;
+    ``expect``, after the claim, notes when the earliest job it saw queued to run later is
+    due, which ``wait`` there never waits past.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._count = 0
-        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = set()
-        self._mark: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+        self._waiters: set[_Waiter] = set()
+        self._mark: contextvars.ContextVar[_Mark | None] = contextvars.ContextVar(
             f"backlane_work_mark_{id(self)}", default=None
         )
 
-    def announce(self) -> None:
-        """Work was announced: wake every waiter. Safe from any thread."""
+    def announce(self, due: float | None = None) -> None:
+        """Work was announced, claimable now or (``due``, POSIX seconds) from then on:
+        tell every waiter. Safe from any thread."""
         with self._lock:
             self._count += 1
             waiters = list(self._waiters)
-        for loop, fut in waiters:
-            if not loop.is_closed():
+        for waiter in waiters:
+            if not waiter.loop.is_closed():
                 with contextlib.suppress(RuntimeError):  # the loop closed in between
-                    loop.call_soon_threadsafe(_settle, fut)
+                    waiter.loop.call_soon_threadsafe(waiter.hear, due)
 
     def mark(self) -> None:
         """Note, in the current context, the announcements seen so far."""
         with self._lock:
-            self._mark.set(self._count)
+            self._mark.set(_Mark(self._count))
+
+    def expect(self, due: float | None) -> None:
+        """Note, in the current context, when the earliest job the claim after ``mark``
+        saw queued to run later becomes due (None: there is none)."""
+        mark = self._mark.get()
+        if mark is not None:
+            self._mark.set(dataclasses.replace(mark, due=due))
 
     async def wait(self, timeout: float) -> None:
-        """Return at the next announcement, at once if one came since the ``mark`` this
-        context holds, or after ``timeout`` seconds."""
+        """Return at the next announcement of work claimable now, at once if work was
+        announced since the ``mark`` this context holds, when work it expects or that
+        was announced meanwhile becomes due, or after ``timeout`` seconds."""
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        entry = (loop, fut)
+        waiter = _Waiter(loop)
         with self._lock:
             mark = self._mark.get()
-            if mark is not None and mark < self._count:
+            if mark is not None and mark.count < self._count:
                 return
-            self._waiters.add(entry)
+            self._waiters.add(waiter)
         try:
-            await asyncio.wait([fut], timeout=max(0.0, timeout))
+            deadline = loop.time() + timeout
+            if mark is not None and mark.due is not None:
+                deadline = min(deadline, loop.time() + mark.due - time.time())
+            while True:
+                left = deadline - loop.time()
+                if left <= 0:
+                    return
+                await asyncio.wait([waiter.woken], timeout=left)
+                if not waiter.woken.done():
+                    return  # timed out
+                if waiter.now or waiter.due is None:
+                    return  # work now
+                deadline = min(deadline, loop.time() + waiter.due - time.time())
+                waiter.due = None
+                waiter.woken = loop.create_future()
         finally:
             with self._lock:
-                self._waiters.discard(entry)
-            fut.cancel()
+                self._waiters.discard(waiter)
+            waiter.woken.cancel()
 
 
 def _forget(tasks: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
@@ -544,6 +602,16 @@ def _forget(tasks: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None
             task.exception()
 
     return done
+
+
+def _due(payload: str) -> float | None:
+    """When the work a notification announces becomes due: None for now (an empty
+    payload, or one this version cannot read)."""
+    try:
+        due = float(payload) if payload else None
+    except ValueError:
+        return None
+    return due if due is not None and math.isfinite(due) else None
 
 
 def _settle(fut: asyncio.Future[None]) -> None:

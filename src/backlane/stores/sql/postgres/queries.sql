@@ -132,6 +132,50 @@ WHERE j.id = ANY (ARRAY(
 ))
 RETURNING j.*;
 
+-- name: next_due_any
+-- When the earliest job of the queues not paused that is queued to run later (after a
+-- time) becomes due; NULL: none. Reads jobs_claimable_any, a few entries per priority in
+-- use: the priorities one after the other (each the first entry below the last), then the
+-- first entry of each past the time.
+WITH RECURSIVE level(priority) AS (
+    (SELECT n.priority FROM {schema}.jobs n
+     WHERE n.state = 'queued' AND n."after" IS NULL
+     ORDER BY n.priority DESC LIMIT 1)
+    UNION ALL
+    SELECT (SELECT n.priority FROM {schema}.jobs n
+            WHERE n.state = 'queued' AND n."after" IS NULL AND n.priority < l.priority
+            ORDER BY n.priority DESC LIMIT 1)
+    FROM level l WHERE l.priority IS NOT NULL
+)
+SELECT min((SELECT d.run_at FROM {schema}.jobs d
+            WHERE d.state = 'queued' AND d."after" IS NULL AND d.priority = l.priority
+              AND d.run_at > %(now)s
+              AND d.queue <> ALL (ARRAY(SELECT p.queue FROM {schema}.paused_queues p))
+            ORDER BY d.run_at LIMIT 1)) AS next_due
+FROM level l WHERE l.priority IS NOT NULL;
+
+-- name: next_due_queues
+-- next_due_any for the given queues, read from jobs_claimable: per queue, its priorities
+-- one after the other, then the first entry of each past the time.
+WITH RECURSIVE level(queue, rank) AS (
+    SELECT q.name, (SELECT -n.priority FROM {schema}.jobs n
+                    WHERE n.queue = q.name AND n.state = 'queued' AND n."after" IS NULL
+                    ORDER BY -n.priority LIMIT 1)
+    FROM unnest(%(queues)s::text[]) AS q(name)
+    WHERE q.name <> ALL (ARRAY(SELECT p.queue FROM {schema}.paused_queues p))
+    UNION ALL
+    SELECT l.queue, (SELECT -n.priority FROM {schema}.jobs n
+                     WHERE n.queue = l.queue AND n.state = 'queued' AND n."after" IS NULL
+                       AND -n.priority > l.rank
+                     ORDER BY -n.priority LIMIT 1)
+    FROM level l WHERE l.rank IS NOT NULL
+)
+SELECT min((SELECT d.run_at FROM {schema}.jobs d
+            WHERE d.queue = l.queue AND d.state = 'queued' AND d."after" IS NULL
+              AND -d.priority = l.rank AND d.run_at > %(now)s
+            ORDER BY d.run_at LIMIT 1)) AS next_due
+FROM level l WHERE l.rank IS NOT NULL;
+
 -- name: renew_leases
 UPDATE {schema}.jobs SET lease_until = %(lease_until)s
 WHERE id = ANY(%(ids)s::text[]) AND state = 'running' AND worker_id = %(worker_id)s

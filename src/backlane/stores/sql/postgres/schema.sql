@@ -73,19 +73,22 @@ CREATE INDEX jobs_created ON {schema}.jobs (created_at DESC, seq DESC);
 CREATE INDEX jobs_state_created ON {schema}.jobs (state, created_at DESC, seq DESC);
 CREATE INDEX jobs_queue_state ON {schema}.jobs (queue, state);
 
--- Announce work: after any statement that left a job claimable (or due within a second),
--- notify the channel given as the trigger's argument. Inside a transaction the
+-- Announce work: after any statement that left a job claimable or queued to run later,
+-- notify the channel given as the trigger's argument; the payload is empty when one is
+-- due already (by the server's clock), else the earliest time one becomes due, so that a
+-- waiting worker waits until then rather than for its next poll. Inside a transaction the
 -- notification is delivered at commit, and never on rollback, so a job enqueued through
 -- a caller's transaction wakes workers only once it exists.
 CREATE FUNCTION {schema}.announce_work() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    due double precision;
 BEGIN
-    IF EXISTS (
-        SELECT 1 FROM changed
-        WHERE state = 'queued' AND "after" IS NULL
-          AND run_at <= extract(epoch FROM clock_timestamp()) + 1.0
-    ) THEN
+    SELECT min(run_at) INTO due FROM changed WHERE state = 'queued' AND "after" IS NULL;
+    IF due <= extract(epoch FROM clock_timestamp()) THEN
         PERFORM pg_notify(TG_ARGV[0], '');
+    ELSIF due IS NOT NULL THEN
+        PERFORM pg_notify(TG_ARGV[0], due::text);
     END IF;
     RETURN NULL;
 END
