@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -63,6 +64,12 @@ class _Trip:
             self.waiting.clear()
         return calls
 
+    def take_done(self) -> list[_Call]:
+        """The calls that ended since the last time this was asked."""
+        with self.lock:
+            done, self.done = self.done, []
+        return done
+
     def stop_after(self, call: _Call) -> bool:
         """Stop the trip after ``call``, if it is the one running; whether it was."""
         with self.lock:
@@ -91,7 +98,8 @@ class _Trip:
             except BaseException as exc:  # the awaiting job sorts out what it means
                 call.outcome = (False, exc)
             call.took = time.perf_counter() - start
-            self.done.append(call)
+            with self.lock:
+                self.done.append(call)
 
 
 class ThreadRunner:
@@ -119,6 +127,7 @@ class ThreadRunner:
         except asyncio.CancelledError:
             trip = call.trip
             if trip is not None and trip.task is not None and trip.stop_after(call):
+                self._last_took[key] = math.inf  # never known to end: not quick
                 trip.task.cancel()  # the thread finishes the call on its own
             raise
 
@@ -132,7 +141,7 @@ class ThreadRunner:
                 self._start([call])
         if len(shared) > 1:
             trip = self._start(shared)
-            handle = asyncio.get_running_loop().call_later(SHARE_AT_MOST, self._spread, trip)
+            handle = asyncio.get_running_loop().call_later(SHARE_AT_MOST, self._split, trip)
             assert trip.task is not None
             trip.task.add_done_callback(lambda _: handle.cancel())
         elif shared:
@@ -153,15 +162,27 @@ class ThreadRunner:
         except asyncio.CancelledError:
             pass  # abandoned by its running call's job: the rest go on their own below
         finally:
-            for call in trip.done:
-                self._last_took[call.key] = call.took
-                if not call.future.done():
-                    ok, value = call.outcome
-                    if ok:
-                        call.future.set_result(value)
-                    else:
-                        call.future.set_exception(value)
+            self._deliver(trip)
             self._spread(trip)
+
+    def _split(self, trip: _Trip) -> None:
+        """A shared trip has lasted ``SHARE_AT_MOST``: hand over what its calls returned so
+        far, and give each call still waiting a thread of its own."""
+        self._deliver(trip)
+        running = trip.running
+        if running is not None:  # slow this time: not shared next time
+            self._last_took[running.key] = max(self._last_took.get(running.key, 0), QUICK)
+        self._spread(trip)
+
+    def _deliver(self, trip: _Trip) -> None:
+        for call in trip.take_done():
+            self._last_took[call.key] = call.took
+            if not call.future.done():
+                ok, value = call.outcome
+                if ok:
+                    call.future.set_result(value)
+                else:
+                    call.future.set_exception(value)
 
     def _spread(self, trip: _Trip) -> None:
         """Give each call still waiting in ``trip`` a thread of its own."""

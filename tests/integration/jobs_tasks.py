@@ -112,3 +112,10 @@ async def swallows_cancel_then_raises() -> None:
     with contextlib.suppress(asyncio.CancelledError):  # a task that will not be cancelled...
         await asyncio.sleep(30)
     raise asyncio.CancelledError("its own")  # ...and ends with a cancellation of its own
+
+
+def quick_or_stuck(i: int) -> int:
+    """Returns at once, except every fourth call, which sleeps for a second."""
+    if i % 4 == 3:
+        time.sleep(1.0)
+    return i

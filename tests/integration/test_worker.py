@@ -357,6 +357,30 @@ async def test_sync_tasks_use_the_workers_own_threads(lane: Backlane) -> None:
     assert (await lane.store.counts())["default"][JobState.SUCCEEDED] == 8
 
 
+async def test_quick_def_jobs_are_not_held_up_by_one_that_gets_stuck(lane: Backlane) -> None:
+    """Quick ``def`` jobs started together share a thread; one of them that gets stuck
+    (and times out) does not make those that ran beside it wait for it, or time out."""
+    task = lane.task(t.quick_or_stuck, timeout=0.5, retries=0)
+    worker = lane.worker(concurrency=20)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        assert await (await task.enqueue(0)).result(timeout=5) == 0  # now known as quick
+        handles = await lane.enqueue_jobs([task.build_job((i,), {}) for i in range(40)])
+        with anyio.fail_after(10):
+            while (states := await _states(lane, handles)) and not all(
+                state.terminal for state in states
+            ):
+                await anyio.sleep(0.05)
+        worker.stop()
+    for i, state in enumerate(states):
+        assert state is (JobState.FAILED if i % 4 == 3 else JobState.SUCCEEDED), (i, state)
+
+
+async def _states(lane: Backlane, jobs: list[Job]) -> list[JobState]:
+    found = [await lane.store.get(job.id) for job in jobs]
+    return [job.state for job in found if job is not None]
+
+
 async def test_dead_workers_jobs_come_back(lane: Backlane) -> None:
     """A claim whose worker never renews its lease is taken again, attempt counted."""
     add = lane.task(t.add)

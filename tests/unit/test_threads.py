@@ -231,3 +231,40 @@ async def test_a_call_may_reach_back_to_the_event_loop() -> None:
         return "back"
 
     assert await threads.run("t", lambda: anyio.from_thread.run(on_the_loop)) == "back"
+
+
+async def test_a_call_that_ended_is_answered_without_waiting_for_the_slow_one_after_it() -> None:
+    threads = runner()
+    release = threading.Event()
+    await threads.run("t", lambda: None)
+    answered: list[float] = []
+
+    async def quick_first() -> None:
+        start = time.perf_counter()
+        await threads.run("t", lambda: "quick")
+        answered.append(time.perf_counter() - start)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(quick_first)
+        tg.start_soon(threads.run, "t", lambda: release.wait(5))  # behind it, same trip
+        with anyio.fail_after(2):
+            while not answered:
+                await anyio.sleep(0.001)
+        release.set()
+    assert answered[0] < 1.0  # not after the slow call's 5 s
+
+
+async def test_a_task_that_was_slow_in_a_shared_trip_is_not_shared_next_time() -> None:
+    threads = runner()
+    release = threading.Event()
+    await threads.run("t", lambda: None)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(threads.run, "t", lambda: release.wait(5))
+        tg.start_soon(threads.run, "t", lambda: None)
+        await anyio.sleep(SHARE_AT_MOST * 10)
+        release.set()
+    entered = threading.Barrier(3, timeout=5)
+    idents = await run_together(
+        threads, [("t", lambda: (entered.wait(), threading.get_ident())[1])] * 3
+    )
+    assert len(set(idents)) == 3
