@@ -9,8 +9,10 @@ import os
 import threading
 import time
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import timedelta
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 import anyio
@@ -32,6 +34,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("backlane")
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+Lifespan = Callable[["Backlane"], AbstractAsyncContextManager[Mapping[str, Any] | None]]
+"""A lane's lifespan: called with the lane, an async context manager whose value (a mapping,
+or None) tasks read as ``TaskContext.state``."""
+_NO_STATE: Mapping[str, Any] = MappingProxyType({})
 
 
 class TaskDecorator(Protocol):
@@ -185,11 +192,26 @@ class Backlane:
 
     ``url`` picks the store (default: ``BACKLANE_URL``, else ``sqlite:///./backlane.db``;
     ``memory://`` for tests). With ``eager=True`` (or ``BACKLANE_EAGER=1``) a request's
-    tasks run inline right after its response, as Starlette runs them.
+    tasks run inline right after its response, as Starlette runs them. ``lifespan``, an
+    async context manager factory called with the lane, sets up what tasks share in a
+    process (a connection pool, a client) while the lane runs jobs there (see
+    ``lifespan_context``); what it yields, a mapping, tasks read as ``TaskContext.state``.
     Nothing is shared between two lanes.
     """
 
-    def __init__(self, url: str | None = None, *, eager: bool | None = None, **settings: Any):
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        eager: bool | None = None,
+        lifespan: Lifespan | None = None,
+        **settings: Any,
+    ):
+        if lifespan is not None and not callable(lifespan):
+            raise ConfigurationError(
+                f"lifespan must be an async context manager factory taking the lane, "
+                f"not {lifespan!r}"
+            )
         unknown = sorted(set(settings) - set(Settings.model_fields))
         if unknown:
             known = ", ".join(Settings.model_fields)
@@ -211,9 +233,39 @@ class Backlane:
         self._releasing: dict[asyncio.AbstractEventLoop, list[str]] = {}
         """Per loop, jobs whose requests' responses were sent, to release together."""
         self._release_tasks: set[asyncio.Task[None]] = set()
+        self._lifespan = lifespan
+        self._state: Mapping[str, Any] | None = None
+        """What the lifespan yielded, while it runs (None: it does not run)."""
 
     def __repr__(self) -> str:
         return f"<Backlane {self.settings.url}>"
+
+    @property
+    def state(self) -> Mapping[str, Any]:
+        """What the lane's lifespan yielded, while it runs in this process; empty
+        otherwise."""
+        return self._state if self._state is not None else _NO_STATE
+
+    @asynccontextmanager
+    async def lifespan_context(self) -> AsyncIterator[Mapping[str, Any]]:
+        """Run the lane's ``lifespan`` (if it has one) for as long as this lasts, and
+        yield ``state``. Inside one already running, it only yields the same state: the
+        lifespan runs once. ``install(app)``, ``backlane worker`` and
+        ``backlane.testing.drain`` run jobs inside it; a worker you run yourself does so
+        inside ``async with lane.lifespan_context():``."""
+        if self._state is not None or self._lifespan is None:
+            yield self.state
+            return
+        async with self._lifespan(self) as given:
+            if given is not None and not isinstance(given, Mapping):
+                raise ConfigurationError(
+                    f"the lane's lifespan must yield a mapping or None, not {given!r}"
+                )
+            self._state = MappingProxyType(dict(given or {}))
+            try:
+                yield self._state
+            finally:
+                self._state = None
 
     @property
     def url(self) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 import sys
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from typing import Any
 
@@ -36,7 +36,11 @@ class TaskContext:
         attempt: int,
         queue: str,
         report: Callable[[float | None, str | None], Awaitable[None]],
+        state: Mapping[str, Any] | None = None,
     ) -> None:
+        self.state: Mapping[str, Any] = state if state is not None else {}
+        """What the lane's lifespan yielded in this process (a pool, a client); empty
+        when the lane has none."""
         self.job_id = job_id
         self.task = task
         self.attempt = attempt

@@ -385,11 +385,11 @@ def install(
     @asynccontextmanager
     async def lifespan(application: Any) -> AsyncIterator[Any]:
         # The store opens before the app's own start-up (which may enqueue) and closes after
-        # its shutdown; the workers and the scheduler run only in between, so that tasks
-        # may use what the app's lifespan sets up and tears down.
+        # its shutdown; the lane's lifespan, the workers and the scheduler run only in
+        # between, so that tasks may use what the app's lifespan sets up and tears down.
         await lane.open()
         try:
-            async with original(application) as state:
+            async with original(application) as state, lane.lifespan_context():
                 count = 0 if lane.eager else workers
                 embedded = [
                     lane.worker(concurrency=concurrency, queues=queues) for _ in range(count)

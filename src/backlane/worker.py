@@ -430,7 +430,12 @@ class Worker:
             lane.notifier.notify()
 
         return TaskContext(
-            job_id=job.id, task=job.task, attempt=job.attempts, queue=job.queue, report=report
+            job_id=job.id,
+            task=job.task,
+            attempt=job.attempts,
+            queue=job.queue,
+            report=report,
+            state=lane.state,
         )
 
     async def _call(self, task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any]) -> Any:

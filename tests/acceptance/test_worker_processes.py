@@ -221,3 +221,32 @@ def test_workers_stop_when_their_supervisor_is_killed(lab: WorkerLab) -> None:
     assert parent.wait(10) == -signal.SIGKILL
     wait_for(lambda: not any(alive(pid) for pid in children), 15, "orphaned workers stopped")
     assert parent.output().count("is gone; stopping") == 2
+
+
+@pytest.mark.timeout(60)
+def test_each_worker_process_runs_the_lanes_lifespan_around_its_jobs(lab: WorkerLab) -> None:
+    """The lane's lifespan runs once in each worker process, before its first job and after
+    its last: tasks read what it set up through ``TaskContext.state``."""
+    notes = lab.tmp_path / "lifespan.log"
+    lab.env["WORKER_APP_LIFESPAN_LOG"] = str(notes)
+    ids = lab.enqueue(worker_app.lifespan_pid, [{}] * 40)
+    parent = lab.start("--processes", "2", "--concurrency", "2")
+    children = parent.started(count=2)
+    wait_for(lambda: lab.count(JobState.SUCCEEDED) == 40, 40, "all 40 jobs succeeded")
+    parent.signal(signal.SIGTERM)
+    assert parent.wait(15) == 0
+
+    lines = notes.read_text().splitlines()  # "enter PID", "job ID PID", "exit PID"
+    by_pid: dict[int, list[str]] = {}
+    for line in lines:
+        event, *_, pid = line.split()
+        by_pid.setdefault(int(pid), []).append(event if event != "job" else "job")
+    assert set(by_pid) == set(children)
+    for events in by_pid.values():
+        assert events[0] == "enter" and events[-1] == "exit"
+        assert events[1:-1] and set(events[1:-1]) == {"job"}
+    for job_id in ids:  # each job saw the state its own process's lifespan set up
+        job = lab.job(job_id)
+        pid = next(pid for pid, worker_id in children.items() if worker_id == job.worker_id)
+        assert int(job.result or "0") == pid
+        assert f"job {job_id} {pid}" in lines

@@ -12,14 +12,39 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from backlane import Backlane, TaskContext
+
+
+def _note_lifespan(event: str) -> None:
+    """Append ``<event> <pid>`` to ``WORKER_APP_LIFESPAN_LOG``, if it names a file."""
+    path = os.environ.get("WORKER_APP_LIFESPAN_LOG")
+    if path:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"{event} {os.getpid()}\n".encode())
+        finally:
+            os.close(fd)
+
+
+@asynccontextmanager
+async def lifespan(lane: Backlane) -> AsyncIterator[dict[str, int]]:
+    """What a process's tasks share: here, the pid it was set up in."""
+    _note_lifespan("enter")
+    try:
+        yield {"pid": os.getpid()}
+    finally:
+        _note_lifespan("exit")
+
 
 lane = Backlane(
     os.environ.get("BACKLANE_URL", "memory://"),
     lease_seconds=float(os.environ.get("WORKER_APP_LEASE", "2.0")),
     sweep_interval=float(os.environ.get("WORKER_APP_SWEEP", "0.5")),
+    lifespan=lifespan,
 )
 
 
@@ -49,3 +74,13 @@ async def hold(ctx: TaskContext, gate: str) -> str:
     while not _is_open(gate):  # the test opens the gate from another process
         await asyncio.sleep(0.02)
     return "released"
+
+
+@lane.task(retries=0)
+async def lifespan_pid(ctx: TaskContext, pause: float = 0.05) -> int:
+    """The pid the lane's lifespan recorded in this process's state, after ``pause``
+    seconds."""
+    _record_start(ctx.job_id)
+    _note_lifespan(f"job {ctx.job_id}")
+    await asyncio.sleep(pause)
+    return int(ctx.state["pid"])

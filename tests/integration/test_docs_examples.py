@@ -1,8 +1,12 @@
 """Every example file in docs/ runs as the docs say, and the docs build cleanly."""
 
+import html
+import http.server
 import importlib
+import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import ModuleType
@@ -54,6 +58,41 @@ def test_tasks_example(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     anyio.run(scenario)
 
 
+def test_lifespan_example(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    received: list[tuple[str, bytes]] = []
+
+    class Hooks(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((self.path, body))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hooks)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("HOOKS_URL", f"http://127.0.0.1:{server.server_address[1]}")
+        mod = load("lifespan", monkeypatch, tmp_path)
+
+        async def scenario() -> None:
+            async with mod.lane:
+                jobs = [await mod.post_event.enqueue(name) for name in ("signed-up", "paid")]
+                await drain(mod.lane)
+                assert [await job.result() for job in jobs] == [204, 204]
+
+        anyio.run(scenario)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert sorted(received) == [
+        ("/hooks", b'{"event":"paid"}'),
+        ("/hooks", b'{"event":"signed-up"}'),
+    ]
+
+
 def test_eager_example(tmp_path: Path) -> None:
     mod = importlib.import_module("docs.examples.test_with_eager")
     mod.test_eager(tmp_path)
@@ -70,6 +109,14 @@ def test_docs_build_strict(tmp_path: Path) -> None:
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    # every snippet was included, none shown as text (a Python formatter run over the
+    # Markdown once turned "--8<--" into "--8 < --", which the build takes for text)
+    shown = [
+        str(page.relative_to(tmp_path))
+        for page in (tmp_path / "site").rglob("*.html")
+        if re.search(r"--8 ?< ?--", html.unescape(re.sub(r"<[^>]+>", "", page.read_text())))
+    ]
+    assert shown == []
 
 
 def test_schedules_example(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -173,7 +173,8 @@ async def _serve(one: Worker, supervisor_pid: int | None) -> None:
     gc.collect()
     gc.freeze()
     try:
-        await one.run()
+        async with one.lane.lifespan_context():
+            await one.run()
     finally:
         if watchdog is not None:
             watchdog.cancel()
