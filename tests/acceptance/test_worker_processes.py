@@ -250,3 +250,14 @@ def test_each_worker_process_runs_the_lanes_lifespan_around_its_jobs(lab: Worker
         pid = next(pid for pid, worker_id in children.items() if worker_id == job.worker_id)
         assert int(job.result or "0") == pid
         assert f"job {job_id} {pid}" in lines
+
+
+@pytest.mark.timeout(60)
+def test_a_lifespan_that_fails_to_start_stops_the_worker_saying_why(lab: WorkerLab) -> None:
+    lab.env["WORKER_APP_LIFESPAN_FAILS"] = "1"
+    ids = lab.enqueue(worker_app.record, [{}])
+    worker = lab.start()
+    assert worker.wait(20) == 1
+    assert "the lane's lifespan failed to start" in worker.output()
+    assert "the payments API cannot be reached" in worker.output()
+    assert lab.job(ids[0]).state is JobState.QUEUED  # never taken

@@ -34,6 +34,8 @@ def _note_lifespan(event: str) -> None:
 async def lifespan(lane: Backlane) -> AsyncIterator[dict[str, int]]:
     """What a process's tasks share: here, the pid it was set up in."""
     _note_lifespan("enter")
+    if os.environ.get("WORKER_APP_LIFESPAN_FAILS"):
+        raise RuntimeError("the payments API cannot be reached")
     try:
         yield {"pid": os.getpid()}
     finally:

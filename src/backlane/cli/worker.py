@@ -10,12 +10,13 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import AsyncExitStack
 from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ..exceptions import BacklaneError
+from ..exceptions import BacklaneError, ConfigurationError
 
 if TYPE_CHECKING:
     from ..worker import Worker
@@ -173,7 +174,12 @@ async def _serve(one: Worker, supervisor_pid: int | None) -> None:
     gc.collect()
     gc.freeze()
     try:
-        async with one.lane.lifespan_context():
+        async with AsyncExitStack() as lifespan:
+            try:
+                await lifespan.enter_async_context(one.lane.lifespan_context())
+            except Exception as exc:
+                log.error("the lane's lifespan failed to start", exc_info=True)
+                raise ConfigurationError(f"the lane's lifespan failed to start: {exc!r}") from exc
             await one.run()
     finally:
         if watchdog is not None:
