@@ -56,12 +56,17 @@ def _otel_available() -> bool:
     return True
 
 
+@functools.cache
+def _provider_named_by_environment() -> bool:
+    """Whether ``OTEL_PYTHON_TRACER_PROVIDER`` names a provider OpenTelemetry could load
+    (asked once per process, as OpenTelemetry itself reads it once)."""
+    return bool(os.environ.get("OTEL_PYTHON_TRACER_PROVIDER")) and _otel_available()
+
+
 def _recording_provider_set() -> bool:
     """Whether a real tracer provider is set globally (not the API's proxy or no-op one).
     Imports nothing when OpenTelemetry was never imported and no variable names one."""
-    if "opentelemetry.trace" not in sys.modules and not (
-        os.environ.get("OTEL_PYTHON_TRACER_PROVIDER") and _otel_available()
-    ):
+    if "opentelemetry.trace" not in sys.modules and not _provider_named_by_environment():
         return False
     from opentelemetry import trace
 
