@@ -734,9 +734,11 @@ class RedisStore(Store):
         jobs as the claim left room for: a job of its queues made claimable meanwhile is
         handed to it, already running for it under a short lease (``_HANDED_LEASE``), and
         comes with the wake-up; its next ``claim`` returns it without waiting for Redis and
-        gives it the full lease (sent with the worker's next offer). A job handed and never
-        taken is queued again, uncounted. A worker whose pop is under way made its offer with
-        its last claim already: the wait sends none until that offer is due for renewal."""
+        gives it the full lease (sent with the worker's next offer). A worker that asked to
+        (``start_handed``) starts it as it comes instead, and the wait goes on. A job handed
+        and never taken is queued again, uncounted. A worker whose pop is under way made its
+        offer with its last claim already: the wait sends none until that offer is due for
+        renewal."""
         link = await self._links.get()
         wakes = link.wakes_started()
         mark = self._mark.get()
