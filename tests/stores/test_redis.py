@@ -29,6 +29,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from backlane import Backlane
 from backlane.exceptions import ConfigurationError, StoreError
 from backlane.jobs import Job, JobState
 from backlane.stores import store_from_url
@@ -774,6 +775,137 @@ async def test_a_worker_that_waits_again_takes_the_jobs_it_started_with_its_offe
     assert await survivor.requeue_expired(time.time() + 3) == 0
     await survivor.close()
     await other.close()
+
+
+async def test_a_worker_that_starts_handed_jobs_itself_gets_them_from_its_pop_and_waits_on(
+    store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = RedisStore(store.url)
+    await other.open()
+    await _idle_worker(store)  # room for 100
+    started: list[Job] = []
+    lease_until = time.time() + LEASE
+
+    def start(jobs: list[Job]) -> float:
+        started.extend(jobs)
+        return lease_until
+
+    store.start_handed("w1", start)
+    waited = anyio.Event()
+
+    async def wait() -> None:
+        await store.wait_for_work(10.0)
+        waited.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(wait)
+        await anyio.sleep(0.05)
+        with scripts_sent(monkeypatch) as sent:
+            (job,) = await other.enqueue([make_job(run_at=time.time())])
+            with anyio.fail_after(2):
+                while not started:
+                    await anyio.sleep(0.001)
+            await anyio.sleep(0.1)
+        # started by the pop itself; the wait goes on, offering the room left, and takes
+        # the job with that offer
+        assert [j.id for j in started] == [job.id] and started[0].lease_until == lease_until
+        assert not waited.is_set()
+        assert sent == ["enqueue", "wait"]
+        link = await store._links.get()
+        offer = await command(link, "HGET", store.prefix + "waiting", "w1")
+        assert offer.startswith("99 ")
+        tg.cancel_scope.cancel()
+    held = await other.get(job.id)
+    assert held is not None and held.state is S.RUNNING and held.worker_id == "w1"
+    assert held.lease_until == lease_until  # taken: its full lease
+    # started once: its next claim does not return it again
+    assert await store.claim(**claim_args(now=time.time())) == []
+    await other.close()
+
+
+async def test_a_worker_without_room_for_its_handed_jobs_gets_them_with_its_claim(
+    store: RedisStore,
+) -> None:
+    other = RedisStore(store.url)
+    await other.open()
+    offered: list[Job] = []
+
+    def start(jobs: list[Job]) -> None:
+        offered.extend(jobs)  # no room: starts none
+
+    store.start_handed("w1", start)
+    job = await _handed_one(store, other)  # the wait returns, as for a worker that did not ask
+    assert [j.id for j in offered] == [job.id]
+    now = time.time()
+    (taken,) = await store.claim(**claim_args(now=now, lease_until=now + LEASE))
+    assert taken.id == job.id and taken.lease_until == now + LEASE
+    await other.close()
+
+
+async def test_a_worker_with_one_slot_left_stops_waiting_once_its_pop_started_a_job(
+    store: RedisStore,
+) -> None:
+    other = RedisStore(store.url)
+    await other.open()
+    await _idle_worker(store)
+    assert await store.claim(**claim_args(now=time.time(), limit=1)) == []
+    started: list[Job] = []
+
+    def start(jobs: list[Job]) -> float:
+        started.extend(jobs)
+        return time.time() + LEASE
+
+    store.start_handed("w1", start)
+    with anyio.fail_after(2):  # the wait returns: no room left to offer
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(store.wait_for_work, 10.0)
+            await anyio.sleep(0.05)
+            (job,) = await other.enqueue([make_job(run_at=time.time())])
+    assert [j.id for j in started] == [job.id]
+    link = await store._links.get()
+    assert await command(link, "HEXISTS", store.prefix + "waiting", "w1") == 0
+    await other.close()
+
+
+_STARTS: list[float] = []
+
+
+async def _note_start() -> None:
+    _STARTS.append(time.monotonic())
+
+
+async def test_a_waiting_worker_starts_a_job_handed_to_it_before_its_claim_loop_turns(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    claims: list[float] = []
+    claim = RedisStore.finish_and_claim
+
+    async def counted(self: RedisStore, *args: Any, **kwargs: Any) -> Any:
+        claims.append(time.monotonic())
+        return await claim(self, *args, **kwargs)
+
+    monkeypatch.setattr(RedisStore, "finish_and_claim", counted)
+    _STARTS.clear()
+    lane, elsewhere = Backlane(url), Backlane(url)  # the job comes from another lane
+    lane.task(_note_start)
+    note = elsewhere.task(_note_start)
+    async with lane, elsewhere, anyio.create_task_group() as tg:
+        worker = lane.worker(concurrency=2)
+        tg.start_soon(worker.run)
+        store = lane.store
+        assert isinstance(store, RedisStore)
+        link = await store._links.get()
+        with anyio.fail_after(5):  # waiting, its offer made
+            while not await command(link, "HEXISTS", store.prefix + "waiting", worker.id):
+                await anyio.sleep(0.01)
+        await anyio.sleep(0.05)
+        sent = time.monotonic()
+        await note.enqueue()
+        with anyio.fail_after(5):
+            while not _STARTS:
+                await anyio.sleep(0.001)
+        worker.stop()
+    assert not [at for at in claims if sent <= at <= _STARTS[0]]
 
 
 async def test_a_wait_cancelled_before_its_offer_is_answered_keeps_its_connection(
