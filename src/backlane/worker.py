@@ -149,12 +149,15 @@ class Worker:
                 service.start_soon(self._maintain)
                 self._jobs = jobs_group
                 # a store that hands jobs to a waiting worker may start them at once
-                self.lane.store.start_handed(self.id, self._start_handed)
+                start_handed = getattr(self.lane.store, "start_handed", None)
+                if start_handed is not None:
+                    start_handed(self.id, self._start_handed)
                 try:
                     await self._claim_loop(jobs_group)
                 finally:
                     self._jobs = None
-                    self.lane.store.start_handed(self.id, None)
+                    if start_handed is not None:
+                        start_handed(self.id, None)
                 await self._wind_down()
                 await self._flush()
                 service.cancel_scope.cancel()

@@ -31,7 +31,7 @@ Rules every store keeps:
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,16 +159,6 @@ class Store(abc.ABC):
         PostgreSQL LISTEN/NOTIFY) returns within milliseconds of the change. The default
         just sleeps: the worker then polls with a growing interval."""
         await anyio.sleep(timeout)
-
-    def start_handed(
-        self, worker_id: str, start: Callable[[list[Job]], float | None] | None
-    ) -> None:
-        """Let the worker ``worker_id`` start jobs the store hands it while it waits in
-        ``wait_for_work`` as soon as they come, without a claim (``None``: no longer).
-        ``start(jobs)`` starts them all and returns the end of their lease, or returns
-        None and starts none; they then come with the worker's next claim. A store that
-        hands no jobs to waiting workers (the default) never calls it."""
-        return None
 
     # -- write side -------------------------------------------------------------------
 
