@@ -115,8 +115,6 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._released: list[str] = []
         """Jobs requests of this process handed over, to release with the next claim."""
-        self._jobs: anyio.abc.TaskGroup | None = None
-        """Where jobs run while the claim loop does (``_start_handed`` starts them there)."""
         self.processed = 0
 
     def __repr__(self) -> str:
@@ -147,17 +145,7 @@ class Worker:
                 anyio.create_task_group() as service,
             ):
                 service.start_soon(self._maintain)
-                self._jobs = jobs_group
-                # a store that hands jobs to a waiting worker may start them at once
-                start_handed = getattr(self.lane.store, "start_handed", None)
-                if start_handed is not None:
-                    start_handed(self.id, self._start_handed)
-                try:
-                    await self._claim_loop(jobs_group)
-                finally:
-                    self._jobs = None
-                    if start_handed is not None:
-                        start_handed(self.id, None)
+                await self._claim_loop(jobs_group)
                 await self._wind_down()
                 await self._flush()
                 service.cancel_scope.cancel()
@@ -226,20 +214,6 @@ class Worker:
         self._released.extend(ids)
         if self._wake is not None:
             _settle(self._wake)
-
-    def _start_handed(self, jobs: list[Job]) -> float | None:
-        """Start ``jobs``, handed by the store to this worker while it waits, without a turn
-        of the claim loop; the end of their lease, or None (none started) when the worker
-        stops or has no room for them all. Their outcomes go with the next claim."""
-        group = self._jobs
-        if group is None or self._stopping or len(self._held) + len(jobs) > self.concurrency:
-            return None
-        lease_until = time.time() + self.lease
-        for job in jobs:
-            held = _Held(job)
-            self._held[job.id] = held
-            group.start_soon(self._run_one, held, name=f"backlane job {job.id}")
-        return lease_until
 
     async def _claim_loop(self, group: anyio.abc.TaskGroup) -> None:
         settings = self.lane.settings

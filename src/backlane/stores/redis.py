@@ -28,7 +28,7 @@ import math
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,12 +148,8 @@ class RedisStore(Store):
         )
         self._handed: dict[str, list[Job]] = {}
         """Jobs handed to a waiting worker, by worker id, that its next claim returns."""
-        self._ending: dict[str, asyncio.Future[Any]] = {}
-        """What each worker's ``wait_for_work`` awaits, for its pop to settle (with how many
-        jobs it started)."""
-        self._starters: dict[str, Callable[[list[Job]], float | None]] = {}
-        """Workers that start the jobs handed to them as their pop receives them
-        (``start_handed``)."""
+        self._ending: dict[str, asyncio.Future[None]] = {}
+        """What each worker's ``wait_for_work`` awaits, for its pop to settle."""
         self._seen: dict[str, OrderedDict[tuple[str, int, float | None], float]] = {}
         """Hand-offs each worker received (id, attempt and start, monotonic time): a job
         comes both by the worker's pop and by its next claim when the two cross."""
@@ -705,19 +701,6 @@ class RedisStore(Store):
 
     # -- waiting for work -----------------------------------------------------------------
 
-    def start_handed(
-        self, worker_id: str, start: Callable[[list[Job]], float | None] | None
-    ) -> None:
-        """Let ``worker_id`` start the jobs handed to it while it waits as soon as they come,
-        without the turn of its claim loop (``None``: no longer). ``start(jobs)`` starts all
-        of them and returns the end of their full lease, or returns ``None`` and starts none
-        (no room, stopping): they then come with the worker's next claim, as they do for a
-        worker that did not ask. Its wait goes on after a start, with that much less room."""
-        if start is None:
-            self._starters.pop(worker_id, None)
-        else:
-            self._starters[worker_id] = start
-
     async def wait_for_work(self, timeout: float) -> None:
         """Wait until there may be work to claim, at most ``timeout`` seconds.
 
@@ -734,11 +717,9 @@ class RedisStore(Store):
         jobs as the claim left room for: a job of its queues made claimable meanwhile is
         handed to it, already running for it under a short lease (``_HANDED_LEASE``), and
         comes with the wake-up; its next ``claim`` returns it without waiting for Redis and
-        gives it the full lease (sent with the worker's next offer). A worker that asked to
-        (``start_handed``) starts it as it comes instead, and the wait goes on. A job handed
-        and never taken is queued again, uncounted. A worker whose pop is under way made its
-        offer with its last claim already: the wait sends none until that offer is due for
-        renewal."""
+        gives it the full lease (sent with the worker's next offer). A job handed and never
+        taken is queued again, uncounted. A worker whose pop is under way made its offer with
+        its last claim already: the wait sends none until that offer is due for renewal."""
         link = await self._links.get()
         wakes = link.wakes_started()
         mark = self._mark.get()
@@ -754,7 +735,7 @@ class RedisStore(Store):
         if not HAND_OFFS or mark is None or mark.link is not link or mark.capacity <= 0:
             await wakes.wait(generation, timeout)
             return
-        worker_id, capacity = mark.worker_id, mark.capacity
+        worker_id = mark.worker_id
         loop = link.loop
         until = loop.time() + timeout
         offered = mark.offered - loop.time()  # the claim's own offer (same clock)
@@ -773,7 +754,7 @@ class RedisStore(Store):
                 offered = 0.0
                 offer = min(left, _OFFER)
                 taking = link.taking.pop(worker_id, None)  # the jobs it started go with it
-                sent = loop.create_task(self._offer(link, mark, capacity, offer, taking))
+                sent = loop.create_task(self._offer(link, mark, offer, taking))
                 link.takes.add(sent)
                 sent.add_done_callback(link.takes.discard)
                 try:  # a worker that stops waiting leaves the call to end on its own
@@ -782,16 +763,15 @@ class RedisStore(Store):
                     await wakes.wait(generation, left)
                     return
             # One future ends this offer: settled by the pop when it keeps a batch (one
-            # turn of the loop from the reply to this task) or started one (with how many
-            # jobs: the wait goes on with that much less room, offering again), by a
-            # wake-up, or at the end of the offer (a pop that failed waits for that too).
-            ends: asyncio.Future[Any] = loop.create_future()
+            # turn of the loop from the reply to this task), by a wake-up, or at the end
+            # of the offer (a pop that failed waits for that too).
+            ends = loop.create_future()
             if self._handed.get(worker_id) or not wakes.add(generation, ends):
                 return
             self._ending[worker_id] = ends
             timer = loop.call_later(offer, _settle, ends)
             try:
-                started = await ends
+                await ends
             finally:
                 timer.cancel()
                 wakes.discard(ends)
@@ -799,29 +779,20 @@ class RedisStore(Store):
                     del self._ending[worker_id]
             if wakes.generation != generation:
                 return
-            if started:
-                capacity -= started
-                if capacity <= 0:
-                    return
 
     async def _offer(
-        self,
-        link: Link,
-        mark: _ClaimMark,
-        capacity: int,
-        offer: float,
-        taking: tuple[float, list[str]] | None,
+        self, link: Link, mark: _ClaimMark, offer: float, taking: tuple[float, list[str]] | None
     ) -> None:
-        """Send the offer of ``mark``'s worker to take ``capacity`` jobs for ``offer``
-        seconds, with the take of the jobs it started, if any. Runs apart from the wait that
-        sends it: a call cancelled before its reply is read costs its connection, and a
-        waiting worker stops waiting whenever one of its jobs ends."""
+        """Send the offer of ``mark``'s worker to take work for ``offer`` seconds, with the
+        take of the jobs it started, if any. Runs apart from the wait that sends it: a call
+        cancelled before its reply is read costs its connection, and a waiting worker stops
+        waiting whenever one of its jobs ends."""
         worker_id = mark.worker_id
         take = () if taking is None else (number(taking[0]), *taking[1])
         try:
             lost = await self._call(
-                "wait", worker_id, capacity, number(_HANDED_LEASE), number(offer), mark.queues,
-                *take,
+                "wait", worker_id, mark.capacity, number(_HANDED_LEASE), number(offer),
+                mark.queues, *take,
             )  # fmt: skip
         except StoreError:
             if taking is not None:  # the take goes on trying in a call of its own
@@ -843,38 +814,13 @@ class RedisStore(Store):
         except (RedisError, OSError) as exc:
             log.debug("waiting for jobs handed to %s failed: %s", worker_id, exc)
             return
-        if not text:
-            return
-        jobs = self._fresh(worker_id, [decode_job(fields) for fields in json.loads(text)])
-        if not jobs:
-            return
-        ends = self._ending.pop(worker_id, None)
-        start = self._starters.get(worker_id)
-        if ends is not None and start is not None and self._start(link, worker_id, jobs, start):
-            _settle(ends, len(jobs))
-            return
-        self._handed.setdefault(worker_id, []).extend(jobs)
-        if ends is not None:
-            _settle(ends)
-
-    def _start(
-        self,
-        link: Link,
-        worker_id: str,
-        jobs: list[Job],
-        start: Callable[[list[Job]], float | None],
-    ) -> bool:
-        """Have the waiting worker start ``jobs`` now, if each has most of its short lease
-        left (see ``_take_handed``) and the worker takes them all; they are taken with its
-        next offer."""
-        fresh_until = time.time() + _TAKE_WITHIN
-        if any((job.lease_until or 0.0) <= fresh_until for job in jobs):
-            return False
-        lease_until = start(jobs)
-        if lease_until is None:
-            return False
-        self._took(link, worker_id, jobs, lease_until)
-        return True
+        if text:
+            jobs = self._fresh(worker_id, [decode_job(fields) for fields in json.loads(text)])
+            if jobs:
+                self._handed.setdefault(worker_id, []).extend(jobs)
+                ends = self._ending.pop(worker_id, None)
+                if ends is not None:
+                    _settle(ends)
 
 
 class _Bucket:
@@ -904,9 +850,9 @@ def _lost(worker_id: str, ids: list[str]) -> None:
         log.warning("job %s was given back before %s took it: it may run twice", job_id, worker_id)
 
 
-def _settle(fut: asyncio.Future[Any], value: Any = None) -> None:
+def _settle(fut: asyncio.Future[None]) -> None:
     if not fut.done():
-        fut.set_result(value)
+        fut.set_result(None)
 
 
 def _seen_key(job: Job) -> tuple[str, int, float | None]:
