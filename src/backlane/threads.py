@@ -1,12 +1,16 @@
 """A worker's threads for ``def`` tasks: bounded, and cheap for quick calls.
 
 Each ``def`` task runs on an AnyIO worker thread (``anyio.from_thread`` works inside it),
-at most ``limiter.total_tokens`` at once, in the context of the job that called it. Going
-to a thread and back costs more than a quick task itself (two hand-overs of the GIL and a
-wake-up of the event loop), so calls made in the same turn of the event loop by tasks
-whose last run was quick (under ``QUICK`` seconds) share one trip: one thread runs them one
-after another. A shared call that turns out slow holds up the calls behind it for
-``SHARE_AT_MOST`` seconds at most: they then get threads of their own.
+at most ``limiter.total_tokens`` at once, in the context of the job that called it. A call
+of a task not known to be quick runs exactly as ``anyio.to_thread.run_sync`` runs it, from
+the job's own task: the job's cancellation (a timeout, a cancel, a hand-back) reaches
+``anyio.from_thread.check_cancelled()`` and what the call runs through
+``anyio.from_thread.run``. Going to a thread and back costs more than a quick task itself
+(two hand-overs of the GIL and a wake-up of the event loop), so calls made in the same turn
+of the event loop by tasks whose last call was quick (under ``QUICK`` seconds) share one
+trip: one thread runs them one after another. Such a shared call is abandoned, not
+cancelled through AnyIO, when its job gives up. A trip that lasts ``SHARE_AT_MOST``
+seconds hands over what its calls returned, and the calls still waiting go alone.
 """
 
 from __future__ import annotations
@@ -117,35 +121,48 @@ class ThreadRunner:
         took decides whether the next may share a thread's trip. Cancelled, the caller
         returns at once: a call already running goes on in its thread, a call not started
         never starts."""
+        if self._last_took.get(key, QUICK) >= QUICK:
+            return await self._alone(key, func)
         loop = asyncio.get_running_loop()
         call = _Call(key, func, loop.create_future())
         if not self._pending:
             loop.call_soon(self._dispatch)
         self._pending.append(call)
         try:
-            return await call.future
+            result = await call.future
         except asyncio.CancelledError:
             trip = call.trip
             if trip is not None and trip.task is not None and trip.stop_after(call):
                 self._last_took[key] = math.inf  # never known to end: not quick
                 trip.task.cancel()  # the thread finishes the call on its own
             raise
+        if result is _ALONE:  # not shared after all
+            return await self._alone(key, func)
+        return result
+
+    async def _alone(self, key: str, func: Callable[[], Any]) -> Any:
+        """``func()`` on a thread of its own, from the caller's task (so that AnyIO's
+        cancellation of the caller reaches the thread), its time noted under ``key``."""
+        last_took = self._last_took
+
+        def timed() -> Any:
+            start = time.perf_counter()
+            try:
+                return func()
+            finally:
+                last_took[key] = time.perf_counter() - start
+
+        return await anyio.to_thread.run_sync(timed, limiter=self.limiter, abandon_on_cancel=True)
 
     def _dispatch(self) -> None:
         calls, self._pending = self._pending, []
-        shared = []
-        for call in calls:
-            if self._last_took.get(call.key, QUICK) < QUICK:
-                shared.append(call)
-            else:
-                self._start([call])
-        if len(shared) > 1:
-            trip = self._start(shared)
-            handle = asyncio.get_running_loop().call_later(SHARE_AT_MOST, self._split, trip)
-            assert trip.task is not None
-            trip.task.add_done_callback(lambda _: handle.cancel())
-        elif shared:
-            self._start(shared)
+        if len(calls) == 1:
+            _go_alone(calls[0])
+            return
+        trip = self._start(calls)
+        handle = asyncio.get_running_loop().call_later(SHARE_AT_MOST, self._split, trip)
+        assert trip.task is not None
+        trip.task.add_done_callback(lambda _: handle.cancel())
 
     def _start(self, calls: list[_Call]) -> _Trip:
         trip = _Trip(calls)
@@ -185,7 +202,15 @@ class ThreadRunner:
                     call.future.set_exception(value)
 
     def _spread(self, trip: _Trip) -> None:
-        """Give each call still waiting in ``trip`` a thread of its own."""
+        """Send each call still waiting in ``trip`` to a thread of its own."""
         for call in trip.take_waiting():
-            if not call.future.done():
-                self._start([call])
+            _go_alone(call)
+
+
+_ALONE = object()
+"""What a shared call's future holds when its caller is to make the trip alone."""
+
+
+def _go_alone(call: _Call) -> None:
+    if not call.future.done():
+        call.future.set_result(_ALONE)

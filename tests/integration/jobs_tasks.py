@@ -119,3 +119,14 @@ def quick_or_stuck(i: int) -> int:
     if i % 4 == 3:
         time.sleep(1.0)
     return i
+
+
+POLLS: list[float] = []
+
+
+def polls_for_cancel() -> None:
+    """Checks for its cancellation every 20 ms, for a second at most."""
+    for _ in range(50):
+        anyio.from_thread.check_cancelled()
+        POLLS.append(time.monotonic())
+        time.sleep(0.02)

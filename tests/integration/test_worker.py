@@ -381,6 +381,18 @@ async def _states(lane: Backlane, jobs: list[Job]) -> list[JobState]:
     return [job.state for job in found if job is not None]
 
 
+async def test_a_def_task_over_its_timeout_sees_its_cancellation(lane: Backlane) -> None:
+    """A ``def`` task polling ``anyio.from_thread.check_cancelled()`` stops once its job
+    timed out, as it would under ``anyio.to_thread.run_sync``."""
+    task = lane.task(t.polls_for_cancel, timeout=0.2, retries=0)
+    t.POLLS.clear()
+    handle = await task.enqueue()
+    await drain(lane)
+    assert await handle.status() is JobState.FAILED
+    await anyio.sleep(0.3)
+    assert 1 <= len(t.POLLS) < 25  # 10 polls in 0.2 s; 50 had it not been told
+
+
 async def test_dead_workers_jobs_come_back(lane: Backlane) -> None:
     """A claim whose worker never renews its lease is taken again, attempt counted."""
     add = lane.task(t.add)
