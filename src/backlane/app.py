@@ -10,7 +10,7 @@ import threading
 import time
 import typing
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from datetime import timedelta
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
@@ -234,6 +234,7 @@ class Backlane:
         """Per loop, jobs whose requests' responses were sent, to release together."""
         self._release_tasks: set[asyncio.Task[None]] = set()
         self._lifespan = lifespan
+        self._lifespan_lock = anyio.Lock()
         self._state: Mapping[str, Any] | None = None
         """What the lifespan yielded, while it runs (None: it does not run)."""
 
@@ -249,23 +250,30 @@ class Backlane:
     @asynccontextmanager
     async def lifespan_context(self) -> AsyncIterator[Mapping[str, Any]]:
         """Run the lane's ``lifespan`` (if it has one) for as long as this lasts, and
-        yield ``state``. Inside one already running, it only yields the same state: the
-        lifespan runs once. ``install(app)``, ``backlane worker`` and
-        ``backlane.testing.drain`` run jobs inside it; a worker you run yourself does so
-        inside ``async with lane.lifespan_context():``."""
-        if self._state is not None or self._lifespan is None:
+        yield ``state``. Inside one already running (or one starting), it only yields the
+        same state: the lifespan runs once, and the first entry that started it ends it.
+        ``install(app)``, ``backlane worker`` and ``backlane.testing.drain`` run jobs
+        inside it; a worker you run yourself does so inside ``async with
+        lane.lifespan_context():``. What it sets up belongs to the event loop it started
+        on."""
+        if self._lifespan is None:
             yield self.state
             return
-        async with self._lifespan(self) as given:
-            if given is not None and not isinstance(given, Mapping):
-                raise ConfigurationError(
-                    f"the lane's lifespan must yield a mapping or None, not {given!r}"
-                )
-            self._state = MappingProxyType(dict(given or {}))
+        async with AsyncExitStack() as stack:  # entered and left in this one task
+            async with self._lifespan_lock:  # two starting at once: it runs once
+                owner = self._state is None
+                if owner:
+                    given = await stack.enter_async_context(self._lifespan(self))
+                    if given is not None and not isinstance(given, Mapping):
+                        raise ConfigurationError(
+                            f"the lane's lifespan must yield a mapping or None, not {given!r}"
+                        )
+                    self._state = MappingProxyType(dict(given or {}))
             try:
-                yield self._state
+                yield self.state
             finally:
-                self._state = None
+                if owner:
+                    self._state = None
 
     @property
     def url(self) -> str:

@@ -29,6 +29,7 @@ class Resources:
         async def run(given: Backlane) -> AsyncIterator[dict[str, Any]]:
             assert given is lane
             self.events.append("enter")
+            await anyio.sleep(0.01)  # opening takes a moment, as a connection's does
             self.open = True
             try:
                 yield {"client": self}
@@ -161,3 +162,20 @@ async def test_a_lifespan_that_yields_no_mapping_is_refused_when_it_runs() -> No
     with pytest.raises(ConfigurationError, match="must yield a mapping or None"):
         async with lane.lifespan_context():
             pass
+
+
+async def test_two_starting_at_once_run_it_once() -> None:
+    resources = Resources()
+    lane = Backlane("memory://", lifespan=resources.lifespan)
+    seen: list[object] = []
+
+    async def use() -> None:
+        async with lane.lifespan_context() as state:
+            seen.append(state["client"])
+            await anyio.sleep(0.05)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(use)
+        tg.start_soon(use)
+    assert seen == [resources, resources]
+    assert resources.events == ["enter", "exit"]
