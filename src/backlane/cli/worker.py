@@ -107,15 +107,6 @@ def worker(
         )
         raise typer.Exit(_supervise(target, processes, args))
     one = lane.worker(concurrency=concurrency, queues=queue_list, threads=threads)
-    log.info(
-        "worker %s (pid %d) on %s: concurrency %d, %d threads, queues %s",
-        one.id,
-        os.getpid(),
-        _redact(lane.url),
-        one.concurrency,
-        one.threads,
-        ",".join(queue_list) if queue_list else "all",
-    )
     try:
         asyncio.run(_serve(one, supervisor_pid))
     except BacklaneError as exc:
@@ -164,6 +155,17 @@ async def _serve(one: Worker, supervisor_pid: int | None) -> None:
             previous[sig] = signal.signal(
                 sig, lambda s, _f: loop.call_soon_threadsafe(on_signal, s)
             )
+    # Said once a stop signal is handled: a SIGTERM sent on seeing this line is a graceful
+    # stop, never the default one that ends the process at once.
+    log.info(
+        "worker %s (pid %d) on %s: concurrency %d, %d threads, queues %s",
+        one.id,
+        os.getpid(),
+        _redact(one.lane.url),
+        one.concurrency,
+        one.threads,
+        ",".join(one.queues) if one.queues else "all",
+    )
     watchdog = None
     if supervisor_pid is not None:
         watchdog = asyncio.create_task(_watch_supervisor(one, supervisor_pid))
