@@ -21,6 +21,13 @@ def runner(threads: int = 4) -> ThreadRunner:
     return ThreadRunner(anyio.CapacityLimiter(threads))
 
 
+async def knowing_quick(key: str = "t") -> ThreadRunner:
+    """A runner that has seen one quick call of ``key``: its next calls may share a trip."""
+    threads = runner()
+    await threads.run(key, lambda: None)
+    return threads
+
+
 async def run_together(threads: ThreadRunner, calls: list[tuple[str, object]]) -> list[object]:
     """Start every call in the same turn of the event loop; their results, in order."""
     results: list[object] = [None] * len(calls)
@@ -65,9 +72,8 @@ async def test_unknown_and_slow_tasks_get_threads_of_their_own() -> None:
 
 
 async def test_a_shared_call_that_blocks_holds_the_others_up_briefly() -> None:
-    threads = runner()
+    threads = await knowing_quick("usually-quick")
     release = threading.Event()
-    await threads.run("usually-quick", lambda: None)
 
     def first() -> str:
         release.wait(5)
@@ -93,9 +99,8 @@ async def test_a_shared_call_that_blocks_holds_the_others_up_briefly() -> None:
 
 
 async def test_calls_sharing_a_trip_behind_a_blocked_one_go_on_without_it() -> None:
-    threads = runner()
+    threads = await knowing_quick()
     release = threading.Event()
-    await threads.run("t", lambda: None)
     order: list[str] = []
 
     def blocks() -> str:
@@ -125,8 +130,7 @@ async def test_calls_sharing_a_trip_behind_a_blocked_one_go_on_without_it() -> N
 
 
 async def test_results_errors_and_context_reach_each_caller() -> None:
-    threads = runner()
-    await threads.run("t", lambda: None)
+    threads = await knowing_quick()
 
     def whose() -> str:
         return job_name.get()
@@ -184,9 +188,8 @@ async def test_a_cancelled_caller_returns_at_once_and_a_waiting_call_never_runs(
 
 
 async def test_a_cancelled_shared_call_lets_the_calls_behind_it_run() -> None:
-    threads = runner()
+    threads = await knowing_quick()
     release = threading.Event()
-    await threads.run("t", lambda: None)
     results: list[object] = []
 
     async def gives_up() -> None:
@@ -234,9 +237,8 @@ async def test_a_call_may_reach_back_to_the_event_loop() -> None:
 
 
 async def test_a_call_that_ended_is_answered_without_waiting_for_the_slow_one_after_it() -> None:
-    threads = runner()
+    threads = await knowing_quick()
     release = threading.Event()
-    await threads.run("t", lambda: None)
     answered: list[float] = []
 
     async def quick_first() -> None:
@@ -255,9 +257,8 @@ async def test_a_call_that_ended_is_answered_without_waiting_for_the_slow_one_af
 
 
 async def test_a_task_that_was_slow_in_a_shared_trip_is_not_shared_next_time() -> None:
-    threads = runner()
+    threads = await knowing_quick()
     release = threading.Event()
-    await threads.run("t", lambda: None)
     async with anyio.create_task_group() as tg:
         tg.start_soon(threads.run, "t", lambda: release.wait(5))
         tg.start_soon(threads.run, "t", lambda: None)
