@@ -9,8 +9,9 @@ the job's own task: the job's cancellation (a timeout, a cancel, a hand-back) re
 (two hand-overs of the GIL and a wake-up of the event loop), so calls made in the same turn
 of the event loop by tasks whose last call was quick (under ``QUICK`` seconds) share one
 trip: one thread runs them one after another. Such a shared call is abandoned, not
-cancelled through AnyIO, when its job gives up. A trip that lasts ``SHARE_AT_MOST``
-seconds hands over what its calls returned, and the calls still waiting go alone.
+cancelled through AnyIO, when its job gives up. A trip that has run ``SHARE_AT_MOST``
+seconds on its thread hands over what its calls returned, and the calls still waiting go
+alone (a trip still waiting for a thread keeps them).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ QUICK = 0.001
 """Seconds under which a task's last call counts as quick: its next calls may share a
 thread's trip with others."""
 SHARE_AT_MOST = 0.002
-"""Seconds after which calls still waiting behind a shared call get threads of their own."""
+"""Seconds a trip may run on its thread before the calls still waiting in it get threads of
+their own."""
 
 
 class _Call:
@@ -51,12 +53,14 @@ class _Trip:
     whether the trip goes on: the thread takes calls from the left of ``waiting``, and the
     event loop may take all the rest, or stop the trip after the call that runs."""
 
-    __slots__ = ("done", "lock", "running", "stopped", "task", "waiting")
+    __slots__ = ("began", "done", "lock", "running", "stopped", "task", "waiting")
 
     def __init__(self, calls: list[_Call]) -> None:
         self.waiting = collections.deque(calls)
         self.done: list[_Call] = []
         self.running: _Call | None = None
+        self.began: float | None = None
+        """When the thread took the first call (``time.perf_counter()``)."""
         self.stopped = False
         self.lock = threading.Lock()
         self.task: asyncio.Task[None] | None = None
@@ -84,6 +88,7 @@ class _Trip:
 
     def run(self) -> None:
         """On a worker thread: run the calls in turn until none is left or it stops."""
+        self.began = time.perf_counter()
         while True:
             with self.lock:
                 if self.stopped or not self.waiting:
@@ -159,8 +164,10 @@ class ThreadRunner:
         if len(calls) == 1:
             _go_alone(calls[0])
             return
-        trip = self._start(calls)
-        handle = asyncio.get_running_loop().call_later(SHARE_AT_MOST, self._split, trip)
+        self._split_after(SHARE_AT_MOST, self._start(calls))
+
+    def _split_after(self, delay: float, trip: _Trip) -> None:
+        handle = asyncio.get_running_loop().call_later(delay, self._split, trip)
         assert trip.task is not None
         trip.task.add_done_callback(lambda _: handle.cancel())
 
@@ -183,9 +190,16 @@ class ThreadRunner:
             self._spread(trip)
 
     def _split(self, trip: _Trip) -> None:
-        """A shared trip has lasted ``SHARE_AT_MOST``: hand over what its calls returned so
-        far, and give each call still waiting a thread of its own."""
+        """Hand over what the trip's calls returned so far; once it has run
+        ``SHARE_AT_MOST`` on its thread, give each call still waiting a thread of its own.
+        A trip still waiting for a thread (none free, or the GIL held by a busy event
+        loop) has no slow call: it keeps its calls."""
         self._deliver(trip)
+        began = trip.began
+        ran = 0.0 if began is None else time.perf_counter() - began
+        if ran < SHARE_AT_MOST:
+            self._split_after(SHARE_AT_MOST - ran, trip)
+            return
         running = trip.running
         if running is not None:  # slow this time: not shared next time
             self._last_took[running.key] = max(self._last_took.get(running.key, 0), QUICK)

@@ -269,3 +269,22 @@ async def test_a_task_that_was_slow_in_a_shared_trip_is_not_shared_next_time() -
         threads, [("t", lambda: (entered.wait(), threading.get_ident())[1])] * 3
     )
     assert len(set(idents)) == 3
+
+
+async def test_a_trip_that_waits_for_a_thread_keeps_its_calls_together() -> None:
+    # No call of the trip is slow while no thread has taken it yet (every thread busy, or
+    # the event loop holding the GIL): its calls then still share one thread.
+    threads = await knowing_quick("quick")
+    holders = [object() for _ in range(threads.limiter.total_tokens)]
+    for holder in holders:
+        await threads.limiter.acquire_on_behalf_of(holder)
+
+    async def free_later() -> None:
+        await anyio.sleep(SHARE_AT_MOST * 5)
+        for holder in holders:
+            threads.limiter.release_on_behalf_of(holder)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(free_later)
+        idents = await run_together(threads, [("quick", threading.get_ident)] * 5)
+    assert len(set(idents)) == 1
