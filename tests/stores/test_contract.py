@@ -428,6 +428,39 @@ async def test_finish_and_claim_queues_released_jobs_it_may_not_take(store: Stor
     assert await take(store, queues=["default"], now=NOW + 2) == [more[2].id]
 
 
+async def test_finish_and_claim_returns_released_jobs_as_they_are_stored(store: Store) -> None:
+    # what the claim hands the worker is the stored job, whatever changed since it was
+    # stored: a predecessor ended (its successor freed), a sibling cancelled
+    first = await add(store)
+    chained = await add(
+        store,
+        state=S.DEFERRED,
+        after=first.id,
+        priority=3,
+        payload='{"to":"ann@example.com"}',
+        meta={"otel": {"traceparent": "00-1-2-01"}},
+    )
+    plain = await add(store, state=S.DEFERRED, key="welcome:ann")
+    cancelled = await add(store, state=S.DEFERRED)
+    assert await take(store) == [first.id]
+    await store.finish([outcome(first.id, S.SUCCEEDED)])
+    await store.cancel(cancelled.id, NOW + 1)
+    _, claimed = await store.finish_and_claim(
+        [],
+        worker_id="w1",
+        queues=None,
+        limit=10,
+        now=NOW + 2,
+        lease_until=NOW + 2 + LEASE,
+        release=[plain.id, chained.id, cancelled.id],
+    )
+    assert [job.id for job in claimed] == [chained.id, plain.id]
+    for job in claimed:
+        assert job == await store.get(job.id)
+        assert (job.state, job.attempts, job.after, job.worker_id) == (S.RUNNING, 1, None, "w1")
+    assert await state_of(store, cancelled.id) is S.CANCELLED
+
+
 async def test_discard_ends_deferred_jobs_only(store: Store) -> None:
     deferred = await add(store, state=S.DEFERRED)
     queued = await add(store)

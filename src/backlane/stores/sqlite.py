@@ -36,6 +36,8 @@ _ORDERED_READ_SECONDS = 0.02
 gives up for one pass over the table (the filter matched few of the newest jobs)."""
 _CHECK_EVERY = 10_000
 """SQLite virtual machine instructions between two looks at that time limit."""
+_KNOWN_DEFERRED = 10_000
+"""Most deferred jobs a store remembers having stored (see ``SQLiteStore._deferred``)."""
 
 
 def _dump(value: Any) -> str | None:
@@ -82,10 +84,12 @@ def _field_positions(columns: tuple[str, ...]) -> tuple[int, ...]:
     return tuple(columns.index(name) for name in _FIELDS)
 
 
-def _decode(row: sqlite3.Row) -> Job:
-    """The job stored in ``row`` (a row of ``jobs``, every column)."""
-    found = map(row.__getitem__, _field_positions(tuple(row.keys())))
-    values = dict(zip(_FIELDS, found, strict=True))
+def _decode(row: sqlite3.Row, positions: tuple[int, ...] | None = None) -> Job:
+    """The job stored in ``row`` (a row of ``jobs``, every column); ``positions``, if
+    given, are ``_field_positions`` of the row's columns."""
+    if positions is None:
+        positions = _field_positions(tuple(row.keys()))
+    values = dict(zip(_FIELDS, map(row.__getitem__, positions), strict=True))
     values["state"] = _STATES[values["state"]]
     if values["error"] is not None:
         values["error"] = json.loads(values["error"])
@@ -97,6 +101,17 @@ def _decode(row: sqlite3.Row) -> Job:
     job = object.__new__(Job)  # Job(**values), minus the checks of its generated __init__
     job.__dict__.update(values)
     return job
+
+
+def _in_claim_order(rows: list[sqlite3.Row]) -> list[tuple[tuple[int, float, int], Job]]:
+    """The jobs of ``rows`` (whole rows of ``jobs``), each with its place in claim order:
+    higher priority first, then earlier ``run_at``, then stored first."""
+    if not rows:
+        return []
+    positions = _field_positions(tuple(rows[0].keys()))
+    return [
+        ((-row["priority"], row["run_at"], row["seq"]), _decode(row, positions)) for row in rows
+    ]
 
 
 def _ids(ids: Sequence[str]) -> str:
@@ -171,6 +186,11 @@ class SQLiteStore(Store):
         self.path = path_from_url(url)
         self._db = Connections(self.path, url)
         self._sql = queries()
+        self._deferred: dict[str, Job] = {}
+        """Deferred jobs this store stored, as stored, by id, until released, claimed or
+        discarded here (the newest ``_KNOWN_DEFERRED``): an embedded worker claims the
+        jobs its own requests handed over without reading their rows back. Nothing but
+        ``"after"`` (covered by the claim's condition) changes in a deferred job's row."""
 
     def __repr__(self) -> str:
         return f"<SQLiteStore {self.path}>"
@@ -211,7 +231,7 @@ class SQLiteStore(Store):
     ) -> None:
         """Deferred jobs among ``ids`` end discarded at ``now``, kept until ``keep_until``;
         their successors are freed."""
-        await self._write(self._discard, _ids(ids), now, keep_until)
+        await self._write(self._discard, list(ids), now, keep_until)
 
     async def claim(
         self,
@@ -531,6 +551,8 @@ class SQLiteStore(Store):
             job = job.detached(after=after)
             if conn.execute(self._sql["insert_job"], _row(job)).rowcount:
                 stored.append(job)
+                if job.state is JobState.DEFERRED:
+                    self._remember_deferred(job)
                 continue
             holder = _decode(conn.execute(self._sql["get_key_holder"], {"key": job.key}).fetchone())
             replaced[job.id] = holder.id
@@ -538,9 +560,11 @@ class SQLiteStore(Store):
         return stored
 
     def _discard(
-        self, conn: sqlite3.Connection, ids: str, now: float, keep_until: float | None
+        self, conn: sqlite3.Connection, ids: list[str], now: float, keep_until: float | None
     ) -> None:
-        params = {"ids": ids, "now": now, "keep_until": keep_until}
+        for job_id in ids:
+            self._deferred.pop(job_id, None)
+        params = {"ids": _ids(ids), "now": now, "keep_until": keep_until}
         rows = self._fetch_named(conn, "discard", params)
         self._unblock(conn, [row["id"] for row in rows])
 
@@ -567,7 +591,7 @@ class SQLiteStore(Store):
             else:
                 query, found = "claimable_queues", {**params, "queues": _ids(names)}
         seqs = [row[0] for row in self._fetch_named(conn, query, found)]
-        handed: list[sqlite3.Row] = []
+        handed: list[tuple[tuple[int, float, int], Job]] = []
         if release:
             room = params["limit"] - len(seqs)
             if room > 0:
@@ -585,11 +609,10 @@ class SQLiteStore(Store):
             rows = self._fetch_named(conn, "claim_seqs", claiming)
         else:
             rows = []
-        if handed:
-            rows += handed
-        if len(rows) > 1:
-            rows.sort(key=lambda row: (-row["priority"], row["run_at"], row["seq"]))
-        return [_decode(row) for row in rows]
+        claimed = _in_claim_order(rows) + handed
+        if len(claimed) > 1:
+            claimed.sort(key=lambda pair: pair[0])
+        return [job for _, job in claimed]
 
     def _claim_handed(
         self,
@@ -598,8 +621,27 @@ class SQLiteStore(Store):
         params: dict[str, Any],
         release: Sequence[str],
         room: int,
-    ) -> list[sqlite3.Row]:
-        """Claim up to ``room`` of the deferred jobs ``release``, in claim order."""
+    ) -> list[tuple[tuple[int, float, int], Job]]:
+        """Claim up to ``room`` of the deferred jobs ``release``, each with its place in
+        claim order."""
+        known = self._deferred
+        if room >= len(release) and all(job_id in known for job_id in release):
+            found = {**params, "ids": _ids(release)}
+            query = "claim_handed_any"
+            if names is not None:
+                query, found["queues"] = "claim_handed_queues", _ids(names)
+            handed: list[tuple[tuple[int, float, int], Job]] = []
+            for seq, job_id, attempts in conn.execute(self._sql[query], found):
+                job = known.pop(job_id).detached(
+                    state=JobState.RUNNING,
+                    attempts=attempts,
+                    started_at=params["now"],
+                    lease_until=params["lease_until"],
+                    worker_id=params["worker_id"],
+                    after=None,
+                )
+                handed.append(((-job.priority, job.run_at, seq), job))
+            return handed
         found = {**params, "ids": _ids(release), "limit": room}
         query = "handed_claimable_any"
         if names is not None:
@@ -607,11 +649,21 @@ class SQLiteStore(Store):
         seqs = [row[0] for row in self._fetch_named(conn, query, found)]
         if not seqs:
             return []
+        for job_id in release:
+            known.pop(job_id, None)
         found = {**params, "seqs": json.dumps(seqs), "was": "deferred"}
-        return self._fetch_named(conn, "claim_seqs", found)
+        return _in_claim_order(self._fetch_named(conn, "claim_seqs", found))
+
+    def _remember_deferred(self, job: Job) -> None:
+        known = self._deferred
+        known[job.id] = job
+        if len(known) > _KNOWN_DEFERRED:  # releases lost to errors: forget the oldest
+            del known[next(iter(known))]
 
     def _release(self, conn: sqlite3.Connection, ids: Sequence[str]) -> None:
         """The ``release`` verb, inside a transaction."""
+        for job_id in ids:
+            self._deferred.pop(job_id, None)
         if len(ids) == 1:
             self._execute(conn, "release_one", {"id": ids[0]})
         elif ids:

@@ -112,6 +112,26 @@ WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'deferred' AND "afte
 ORDER BY priority DESC, run_at, seq
 LIMIT :limit;
 
+-- name: claim_handed_any
+-- handed_claimable_any and claim_seqs in one statement, for a claim with room for every
+-- job released to it, whose rows this process still knows (it stored them): the few
+-- columns the claim set or may have changed come back, not the whole row.
+UPDATE jobs INDEXED BY jobs_id
+SET state = 'running', attempts = attempts + 1, started_at = :now,
+    lease_until = :lease_until, worker_id = :worker_id
+WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'deferred' AND "after" IS NULL
+  AND run_at <= :now AND queue NOT IN (SELECT queue FROM paused_queues)
+RETURNING seq, id, attempts;
+
+-- name: claim_handed_queues
+UPDATE jobs INDEXED BY jobs_id
+SET state = 'running', attempts = attempts + 1, started_at = :now,
+    lease_until = :lease_until, worker_id = :worker_id
+WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'deferred' AND "after" IS NULL
+  AND run_at <= :now AND queue IN (SELECT value FROM json_each(:queues))
+  AND queue NOT IN (SELECT queue FROM paused_queues)
+RETURNING seq, id, attempts;
+
 -- name: renew_leases
 UPDATE jobs INDEXED BY jobs_id SET lease_until = :lease_until
 WHERE state = 'running' AND worker_id = :worker_id
