@@ -202,6 +202,38 @@ async def test_every_field_of_a_job_is_stored_as_given(tmp_path: Path) -> None:
         await store.close()
 
 
+async def test_jobs_released_long_after_many_others_are_still_claimed_as_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the store remembers the deferred jobs it stored, for its embedded worker's claim,
+    # up to a bound: past it, the oldest are read back from the file instead
+    monkeypatch.setattr(sqlite_store, "_KNOWN_DEFERRED", 3)
+    store = SQLiteStore(url_of(tmp_path / "jobs.db"))
+    await store.open()
+    try:
+        jobs = [
+            Job(task="t", payload=f'{{"n":{n}}}', state=JobState.DEFERRED, run_at=NOW)
+            for n in range(5)
+        ]
+        stored = await store.enqueue(jobs)
+        assert len(store._deferred) == 3
+        _, claimed = await store.finish_and_claim(
+            [],
+            worker_id="w",
+            queues=None,
+            limit=10,
+            now=NOW + 1,
+            lease_until=NOW + 60,
+            release=[job.id for job in stored],
+        )
+        assert [job.id for job in claimed] == [job.id for job in stored]
+        for job in claimed:
+            assert job == await store.get(job.id)
+        assert not store._deferred
+    finally:
+        await store.close()
+
+
 @pytest.mark.parametrize(
     ("query", "index"),
     [
@@ -212,6 +244,8 @@ async def test_every_field_of_a_job_is_stored_as_given(tmp_path: Path) -> None:
         ("claim_seqs", "INTEGER PRIMARY KEY"),
         ("handed_claimable_any", "jobs_id"),
         ("handed_claimable_queues", "jobs_id"),
+        ("claim_handed_any", "jobs_id"),
+        ("claim_handed_queues", "jobs_id"),
         ("release_one", "jobs_id"),
         ("finish_end", "jobs_id"),
         ("finish_retry", "jobs_id"),

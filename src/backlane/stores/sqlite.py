@@ -36,7 +36,7 @@ _ORDERED_READ_SECONDS = 0.02
 gives up for one pass over the table (the filter matched few of the newest jobs)."""
 _CHECK_EVERY = 10_000
 """SQLite virtual machine instructions between two looks at that time limit."""
-_KNOWN_DEFERRED = 10_000
+_KNOWN_DEFERRED = 1_000
 """Most deferred jobs a store remembers having stored (see ``SQLiteStore._deferred``)."""
 
 
