@@ -4,7 +4,9 @@ Two apps that differ only by the import (``apps/with_fastapi.py``, ``apps/with_b
 one POST endpoint adding a no-op task), each served by its own uvicorn process (one worker
 process, no access log). The drop-in runs on SQLite twice: with its embedded worker (the
 default ``install(app)``), and web-only (``workers=0``, as when workers run in their own
-processes). All three servers stay up for the whole run.
+processes). A fourth server shows the floor of any durable design: ``BackgroundTasks`` plus
+one SQLite transaction inserting a job-like row before the reply
+(``apps/with_fastapi_and_insert.py``). All four servers stay up for the whole run.
 
 A round sends each server ``--requests`` sequential requests on one keep-alive connection,
 then ``--requests`` more from ten clients (one connection each) keeping ten in flight. The
@@ -40,6 +42,7 @@ APPS = Path(__file__).resolve().parent / "apps"
 BASELINE = "BackgroundTasks"
 VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     BASELINE: ("with_fastapi:app", {}),
+    "BackgroundTasks + one SQLite insert (floor)": ("with_fastapi_and_insert:app", {}),
     "drop-in, embedded worker": ("with_backlane:app", {"BENCH_WORKERS": "1"}),
     "drop-in, web only": ("with_backlane:app", {"BENCH_WORKERS": "0"}),
 }
@@ -215,7 +218,8 @@ class Variant:
         self.name = name
         self.db = folder / f"{len(os.listdir(folder))}.db"
         self.embedded = extra.get("BENCH_WORKERS") == "1"
-        self.server = Server(target, {"BACKLANE_URL": f"sqlite:///{self.db}", **extra}, folder)
+        files = {"BACKLANE_URL": f"sqlite:///{self.db}", "FLOOR_DB": str(self.db)}
+        self.server = Server(target, {**files, **extra}, folder)
         self.sent = 0
         self.drain_s: float | None = None
         """Seconds from the end of its last burst until every job had run (embedded)."""
