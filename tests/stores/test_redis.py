@@ -423,6 +423,45 @@ async def test_a_finish_and_claim_sent_twice_after_a_lost_reply_acts_once(
     assert await store.counts() == {"default": {S.QUEUED: 2, S.RUNNING: 1}}
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("meta", "{not json"), ("history", "[oops"), ("priority", "high"), ("task", None)],
+)
+@pytest.mark.parametrize("verb", ["claim", "finish_and_claim"])
+async def test_a_job_whose_hash_cannot_be_read_ends_failed_and_the_claim_goes_on(
+    store: RedisStore, verb: str, field: str, value: str | None
+) -> None:
+    bad, good = await store.enqueue([make_job(), make_job()])
+    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    key = f"{store.prefix}job:{bad.id}"
+    original = client.hget(key, field)
+    if value is None:
+        client.hdel(key, field)
+    else:
+        client.hset(key, field, value)
+    try:
+        if verb == "claim":
+            claimed = await store.claim(**claim_args())
+        else:
+            claimed = (await store.finish_and_claim([], **claim_args()))[1]
+        assert [job.id for job in claimed] == [good.id]
+        assert await store.claim(**claim_args(worker_id="w2")) == []  # never claimed again
+        assert await store.counts() == {"default": {S.RUNNING: 1, S.FAILED: 1}}
+        with pytest.raises(StoreError, match=f"job {bad.id}: .*field '{field}'"):
+            await store.get(bad.id)
+        with pytest.raises(StoreError, match=f"job {bad.id}: .*field '{field}'"):
+            await store.list_jobs()
+        if original is None:  # the field mended by hand: the job reads again
+            client.hdel(key, field)
+        else:
+            client.hset(key, field, original)
+    finally:
+        client.close()
+    failed = await store.get(bad.id)
+    assert failed is not None and failed.state is S.FAILED and failed.worker_id == "w1"
+    assert failed.error is not None and f"field '{field}'" in failed.error["message"]
+
+
 async def test_times_and_text_come_back_exactly(store: RedisStore) -> None:
     rng = random.Random(7)
     jobs = []

@@ -9,9 +9,10 @@ so nothing is rounded on the way.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from ..exceptions import StoreError
 from ..jobs import Job, JobState
 from .base import Outcome, WorkerRecord
 
@@ -76,10 +77,77 @@ def _opt_float(value: str | None) -> float | None:
     return None if value is None else float(value)
 
 
+class UnreadableJob(StoreError):
+    """A job hash that does not read as a job (changed by hand, or written by something
+    other than backlane). ``job_id`` is the id it holds, if any."""
+
+    def __init__(self, job_id: str | None, problem: str) -> None:
+        self.job_id = job_id
+        super().__init__(
+            f"job {job_id}: its hash in Redis cannot be read ({problem}); mend that field "
+            "or delete the job"
+        )
+
+
+_REQUIRED = (
+    "task",
+    "payload",
+    "id",
+    "queue",
+    "priority",
+    "state",
+    "attempts",
+    "run_at",
+    "created_at",
+)
+_READERS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
+    ("state", _STATES.__getitem__, "a job state"),
+    ("priority", int, "an integer"),
+    ("attempts", int, "an integer"),
+    *((name, float, "a number") for name in ("run_at", "created_at", *_TIMES)),
+    *((name, json.loads, "JSON") for name in ("error", "meta", "history")),
+)
+
+
+def _fault(h: dict[str, str]) -> str:
+    """What makes the job hash ``h`` unreadable, naming the field."""
+    for name in _REQUIRED:
+        if name not in h:
+            return f"field {name!r} is missing"
+    for name, read, kind in _READERS:
+        value = h.get(name)
+        if value is not None:
+            try:
+                read(value)
+            except (KeyError, ValueError):
+                return f"field {name!r} holds {value[:80]!r}, not {kind}"
+    return "its fields do not make a job"
+
+
+def decode_jobs(rows: Iterable[Sequence[str]], unreadable: list[UnreadableJob]) -> list[Job]:
+    """The jobs of the hashes ``rows`` (as ``decode_job`` takes them) that read as jobs;
+    each that does not is added to ``unreadable`` instead."""
+    jobs: list[Job] = []
+    for flat in rows:
+        try:
+            jobs.append(decode_job(flat))
+        except UnreadableJob as exc:
+            unreadable.append(exc)
+    return jobs
+
+
 def decode_job(flat: Sequence[str]) -> Job:
-    """The job whose hash ``HGETALL`` returned as ``flat`` (name, value, name, value...)."""
+    """The job whose hash ``HGETALL`` returned as ``flat`` (name, value, name, value...).
+    Raises ``UnreadableJob`` naming the field that does not read."""
     it = iter(flat)
     h = dict(zip(it, it, strict=False))
+    try:
+        return _job(h)
+    except (KeyError, ValueError, TypeError):
+        raise UnreadableJob(h.get("id"), _fault(h)) from None
+
+
+def _job(h: dict[str, str]) -> Job:
     error = h.get("error")
     meta = h.get("meta")
     history = h.get("history")
