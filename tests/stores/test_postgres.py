@@ -689,6 +689,31 @@ async def test_listening_comes_back_after_the_connection_is_killed(
     assert took < 1.0
 
 
+async def test_connections_the_server_ended_while_idle_are_not_used_again(
+    pg_url: str,
+) -> None:
+    # a server restart, a failover, idle_session_timeout or a DBA's pg_terminate_backend:
+    # the next verbs must not fail for a connection that was dead before they began
+    name = f"bl-{uuid.uuid4().hex[:8]}"
+    store = PostgresStore(f"{pg_url}&application_name={name}")
+    await store.open()
+    try:
+        await asyncio.gather(*(store.counts() for _ in range(3)))  # a few idle connections
+        sessions = "SELECT array_agg(pid) FROM pg_stat_activity WHERE application_name = %s"
+        pids = await scalar(sessions, name)
+        assert pids
+        await scalar("SELECT count(pg_terminate_backend(pid)) FROM unnest(%s::int[]) AS pid", pids)
+        with anyio.fail_after(10):
+            while set(await scalar(sessions, name) or ()) & set(pids):
+                await anyio.sleep(0.02)
+        (job,) = await store.enqueue([make_job()])
+        assert await store.get(job.id) == job
+        assert await store.cancel(job.id, NOW) is S.CANCELLED
+        assert await store.counts() == {"default": {S.CANCELLED: 1}}
+    finally:
+        await store.close()
+
+
 # -- growth, and leaving nothing behind ---------------------------------------------------
 
 
