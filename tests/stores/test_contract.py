@@ -16,6 +16,7 @@ import pytest
 from backlane.exceptions import StoreError
 from backlane.jobs import Job, JobState
 from backlane.stores.base import Outcome, Store
+from backlane.tasks import PRIORITY_RANGE
 
 pytestmark = pytest.mark.anyio
 
@@ -153,6 +154,20 @@ async def test_claim_orders_by_priority_then_run_at_then_enqueue_order(store: St
     await store.enqueue([a, b, c, d, e, f])
     expected = [b.id, e.id, c.id, a.id, d.id, f.id]
     assert await take(store, limit=3) + await take(store, limit=3) == expected
+
+
+@pytest.mark.parametrize("queues", [None, ["default"]], ids=["any queue", "given queues"])
+async def test_the_lowest_and_highest_priorities_are_stored_and_claimed_in_order(
+    store: Store, queues: list[str] | None
+) -> None:
+    low, high = PRIORITY_RANGE  # all that task options accept
+    lowest = await add(store, priority=low)
+    later = await add(store, priority=low, run_at=NOW + 60)
+    highest = await add(store, priority=high)
+    middle = await add(store, priority=0)
+    assert await take(store, queues=queues) == [highest.id, middle.id, lowest.id]
+    assert await take(store, queues=queues, now=NOW + 60) == [later.id]
+    assert (await store.get(lowest.id)).priority == low  # type: ignore[union-attr]
 
 
 async def test_claim_order_holds_across_queues(store: Store) -> None:
