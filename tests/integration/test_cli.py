@@ -224,6 +224,29 @@ def test_purge_removes_only_jobs_that_ended_long_enough_ago(url: str, lane: Back
     assert remaining() == {"old-queued", "old-running"}
 
 
+@pytest.mark.parametrize("age", ["1000000d", "99999999999999999999d", "9" * 400 + "s"])
+def test_purge_older_than_the_calendar_goes_back_removes_nothing(
+    url: str, lane: Backlane, age: str
+) -> None:
+    job_id = enqueue(lane, double, 1)
+    assert drain(lane) == 1
+    result = invoke("purge", "--older-than", age, "--url", url)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("Removed 0 jobs")
+    assert stored(lane, job_id) is not None
+
+
+def test_show_a_job_due_later_than_the_calendar_goes(url: str, lane: Backlane) -> None:
+    async def go() -> str:
+        handle = await lane.task_for(double).options(delay=1e300).enqueue(1)
+        return handle.id
+
+    job_id = anyio.run(go)
+    result = invoke("show", job_id, "--url", url)
+    assert result.exit_code == 0, result.output
+    assert "1e+300" in result.stdout
+
+
 @pytest.mark.parametrize("age", ["7", "7x", "-1d", "d", "1.d", "7 days", ""])
 def test_purge_refuses_a_bad_duration(url: str, age: str) -> None:
     result = invoke("purge", "--older-than", age, "--url", url)

@@ -303,8 +303,14 @@ def _iso(ts: float | None) -> str | None:
 
 
 def _when(ts: float | None) -> str:
-    """A time for people: local, to the second."""
-    return "" if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+    """A time for people: local, to the second; one beyond the calendar (a delay of
+    centuries, a purge age of millennia) as POSIX seconds."""
+    if ts is None:
+        return ""
+    try:
+        return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+    except (OverflowError, OSError, ValueError):
+        return f"{ts:g} (POSIX seconds)"
 
 
 def _percent(progress: float | None) -> str:
