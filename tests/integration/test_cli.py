@@ -139,6 +139,20 @@ def test_show_gives_the_whole_job_with_its_traceback(url: str, mixed: dict[str, 
     assert "needs_flag" in data["error"]["traceback"]
 
 
+def test_show_json_of_a_job_whose_arguments_are_not_json(url: str, lane: Backlane) -> None:
+    # stored by another program, or mended by hand: the worker fails it, and show must
+    # still show it, arguments as stored
+    job = Job(task=f"{MODULE}:double", payload="{n: 1", created_at=time.time())
+    job.run_at = job.created_at
+    anyio.run(lane.enqueue_jobs, [job])
+    assert drain(lane) == 1
+    result = invoke("show", job.id, "--url", url, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["state"] == "failed"
+    assert data["arguments"] == "{n: 1"
+
+
 def test_retry_queues_a_failed_job_again_and_a_worker_runs_it(
     url: str, lane: Backlane, mixed: dict[str, Any]
 ) -> None:

@@ -281,10 +281,15 @@ def counts(as_json: JsonOption = False, url: UrlOption = None, app: AppOption = 
 
 
 def _full(job: Job) -> dict[str, Any]:
-    """Everything stored about ``job``: the public view plus arguments and bookkeeping."""
+    """Everything stored about ``job``: the public view plus arguments (the stored text
+    when it is not JSON: a job no worker could run) and bookkeeping."""
+    try:
+        arguments = json.loads(job.payload)
+    except ValueError:
+        arguments = job.payload
     data = job.to_public()
     data.update(
-        arguments=json.loads(job.payload),
+        arguments=arguments,
         priority=job.priority,
         key=job.key,
         worker_id=job.worker_id,
