@@ -689,6 +689,22 @@ async def test_listening_comes_back_after_the_connection_is_killed(
     assert took < 1.0
 
 
+@pytest.mark.parametrize("column", ["meta", "error", "attempt_history"])
+async def test_a_json_column_holding_a_json_string_does_not_stop_claims(
+    store: PostgresStore, column: str
+) -> None:
+    # written by hand or by another program: the claim must still hand out its jobs, and
+    # the job must still read (psycopg gives a jsonb string as a str, not as JSON text)
+    odd, plain = await store.enqueue([make_job(), make_job()])
+    jobs = f"{store.settings.quoted_schema}.jobs"
+    await scalar(f"UPDATE {jobs} SET {column} = %s WHERE id = %s RETURNING 1", '"odd"', odd.id)
+    claimed = await store.claim(worker_id="w", queues=None, limit=5, now=NOW, lease_until=NOW)
+    assert [job.id for job in claimed] == [odd.id, plain.id]
+    held = await store.get(odd.id)
+    assert held is not None and held.state is S.RUNNING
+    assert {job.id for job in await store.list_jobs()} == {odd.id, plain.id}
+
+
 async def test_connections_the_server_ended_while_idle_are_not_used_again(
     pg_url: str,
 ) -> None:

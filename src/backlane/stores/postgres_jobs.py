@@ -9,6 +9,7 @@ that connection (whatever its driver).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -127,12 +128,14 @@ def encode(job: Job) -> dict[str, Any]:
 
 
 def decode(row: Row) -> Job:
-    """The job stored in ``row``."""
+    """The job stored in ``row``. A jsonb column holding a JSON string (written by hand
+    or by another program) reads as that string, never as an error: the job still runs."""
     values = {name: row[name] for name in _FIELDS}
     values["state"] = JobState(values["state"])
     for name in ("error", "meta", "attempt_history"):
-        if isinstance(values[name], str):  # drivers that leave jsonb as text
-            values[name] = json.loads(values[name])
+        if isinstance(values[name], str):  # drivers that leave jsonb as text (not psycopg)
+            with contextlib.suppress(ValueError):
+                values[name] = json.loads(values[name])
     if values["attempt_history"] is None:
         values["attempt_history"] = []
     return Job(**values)
