@@ -626,6 +626,32 @@ async def test_finish_applies_only_outcomes_of_jobs_the_worker_holds(store: Stor
     assert await state_of(store, c.id) is S.QUEUED
 
 
+def _as_stored(text: str) -> str:
+    """``text`` as a store that cannot hold the character NUL (PostgreSQL) keeps it: each
+    NUL as U+FFFD, the replacement character."""
+    return text.replace("\x00", "\ufffd")
+
+
+async def test_an_error_holding_a_nul_character_is_recorded_with_the_other_outcomes(
+    store: Store,
+) -> None:
+    # int("12\x00")-like messages: a task that parses binary data raises them
+    failing, passing = await store.enqueue([make_job(), make_job()])
+    await take(store)
+    error = {"type": "ValueError", "message": "bad \x00 byte", "traceback": "at \x00"}
+    record = {"attempt": 1, "outcome": "failed", "error": {"message": "bad \x00 byte"}}
+    outcomes = [
+        outcome(failing.id, S.FAILED, error=error, attempt=record),
+        outcome(passing.id, S.SUCCEEDED, result='"ok"'),
+    ]
+    assert await store.finish(outcomes) == [failing.id, passing.id]
+    failed = await store.get(failing.id)
+    assert failed is not None and failed.state is S.FAILED and failed.error is not None
+    assert _as_stored(failed.error["message"]) == _as_stored("bad \x00 byte")
+    assert _as_stored(failed.attempt_history[0]["error"]["message"]) == _as_stored("bad \x00 byte")
+    assert await state_of(store, passing.id) is S.SUCCEEDED
+
+
 async def test_finish_refuses_an_outcome_that_neither_ends_nor_retries(store: Store) -> None:
     job = await add(store)
     await take(store)
@@ -736,6 +762,15 @@ async def test_set_progress_records_progress_of_a_held_job(store: Store) -> None
     await store.set_progress("unknown", worker_id="w1", progress=0.5, message=None)
     stored = await store.get(job.id)
     assert stored is not None and (stored.progress, stored.message) == (0.25, "a quarter")
+
+
+async def test_progress_whose_message_holds_a_nul_character_is_recorded(store: Store) -> None:
+    job = await add(store)
+    await take(store)
+    await store.set_progress(job.id, worker_id="w1", progress=0.5, message="row \x00 read")
+    stored = await store.get(job.id)
+    assert stored is not None and stored.progress == 0.5
+    assert _as_stored(stored.message or "") == _as_stored("row \x00 read")
 
 
 async def test_delete_removes_jobs_in_any_state(store: Store) -> None:

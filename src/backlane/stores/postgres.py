@@ -24,7 +24,6 @@ that lost a deadlock is tried again. The SQL is in ``sql/postgres/`` (see ``post
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,8 +40,10 @@ from .postgres_jobs import (
     caller_session,
     decode,
     enqueue_on,
+    jsonb,
     needs_transaction,
     sort_claimed,
+    without_nul,
 )
 from .postgres_link import Coalescer, PostgresLink, store_error
 from .postgres_schema import parse_url, rendered_queries
@@ -225,10 +226,10 @@ class PostgresStore(Store):
             "state": [o.state.value for o in outcomes],
             "finished_at": [float(o.finished_at) for o in outcomes],
             "result": [o.result for o in outcomes],
-            "error": [None if o.error is None else json.dumps(o.error) for o in outcomes],
+            "error": [None if o.error is None else jsonb(o.error) for o in outcomes],
             "run_at": [_float(o.run_at) for o in outcomes],
             "keep_until": [_float(o.keep_until) for o in outcomes],
-            "attempt": [None if o.attempt is None else json.dumps(o.attempt) for o in outcomes],
+            "attempt": [None if o.attempt is None else jsonb(o.attempt) for o in outcomes],
         }
         rows = await self._run(self._fetch, "finish", params)
         return [row["id"] for row in rows]
@@ -260,12 +261,13 @@ class PostgresStore(Store):
     async def set_progress(
         self, job_id: str, *, worker_id: str, progress: float | None, message: str | None
     ) -> None:
-        """Record progress and message of a job ``worker_id`` holds; otherwise nothing."""
+        """Record progress and message of a job ``worker_id`` holds; otherwise nothing.
+        A NUL in the message is kept as U+FFFD (PostgreSQL text cannot hold one)."""
         params = {
             "id": job_id,
             "worker_id": worker_id,
             "progress": _float(progress),
-            "message": message,
+            "message": None if message is None else without_nul(message),
         }
         await self._run(self._execute, "set_progress", params)
 

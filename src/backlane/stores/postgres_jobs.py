@@ -113,14 +113,38 @@ async def caller_session(connection: Any) -> tuple[Session, Any]:
     )
 
 
+def jsonb(value: Any) -> str:
+    """``value`` as JSON for a jsonb column, which cannot hold the character NUL: each NUL
+    in its strings (an exception's message may carry one) becomes U+FFFD, the replacement
+    character."""
+    text = json.dumps(value)
+    return json.dumps(_without_nul(value)) if "\\u0000" in text else text
+
+
+def without_nul(text: str) -> str:
+    """``text`` for a text column, which cannot hold the character NUL: each NUL becomes
+    U+FFFD, the replacement character."""
+    return text.replace("\x00", "\ufffd")
+
+
+def _without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return without_nul(value)
+    if isinstance(value, dict):
+        return {_without_nul(name): _without_nul(item) for name, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_without_nul(item) for item in value]
+    return value
+
+
 def encode(job: Job) -> dict[str, Any]:
     """``job`` as the parameters of ``insert_job``."""
     values = {name: getattr(job, name) for name in _FIELDS}
     values["state"] = job.state.value
-    values["error"] = None if job.error is None else json.dumps(job.error)
-    values["meta"] = json.dumps(job.meta)
+    values["error"] = None if job.error is None else jsonb(job.error)
+    values["meta"] = jsonb(job.meta)
     history = job.attempt_history
-    values["attempt_history"] = json.dumps(history) if history else None
+    values["attempt_history"] = jsonb(history) if history else None
     for name in _FLOATS:
         if values[name] is not None:
             values[name] = float(values[name])
