@@ -705,6 +705,20 @@ async def test_a_json_column_holding_a_json_string_does_not_stop_claims(
     assert {job.id for job in await store.list_jobs()} == {odd.id, plain.id}
 
 
+async def test_a_nul_character_matches_nothing_and_names_no_job(store: PostgresStore) -> None:
+    # a search typed into the dashboard's URL (text=%00), an id from a script: PostgreSQL
+    # text cannot hold one, so nothing stored does (arguments are JSON, which escapes it)
+    (job,) = await store.enqueue([make_job(payload='{"args":["a\\u0000b"]}')])
+    for text in ("\x00", "a\x00b"):
+        assert await store.list_jobs(text=text) == []
+    assert await store.list_jobs(task="tests:noop\x00") == []
+    assert await store.list_jobs(queue="default\x00", state=S.QUEUED) == []
+    assert await store.get(job.id + "\x00") is None
+    assert await store.cancel(job.id + "\x00", NOW) is None
+    assert await store.retry(job.id + "\x00", NOW) is False
+    assert await store.delete([job.id + "\x00", job.id]) == 1
+
+
 async def test_connections_the_server_ended_while_idle_are_not_used_again(
     pg_url: str,
 ) -> None:

@@ -70,6 +70,12 @@ def _float(value: float | None) -> float | None:
     return None if value is None else float(value)
 
 
+def _holds_nul(*texts: str | None) -> bool:
+    """Whether one of ``texts`` holds the character NUL, which no PostgreSQL text can: such
+    a text names no job and is found in none."""
+    return any(text is not None and "\x00" in text for text in texts)
+
+
 class PostgresStore(Store):
     """Jobs in PostgreSQL (``postgresql://user@host/db?schema=backlane``)."""
 
@@ -251,11 +257,15 @@ class PostgresStore(Store):
         """Deferred or queued: cancelled at ``now``, kept until ``keep_until``. Running:
         ``cancel_requested`` set. Returns the state after, or None when no job has this
         id."""
+        if _holds_nul(job_id):
+            return None
         return await self._run(self._cancel, job_id, float(now), _float(keep_until))
 
     async def retry(self, job_id: str, now: float) -> bool:
         """A failed or cancelled job is queued again to run at ``now``. False when the job
         is missing, in another state, or its key is held by another active job."""
+        if _holds_nul(job_id):
+            return False
         return await self._run(self._retry, job_id, float(now))
 
     async def set_progress(
@@ -273,9 +283,10 @@ class PostgresStore(Store):
 
     async def delete(self, ids: Sequence[str]) -> int:
         """Remove the jobs among ``ids`` whatever their state; successors are freed."""
-        if not ids:
+        wanted = [job_id for job_id in dict.fromkeys(ids) if not _holds_nul(job_id)]
+        if not wanted:
             return 0
-        rows = await self._run(self._fetch, "delete", {"ids": list(dict.fromkeys(ids))})
+        rows = await self._run(self._fetch, "delete", {"ids": wanted})
         return int(rows[0]["n"])
 
     async def purge(self, *, before: float, states: Sequence[JobState] | None = None) -> int:
@@ -302,6 +313,8 @@ class PostgresStore(Store):
 
     async def get(self, job_id: str) -> Job | None:
         """The job with this id, or None."""
+        if _holds_nul(job_id):
+            return None
         rows = await self._run(self._fetch, "get_job", {"id": job_id})
         return decode(rows[0]) if rows else None
 
@@ -324,7 +337,10 @@ class PostgresStore(Store):
         table, then the page is sorted out of them; a plan walking the newest first would
         fetch every row from the heap in index order when few match (a task no job has:
         every row). Otherwise a page past the first starts from the row at ``offset``,
-        found in an index alone."""
+        found in an index alone. A filter holding a NUL matches nothing: no PostgreSQL
+        text can hold one."""
+        if _holds_nul(task, queue, text):
+            return []
         filters = {"state": None if state is None else state.value, "task": task, "queue": queue}
         terms = [f"{name} = %({name})s" for name, value in filters.items() if value is not None]
         params: dict[str, Any] = {**filters, "limit": max(0, limit), "offset": max(0, offset)}
