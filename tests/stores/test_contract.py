@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 from typing import Any
 
 import anyio
@@ -627,19 +628,27 @@ async def test_finish_applies_only_outcomes_of_jobs_the_worker_holds(store: Stor
 
 
 def _as_stored(text: str) -> str:
-    """``text`` as a store that cannot hold the character NUL (PostgreSQL) keeps it: each
-    NUL as U+FFFD, the replacement character."""
-    return text.replace("\x00", "\ufffd")
+    """``text`` as a store that cannot hold the character NUL or a lone surrogate
+    (PostgreSQL) keeps it: each as U+FFFD, the replacement character."""
+    return re.sub("[\x00\ud800-\udfff]", "\ufffd", text)
 
 
-async def test_an_error_holding_a_nul_character_is_recorded_with_the_other_outcomes(
-    store: Store,
+@pytest.mark.parametrize(
+    "odd",
+    [
+        "\x00",  # int("12\x00")-like messages: a task that parses binary data raises them
+        "\udcff",  # a file name decoded with surrogateescape (os.listdir on Linux)
+    ],
+    ids=["NUL", "lone surrogate"],
+)
+async def test_an_error_holding_a_character_utf8_cannot_carry_is_recorded_with_the_rest(
+    store: Store, odd: str
 ) -> None:
-    # int("12\x00")-like messages: a task that parses binary data raises them
     failing, passing = await store.enqueue([make_job(), make_job()])
     await take(store)
-    error = {"type": "ValueError", "message": "bad \x00 byte", "traceback": "at \x00"}
-    record = {"attempt": 1, "outcome": "failed", "error": {"message": "bad \x00 byte"}}
+    message = f"bad {odd} name"
+    error = {"type": "ValueError", "message": message, "traceback": f"ValueError: {message}"}
+    record = {"attempt": 1, "outcome": "failed", "error": {"message": message}}
     outcomes = [
         outcome(failing.id, S.FAILED, error=error, attempt=record),
         outcome(passing.id, S.SUCCEEDED, result='"ok"'),
@@ -647,8 +656,8 @@ async def test_an_error_holding_a_nul_character_is_recorded_with_the_other_outco
     assert await store.finish(outcomes) == [failing.id, passing.id]
     failed = await store.get(failing.id)
     assert failed is not None and failed.state is S.FAILED and failed.error is not None
-    assert _as_stored(failed.error["message"]) == _as_stored("bad \x00 byte")
-    assert _as_stored(failed.attempt_history[0]["error"]["message"]) == _as_stored("bad \x00 byte")
+    assert _as_stored(failed.error["message"]) == _as_stored(message)
+    assert _as_stored(failed.attempt_history[0]["error"]["message"]) == _as_stored(message)
     assert await state_of(store, passing.id) is S.SUCCEEDED
 
 

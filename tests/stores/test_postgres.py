@@ -719,6 +719,18 @@ async def test_a_nul_character_matches_nothing_and_names_no_job(store: PostgresS
     assert await store.delete([job.id + "\x00", job.id]) == 1
 
 
+async def test_a_progress_message_holding_a_lone_surrogate_is_kept_as_u_fffd(
+    store: PostgresStore,
+) -> None:
+    # a file name decoded with surrogateescape, reported by ctx.progress(): the task must
+    # not fail for it
+    (job,) = await store.enqueue([make_job()])
+    await store.claim(worker_id="w1", queues=None, limit=1, now=NOW, lease_until=NOW + LEASE)
+    await store.set_progress(job.id, worker_id="w1", progress=0.5, message="read \udcff.csv")
+    stored = await store.get(job.id)
+    assert stored is not None and stored.message == "read \ufffd.csv"
+
+
 async def test_connections_the_server_ended_while_idle_are_not_used_again(
     pg_url: str,
 ) -> None:

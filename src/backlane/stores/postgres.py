@@ -43,7 +43,7 @@ from .postgres_jobs import (
     jsonb,
     needs_transaction,
     sort_claimed,
-    without_nul,
+    storable,
 )
 from .postgres_link import Coalescer, PostgresLink, store_error
 from .postgres_schema import parse_url, rendered_queries
@@ -272,12 +272,13 @@ class PostgresStore(Store):
         self, job_id: str, *, worker_id: str, progress: float | None, message: str | None
     ) -> None:
         """Record progress and message of a job ``worker_id`` holds; otherwise nothing.
-        A NUL in the message is kept as U+FFFD (PostgreSQL text cannot hold one)."""
+        A NUL or lone surrogate in the message is kept as U+FFFD (PostgreSQL text cannot
+        hold one)."""
         params = {
             "id": job_id,
             "worker_id": worker_id,
             "progress": _float(progress),
-            "message": None if message is None else without_nul(message),
+            "message": None if message is None else storable(message),
         }
         await self._run(self._execute, "set_progress", params)
 

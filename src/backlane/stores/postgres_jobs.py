@@ -113,27 +113,32 @@ async def caller_session(connection: Any) -> tuple[Session, Any]:
     )
 
 
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
 def jsonb(value: Any) -> str:
-    """``value`` as JSON for a jsonb column, which cannot hold the character NUL: each NUL
-    in its strings (an exception's message may carry one) becomes U+FFFD, the replacement
-    character."""
+    """``value`` as JSON for a jsonb column, which cannot hold the character NUL nor a lone
+    surrogate (a file name decoded with surrogateescape): each of those in its strings (an
+    exception's message may carry one) becomes U+FFFD, the replacement character."""
     text = json.dumps(value)
-    return json.dumps(_without_nul(value)) if "\\u0000" in text else text
+    if "\\u0000" in text or "\\ud" in text:  # \ud: a surrogate, lone or half of a pair
+        return json.dumps(_storable(value))
+    return text
 
 
-def without_nul(text: str) -> str:
-    """``text`` for a text column, which cannot hold the character NUL: each NUL becomes
-    U+FFFD, the replacement character."""
-    return text.replace("\x00", "\ufffd")
+def storable(text: str) -> str:
+    """``text`` for a text column, which cannot hold the character NUL nor a lone
+    surrogate: each of those becomes U+FFFD, the replacement character."""
+    return _UNSTORABLE.sub("\ufffd", text)
 
 
-def _without_nul(value: Any) -> Any:
+def _storable(value: Any) -> Any:
     if isinstance(value, str):
-        return without_nul(value)
+        return storable(value)
     if isinstance(value, dict):
-        return {_without_nul(name): _without_nul(item) for name, item in value.items()}
+        return {_storable(name): _storable(item) for name, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_without_nul(item) for item in value]
+        return [_storable(item) for item in value]
     return value
 
 

@@ -47,6 +47,7 @@ from .redis_codec import (
     jobs_json,
     number,
     outcomes_json,
+    plain_text,
     worker_json,
 )
 from .redis_link import (
@@ -535,9 +536,11 @@ class RedisStore(Store):
     async def set_progress(
         self, job_id: str, *, worker_id: str, progress: float | None, message: str | None
     ) -> None:
-        """Record progress and message of a job ``worker_id`` holds; otherwise nothing."""
+        """Record progress and message of a job ``worker_id`` holds; otherwise nothing.
+        A lone surrogate in the message is kept as U+FFFD (Redis takes UTF-8 only)."""
         has_message = "0" if message is None else "1"
-        await self._call("progress", job_id, worker_id, _opt(progress), has_message, message or "")
+        text = "" if message is None else plain_text(message)
+        await self._call("progress", job_id, worker_id, _opt(progress), has_message, text)
 
     async def delete(self, ids: Sequence[str]) -> int:
         """Remove the jobs among ``ids`` whatever their state; successors are freed."""

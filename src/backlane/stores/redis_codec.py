@@ -9,6 +9,7 @@ so nothing is rounded on the way.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -17,6 +18,29 @@ from ..jobs import Job, JobState
 from .base import Outcome, WorkerRecord
 
 _STATES = {state.value: state for state in JobState}
+
+
+def json_text(value: Any) -> str:
+    """``value`` as compact JSON that Redis can carry: non-ASCII characters as they are,
+    unless a string holds a lone surrogate (a file name decoded with surrogateescape, in an
+    exception's message), which no UTF-8 can: then every one as its escape, which reads
+    back the same."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            return json.dumps(value, separators=(",", ":"))
+    return text
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def plain_text(text: str) -> str:
+    """``text`` for a field Redis keeps as it is (a progress message): each lone surrogate,
+    which no UTF-8 can carry, becomes U+FFFD, the replacement character."""
+    return text if text.isascii() else _SURROGATE.sub("\ufffd", text)
 
 
 def number(value: float) -> str:
@@ -42,7 +66,7 @@ def job_fields(job: Job) -> dict[str, str]:
         "attempts": str(int(job.attempts)),
         "run_at": repr(float(job.run_at)),
         "created_at": repr(float(job.created_at)),
-        "meta": json.dumps(meta, separators=(",", ":"), ensure_ascii=False) if meta else "{}",
+        "meta": json_text(meta) if meta else "{}",
     }
     for name in _TEXT:
         text = values[name]
@@ -53,13 +77,11 @@ def job_fields(job: Job) -> dict[str, str]:
         if value is not None:
             fields[name] = repr(float(value))
     if job.error is not None:
-        fields["error"] = json.dumps(job.error, separators=(",", ":"), ensure_ascii=False)
+        fields["error"] = json_text(job.error)
     if job.cancel_requested:
         fields["cancel_requested"] = "1"
     if job.attempt_history:
-        fields["history"] = json.dumps(
-            job.attempt_history, separators=(",", ":"), ensure_ascii=False
-        )
+        fields["history"] = json_text(job.attempt_history)
     return fields
 
 
@@ -192,13 +214,13 @@ def outcomes_json(outcomes: Sequence[Outcome]) -> str:
         if o.result is not None:
             row["result"] = o.result
         if o.error is not None:
-            row["error"] = json.dumps(o.error, separators=(",", ":"), ensure_ascii=False)
+            row["error"] = json_text(o.error)
         if o.run_at is not None:
             row["run_at"] = number(o.run_at)
         if o.keep_until is not None:
             row["keep_until"] = number(o.keep_until)
         if o.attempt is not None:  # appended to the job's history as this very text
-            row["attempt"] = json.dumps(o.attempt, separators=(",", ":"), ensure_ascii=False)
+            row["attempt"] = json_text(o.attempt)
         rows.append(row)
     return json.dumps(rows, ensure_ascii=False)
 
