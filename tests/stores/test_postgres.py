@@ -705,18 +705,23 @@ async def test_a_json_column_holding_a_json_string_does_not_stop_claims(
     assert {job.id for job in await store.list_jobs()} == {odd.id, plain.id}
 
 
-async def test_a_nul_character_matches_nothing_and_names_no_job(store: PostgresStore) -> None:
-    # a search typed into the dashboard's URL (text=%00), an id from a script: PostgreSQL
-    # text cannot hold one, so nothing stored does (arguments are JSON, which escapes it)
+@pytest.mark.parametrize("odd", ["\x00", "\udcff"], ids=["NUL", "lone surrogate"])
+async def test_text_postgresql_cannot_hold_matches_nothing_and_names_no_job(
+    store: PostgresStore, odd: str
+) -> None:
+    # a search typed into the dashboard's URL (text=%00), an id from a script: no
+    # PostgreSQL text holds one, so nothing stored does (arguments are JSON, which escapes)
     (job,) = await store.enqueue([make_job(payload='{"args":["a\\u0000b"]}')])
-    for text in ("\x00", "a\x00b"):
+    for text in (odd, f"a{odd}b"):
         assert await store.list_jobs(text=text) == []
-    assert await store.list_jobs(task="tests:noop\x00") == []
-    assert await store.list_jobs(queue="default\x00", state=S.QUEUED) == []
-    assert await store.get(job.id + "\x00") is None
-    assert await store.cancel(job.id + "\x00", NOW) is None
-    assert await store.retry(job.id + "\x00", NOW) is False
-    assert await store.delete([job.id + "\x00", job.id]) == 1
+    assert await store.list_jobs(task=f"tests:noop{odd}") == []
+    assert await store.list_jobs(queue=f"default{odd}", state=S.QUEUED) == []
+    assert await store.get(job.id + odd) is None
+    assert await store.cancel(job.id + odd, NOW) is None
+    assert await store.retry(job.id + odd, NOW) is False
+    assert await store.delete([job.id + odd, job.id]) == 1
+    with pytest.raises(StoreError, match="PostgreSQL"):  # not stored: said as a store error
+        await store.enqueue([make_job(key=f"k{odd}")])
 
 
 async def test_a_progress_message_holding_a_lone_surrogate_is_kept_as_u_fffd(

@@ -70,10 +70,10 @@ def _float(value: float | None) -> float | None:
     return None if value is None else float(value)
 
 
-def _holds_nul(*texts: str | None) -> bool:
-    """Whether one of ``texts`` holds the character NUL, which no PostgreSQL text can: such
-    a text names no job and is found in none."""
-    return any(text is not None and "\x00" in text for text in texts)
+def _unstorable(*texts: str | None) -> bool:
+    """Whether one of ``texts`` holds the character NUL or a lone surrogate, which no
+    PostgreSQL text can: such a text names no job and is found in none."""
+    return any(text is not None and storable(text) != text for text in texts)
 
 
 class PostgresStore(Store):
@@ -257,14 +257,14 @@ class PostgresStore(Store):
         """Deferred or queued: cancelled at ``now``, kept until ``keep_until``. Running:
         ``cancel_requested`` set. Returns the state after, or None when no job has this
         id."""
-        if _holds_nul(job_id):
+        if _unstorable(job_id):
             return None
         return await self._run(self._cancel, job_id, float(now), _float(keep_until))
 
     async def retry(self, job_id: str, now: float) -> bool:
         """A failed or cancelled job is queued again to run at ``now``. False when the job
         is missing, in another state, or its key is held by another active job."""
-        if _holds_nul(job_id):
+        if _unstorable(job_id):
             return False
         return await self._run(self._retry, job_id, float(now))
 
@@ -284,7 +284,7 @@ class PostgresStore(Store):
 
     async def delete(self, ids: Sequence[str]) -> int:
         """Remove the jobs among ``ids`` whatever their state; successors are freed."""
-        wanted = [job_id for job_id in dict.fromkeys(ids) if not _holds_nul(job_id)]
+        wanted = [job_id for job_id in dict.fromkeys(ids) if not _unstorable(job_id)]
         if not wanted:
             return 0
         rows = await self._run(self._fetch, "delete", {"ids": wanted})
@@ -314,7 +314,7 @@ class PostgresStore(Store):
 
     async def get(self, job_id: str) -> Job | None:
         """The job with this id, or None."""
-        if _holds_nul(job_id):
+        if _unstorable(job_id):
             return None
         rows = await self._run(self._fetch, "get_job", {"id": job_id})
         return decode(rows[0]) if rows else None
@@ -338,9 +338,9 @@ class PostgresStore(Store):
         table, then the page is sorted out of them; a plan walking the newest first would
         fetch every row from the heap in index order when few match (a task no job has:
         every row). Otherwise a page past the first starts from the row at ``offset``,
-        found in an index alone. A filter holding a NUL matches nothing: no PostgreSQL
-        text can hold one."""
-        if _holds_nul(task, queue, text):
+        found in an index alone. A filter holding a NUL or a lone surrogate matches
+        nothing: no PostgreSQL text can hold one."""
+        if _unstorable(task, queue, text):
             return []
         filters = {"state": None if state is None else state.value, "task": task, "queue": queue}
         terms = [f"{name} = %({name})s" for name, value in filters.items() if value is not None]

@@ -320,6 +320,11 @@ class PostgresLink:
                 log.debug("retrying a statement that lost a deadlock: %s", exc)
             except psycopg.Error as exc:
                 raise store_error(self.settings, exc) from exc
+            except UnicodeEncodeError as exc:  # a lone surrogate: raised before sending
+                raise StoreError(
+                    f"PostgreSQL store (schema {self.settings.schema}): cannot send this to "
+                    f"PostgreSQL: {exc}"
+                ) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _start(self) -> None:
