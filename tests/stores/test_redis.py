@@ -114,6 +114,9 @@ def test_store_from_url_picks_the_redis_store() -> None:
     ("given", "complaint"),
     [
         ("redis://h/0?prefix=", "empty prefix"),
+        ("redis://h/abc", "database 'abc' is not a number"),
+        ("redis://h/0/1", "database '0/1'"),
+        ("redis://h/-1", "database '-1'"),
         ("redis://h/0?prefix=a:&prefix=b:", "prefix twice"),
         ("redis://h/0?max_connections=5", "unsupported option"),
         ("redis://h/0?socket_timeout=soon", "socket_timeout"),

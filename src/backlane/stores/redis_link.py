@@ -196,6 +196,13 @@ def parse_redis_url(url: str) -> RedisURL:
             f"not a Redis URL: {safe!r}; write redis://host:6379/0, "
             "rediss://host:6380/0 or unix:///path/to/redis.sock?db=0"
         )
+    database = "" if parts.scheme == "unix" else parts.path.strip("/")
+    if database and not (database.isascii() and database.isdigit()):
+        # redis-py would quietly take database 0
+        raise ConfigurationError(
+            f"Redis URL {safe!r}: the database {database!r} is not a number; write "
+            "redis://host:6379/0"
+        )
     query = parse_qsl(parts.query, keep_blank_values=True)
     prefixes = [value for name, value in query if name == "prefix"]
     if len(prefixes) > 1:
