@@ -120,6 +120,8 @@ def test_the_url_names_schema_migration_and_pool(
         ("postgresql://h/db?schema=" + "x" * 49, "not a plain name"),
         ("postgresql://h/db?auto_migrate=maybe", "auto_migrate must be 1 or 0"),
         ("postgresql://h/db?pool_size=0", "pool_size must be a whole number above 0"),
+        ("postgresql://h/db?schema=jobs&schema=other", "names schema twice"),
+        ("postgresql://h/db?auto_migrate=0&auto_migrate=1", "names auto_migrate twice"),
         ("mysql://h/db", "not a PostgreSQL URL"),
     ],
 )
