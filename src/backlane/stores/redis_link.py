@@ -24,6 +24,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import math
 import ssl
 import sys
 import threading
@@ -132,6 +133,10 @@ class Endpoint:
         check = options.get("ssl_check_hostname", True)
         if isinstance(check, str):
             raise ValueError(f"ssl_check_hostname must be true or false, not {check!r}")
+        for name in ("socket_timeout", "socket_connect_timeout"):
+            seconds = options.get(name)  # 0 or less: every reply overdue, a watchdog spinning
+            if seconds is not None and not 0 < seconds < math.inf:
+                raise ValueError(f"{name} must be a number of seconds above 0, not {seconds!r}")
         return cls(tls=tls, **options)
 
     def describe(self) -> str:
