@@ -139,6 +139,19 @@ def test_show_gives_the_whole_job_with_its_traceback(url: str, mixed: dict[str, 
     assert "needs_flag" in data["error"]["traceback"]
 
 
+def test_show_json_of_a_failed_job_kept_forever(url: str, tmp_path: Path) -> None:
+    forever = Backlane(url, retries=0, keep_failed=float("inf"))  # "keep failed jobs forever"
+    try:
+        job_id = enqueue(forever, needs_flag, str(tmp_path / "flag"))
+        assert drain(forever) == 1
+    finally:
+        anyio.run(forever.close)
+    result = invoke("show", job_id, "--url", url, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["state"] == "failed" and data["keep_until"] is None
+
+
 def test_show_json_of_a_job_whose_arguments_are_not_json(url: str, lane: Backlane) -> None:
     # stored by another program, or mended by hand: the worker fails it, and show must
     # still show it, arguments as stored

@@ -303,8 +303,14 @@ def _full(job: Job) -> dict[str, Any]:
 
 
 def _iso(ts: float | None) -> str | None:
-    """A time for scripts: ISO 8601 in UTC, as the status API gives it."""
-    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
+    """A time for scripts: ISO 8601 in UTC, as the status API gives it; None for none, and
+    for one beyond the calendar (``keep_failed=inf``: kept until removed by hand)."""
+    if ts is None:
+        return None
+    try:
+        return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def _when(ts: float | None) -> str:
