@@ -738,6 +738,16 @@ async def test_a_progress_message_holding_a_lone_surrogate_is_kept_as_u_fffd(
     assert stored is not None and stored.message == "read \ufffd.csv"
 
 
+@pytest.mark.parametrize("field", ["key", "queue"])
+async def test_a_key_or_queue_too_long_to_index_is_refused_naming_it(
+    store: PostgresStore, field: str
+) -> None:
+    too_long = os.urandom(6000).hex()  # incompressible: PostgreSQL cannot index it
+    with pytest.raises(StoreError, match="idempotency key or a queue name that long"):
+        await store.enqueue([make_job(**{field: too_long})])
+    assert await store.counts() == {}
+
+
 async def test_connections_the_server_ended_while_idle_are_not_used_again(
     pg_url: str,
 ) -> None:

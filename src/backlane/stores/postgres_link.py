@@ -62,6 +62,12 @@ def store_error(settings: PostgresSettings, exc: psycopg.Error) -> StoreError:
             f"PostgreSQL store: {exc}; is the connection to the store's database, and "
             f"was the schema {settings.schema!r} migrated?"
         )
+    if isinstance(exc, pg_errors.ProgramLimitExceeded):  # an index entry over its limit
+        return StoreError(
+            f"PostgreSQL store (schema {settings.schema}): {exc}; an idempotency key or a "
+            "queue name that long cannot be indexed: keep each under 2,000 bytes (a key "
+            "can be a hash of a longer one)"
+        )
     return StoreError(f"PostgreSQL store (schema {settings.schema}): {exc}")
 
 
