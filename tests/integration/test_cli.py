@@ -139,6 +139,33 @@ def test_show_gives_the_whole_job_with_its_traceback(url: str, mixed: dict[str, 
     assert "needs_flag" in data["error"]["traceback"]
 
 
+def test_show_json_of_a_failed_job_kept_forever(url: str, tmp_path: Path) -> None:
+    forever = Backlane(url, retries=0, keep_failed=float("inf"))  # "keep failed jobs forever"
+    try:
+        job_id = enqueue(forever, needs_flag, str(tmp_path / "flag"))
+        assert drain(forever) == 1
+    finally:
+        anyio.run(forever.close)
+    result = invoke("show", job_id, "--url", url, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["state"] == "failed" and data["keep_until"] is None
+
+
+def test_show_json_of_a_job_whose_arguments_are_not_json(url: str, lane: Backlane) -> None:
+    # stored by another program, or mended by hand: the worker fails it, and show must
+    # still show it, arguments as stored
+    job = Job(task=f"{MODULE}:double", payload="{n: 1", created_at=time.time())
+    job.run_at = job.created_at
+    anyio.run(lane.enqueue_jobs, [job])
+    assert drain(lane) == 1
+    result = invoke("show", job.id, "--url", url, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["state"] == "failed"
+    assert data["arguments"] == "{n: 1"
+
+
 def test_retry_queues_a_failed_job_again_and_a_worker_runs_it(
     url: str, lane: Backlane, mixed: dict[str, Any]
 ) -> None:
@@ -222,6 +249,29 @@ def test_purge_removes_only_jobs_that_ended_long_enough_ago(url: str, lane: Back
     assert invoke("purge", "--older-than", "2h", "--url", url).stdout.startswith("Removed 0")
     assert invoke("purge", "--older-than", "30m", "--url", url).stdout.startswith("Removed 1")
     assert remaining() == {"old-queued", "old-running"}
+
+
+@pytest.mark.parametrize("age", ["1000000d", "99999999999999999999d", "9" * 400 + "s"])
+def test_purge_older_than_the_calendar_goes_back_removes_nothing(
+    url: str, lane: Backlane, age: str
+) -> None:
+    job_id = enqueue(lane, double, 1)
+    assert drain(lane) == 1
+    result = invoke("purge", "--older-than", age, "--url", url)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("Removed 0 jobs")
+    assert stored(lane, job_id) is not None
+
+
+def test_show_a_job_due_later_than_the_calendar_goes(url: str, lane: Backlane) -> None:
+    async def go() -> str:
+        handle = await lane.task_for(double).options(delay=1e300).enqueue(1)
+        return handle.id
+
+    job_id = anyio.run(go)
+    result = invoke("show", job_id, "--url", url)
+    assert result.exit_code == 0, result.output
+    assert "1e+300" in result.stdout
 
 
 @pytest.mark.parametrize("age", ["7", "7x", "-1d", "d", "1.d", "7 days", ""])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 from typing import Any
 
 import anyio
@@ -16,6 +17,7 @@ import pytest
 from backlane.exceptions import StoreError
 from backlane.jobs import Job, JobState
 from backlane.stores.base import Outcome, Store
+from backlane.tasks import PRIORITY_RANGE
 
 pytestmark = pytest.mark.anyio
 
@@ -153,6 +155,20 @@ async def test_claim_orders_by_priority_then_run_at_then_enqueue_order(store: St
     await store.enqueue([a, b, c, d, e, f])
     expected = [b.id, e.id, c.id, a.id, d.id, f.id]
     assert await take(store, limit=3) + await take(store, limit=3) == expected
+
+
+@pytest.mark.parametrize("queues", [None, ["default"]], ids=["any queue", "given queues"])
+async def test_the_lowest_and_highest_priorities_are_stored_and_claimed_in_order(
+    store: Store, queues: list[str] | None
+) -> None:
+    low, high = PRIORITY_RANGE  # all that task options accept
+    lowest = await add(store, priority=low)
+    later = await add(store, priority=low, run_at=NOW + 60)
+    highest = await add(store, priority=high)
+    middle = await add(store, priority=0)
+    assert await take(store, queues=queues) == [highest.id, middle.id, lowest.id]
+    assert await take(store, queues=queues, now=NOW + 60) == [later.id]
+    assert (await store.get(lowest.id)).priority == low  # type: ignore[union-attr]
 
 
 async def test_claim_order_holds_across_queues(store: Store) -> None:
@@ -644,6 +660,40 @@ async def test_finish_applies_only_outcomes_of_jobs_the_worker_holds(store: Stor
     assert await state_of(store, c.id) is S.QUEUED
 
 
+def _as_stored(text: str) -> str:
+    """``text`` as a store that cannot hold the character NUL or a lone surrogate
+    (PostgreSQL) keeps it: each as U+FFFD, the replacement character."""
+    return re.sub("[\x00\ud800-\udfff]", "\ufffd", text)
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        "\x00",  # int("12\x00")-like messages: a task that parses binary data raises them
+        "\udcff",  # a file name decoded with surrogateescape (os.listdir on Linux)
+    ],
+    ids=["NUL", "lone surrogate"],
+)
+async def test_an_error_holding_a_character_utf8_cannot_carry_is_recorded_with_the_rest(
+    store: Store, odd: str
+) -> None:
+    failing, passing = await store.enqueue([make_job(), make_job()])
+    await take(store)
+    message = f"bad {odd} name"
+    error = {"type": "ValueError", "message": message, "traceback": f"ValueError: {message}"}
+    record = {"attempt": 1, "outcome": "failed", "error": {"message": message}}
+    outcomes = [
+        outcome(failing.id, S.FAILED, error=error, attempt=record),
+        outcome(passing.id, S.SUCCEEDED, result='"ok"'),
+    ]
+    assert await store.finish(outcomes) == [failing.id, passing.id]
+    failed = await store.get(failing.id)
+    assert failed is not None and failed.state is S.FAILED and failed.error is not None
+    assert _as_stored(failed.error["message"]) == _as_stored(message)
+    assert _as_stored(failed.attempt_history[0]["error"]["message"]) == _as_stored(message)
+    assert await state_of(store, passing.id) is S.SUCCEEDED
+
+
 async def test_finish_refuses_an_outcome_that_neither_ends_nor_retries(store: Store) -> None:
     job = await add(store)
     await take(store)
@@ -754,6 +804,15 @@ async def test_set_progress_records_progress_of_a_held_job(store: Store) -> None
     await store.set_progress("unknown", worker_id="w1", progress=0.5, message=None)
     stored = await store.get(job.id)
     assert stored is not None and (stored.progress, stored.message) == (0.25, "a quarter")
+
+
+async def test_progress_whose_message_holds_a_nul_character_is_recorded(store: Store) -> None:
+    job = await add(store)
+    await take(store)
+    await store.set_progress(job.id, worker_id="w1", progress=0.5, message="row \x00 read")
+    stored = await store.get(job.id)
+    assert stored is not None and stored.progress == 0.5
+    assert _as_stored(stored.message or "") == _as_stored("row \x00 read")
 
 
 async def test_delete_removes_jobs_in_any_state(store: Store) -> None:

@@ -120,6 +120,8 @@ def test_the_url_names_schema_migration_and_pool(
         ("postgresql://h/db?schema=" + "x" * 49, "not a plain name"),
         ("postgresql://h/db?auto_migrate=maybe", "auto_migrate must be 1 or 0"),
         ("postgresql://h/db?pool_size=0", "pool_size must be a whole number above 0"),
+        ("postgresql://h/db?schema=jobs&schema=other", "names schema twice"),
+        ("postgresql://h/db?auto_migrate=0&auto_migrate=1", "names auto_migrate twice"),
         ("mysql://h/db", "not a PostgreSQL URL"),
     ],
 )
@@ -687,6 +689,88 @@ async def test_listening_comes_back_after_the_connection_is_killed(
         tg.start_soon(after, 0.2, elsewhere.enqueue, [make_job()])
         took = await woken_within(store)
     assert took < 1.0
+
+
+@pytest.mark.parametrize("column", ["meta", "error", "attempt_history"])
+async def test_a_json_column_holding_a_json_string_does_not_stop_claims(
+    store: PostgresStore, column: str
+) -> None:
+    # written by hand or by another program: the claim must still hand out its jobs, and
+    # the job must still read (psycopg gives a jsonb string as a str, not as JSON text)
+    odd, plain = await store.enqueue([make_job(), make_job()])
+    jobs = f"{store.settings.quoted_schema}.jobs"
+    await scalar(f"UPDATE {jobs} SET {column} = %s WHERE id = %s RETURNING 1", '"odd"', odd.id)
+    claimed = await store.claim(worker_id="w", queues=None, limit=5, now=NOW, lease_until=NOW)
+    assert [job.id for job in claimed] == [odd.id, plain.id]
+    held = await store.get(odd.id)
+    assert held is not None and held.state is S.RUNNING
+    assert {job.id for job in await store.list_jobs()} == {odd.id, plain.id}
+
+
+@pytest.mark.parametrize("odd", ["\x00", "\udcff"], ids=["NUL", "lone surrogate"])
+async def test_text_postgresql_cannot_hold_matches_nothing_and_names_no_job(
+    store: PostgresStore, odd: str
+) -> None:
+    # a search typed into the dashboard's URL (text=%00), an id from a script: no
+    # PostgreSQL text holds one, so nothing stored does (arguments are JSON, which escapes)
+    (job,) = await store.enqueue([make_job(payload='{"args":["a\\u0000b"]}')])
+    for text in (odd, f"a{odd}b"):
+        assert await store.list_jobs(text=text) == []
+    assert await store.list_jobs(task=f"tests:noop{odd}") == []
+    assert await store.list_jobs(queue=f"default{odd}", state=S.QUEUED) == []
+    assert await store.get(job.id + odd) is None
+    assert await store.cancel(job.id + odd, NOW) is None
+    assert await store.retry(job.id + odd, NOW) is False
+    assert await store.delete([job.id + odd, job.id]) == 1
+    with pytest.raises(StoreError, match="PostgreSQL"):  # not stored: said as a store error
+        await store.enqueue([make_job(key=f"k{odd}")])
+
+
+async def test_a_progress_message_holding_a_lone_surrogate_is_kept_as_u_fffd(
+    store: PostgresStore,
+) -> None:
+    # a file name decoded with surrogateescape, reported by ctx.progress(): the task must
+    # not fail for it
+    (job,) = await store.enqueue([make_job()])
+    await store.claim(worker_id="w1", queues=None, limit=1, now=NOW, lease_until=NOW + LEASE)
+    await store.set_progress(job.id, worker_id="w1", progress=0.5, message="read \udcff.csv")
+    stored = await store.get(job.id)
+    assert stored is not None and stored.message == "read \ufffd.csv"
+
+
+@pytest.mark.parametrize("field", ["key", "queue"])
+async def test_a_key_or_queue_too_long_to_index_is_refused_naming_it(
+    store: PostgresStore, field: str
+) -> None:
+    too_long = os.urandom(6000).hex()  # incompressible: PostgreSQL cannot index it
+    with pytest.raises(StoreError, match="idempotency key or a queue name that long"):
+        await store.enqueue([make_job(**{field: too_long})])
+    assert await store.counts() == {}
+
+
+async def test_connections_the_server_ended_while_idle_are_not_used_again(
+    pg_url: str,
+) -> None:
+    # a server restart, a failover, idle_session_timeout or a DBA's pg_terminate_backend:
+    # the next verbs must not fail for a connection that was dead before they began
+    name = f"bl-{uuid.uuid4().hex[:8]}"
+    store = PostgresStore(f"{pg_url}&application_name={name}")
+    await store.open()
+    try:
+        await asyncio.gather(*(store.counts() for _ in range(3)))  # a few idle connections
+        sessions = "SELECT array_agg(pid) FROM pg_stat_activity WHERE application_name = %s"
+        pids = await scalar(sessions, name)
+        assert pids
+        await scalar("SELECT count(pg_terminate_backend(pid)) FROM unnest(%s::int[]) AS pid", pids)
+        with anyio.fail_after(10):
+            while set(await scalar(sessions, name) or ()) & set(pids):
+                await anyio.sleep(0.02)
+        (job,) = await store.enqueue([make_job()])
+        assert await store.get(job.id) == job
+        assert await store.cancel(job.id, NOW) is S.CANCELLED
+        assert await store.counts() == {"default": {S.CANCELLED: 1}}
+    finally:
+        await store.close()
 
 
 # -- growth, and leaving nothing behind ---------------------------------------------------

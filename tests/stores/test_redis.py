@@ -114,9 +114,16 @@ def test_store_from_url_picks_the_redis_store() -> None:
     ("given", "complaint"),
     [
         ("redis://h/0?prefix=", "empty prefix"),
+        ("redis://h/abc", "database 'abc' is not a number"),
+        ("redis://h/0/1", "database '0/1'"),
+        ("redis://h/-1", "database '-1'"),
         ("redis://h/0?prefix=a:&prefix=b:", "prefix twice"),
         ("redis://h/0?max_connections=5", "unsupported option"),
         ("redis://h/0?socket_timeout=soon", "socket_timeout"),
+        ("redis://h/0?socket_timeout=0", "socket_timeout must be a number of seconds above 0"),
+        ("redis://h/0?socket_timeout=-1", "socket_timeout must be a number of seconds above 0"),
+        ("redis://h/0?socket_timeout=nan", "socket_timeout must be a number of seconds above 0"),
+        ("redis://h/0?socket_connect_timeout=0", "socket_connect_timeout must be a number"),
         ("rediss://h/0?ssl_cert_reqs=maybe", "ssl_cert_reqs"),
         ("http://h/0", "not a Redis URL"),
     ],
@@ -421,6 +428,57 @@ async def test_a_finish_and_claim_sent_twice_after_a_lost_reply_acts_once(
     assert [decode_job(f).id for f in again[3:]] == [decode_job(f).id for f in first[3:]]
     assert (await store.get(held.id)).attempts == 1  # type: ignore[union-attr]
     assert await store.counts() == {"default": {S.QUEUED: 2, S.RUNNING: 1}}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("meta", "{not json"), ("history", "[oops"), ("priority", "high"), ("task", None)],
+)
+@pytest.mark.parametrize("verb", ["claim", "finish_and_claim"])
+async def test_a_job_whose_hash_cannot_be_read_ends_failed_and_the_claim_goes_on(
+    store: RedisStore, verb: str, field: str, value: str | None
+) -> None:
+    bad, good = await store.enqueue([make_job(), make_job()])
+    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    key = f"{store.prefix}job:{bad.id}"
+    original = client.hget(key, field)
+    if value is None:
+        client.hdel(key, field)
+    else:
+        client.hset(key, field, value)
+    try:
+        if verb == "claim":
+            claimed = await store.claim(**claim_args())
+        else:
+            claimed = (await store.finish_and_claim([], **claim_args()))[1]
+        assert [job.id for job in claimed] == [good.id]
+        assert await store.claim(**claim_args(worker_id="w2")) == []  # never claimed again
+        assert await store.counts() == {"default": {S.RUNNING: 1, S.FAILED: 1}}
+        with pytest.raises(StoreError, match=f"job {bad.id}: .*field '{field}'"):
+            await store.get(bad.id)
+        with pytest.raises(StoreError, match=f"job {bad.id}: .*field '{field}'"):
+            await store.list_jobs()
+        if original is None:  # the field mended by hand: the job reads again
+            client.hdel(key, field)
+        else:
+            client.hset(key, field, original)
+    finally:
+        client.close()
+    failed = await store.get(bad.id)
+    assert failed is not None and failed.state is S.FAILED and failed.worker_id == "w1"
+    assert failed.error is not None and f"field '{field}'" in failed.error["message"]
+
+
+async def test_a_progress_message_holding_a_lone_surrogate_is_kept_as_u_fffd(
+    store: RedisStore,
+) -> None:
+    # a file name decoded with surrogateescape, reported by ctx.progress(): the task must
+    # not fail for it
+    (job,) = await store.enqueue([make_job()])
+    await store.claim(worker_id="w1", queues=None, limit=1, now=NOW, lease_until=NOW + LEASE)
+    await store.set_progress(job.id, worker_id="w1", progress=0.5, message="read \udcff.csv")
+    stored = await store.get(job.id)
+    assert stored is not None and stored.message == "read \ufffd.csv"
 
 
 async def test_times_and_text_come_back_exactly(store: RedisStore) -> None:

@@ -153,3 +153,18 @@ async def test_a_minute_whose_jobs_are_all_gone_leaves_no_tally(store: RedisStor
         assert await store.retry(job_id, minute + 10)
     assert await store.stats(since=0.0, width=60.0) == []
     assert await _tally_keys(store) == []
+
+
+@pytest.mark.parametrize("wait", [62_135_596_800.0, 1e300], ids=["since year 1", "1e300 s"])
+async def test_jobs_due_ages_before_they_ran_end_and_go_like_any_other(
+    store: RedisStore, wait: float
+) -> None:
+    # at=datetime(1, 1, 1, tzinfo=utc), or delay=-1e300: both legal, and each job's wait
+    # is more microseconds than a tally can add exactly
+    minute = _minute_ago(10)
+    ids = await _end([store], 2, ended=minute + 1, wait=wait)
+    assert await store.counts() == {"default": {S.SUCCEEDED: 2}}
+    assert [b.succeeded for b in await store.stats(since=minute, width=60.0)] == [2]
+    assert await store.delete(ids) == 2
+    assert await store.stats(since=minute, width=60.0) == []
+    assert await _tally_keys(store) == []

@@ -281,10 +281,15 @@ def counts(as_json: JsonOption = False, url: UrlOption = None, app: AppOption = 
 
 
 def _full(job: Job) -> dict[str, Any]:
-    """Everything stored about ``job``: the public view plus arguments and bookkeeping."""
+    """Everything stored about ``job``: the public view plus arguments (the stored text
+    when it is not JSON: a job no worker could run) and bookkeeping."""
+    try:
+        arguments = json.loads(job.payload)
+    except ValueError:
+        arguments = job.payload
     data = job.to_public()
     data.update(
-        arguments=json.loads(job.payload),
+        arguments=arguments,
         priority=job.priority,
         key=job.key,
         worker_id=job.worker_id,
@@ -298,13 +303,25 @@ def _full(job: Job) -> dict[str, Any]:
 
 
 def _iso(ts: float | None) -> str | None:
-    """A time for scripts: ISO 8601 in UTC, as the status API gives it."""
-    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
+    """A time for scripts: ISO 8601 in UTC, as the status API gives it; None for none, and
+    for one beyond the calendar (``keep_failed=inf``: kept until removed by hand)."""
+    if ts is None:
+        return None
+    try:
+        return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def _when(ts: float | None) -> str:
-    """A time for people: local, to the second."""
-    return "" if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+    """A time for people: local, to the second; one beyond the calendar (a delay of
+    centuries, a purge age of millennia) as POSIX seconds."""
+    if ts is None:
+        return ""
+    try:
+        return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+    except (OverflowError, OSError, ValueError):
+        return f"{ts:g} (POSIX seconds)"
 
 
 def _percent(progress: float | None) -> str:

@@ -24,7 +24,6 @@ that lost a deadlock is tried again. The SQL is in ``sql/postgres/`` (see ``post
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,8 +40,10 @@ from .postgres_jobs import (
     caller_session,
     decode,
     enqueue_on,
+    jsonb,
     needs_transaction,
     sort_claimed,
+    storable,
 )
 from .postgres_link import Coalescer, PostgresLink, store_error
 from .postgres_schema import parse_url, rendered_queries
@@ -67,6 +68,12 @@ async def _changed(conn: Any, sql: str, params: dict[str, Any]) -> int:
 
 def _float(value: float | None) -> float | None:
     return None if value is None else float(value)
+
+
+def _unstorable(*texts: str | None) -> bool:
+    """Whether one of ``texts`` holds the character NUL or a lone surrogate, which no
+    PostgreSQL text can: such a text names no job and is found in none."""
+    return any(text is not None and storable(text) != text for text in texts)
 
 
 class PostgresStore(Store):
@@ -225,10 +232,10 @@ class PostgresStore(Store):
             "state": [o.state.value for o in outcomes],
             "finished_at": [float(o.finished_at) for o in outcomes],
             "result": [o.result for o in outcomes],
-            "error": [None if o.error is None else json.dumps(o.error) for o in outcomes],
+            "error": [None if o.error is None else jsonb(o.error) for o in outcomes],
             "run_at": [_float(o.run_at) for o in outcomes],
             "keep_until": [_float(o.keep_until) for o in outcomes],
-            "attempt": [None if o.attempt is None else json.dumps(o.attempt) for o in outcomes],
+            "attempt": [None if o.attempt is None else jsonb(o.attempt) for o in outcomes],
         }
         rows = await self._run(self._fetch, "finish", params)
         return [row["id"] for row in rows]
@@ -250,30 +257,37 @@ class PostgresStore(Store):
         """Deferred or queued: cancelled at ``now``, kept until ``keep_until``. Running:
         ``cancel_requested`` set. Returns the state after, or None when no job has this
         id."""
+        if _unstorable(job_id):
+            return None
         return await self._run(self._cancel, job_id, float(now), _float(keep_until))
 
     async def retry(self, job_id: str, now: float) -> bool:
         """A failed or cancelled job is queued again to run at ``now``. False when the job
         is missing, in another state, or its key is held by another active job."""
+        if _unstorable(job_id):
+            return False
         return await self._run(self._retry, job_id, float(now))
 
     async def set_progress(
         self, job_id: str, *, worker_id: str, progress: float | None, message: str | None
     ) -> None:
-        """Record progress and message of a job ``worker_id`` holds; otherwise nothing."""
+        """Record progress and message of a job ``worker_id`` holds; otherwise nothing.
+        A NUL or lone surrogate in the message is kept as U+FFFD (PostgreSQL text cannot
+        hold one)."""
         params = {
             "id": job_id,
             "worker_id": worker_id,
             "progress": _float(progress),
-            "message": message,
+            "message": None if message is None else storable(message),
         }
         await self._run(self._execute, "set_progress", params)
 
     async def delete(self, ids: Sequence[str]) -> int:
         """Remove the jobs among ``ids`` whatever their state; successors are freed."""
-        if not ids:
+        wanted = [job_id for job_id in dict.fromkeys(ids) if not _unstorable(job_id)]
+        if not wanted:
             return 0
-        rows = await self._run(self._fetch, "delete", {"ids": list(dict.fromkeys(ids))})
+        rows = await self._run(self._fetch, "delete", {"ids": wanted})
         return int(rows[0]["n"])
 
     async def purge(self, *, before: float, states: Sequence[JobState] | None = None) -> int:
@@ -300,6 +314,8 @@ class PostgresStore(Store):
 
     async def get(self, job_id: str) -> Job | None:
         """The job with this id, or None."""
+        if _unstorable(job_id):
+            return None
         rows = await self._run(self._fetch, "get_job", {"id": job_id})
         return decode(rows[0]) if rows else None
 
@@ -322,7 +338,10 @@ class PostgresStore(Store):
         table, then the page is sorted out of them; a plan walking the newest first would
         fetch every row from the heap in index order when few match (a task no job has:
         every row). Otherwise a page past the first starts from the row at ``offset``,
-        found in an index alone."""
+        found in an index alone. A filter holding a NUL or a lone surrogate matches
+        nothing: no PostgreSQL text can hold one."""
+        if _unstorable(task, queue, text):
+            return []
         filters = {"state": None if state is None else state.value, "task": task, "queue": queue}
         terms = [f"{name} = %({name})s" for name, value in filters.items() if value is not None]
         params: dict[str, Any] = {**filters, "limit": max(0, limit), "offset": max(0, offset)}

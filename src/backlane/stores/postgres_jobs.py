@@ -9,6 +9,7 @@ that connection (whatever its driver).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -112,14 +113,43 @@ async def caller_session(connection: Any) -> tuple[Session, Any]:
     )
 
 
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def jsonb(value: Any) -> str:
+    """``value`` as JSON for a jsonb column, which cannot hold the character NUL nor a lone
+    surrogate (a file name decoded with surrogateescape): each of those in its strings (an
+    exception's message may carry one) becomes U+FFFD, the replacement character."""
+    text = json.dumps(value)
+    if "\\u0000" in text or "\\ud" in text:  # \ud: a surrogate, lone or half of a pair
+        return json.dumps(_storable(value))
+    return text
+
+
+def storable(text: str) -> str:
+    """``text`` for a text column, which cannot hold the character NUL nor a lone
+    surrogate: each of those becomes U+FFFD, the replacement character."""
+    return _UNSTORABLE.sub("\ufffd", text)
+
+
+def _storable(value: Any) -> Any:
+    if isinstance(value, str):
+        return storable(value)
+    if isinstance(value, dict):
+        return {_storable(name): _storable(item) for name, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_storable(item) for item in value]
+    return value
+
+
 def encode(job: Job) -> dict[str, Any]:
     """``job`` as the parameters of ``insert_job``."""
     values = {name: getattr(job, name) for name in _FIELDS}
     values["state"] = job.state.value
-    values["error"] = None if job.error is None else json.dumps(job.error)
-    values["meta"] = json.dumps(job.meta)
+    values["error"] = None if job.error is None else jsonb(job.error)
+    values["meta"] = jsonb(job.meta)
     history = job.attempt_history
-    values["attempt_history"] = json.dumps(history) if history else None
+    values["attempt_history"] = jsonb(history) if history else None
     for name in _FLOATS:
         if values[name] is not None:
             values[name] = float(values[name])
@@ -127,12 +157,14 @@ def encode(job: Job) -> dict[str, Any]:
 
 
 def decode(row: Row) -> Job:
-    """The job stored in ``row``."""
+    """The job stored in ``row``. A jsonb column holding a JSON string (written by hand
+    or by another program) reads as that string, never as an error: the job still runs."""
     values = {name: row[name] for name in _FIELDS}
     values["state"] = JobState(values["state"])
     for name in ("error", "meta", "attempt_history"):
-        if isinstance(values[name], str):  # drivers that leave jsonb as text
-            values[name] = json.loads(values[name])
+        if isinstance(values[name], str):  # drivers that leave jsonb as text (not psycopg)
+            with contextlib.suppress(ValueError):
+                values[name] = json.loads(values[name])
     if values["attempt_history"] is None:
         values["attempt_history"] = []
     return Job(**values)

@@ -30,6 +30,7 @@ import contextvars
 import dataclasses
 import logging
 import math
+import select
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
@@ -61,6 +62,12 @@ def store_error(settings: PostgresSettings, exc: psycopg.Error) -> StoreError:
             f"PostgreSQL store: {exc}; is the connection to the store's database, and "
             f"was the schema {settings.schema!r} migrated?"
         )
+    if isinstance(exc, pg_errors.ProgramLimitExceeded):  # an index entry over its limit
+        return StoreError(
+            f"PostgreSQL store (schema {settings.schema}): {exc}; an idempotency key or a "
+            "queue name that long cannot be indexed: keep each under 2,000 bytes (a key "
+            "can be a hash of a longer one)"
+        )
     return StoreError(f"PostgreSQL store (schema {settings.schema}): {exc}")
 
 
@@ -71,7 +78,9 @@ class Site:
 
     A connection is made when a verb needs one and none is idle, at most ``size`` at once;
     it goes back to the idle ones after the verb unless it is closed, broken, or left in a
-    transaction (a verb cut off halfway), in which case it is closed."""
+    transaction (a verb cut off halfway), in which case it is closed. An idle one the
+    server ended meanwhile (a restart, ``pg_terminate_backend``, ``idle_session_timeout``)
+    is closed, not handed to a verb."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, settings: PostgresSettings) -> None:
         self.loop = loop
@@ -86,7 +95,12 @@ class Site:
     async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """A connection of this loop, for one verb."""
         async with self.slots:
-            conn = self.idle.pop() if self.idle else None
+            conn = None
+            while self.idle and conn is None:
+                conn = self.idle.pop()
+                if _ended_by_server(conn):
+                    await _close_quietly(conn)
+                    conn = None
             if conn is None:
                 settings = self.settings
                 conn = await psycopg.AsyncConnection.connect(
@@ -119,6 +133,24 @@ class Site:
         while self.idle:
             with contextlib.suppress(Exception):
                 self.idle.pop().pgconn.finish()
+
+
+def _ended_by_server(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Whether the server ended idle connection ``conn``: it has something to read (the
+    server's farewell, or the end of the stream), where an idle connection of a pool that
+    listens for nothing is sent nothing. Costs no round trip."""
+    if conn.closed:
+        return True
+    try:
+        fd = conn.fileno()
+        if hasattr(select, "poll"):  # any descriptor, where select() stops at FD_SETSIZE
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            return bool(poller.poll(0))
+        readable, _, _ = select.select([fd], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        return True
+    return bool(readable)
 
 
 async def _close_quietly(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -294,6 +326,11 @@ class PostgresLink:
                 log.debug("retrying a statement that lost a deadlock: %s", exc)
             except psycopg.Error as exc:
                 raise store_error(self.settings, exc) from exc
+            except UnicodeEncodeError as exc:  # a lone surrogate: raised before sending
+                raise StoreError(
+                    f"PostgreSQL store (schema {self.settings.schema}): cannot send this to "
+                    f"PostgreSQL: {exc}"
+                ) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _start(self) -> None:

@@ -27,6 +27,8 @@ _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,47}$")
 _MIGRATION_NAME = re.compile(r"^(\d{4})_(\w+)\.sql$")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
+_OWN_PARAMETERS = ("schema", "auto_migrate", "pool_size", "application_name")
+"""Query parameters backlane reads: each at most once."""
 
 
 @dataclass(frozen=True)
@@ -60,13 +62,19 @@ def parse_url(url: str) -> PostgresSettings:
     the schema up to date at open; ``0``: only check it) and ``pool_size`` (most
     connections of one event loop, default 10). Any other parameter goes to libpq
     (``sslmode``, ...); ``application_name`` defaults to ``backlane``. Raises
-    ``ConfigurationError`` saying what is wrong."""
+    ``ConfigurationError`` saying what is wrong (a bad value, or one of backlane's
+    parameters given twice)."""
     parts = urlsplit(url)
     if parts.scheme not in ("postgresql", "postgres"):
         raise ConfigurationError(f"not a PostgreSQL URL: {url!r}; write postgresql://user@host/db")
     schema, auto_migrate, pool_size, application_name = DEFAULT_SCHEMA, True, 10, "backlane"
     rest: list[tuple[str, str]] = []
+    seen: set[str] = set()
     for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name in _OWN_PARAMETERS:
+            if name in seen:  # which one was meant? (the Redis store refuses it too)
+                raise ConfigurationError(f"PostgreSQL URL: it names {name} twice")
+            seen.add(name)
         if name == "schema":
             schema = value
         elif name == "auto_migrate":

@@ -38,13 +38,16 @@ from ..exceptions import ConfigurationError, StoreError
 from ..jobs import TERMINAL_STATES, Job, JobState
 from .base import Outcome, ScheduleRecord, StatsBucket, Store, WorkerRecord, check_outcomes
 from .redis_codec import (
+    UnreadableJob,
     decode_job,
+    decode_jobs,
     decode_worker,
     job_fields,
     job_pairs,
     jobs_json,
     number,
     outcomes_json,
+    plain_text,
     worker_json,
 )
 from .redis_link import (
@@ -269,7 +272,7 @@ class RedisStore(Store):
             return handed
         args = self._claim_args(link, worker_id, queues, limit, now, lease_until)
         reply = await call(link, self._scripts["claim"], *args)
-        return self._claimed(link, generation, reply, args, now, lease_until)
+        return await self._claimed(link, generation, reply, args, now, lease_until)
 
     async def finish_and_claim(
         self,
@@ -304,7 +307,8 @@ class RedisStore(Store):
         text = outcomes_json(outcomes) if outcomes else "[]"
         reply = await call(link, self._scripts["finish_claim"], text, *args)
         applied = list(reply[0])
-        return applied, self._claimed(link, generation, reply[1:], args, now, lease_until)
+        claimed = await self._claimed(link, generation, reply[1:], args, now, lease_until)
+        return applied, claimed
 
     @staticmethod
     def _claim_args(
@@ -324,7 +328,7 @@ class RedisStore(Store):
         args = (_token(), worker_id, number(now), number(lease_until), limit, names, _IDLE_MS)
         return (*args, lease, period)
 
-    def _claimed(
+    async def _claimed(
         self,
         link: Link,
         generation: int | None,
@@ -335,11 +339,13 @@ class RedisStore(Store):
     ) -> list[Job]:
         """The jobs a claim script returned: those handed to the worker while it waited
         (not seen before; the script gave them their full lease), then those it claimed.
+        A job whose hash cannot be read ends failed instead (``_fail_unreadable``).
         Remembers what the claim saw."""
         _, worker_id, _, _, limit, queues, _, _, period = args
         worker_id = str(worker_id)
         next_due = float(reply[0]) if reply[0] else None
-        handed = [decode_job(fields) for fields in reply[1]]
+        unreadable: list[UnreadableJob] = []
+        handed = decode_jobs(reply[1], unreadable)
         claimed = self._fresh(worker_id, handed)
         if len(claimed) < len(handed) and worker_id in self._handed:
             # crossed with the pop: the copies it kept for the next claim are returned now
@@ -351,8 +357,7 @@ class RedisStore(Store):
             rest = [job for job in kept if job.id not in now_held]
             if rest:
                 self._handed[worker_id] = rest
-        for fields in reply[2:]:
-            job = decode_job(fields)
+        for job in decode_jobs(reply[2:], unreadable):
             job.state = JobState.RUNNING
             job.attempts += 1
             job.started_at = now
@@ -366,7 +371,35 @@ class RedisStore(Store):
             link, generation, next_due, at, worker_id, capacity, str(queues), offered
         )  # fmt: skip
         self._mark.set(mark)
+        if unreadable:
+            await self._fail_unreadable(worker_id, unreadable, now)
         return claimed
+
+    async def _fail_unreadable(
+        self, worker_id: str, unreadable: list[UnreadableJob], now: float
+    ) -> None:
+        """End failed, at ``now``, the jobs ``worker_id`` just claimed whose hash cannot be
+        read: they cannot run, and must not come back to every claim. Their error says
+        which field is wrong; they are kept until removed by hand (no ``keep_until``), for
+        someone to look at. Should Redis refuse that too, the jobs are left to their lease
+        and the claim's other jobs go on."""
+        outcomes = []
+        for problem in unreadable:
+            log.error("%s (it cannot run: it ends failed)", problem)
+            if problem.job_id is not None:
+                kind = type(problem)
+                error = {
+                    "type": f"{kind.__module__}.{kind.__qualname__}",
+                    "message": str(problem),
+                    "traceback": "",
+                }
+                outcomes.append(
+                    Outcome(problem.job_id, worker_id, JobState.FAILED, now, error=error)
+                )
+        try:
+            await self.finish(outcomes)
+        except StoreError as exc:
+            log.error("could not record %d unreadable jobs as failed: %s", len(outcomes), exc)
 
     def _take_handed(
         self,
@@ -503,9 +536,11 @@ class RedisStore(Store):
     async def set_progress(
         self, job_id: str, *, worker_id: str, progress: float | None, message: str | None
     ) -> None:
-        """Record progress and message of a job ``worker_id`` holds; otherwise nothing."""
+        """Record progress and message of a job ``worker_id`` holds; otherwise nothing.
+        A lone surrogate in the message is kept as U+FFFD (Redis takes UTF-8 only)."""
         has_message = "0" if message is None else "1"
-        await self._call("progress", job_id, worker_id, _opt(progress), has_message, message or "")
+        text = "" if message is None else plain_text(message)
+        await self._call("progress", job_id, worker_id, _opt(progress), has_message, text)
 
     async def delete(self, ids: Sequence[str]) -> int:
         """Remove the jobs among ``ids`` whatever their state; successors are freed."""
@@ -815,7 +850,8 @@ class RedisStore(Store):
             log.debug("waiting for jobs handed to %s failed: %s", worker_id, exc)
             return
         if text:
-            jobs = self._fresh(worker_id, [decode_job(fields) for fields in json.loads(text)])
+            # a job that cannot be read is left to the claim that returns it again
+            jobs = self._fresh(worker_id, decode_jobs(json.loads(text), []))
             if jobs:
                 self._handed.setdefault(worker_id, []).extend(jobs)
                 ends = self._ending.pop(worker_id, None)

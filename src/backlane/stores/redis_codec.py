@@ -9,13 +9,38 @@ so nothing is rounded on the way.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from ..exceptions import StoreError
 from ..jobs import Job, JobState
 from .base import Outcome, WorkerRecord
 
 _STATES = {state.value: state for state in JobState}
+
+
+def json_text(value: Any) -> str:
+    """``value`` as compact JSON that Redis can carry: non-ASCII characters as they are,
+    unless a string holds a lone surrogate (a file name decoded with surrogateescape, in an
+    exception's message), which no UTF-8 can: then every one as its escape, which reads
+    back the same."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            return json.dumps(value, separators=(",", ":"))
+    return text
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def plain_text(text: str) -> str:
+    """``text`` for a field Redis keeps as it is (a progress message): each lone surrogate,
+    which no UTF-8 can carry, becomes U+FFFD, the replacement character."""
+    return text if text.isascii() else _SURROGATE.sub("\ufffd", text)
 
 
 def number(value: float) -> str:
@@ -41,7 +66,7 @@ def job_fields(job: Job) -> dict[str, str]:
         "attempts": str(int(job.attempts)),
         "run_at": repr(float(job.run_at)),
         "created_at": repr(float(job.created_at)),
-        "meta": json.dumps(meta, separators=(",", ":"), ensure_ascii=False) if meta else "{}",
+        "meta": json_text(meta) if meta else "{}",
     }
     for name in _TEXT:
         text = values[name]
@@ -52,13 +77,11 @@ def job_fields(job: Job) -> dict[str, str]:
         if value is not None:
             fields[name] = repr(float(value))
     if job.error is not None:
-        fields["error"] = json.dumps(job.error, separators=(",", ":"), ensure_ascii=False)
+        fields["error"] = json_text(job.error)
     if job.cancel_requested:
         fields["cancel_requested"] = "1"
     if job.attempt_history:
-        fields["history"] = json.dumps(
-            job.attempt_history, separators=(",", ":"), ensure_ascii=False
-        )
+        fields["history"] = json_text(job.attempt_history)
     return fields
 
 
@@ -76,10 +99,77 @@ def _opt_float(value: str | None) -> float | None:
     return None if value is None else float(value)
 
 
+class UnreadableJob(StoreError):
+    """A job hash that does not read as a job (changed by hand, or written by something
+    other than backlane). ``job_id`` is the id it holds, if any."""
+
+    def __init__(self, job_id: str | None, problem: str) -> None:
+        self.job_id = job_id
+        super().__init__(
+            f"job {job_id}: its hash in Redis cannot be read ({problem}); mend that field "
+            "or delete the job"
+        )
+
+
+_REQUIRED = (
+    "task",
+    "payload",
+    "id",
+    "queue",
+    "priority",
+    "state",
+    "attempts",
+    "run_at",
+    "created_at",
+)
+_READERS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
+    ("state", _STATES.__getitem__, "a job state"),
+    ("priority", int, "an integer"),
+    ("attempts", int, "an integer"),
+    *((name, float, "a number") for name in ("run_at", "created_at", *_TIMES)),
+    *((name, json.loads, "JSON") for name in ("error", "meta", "history")),
+)
+
+
+def _fault(h: dict[str, str]) -> str:
+    """What makes the job hash ``h`` unreadable, naming the field."""
+    for name in _REQUIRED:
+        if name not in h:
+            return f"field {name!r} is missing"
+    for name, read, kind in _READERS:
+        value = h.get(name)
+        if value is not None:
+            try:
+                read(value)
+            except (KeyError, ValueError):
+                return f"field {name!r} holds {value[:80]!r}, not {kind}"
+    return "its fields do not make a job"
+
+
+def decode_jobs(rows: Iterable[Sequence[str]], unreadable: list[UnreadableJob]) -> list[Job]:
+    """The jobs of the hashes ``rows`` (as ``decode_job`` takes them) that read as jobs;
+    each that does not is added to ``unreadable`` instead."""
+    jobs: list[Job] = []
+    for flat in rows:
+        try:
+            jobs.append(decode_job(flat))
+        except UnreadableJob as exc:
+            unreadable.append(exc)
+    return jobs
+
+
 def decode_job(flat: Sequence[str]) -> Job:
-    """The job whose hash ``HGETALL`` returned as ``flat`` (name, value, name, value...)."""
+    """The job whose hash ``HGETALL`` returned as ``flat`` (name, value, name, value...).
+    Raises ``UnreadableJob`` naming the field that does not read."""
     it = iter(flat)
     h = dict(zip(it, it, strict=False))
+    try:
+        return _job(h)
+    except (KeyError, ValueError, TypeError):
+        raise UnreadableJob(h.get("id"), _fault(h)) from None
+
+
+def _job(h: dict[str, str]) -> Job:
     error = h.get("error")
     meta = h.get("meta")
     history = h.get("history")
@@ -124,13 +214,13 @@ def outcomes_json(outcomes: Sequence[Outcome]) -> str:
         if o.result is not None:
             row["result"] = o.result
         if o.error is not None:
-            row["error"] = json.dumps(o.error, separators=(",", ":"), ensure_ascii=False)
+            row["error"] = json_text(o.error)
         if o.run_at is not None:
             row["run_at"] = number(o.run_at)
         if o.keep_until is not None:
             row["keep_until"] = number(o.keep_until)
         if o.attempt is not None:  # appended to the job's history as this very text
-            row["attempt"] = json.dumps(o.attempt, separators=(",", ":"), ensure_ascii=False)
+            row["attempt"] = json_text(o.attempt)
         rows.append(row)
     return json.dumps(rows, ensure_ascii=False)
 

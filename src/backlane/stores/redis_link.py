@@ -24,6 +24,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import math
 import ssl
 import sys
 import threading
@@ -132,6 +133,10 @@ class Endpoint:
         check = options.get("ssl_check_hostname", True)
         if isinstance(check, str):
             raise ValueError(f"ssl_check_hostname must be true or false, not {check!r}")
+        for name in ("socket_timeout", "socket_connect_timeout"):
+            seconds = options.get(name)  # 0 or less: every reply overdue, a watchdog spinning
+            if seconds is not None and not 0 < seconds < math.inf:
+                raise ValueError(f"{name} must be a number of seconds above 0, not {seconds!r}")
         return cls(tls=tls, **options)
 
     def describe(self) -> str:
@@ -195,6 +200,13 @@ def parse_redis_url(url: str) -> RedisURL:
         raise ConfigurationError(
             f"not a Redis URL: {safe!r}; write redis://host:6379/0, "
             "rediss://host:6380/0 or unix:///path/to/redis.sock?db=0"
+        )
+    database = "" if parts.scheme == "unix" else parts.path.strip("/")
+    if database and not (database.isascii() and database.isdigit()):
+        # redis-py would quietly take database 0
+        raise ConfigurationError(
+            f"Redis URL {safe!r}: the database {database!r} is not a number; write "
+            "redis://host:6379/0"
         )
     query = parse_qsl(parts.query, keep_blank_values=True)
     prefixes = [value for name, value in query if name == "prefix"]

@@ -250,8 +250,11 @@ end
 -- job is counted while it is stored in an end state stats counts, so every verb that
 -- ends one counts it, and delete, purge and retry uncount it with the same fields. Its
 -- wait (started_at - run_at, when started_at is not before run_at) is counted in whole
--- microseconds, so that uncounting takes back exactly what counting added. A minute older
--- than ENDS_KEPT has no tallies any more: nothing is counted for it.
+-- microseconds, so that uncounting takes back exactly what counting added; a wait of
+-- WAIT_US_MAX or more (due centuries before it ran: at= in year 1, a delay of -1e300) has
+-- no exact count and is left out. A minute older than ENDS_KEPT has no tallies any more:
+-- nothing is counted for it.
+local WAIT_US_MAX = 2 ^ 53
 local function tally(state, finished, started, run_at, sign)
     if not ENDED[state] or not finished then
         return
@@ -269,7 +272,7 @@ local function tally(state, finished, started, run_at, sign)
     t[state] = t[state] + sign
     if started and run_at then
         local wait = tonumber(started) - tonumber(run_at)
-        if wait >= 0 then
+        if wait >= 0 and wait * 1e6 < WAIT_US_MAX then
             t.wait_us = t.wait_us + sign * math.floor(wait * 1e6 + 0.5)
             t.waits = t.waits + sign
         end
@@ -292,8 +295,8 @@ flush_tallies = function()
         local key = P .. 'ends:' .. name
         local shrank = false
         for _, field in ipairs(TALLY_FIELDS) do
-            if t[field] ~= 0 then
-                redis.call('HINCRBY', key, field, t[field])
+            if t[field] ~= 0 then -- as digits: Redis writes a large Lua number in e-notation
+                redis.call('HINCRBY', key, field, string.format('%.0f', t[field]))
                 shrank = shrank or t[field] < 0
             end
         end

@@ -122,7 +122,7 @@ WHERE j.id = ANY (ARRAY(
         SELECT id, priority, run_at, seq FROM {schema}.jobs
         WHERE queue = q.name AND state = 'queued' AND "after" IS NULL
           AND run_at <= %(now)s
-        ORDER BY -priority, run_at, seq  -- jobs_claimable's order
+        ORDER BY -priority::bigint, run_at, seq  -- jobs_claimable's order
         LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED
     ) c
@@ -158,21 +158,21 @@ FROM level l WHERE l.priority IS NOT NULL;
 -- next_due_any for the given queues, read from jobs_claimable: per queue, its priorities
 -- one after the other, then the first entry of each past the time.
 WITH RECURSIVE level(queue, rank) AS (
-    SELECT q.name, (SELECT -n.priority FROM {schema}.jobs n
+    SELECT q.name, (SELECT -n.priority::bigint FROM {schema}.jobs n
                     WHERE n.queue = q.name AND n.state = 'queued' AND n."after" IS NULL
-                    ORDER BY -n.priority LIMIT 1)
+                    ORDER BY -n.priority::bigint LIMIT 1)
     FROM unnest(%(queues)s::text[]) AS q(name)
     WHERE q.name <> ALL (ARRAY(SELECT p.queue FROM {schema}.paused_queues p))
     UNION ALL
-    SELECT l.queue, (SELECT -n.priority FROM {schema}.jobs n
+    SELECT l.queue, (SELECT -n.priority::bigint FROM {schema}.jobs n
                      WHERE n.queue = l.queue AND n.state = 'queued' AND n."after" IS NULL
-                       AND -n.priority > l.rank
-                     ORDER BY -n.priority LIMIT 1)
+                       AND -n.priority::bigint > l.rank
+                     ORDER BY -n.priority::bigint LIMIT 1)
     FROM level l WHERE l.rank IS NOT NULL
 )
 SELECT min((SELECT d.run_at FROM {schema}.jobs d
             WHERE d.queue = l.queue AND d.state = 'queued' AND d."after" IS NULL
-              AND -d.priority = l.rank AND d.run_at > %(now)s
+              AND -d.priority::bigint = l.rank AND d.run_at > %(now)s
             ORDER BY d.run_at LIMIT 1)) AS next_due
 FROM level l WHERE l.rank IS NOT NULL;
 

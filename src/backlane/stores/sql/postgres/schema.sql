@@ -44,8 +44,9 @@ ALTER TABLE {schema}.jobs SET (autovacuum_vacuum_scale_factor = 0.02,
 -- claim from given queues: only claimable rows, already in claim order. It orders by
 -- -priority rather than priority DESC so that only the per-queue claim, which orders the
 -- same way, can read it in order: the planner never serves that claim from
--- jobs_claimable_any, which would walk past every other queue's backlog.
-CREATE INDEX jobs_claimable ON {schema}.jobs (queue, (-priority), run_at, seq)
+-- jobs_claimable_any, which would walk past every other queue's backlog. A bigint, as the
+-- lowest integer has no negation among integers.
+CREATE INDEX jobs_claimable ON {schema}.jobs (queue, (-priority::bigint), run_at, seq)
     WHERE state = 'queued' AND "after" IS NULL;
 
 -- claim from any queue.
