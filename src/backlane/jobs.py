@@ -169,9 +169,14 @@ def _copy_json(value: Any) -> Any:
 
 
 def _iso(ts: float | None) -> str | None:
+    """``ts`` as ISO 8601 in UTC; None for none, and for a time no date can show (a job
+    stored by another program, or before delays were bounded)."""
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
+    try:
+        return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 class JobHandle:

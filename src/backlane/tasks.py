@@ -248,6 +248,11 @@ class EnqueueOptions:
             isinstance(self.delay, (int, float)) and math.isfinite(self.delay)
         ):
             raise ValueError(f"delay= must be a finite number of seconds, got {self.delay!r}")
+        if self.delay is not None and abs(self.delay) > MAX_DELAY:
+            raise ValueError(
+                f"delay= must be at most {MAX_DELAY:.0f} seconds (a century) either way, "
+                f"got {self.delay!r}; for a time, give at= a datetime"
+            )
         if self.at is not None:
             if not isinstance(self.at, datetime):
                 raise TypeError(f"at= must be a datetime, got {self.at!r}")
@@ -260,6 +265,9 @@ class EnqueueOptions:
         if self.queue is not None:
             check_name(self.queue, "queue=")
 
+
+MAX_DELAY: Final = 100 * 365.25 * 86400
+"""The longest ``delay=``, either way: a century (a job's times stay dates)."""
 
 PRIORITY_RANGE: Final = (-(2**31), 2**31 - 1)
 """Priorities every store can hold (PostgreSQL keeps them in an ``integer``)."""

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from backlane import Backlane, JobState
 from backlane.fastapi import BackgroundTasks
+from backlane.jobs import Job
 from tests.integration import recorder
 from tests.integration.recorder import RECORD
 
@@ -232,6 +233,17 @@ def test_status_api_shows_the_job(lane_url: str) -> None:
     assert status["state"] == "succeeded"
     assert status["result"] == "endpoint:2"
     assert status["attempts"] == 1
+
+
+def test_status_api_shows_a_job_due_beyond_the_calendar(lane_url: str) -> None:
+    # stored by another program (or before delays were bounded): shown, its time as null
+    lane = Backlane(lane_url)
+    job = Job(task="tests.integration.recorder:record", payload="{}", run_at=1e300)
+    with TestClient(make_app(lane, workers=0)) as client:
+        anyio.run(lane.store.enqueue, [job])
+        reply = client.get(f"/backlane/jobs/{job.id}")
+    assert reply.status_code == 200
+    assert reply.json()["run_at"] is None and reply.json()["state"] == "queued"
 
 
 @pytest.mark.anyio

@@ -379,3 +379,70 @@ def test_processes_sharing_a_file_never_claim_a_job_twice(tmp_path: Path) -> Non
     assert sum(1 for ids in claimed_by if ids) >= 2, "the processes did not overlap"
     print("jobs claimed per process:", [len(ids) for ids in claimed_by])
     assert asyncio.run(_enqueue_and_count(url, [])) == {"default": {JobState.SUCCEEDED: 2000}}
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "named"),
+    [
+        ("meta", "{not json", "column 'meta' holds '{not json', not JSON"),
+        ("attempt_history", "[1,", "column 'attempt_history' holds '[1,', not JSON"),
+        ("error", "oops", "column 'error' holds 'oops', not JSON"),
+        ("priority", "high", "column 'priority' holds 'high', not an integer"),
+    ],
+)
+async def test_a_job_whose_row_cannot_be_read_ends_failed_and_the_claim_goes_on(
+    tmp_path: Path, column: str, value: str, named: str
+) -> None:
+    # a row changed by hand must not stop every claim of every worker on the file
+    store = SQLiteStore(url_of(tmp_path / "jobs.db"))
+    await store.open()
+    try:
+        jobs = [Job(task="t", payload="{}", run_at=NOW, created_at=NOW) for _ in range(3)]
+        first, bad, last = await store.enqueue(jobs)
+        conn = sqlite3.connect(tmp_path / "jobs.db")
+        with conn:
+            conn.execute(f"UPDATE jobs SET {column} = ? WHERE id = ?", (value, bad.id))
+        conn.close()
+        with pytest.raises(StoreError, match=re.escape(named)):
+            await store.get(bad.id)
+        claimed = await store.claim(
+            worker_id="w", queues=None, limit=10, now=NOW + 1, lease_until=NOW + 60
+        )
+        assert [job.id for job in claimed] == [first.id, last.id]
+        failed = await store.get(bad.id)  # readable now, to be shown, retried or deleted
+        assert failed is not None and failed.state is JobState.FAILED
+        assert failed.error is not None and named in failed.error["message"]
+        assert failed.keep_until is None
+        assert (
+            await store.claim(
+                worker_id="w", queues=None, limit=10, now=NOW + 2, lease_until=NOW + 60
+            )
+            == []
+        )
+        assert await store.retry(bad.id, NOW + 3)
+        (again,) = await store.claim(
+            worker_id="w", queues=None, limit=10, now=NOW + 3, lease_until=NOW + 60
+        )
+        assert again.id == bad.id
+    finally:
+        await store.close()
+
+
+async def test_progress_with_a_lone_surrogate_is_kept_and_a_nul_search_matches_nothing(
+    tmp_path: Path,
+) -> None:
+    # a file name decoded with surrogateescape, in a progress message, must not fail the
+    # task; a search for NUL must not match every job (LIKE would stop at it)
+    store = SQLiteStore(url_of(tmp_path / "jobs.db"))
+    await store.open()
+    try:
+        (job,) = await store.enqueue([Job(task="t", payload="{}", run_at=NOW, created_at=NOW)])
+        await store.claim(worker_id="w", queues=None, limit=1, now=NOW, lease_until=NOW + 60)
+        name = b"caf\xe9.txt".decode("utf-8", "surrogateescape")
+        await store.set_progress(job.id, worker_id="w", progress=0.5, message=f"read {name}")
+        stored = await store.get(job.id)
+        assert stored is not None and stored.message == "read caf\ufffd.txt"
+        assert await store.list_jobs(text="\x00") == []
+        assert [j.id for j in await store.list_jobs(text="t")] == [job.id]
+    finally:
+        await store.close()

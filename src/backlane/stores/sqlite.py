@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import re
 import sqlite3
 import time
@@ -26,11 +27,14 @@ from .sqlite_schema import path_from_url, queries
 
 T = TypeVar("T")
 
+log = logging.getLogger("backlane")
+
 _FIELDS = tuple(field.name for field in dataclasses.fields(Job))
 _STATES = {state.value: state for state in JobState}
 _PURGE_BATCH = 1000
 """Most jobs removed per transaction by ``purge``, so no lock is held for long."""
 _LIKE_SPECIAL = re.compile(r"([\\%_])")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _ORDERED_READ_SECONDS = 0.02
 """How long ``list_jobs`` reads a filtered list newest first from the index before it
 gives up for one pass over the table (the filter matched few of the newest jobs)."""
@@ -84,34 +88,56 @@ def _field_positions(columns: tuple[str, ...]) -> tuple[int, ...]:
     return tuple(columns.index(name) for name in _FIELDS)
 
 
+class UnreadableJob(StoreError):
+    """A row of ``jobs`` that does not read as a job (changed by hand, or by another
+    program); the message names the job and the column."""
+
+
 def _decode(row: sqlite3.Row, positions: tuple[int, ...] | None = None) -> Job:
     """The job stored in ``row`` (a row of ``jobs``, every column); ``positions``, if
-    given, are ``_field_positions`` of the row's columns."""
+    given, are ``_field_positions`` of the row's columns. Raises ``UnreadableJob``."""
     if positions is None:
         positions = _field_positions(tuple(row.keys()))
     values = dict(zip(_FIELDS, map(row.__getitem__, positions), strict=True))
-    values["state"] = _STATES[values["state"]]
-    if values["error"] is not None:
-        values["error"] = json.loads(values["error"])
-    meta = values["meta"]
-    values["meta"] = {} if meta == "{}" else json.loads(meta)
-    history = values["attempt_history"]
-    values["attempt_history"] = [] if history is None else json.loads(history)
+    try:
+        values["state"] = _STATES[values["state"]]
+        if values["error"] is not None:
+            values["error"] = json.loads(values["error"])
+        meta = values["meta"]
+        values["meta"] = {} if meta == "{}" else json.loads(meta)
+        history = values["attempt_history"]
+        values["attempt_history"] = [] if history is None else json.loads(history)
+    except (KeyError, TypeError, ValueError):
+        raise UnreadableJob(_fault(values)) from None
+    if not isinstance(values["priority"], int) or not isinstance(values["run_at"], float | int):
+        raise UnreadableJob(_fault(values))
     values["cancel_requested"] = bool(values["cancel_requested"])
     job = object.__new__(Job)  # Job(**values), minus the checks of its generated __init__
     job.__dict__.update(values)
     return job
 
 
-def _in_claim_order(rows: list[sqlite3.Row]) -> list[tuple[tuple[int, float, int], Job]]:
-    """The jobs of ``rows`` (whole rows of ``jobs``), each with its place in claim order:
-    higher priority first, then earlier ``run_at``, then stored first."""
-    if not rows:
-        return []
-    positions = _field_positions(tuple(rows[0].keys()))
-    return [
-        ((-row["priority"], row["run_at"], row["seq"]), _decode(row, positions)) for row in rows
-    ]
+def _fault(values: dict[str, Any]) -> str:
+    """What makes the row whose columns are ``values`` unreadable, naming the column."""
+    problem = "its columns do not make a job"
+    for name, kind in (("priority", "an integer"), ("run_at", "a number")):
+        if not isinstance(values[name], float | int) or (
+            name == "priority" and not isinstance(values[name], int)
+        ):
+            problem = f"column {name!r} holds {values[name]!r:.80}, not {kind}"
+    for name in ("error", "meta", "attempt_history"):
+        text = values[name]
+        if isinstance(text, str):
+            try:
+                json.loads(text)
+            except ValueError:
+                problem = f"column {name!r} holds {text!r:.80}, not JSON"
+    if values["state"] not in _STATES and not isinstance(values["state"], JobState):
+        problem = f"column 'state' holds {values['state']!r:.80}, not a job state"
+    return (
+        f"job {values['id']!r}: its row in the SQLite store cannot be read ({problem}); "
+        "mend that column or delete the job"
+    )
 
 
 def _ids(ids: Sequence[str]) -> str:
@@ -321,7 +347,10 @@ class SQLiteStore(Store):
     async def set_progress(
         self, job_id: str, *, worker_id: str, progress: float | None, message: str | None
     ) -> None:
-        """Record progress and message of a job ``worker_id`` holds; otherwise nothing."""
+        """Record progress and message of a job ``worker_id`` holds; otherwise nothing.
+        A lone surrogate in the message (which UTF-8 cannot carry) is kept as U+FFFD."""
+        if message is not None and not message.isascii():
+            message = _SURROGATE.sub("\ufffd", message)
         params = {"id": job_id, "worker_id": worker_id, "progress": progress, "message": message}
         await self._write(self._execute, "set_progress", params)
 
@@ -367,7 +396,8 @@ class SQLiteStore(Store):
         """The matching jobs, newest ``created_at`` first (ties: latest stored first),
         skipping ``offset`` and returning at most ``limit``. ``text`` is looked for in the
         id, task, payload and error message with ``LIKE``, which ignores the case of ASCII
-        letters only.
+        letters only; a text holding the character NUL matches nothing (``LIKE`` would
+        stop at it and match everything).
 
         The page is chosen first, by ``seq`` alone, and only its rows are read whole:
         without ``text``, in order from ``jobs_state_created`` (the newest of each state,
@@ -382,6 +412,8 @@ class SQLiteStore(Store):
         if state is not None:
             params["state"] = state.value
         if text is not None:
+            if "\x00" in text:
+                return []
             matches = "text_matches_verbatim" if _verbatim_in_json(text) else "text_matches"
             terms.append(f"(\n{self._sql[matches]}\n)")
             params["pattern"] = _like_pattern(text)
@@ -609,7 +641,7 @@ class SQLiteStore(Store):
             rows = self._fetch_named(conn, "claim_seqs", claiming)
         else:
             rows = []
-        claimed = _in_claim_order(rows) + handed
+        claimed = self._in_claim_order(conn, rows, params) + handed
         if len(claimed) > 1:
             claimed.sort(key=lambda pair: pair[0])
         return [job for _, job in claimed]
@@ -652,7 +684,41 @@ class SQLiteStore(Store):
         for job_id in release:
             known.pop(job_id, None)
         found = {**params, "seqs": json.dumps(seqs), "was": "deferred"}
-        return _in_claim_order(self._fetch_named(conn, "claim_seqs", found))
+        return self._in_claim_order(conn, self._fetch_named(conn, "claim_seqs", found), params)
+
+    def _in_claim_order(
+        self, conn: sqlite3.Connection, rows: list[sqlite3.Row], params: dict[str, Any]
+    ) -> list[tuple[tuple[int, float, int], Job]]:
+        """The jobs of the rows a claim just took, each with its place in claim order
+        (higher priority first, then earlier ``run_at``, then stored first). A row that
+        does not read as a job ends failed instead: it cannot run, and must not come back
+        to every claim."""
+        if not rows:
+            return []
+        positions = _field_positions(tuple(rows[0].keys()))
+        claimed: list[tuple[tuple[int, float, int], Job]] = []
+        for row in rows:
+            try:
+                job = _decode(row, positions)
+            except UnreadableJob as exc:
+                self._fail_unreadable(conn, row["seq"], row["id"], exc, params["now"])
+                continue
+            claimed.append(((-job.priority, job.run_at, row["seq"]), job))
+        return claimed
+
+    def _fail_unreadable(
+        self, conn: sqlite3.Connection, seq: int, job_id: str, exc: UnreadableJob, now: float
+    ) -> None:
+        """End failed the job just claimed at ``seq``, whose row does not read, kept until
+        removed by hand; its error says what is wrong, and columns that are not JSON where
+        JSON belongs are emptied so that the job can be read, shown, retried or deleted."""
+        log.error("%s (it cannot run: it ends failed)", exc)
+        kind = type(exc)
+        error = {"type": f"{kind.__module__}.{kind.__qualname__}", "message": str(exc)}
+        error["traceback"] = ""
+        params = {"seq": seq, "now": now, "error": _dump(error)}
+        conn.execute(self._sql["fail_unreadable"], params)
+        self._unblock(conn, [job_id])
 
     def _remember_deferred(self, job: Job) -> None:
         known = self._deferred
