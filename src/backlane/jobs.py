@@ -175,7 +175,7 @@ def _iso(ts: float | None) -> str | None:
         return None
     try:
         return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
-    except (OverflowError, OSError, ValueError):
+    except (OverflowError, OSError, ValueError, TypeError):
         return None
 
 

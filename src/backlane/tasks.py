@@ -244,11 +244,15 @@ class EnqueueOptions:
     def __post_init__(self) -> None:
         if self.delay is not None and self.at is not None:
             raise ValueError("give either delay= or at=, not both")
-        if self.delay is not None and not (
-            isinstance(self.delay, (int, float)) and math.isfinite(self.delay)
+        delay = self.delay
+        if delay is not None and (
+            isinstance(delay, bool)
+            or not isinstance(delay, (int, float))
+            or delay != delay  # NaN
+            or delay in (math.inf, -math.inf)
         ):
-            raise ValueError(f"delay= must be a finite number of seconds, got {self.delay!r}")
-        if self.delay is not None and abs(self.delay) > MAX_DELAY:
+            raise ValueError(f"delay= must be a finite number of seconds, got {delay!r}")
+        if delay is not None and abs(delay) > MAX_DELAY:
             raise ValueError(
                 f"delay= must be at most {MAX_DELAY:.0f} seconds (a century) either way, "
                 f"got {self.delay!r}; for a time, give at= a datetime"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import contextvars
 import math
 import threading
@@ -53,7 +54,7 @@ class _Trip:
     whether the trip goes on: the thread takes calls from the left of ``waiting``, and the
     event loop may take all the rest, or stop the trip after the call that runs."""
 
-    __slots__ = ("began", "done", "lock", "running", "stopped", "task", "waiting")
+    __slots__ = ("began", "done", "lock", "on_start", "running", "stopped", "task", "waiting")
 
     def __init__(self, calls: list[_Call]) -> None:
         self.waiting = collections.deque(calls)
@@ -61,6 +62,8 @@ class _Trip:
         self.running: _Call | None = None
         self.began: float | None = None
         """When the thread took the first call (``time.perf_counter()``)."""
+        self.on_start: Callable[[], object] | None = None
+        """Called by the thread as it starts, if the loop asked to be told."""
         self.stopped = False
         self.lock = threading.Lock()
         self.task: asyncio.Task[None] | None = None
@@ -86,9 +89,20 @@ class _Trip:
             self.stopped = True
             return True
 
+    def started(self) -> float | None:
+        """When the thread started the trip; if it has not yet, None, and ``on_start`` will
+        be called when it does (set it first)."""
+        with self.lock:
+            return self.began
+
     def run(self) -> None:
         """On a worker thread: run the calls in turn until none is left or it stops."""
-        self.began = time.perf_counter()
+        with self.lock:
+            self.began = time.perf_counter()
+            on_start = self.on_start
+        if on_start is not None:
+            with contextlib.suppress(RuntimeError):  # the event loop closed meanwhile
+                on_start()
         while True:
             with self.lock:
                 if self.stopped or not self.waiting:
@@ -195,8 +209,13 @@ class ThreadRunner:
         A trip still waiting for a thread (none free, or the GIL held by a busy event
         loop) has no slow call: it keeps its calls."""
         self._deliver(trip)
-        began = trip.began
-        ran = 0.0 if began is None else time.perf_counter() - began
+        loop = asyncio.get_running_loop()
+        trip.on_start = lambda: loop.call_soon_threadsafe(self._split_after, SHARE_AT_MOST, trip)
+        began = trip.started()
+        if began is None:  # the thread looks again when it starts: no polling meanwhile
+            return
+        trip.on_start = None
+        ran = time.perf_counter() - began
         if ran < SHARE_AT_MOST:
             self._split_after(SHARE_AT_MOST - ran, trip)
             return

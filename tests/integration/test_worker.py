@@ -173,6 +173,7 @@ async def test_options_delay_at_priority_queue_key(lane: Backlane) -> None:
         ({"delay": float("nan")}, "delay= must be a finite number of seconds"),
         ({"delay": 1e300}, "delay= must be at most 3155760000 seconds (a century) either way"),
         ({"delay": -1e300}, "delay= must be at most 3155760000 seconds (a century) either way"),
+        ({"delay": 10**400}, "delay= must be at most 3155760000 seconds (a century) either way"),
         ({"at": "tomorrow"}, "at= must be a datetime, got 'tomorrow'"),
     ],
 )

@@ -432,7 +432,13 @@ async def test_a_finish_and_claim_sent_twice_after_a_lost_reply_acts_once(
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("meta", "{not json"), ("history", "[oops"), ("priority", "high"), ("task", None)],
+    [
+        ("meta", "{not json"),
+        ("history", "[oops"),
+        ("priority", "high"),
+        ("task", None),
+        ("created_at", "x"),
+    ],
 )
 @pytest.mark.parametrize("verb", ["claim", "finish_and_claim"])
 async def test_a_job_whose_hash_cannot_be_read_ends_failed_and_the_claim_goes_on(
@@ -1327,3 +1333,19 @@ async def test_a_search_looks_through_the_newest_jobs_only(
     assert await store.list_jobs(text="rare") == []
     assert len(await store.list_jobs(task="common")) == 4
     assert [j.id for j in await store.list_jobs()][-1] == oldest.id  # unfiltered: all
+
+
+async def test_a_job_whose_attempts_were_changed_by_hand_does_not_stop_claims(
+    store: RedisStore,
+) -> None:
+    # the claim script counts the attempt itself: a count that is not a number must not
+    # fail it (every later claim would fail the same way)
+    bad, good = await store.enqueue([make_job(), make_job()])
+    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        client.hset(f"{store.prefix}job:{bad.id}", "attempts", "x")
+    finally:
+        client.close()
+    claimed = await store.claim(**claim_args())
+    assert [job.id for job in claimed] == [good.id]
+    assert await store.counts() == {"default": {S.RUNNING: 1, S.FAILED: 1}}

@@ -388,6 +388,7 @@ def test_processes_sharing_a_file_never_claim_a_job_twice(tmp_path: Path) -> Non
         ("attempt_history", "[1,", "column 'attempt_history' holds '[1,', not JSON"),
         ("error", "oops", "column 'error' holds 'oops', not JSON"),
         ("priority", "high", "column 'priority' holds 'high', not an integer"),
+        ("meta", "[" * 995 + "]" * 995, "column 'meta' holds '[[[["),  # too deep for Python
     ],
 )
 async def test_a_job_whose_row_cannot_be_read_ends_failed_and_the_claim_goes_on(
@@ -444,5 +445,22 @@ async def test_progress_with_a_lone_surrogate_is_kept_and_a_nul_search_matches_n
         assert stored is not None and stored.message == "read caf\ufffd.txt"
         assert await store.list_jobs(text="\x00") == []
         assert [j.id for j in await store.list_jobs(text="t")] == [job.id]
+    finally:
+        await store.close()
+
+
+async def test_an_id_or_text_holding_a_lone_surrogate_names_no_job(tmp_path: Path) -> None:
+    # `backlane show $'\xff'` decodes its argument with surrogateescape: no job, no traceback
+    store = SQLiteStore(url_of(tmp_path / "jobs.db"))
+    await store.open()
+    try:
+        await store.enqueue([Job(task="t", payload="{}", run_at=NOW, created_at=NOW)])
+        odd = "\udcff"
+        assert await store.get(odd) is None
+        assert await store.cancel(odd, NOW) is None
+        assert await store.retry(odd, NOW) is False
+        assert await store.delete([odd]) == 0
+        assert await store.list_jobs(text=odd) == []
+        assert await store.list_jobs(task=odd) == []
     finally:
         await store.close()

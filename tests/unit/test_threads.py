@@ -288,3 +288,33 @@ async def test_a_trip_that_waits_for_a_thread_keeps_its_calls_together() -> None
         tg.start_soon(free_later)
         idents = await run_together(threads, [("quick", threading.get_ident)] * 5)
     assert len(set(idents)) == 1
+
+
+async def test_a_trip_waiting_for_a_thread_does_not_poll_for_it() -> None:
+    # while every thread is busy, a waiting trip costs the event loop nothing
+    threads = await knowing_quick("quick")
+    threads.limiter.total_tokens = 1
+    gate = threading.Event()
+    slow = threads.run("slow", lambda: gate.wait(5))
+    splits = 0
+    split = threads._split
+
+    def counting(trip: object) -> None:
+        nonlocal splits
+        splits += 1
+        split(trip)  # type: ignore[arg-type]
+
+    threads._split = counting  # type: ignore[method-assign]
+    results: list[object] = []
+
+    async def waits_for_both() -> None:
+        results.extend(await run_together(threads, [("quick", lambda: 1), ("quick", lambda: 2)]))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: slow)
+        await anyio.sleep(0.01)
+        tg.start_soon(waits_for_both)
+        await anyio.sleep(SHARE_AT_MOST * 50)
+        gate.set()
+    assert results == [1, 2]
+    assert splits <= 3

@@ -107,7 +107,7 @@ def _decode(row: sqlite3.Row, positions: tuple[int, ...] | None = None) -> Job:
         values["meta"] = {} if meta == "{}" else json.loads(meta)
         history = values["attempt_history"]
         values["attempt_history"] = [] if history is None else json.loads(history)
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, RecursionError):
         raise UnreadableJob(_fault(values)) from None
     if not isinstance(values["priority"], int) or not isinstance(values["run_at"], float | int):
         raise UnreadableJob(_fault(values))
@@ -115,6 +115,17 @@ def _decode(row: sqlite3.Row, positions: tuple[int, ...] | None = None) -> Job:
     job = object.__new__(Job)  # Job(**values), minus the checks of its generated __init__
     job.__dict__.update(values)
     return job
+
+
+def _reads_as_json(text: Any) -> bool:
+    """Whether the column value ``text`` is NULL or JSON that Python reads."""
+    if text is None:
+        return True
+    try:
+        json.loads(text)
+    except (TypeError, ValueError, RecursionError):
+        return False
+    return True
 
 
 def _fault(values: dict[str, Any]) -> str:
@@ -127,17 +138,19 @@ def _fault(values: dict[str, Any]) -> str:
             problem = f"column {name!r} holds {values[name]!r:.80}, not {kind}"
     for name in ("error", "meta", "attempt_history"):
         text = values[name]
-        if isinstance(text, str):
-            try:
-                json.loads(text)
-            except ValueError:
-                problem = f"column {name!r} holds {text!r:.80}, not JSON"
+        if isinstance(text, str) and not _reads_as_json(text):
+            problem = f"column {name!r} holds {text!r:.80}, not JSON"
     if values["state"] not in _STATES and not isinstance(values["state"], JobState):
         problem = f"column 'state' holds {values['state']!r:.80}, not a job state"
     return (
         f"job {values['id']!r}: its row in the SQLite store cannot be read ({problem}); "
         "mend that column or delete the job"
     )
+
+
+def _has_surrogate(text: str | None) -> bool:
+    """Whether ``text`` holds a lone surrogate, which UTF-8 (and so no stored job) cannot."""
+    return text is not None and not text.isascii() and _SURROGATE.search(text) is not None
 
 
 def _ids(ids: Sequence[str]) -> str:
@@ -337,11 +350,15 @@ class SQLiteStore(Store):
         """Deferred or queued: cancelled at ``now``, kept until ``keep_until``. Running:
         ``cancel_requested`` set. Returns the state after, or None when no job has this
         id."""
+        if _has_surrogate(job_id):
+            return None
         return await self._write(self._cancel, job_id, now, keep_until)
 
     async def retry(self, job_id: str, now: float) -> bool:
         """A failed or cancelled job is queued again to run at ``now``. False when the job
         is missing, in another state, or its key is held by another active job."""
+        if _has_surrogate(job_id):
+            return False
         return await self._write(self._retry, job_id, now)
 
     async def set_progress(
@@ -356,7 +373,8 @@ class SQLiteStore(Store):
 
     async def delete(self, ids: Sequence[str]) -> int:
         """Remove the jobs among ``ids`` whatever their state; successors are freed."""
-        return await self._db.write_on_thread(self._delete, _ids(ids))
+        wanted = [job_id for job_id in ids if not _has_surrogate(job_id)]
+        return await self._db.write_on_thread(self._delete, _ids(wanted))
 
     async def purge(self, *, before: float, states: Sequence[JobState] | None = None) -> int:
         """Remove ended jobs whose ``keep_until`` (or, with ``states``, ``finished_at``) is
@@ -380,6 +398,8 @@ class SQLiteStore(Store):
 
     async def get(self, job_id: str) -> Job | None:
         """The job with this id, or None."""
+        if _has_surrogate(job_id):
+            return None
         rows = await self._db.read(self._fetch, self._sql["get_job"], {"id": job_id})
         return _decode(rows[0]) if rows else None
 
@@ -411,6 +431,8 @@ class SQLiteStore(Store):
         params: dict[str, Any] = {**filters, "limit": limit, "offset": offset}
         if state is not None:
             params["state"] = state.value
+        if any(_has_surrogate(value) for value in (task, queue, text)):
+            return []  # no job holds text UTF-8 cannot carry
         if text is not None:
             if "\x00" in text:
                 return []
@@ -701,13 +723,13 @@ class SQLiteStore(Store):
             try:
                 job = _decode(row, positions)
             except UnreadableJob as exc:
-                self._fail_unreadable(conn, row["seq"], row["id"], exc, params["now"])
+                self._fail_unreadable(conn, row, exc, params["now"])
                 continue
             claimed.append(((-job.priority, job.run_at, row["seq"]), job))
         return claimed
 
     def _fail_unreadable(
-        self, conn: sqlite3.Connection, seq: int, job_id: str, exc: UnreadableJob, now: float
+        self, conn: sqlite3.Connection, row: sqlite3.Row, exc: UnreadableJob, now: float
     ) -> None:
         """End failed the job just claimed at ``seq``, whose row does not read, kept until
         removed by hand; its error says what is wrong, and columns that are not JSON where
@@ -716,9 +738,15 @@ class SQLiteStore(Store):
         kind = type(exc)
         error = {"type": f"{kind.__module__}.{kind.__qualname__}", "message": str(exc)}
         error["traceback"] = ""
-        params = {"seq": seq, "now": now, "error": _dump(error)}
+        params = {
+            "seq": row["seq"],
+            "now": now,
+            "error": _dump(error),
+            "meta_reads": _reads_as_json(row["meta"]),
+            "history_reads": _reads_as_json(row["attempt_history"]),
+        }
         conn.execute(self._sql["fail_unreadable"], params)
-        self._unblock(conn, [job_id])
+        self._unblock(conn, [row["id"]])
 
     def _remember_deferred(self, job: Job) -> None:
         known = self._deferred

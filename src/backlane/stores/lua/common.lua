@@ -200,7 +200,7 @@ local function move(job, state)
     if before ~= after then
         local m = member(job)
         zdel(before, m)
-        zput(after, job.created_at, m)
+        zput(after, tonumber(job.created_at) or 0, m) -- 0: a hash changed by hand
     end
     if job.key then
         local keys = P .. 'keys'
@@ -858,7 +858,7 @@ local function claim_jobs(token, worker, now, lease, limit, queues, idle_ms, han
                 job[fields[f]] = fields[f + 1]
             end
             move(job, 'running')
-            redis.call('HSET', jk, 'state', 'running', 'attempts', tonumber(job.attempts) + 1,
+            redis.call('HSET', jk, 'state', 'running', 'attempts', (tonumber(job.attempts) or 0) + 1,
                        'started_at', now, 'lease_until', lease, 'worker_id', worker)
             zput(P .. 'run', lease, id)
             ids[#ids + 1] = id

@@ -152,15 +152,15 @@ WHERE id = :id AND state = 'running' AND worker_id = :worker_id;
 
 -- name: fail_unreadable
 -- A job just claimed whose row does not read as a job ends failed, kept until removed by
--- hand; a column that does not hold what it should (JSON, a number, a known state) is
--- reset, so that the job reads from now on.
+-- hand; a column that does not hold what it should (JSON Python reads, a number, a known
+-- state) is reset, so that the job reads from now on.
 UPDATE jobs
 SET state = 'failed', lease_until = NULL, finished_at = :now, keep_until = NULL,
     error = :error, result = NULL,
     priority = CASE WHEN typeof(priority) = 'integer' THEN priority ELSE 0 END,
     run_at = CASE WHEN typeof(run_at) IN ('integer', 'real') THEN run_at ELSE :now END,
-    meta = CASE WHEN json_valid(meta) THEN meta ELSE '{}' END,
-    attempt_history = CASE WHEN json_valid(attempt_history) THEN attempt_history END
+    meta = CASE WHEN :meta_reads THEN meta ELSE '{}' END,
+    attempt_history = CASE WHEN :history_reads THEN attempt_history END
 WHERE seq = :seq;
 
 -- name: append_attempt
