@@ -229,7 +229,9 @@ class SQLiteStore(Store):
         """Deferred jobs this store stored, as stored, by id, until released, claimed or
         discarded here (the newest ``_KNOWN_DEFERRED``): an embedded worker claims the
         jobs its own requests handed over without reading their rows back. Nothing but
-        ``"after"`` (covered by the claim's condition) changes in a deferred job's row."""
+        ``"after"`` (covered by the claim's condition) changes in a deferred job's row.
+        Kept outside the transactions: one rolled back leaves at worst an entry whose row
+        the claim's condition then does not find, or a forgotten one, read back instead."""
 
     def __repr__(self) -> str:
         return f"<SQLiteStore {self.path}>"
