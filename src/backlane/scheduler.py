@@ -86,8 +86,10 @@ class Schedule:
         if self.every is not None:
             return math.floor(now / self.every) * self.every
         assert self.cron is not None
-        zone = ZoneInfo(self.tz)
-        start = datetime.fromtimestamp(now, zone) + timedelta(microseconds=1)
+        # Step past ``now`` in UTC: local arithmetic would drop the fold and, in the repeated
+        # hour of a fall-back night, land an hour early.
+        after = datetime.fromtimestamp(now, timezone.utc) + timedelta(microseconds=1)
+        start = after.astimezone(ZoneInfo(self.tz))
         try:
             return next(CronSim(self.cron, start, reverse=True)).timestamp()
         except StopIteration:

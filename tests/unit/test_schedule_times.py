@@ -106,3 +106,17 @@ def test_scheduled_task_must_take_no_arguments() -> None:
     lane = Backlane("memory://")
     with pytest.raises(ConfigurationError, match="without arguments"):
         lane.every(timedelta(seconds=5))(schedule_tasks.needs_argument)
+
+
+def test_latest_slot_in_the_repeated_hour_is_the_second_pass() -> None:
+    """At 02:20 CET (the second 02:20 of the fall-back night) the latest slot of a
+    quarter-hourly schedule is 02:15 CET, not 02:15 CEST an hour earlier: the scheduler
+    fired nothing in the repeated hour."""
+    s = schedule(cron="*/15 * * * *", tz="Europe/Berlin")
+    second_pass = datetime(2026, 10, 25, 2, 20, tzinfo=BERLIN, fold=1).timestamp()
+    assert local(s.latest_slot(second_pass)) == "2026-10-25T02:15:00+01:00"
+    assert local(s.latest_slot(second_pass - 3600)) == "2026-10-25T02:15:00+02:00"
+    hourly = schedule(cron="0 * * * *", tz="America/New_York")
+    new_york = ZoneInfo("America/New_York")
+    repeated_one = datetime(2026, 11, 1, 1, 0, tzinfo=new_york, fold=1).timestamp()
+    assert hourly.latest_slot(repeated_one) == repeated_one
