@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from backlane import Backlane, JobState
 from backlane.fastapi import BackgroundTasks
 from backlane.jobs import Job
+from backlane.testing import drain_sync
 from tests.integration import recorder
 from tests.integration.recorder import RECORD
 
@@ -281,3 +282,22 @@ async def test_stored_before_the_response_leaves_started_only_after(lane_url: st
             assert after == [JobState.DEFERRED, JobState.DEFERRED]
             await anyio.sleep(0.001)
     await lane.close()
+
+
+def test_drain_sync_runs_what_each_request_added(lane_url: str) -> None:
+    """docs/testing.md's "queue, then drain": every task a request added runs in the next
+    ``drain_sync``, with or without the app's lifespan. On SQLite, where releases are
+    gathered for a moment, a request served by a ``TestClient`` without ``with`` (its event
+    loop gone before the moment passed) left its job deferred: drained 0, run only after
+    the release grace; with ``with``, a drain right after the request missed it now and
+    then."""
+    lane = Backlane(lane_url, retries=0)
+    client = TestClient(make_app(lane, workers=0))  # no lifespan: a loop per request
+    client.post("/fail-then-continue")
+    assert drain_sync(lane) == 2
+    assert RECORD.labels() == ["a", "b"]
+    with TestClient(make_app(lane, workers=0)) as client:
+        for _ in range(10):
+            client.post("/own-response")
+            assert drain_sync(lane) == 1
+    assert RECORD.labels() == ["a", "b"] + ["own-response"] * 10
