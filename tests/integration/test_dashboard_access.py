@@ -205,6 +205,16 @@ def test_actions_need_the_pages_csrf_token_and_origin(local: TestClient) -> None
     assert done.status_code == 303
 
 
+@pytest.mark.parametrize("header", ["origin", "referer"])
+def test_an_origin_that_is_no_url_is_refused_not_a_500(local: TestClient, header: str) -> None:
+    """``Origin: http://[`` (no valid URL) made every action answer 500."""
+    url = "/backlane/ui/queues/pause"
+    csrf = csrf_of(local.get("/backlane/ui/jobs", headers=HTML).text)
+    form = {"csrf": csrf, "queue": "q", "paused": "1"}
+    reply = local.post(url, data=form, headers={header: "http://["})
+    assert reply.status_code == 403 and "CSRF" in reply.text
+
+
 @pytest.mark.skipif(not HAS_PROMETHEUS, reason="prometheus-client is not installed")
 def test_metrics_follow_the_same_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     _, client = make_client()

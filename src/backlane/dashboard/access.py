@@ -219,7 +219,7 @@ class Access:
 
 def same_origin(request: Request) -> bool:
     """False when the request names an ``Origin`` (or, lacking one, a ``Referer``) other
-    than its own host; True when it names this host or neither."""
+    than its own host, or one that is no URL; True when it names this host or neither."""
     origin = request.headers.get("origin")
     if origin is None:
         referer = request.headers.get("referer")
@@ -228,7 +228,11 @@ def same_origin(request: Request) -> bool:
         origin = referer
     if origin == "null":
         return False
-    return urlsplit(origin).netloc.lower() == request.headers.get("host", "").lower()
+    try:
+        netloc = urlsplit(origin).netloc
+    except ValueError:  # "http://[": an unclosed IPv6 address
+        return False
+    return netloc.lower() == request.headers.get("host", "").lower()
 
 
 def _same(given: str, expected: str) -> bool:
