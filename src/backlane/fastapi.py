@@ -272,7 +272,13 @@ class DurableTasksMiddleware:
             await send(message)
             if kind == "http.response.body" and not message.get("more_body", False):
                 sent = True
-                await batch.after_response()
+                # Shielded: a StreamingResponse sends from a task group that Starlette
+                # cancels as soon as the server reports the client gone, right after this
+                # last chunk; the local (and eager) tasks run here, as Starlette's own
+                # background tasks would, after the response and before the teardown of
+                # the request's dependencies.
+                with anyio.CancelScope(shield=True):
+                    await batch.after_response()
 
         try:
             await self.app(scope, receive, send_then_hand_over)

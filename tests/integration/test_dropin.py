@@ -2,14 +2,14 @@
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import anyio
 import pytest
 from fastapi import Depends, FastAPI, HTTPException, WebSocket
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.testclient import TestClient
 
 from backlane import Backlane, JobState
@@ -301,3 +301,35 @@ def test_drain_sync_runs_what_each_request_added(lane_url: str) -> None:
             client.post("/own-response")
             assert drain_sync(lane) == 1
     assert RECORD.labels() == ["a", "b"] + ["own-response"] * 10
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_a_streaming_response_runs_its_tasks_in_this_process_too(eager: bool) -> None:
+    """After a ``StreamingResponse`` the server reports the client gone and Starlette
+    cancels the response's task group: local tasks (and, eager, the request's tasks) that
+    ran there were cancelled before they could run."""
+    lane = Backlane("memory://", eager=eager)
+    app = FastAPI()
+    lane.install(app, workers=0)
+
+    def session() -> Iterator[dict[str, bool]]:
+        resource = {"open": True}
+        yield resource
+        resource["open"] = False
+
+    def local(resource: dict[str, bool]) -> None:  # as Starlette: before the teardown
+        recorder.note("local" if resource["open"] else "local, after the teardown")
+
+    @app.get("/stream")
+    def stream(
+        background_tasks: BackgroundTasks, resource: Annotated[dict[str, bool], Depends(session)]
+    ) -> StreamingResponse:
+        background_tasks.add_task(recorder.note, "durable")
+        background_tasks.add_local_task(local, resource)
+        return StreamingResponse(iter([b"a", b"b"]))
+
+    with TestClient(app) as client:
+        for _ in range(5):
+            assert client.get("/stream").text == "ab"
+    expected = ["durable", "local"] if eager else ["local"]
+    assert RECORD.labels() == expected * 5
