@@ -91,9 +91,14 @@ class Schedule:
         after = datetime.fromtimestamp(now, timezone.utc) + timedelta(microseconds=1)
         start = after.astimezone(ZoneInfo(self.tz))
         try:
-            return next(CronSim(self.cron, start, reverse=True)).timestamp()
+            slot = next(CronSim(self.cron, start, reverse=True)).timestamp()
         except StopIteration:
             return None
+        # Searching backwards, cronsim may pass over a slot of the first 02:xx while in the
+        # second one; forwards it does not: walk up to the latest slot ``next_slot`` gives.
+        while (later := self.next_slot(slot)) is not None and later <= now:
+            slot = later
+        return slot
 
     def next_slot(self, after: float) -> float | None:
         """The first slot strictly after ``after``."""

@@ -120,3 +120,12 @@ def test_latest_slot_in_the_repeated_hour_is_the_second_pass() -> None:
     new_york = ZoneInfo("America/New_York")
     repeated_one = datetime(2026, 11, 1, 1, 0, tzinfo=new_york, fold=1).timestamp()
     assert hourly.latest_slot(repeated_one) == repeated_one
+
+
+def test_latest_slot_agrees_with_next_slot_in_the_repeated_hour() -> None:
+    """A daily 02:30 fires in the first 02:30 of the fall-back night only; during the
+    second 02:xx hour its latest slot is that one, not yesterday's (a catch-up after
+    downtime waited up to an hour)."""
+    s = schedule(cron="30 2 * * *", tz="Europe/Berlin")
+    second_pass = datetime(2026, 10, 25, 2, 20, tzinfo=BERLIN, fold=1).timestamp()
+    assert local(s.latest_slot(second_pass)) == "2026-10-25T02:30:00+02:00"
