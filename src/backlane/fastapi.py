@@ -223,21 +223,23 @@ class DurableBackgroundTasks:
 
 async def _background_tasks(conn: HTTPConnection) -> DurableBackgroundTasks:
     # A plain dependency (a generator one costs FastAPI a context manager per request)
-    # that hooks into the request's exit stacks: the endpoint's own (function) stack sees
-    # its exception, the request's stack closes after the response has been sent.
+    # that hooks into the request's exit stack, which encloses the endpoint's own
+    # (function) stack: an exception of the endpoint, or of the teardown of any dependency
+    # run before the response, passes through it, whatever was resolved first; it closes
+    # after the response has been sent.
     scope = conn.scope
+    request_stack: AsyncExitStack | None = scope.get("fastapi_inner_astack")
     batch = scope.get(_BATCH)
     if batch is None:
         # No middleware (install() not called, or a WebSocket): hand over when the request
         # ends, after the response has been sent.
         batch = RequestBatch(_lane_for(conn))
         scope[_BATCH] = batch
-        request_stack: AsyncExitStack | None = scope.get("fastapi_inner_astack")
         if request_stack is not None:
             request_stack.push_async_exit(batch.exit_request)
-    function_stack: AsyncExitStack | None = scope.get("fastapi_function_astack")
-    if function_stack is not None:
-        function_stack.push(batch.exit_endpoint)
+    stack = request_stack or scope.get("fastapi_function_astack")
+    if stack is not None:
+        stack.push(batch.exit_endpoint)
     return DurableBackgroundTasks(batch)
 
 

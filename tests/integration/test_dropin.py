@@ -333,3 +333,32 @@ def test_a_streaming_response_runs_its_tasks_in_this_process_too(eager: bool) ->
             assert client.get("/stream").text == "ab"
     expected = ["durable", "local"] if eager else ["local"]
     assert RECORD.labels() == expected * 5
+
+
+def test_a_dependency_whose_teardown_raises_discards_the_tasks(lane_url: str) -> None:
+    """A yield dependency run before the response (``scope="function"``), whose teardown
+    raises (a commit that failed: 409), discards the request's tasks as FastAPI never runs
+    them, whichever parameter comes first. Declared before ``BackgroundTasks``, its error
+    was not seen, and the tasks ran."""
+    lane = Backlane(lane_url)
+    app = FastAPI()
+    lane.install(app, workers=0)
+
+    def commit_fails() -> Iterator[None]:
+        yield
+        raise HTTPException(status_code=409, detail="conflict on commit")
+
+    Commit = Annotated[None, Depends(commit_fails, scope="function")]
+
+    @app.post("/session-first")
+    def session_first(_: Commit, background_tasks: BackgroundTasks) -> None:
+        background_tasks.add_task(recorder.note, "session-first")
+
+    @app.post("/tasks-first")
+    def tasks_first(background_tasks: BackgroundTasks, _: Commit) -> None:
+        background_tasks.add_task(recorder.note, "tasks-first")
+
+    with TestClient(app) as client:
+        assert client.post("/session-first").status_code == 409
+        assert client.post("/tasks-first").status_code == 409
+        assert client.portal.call(lane.store.counts) == {}  # type: ignore[union-attr]
