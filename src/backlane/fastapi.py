@@ -363,12 +363,13 @@ def install(
     dashboard_auth: Callable[..., Any] | None = None,
     metrics: bool | None = None,
 ) -> None:
-    """See ``Backlane.install``. Also: with ``dashboard=True`` the web dashboard at
-    ``{prefix}/``; with ``metrics=True`` Prometheus metrics at ``{prefix}/metrics``
-    (default: with the dashboard, when prometheus-client is installed). Both follow the
-    dashboard's access rule (``backlane.dashboard.access``): the FastAPI dependency
-    ``dashboard_auth`` if given, else the token in ``BACKLANE_DASHBOARD_TOKEN``, else
-    loopback requests only."""
+    """See ``Backlane.install``. Also: ``prefix`` starts with ``/`` (a trailing one is
+    ignored; ``"/"`` is the root), else ``ConfigurationError``; with ``dashboard=True`` the
+    web dashboard at ``{prefix}/``; with ``metrics=True`` Prometheus metrics at
+    ``{prefix}/metrics`` (default: with the dashboard, when prometheus-client is
+    installed). Both follow the dashboard's access rule (``backlane.dashboard.access``):
+    the FastAPI dependency ``dashboard_auth`` if given, else the token in
+    ``BACKLANE_DASHBOARD_TOKEN``, else loopback requests only."""
     current = getattr(app.state, "backlane", None)
     if current is not None and current is not lane:
         raise ConfigurationError("this app already has another Backlane installed")
@@ -376,6 +377,9 @@ def install(
         raise ValueError(f"workers must be 0 or more, got {workers}")
     if dashboard_auth is not None and not (dashboard or metrics):
         raise ConfigurationError("dashboard_auth= guards the dashboard: add dashboard=True")
+    prefix = prefix.rstrip("/")
+    if prefix and not prefix.startswith("/"):
+        raise ConfigurationError(f"a prefix starts with '/', got {prefix!r}")
     app.state.backlane = lane
     app.add_middleware(DurableTasksMiddleware, lane=lane)
     app.include_router(status_router(lane), prefix=prefix, tags=["backlane"])

@@ -12,7 +12,7 @@ from fastapi import Depends, FastAPI, HTTPException, WebSocket
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.testclient import TestClient
 
-from backlane import Backlane, JobState
+from backlane import Backlane, ConfigurationError, JobState
 from backlane.fastapi import BackgroundTasks
 from backlane.jobs import Job
 from backlane.testing import drain_sync
@@ -362,3 +362,21 @@ def test_a_dependency_whose_teardown_raises_discards_the_tasks(lane_url: str) ->
         assert client.post("/session-first").status_code == 409
         assert client.post("/tasks-first").status_code == 409
         assert client.portal.call(lane.store.counts) == {}  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("prefix", "status_path"), [("/ops/", "/ops/jobs"), ("/", "/jobs")])
+def test_an_install_prefix_may_end_with_a_slash(prefix: str, status_path: str) -> None:
+    """``prefix="/ops/"`` (or ``"/"``, for the root) failed with FastAPI's assertion;
+    the dashboard's own routes already accepted it."""
+    lane = Backlane("memory://")
+    app = FastAPI()
+    lane.install(app, workers=0, prefix=prefix, dashboard=True)
+    with TestClient(app, base_url="http://127.0.0.1:8000") as client:
+        reply = client.get(f"{status_path}/0123456789abcdef")
+        assert reply.status_code == 404 and "no job" in reply.json()["detail"]
+        assert client.get(status_path.removesuffix("jobs")).status_code == 200  # overview
+
+
+def test_an_install_prefix_must_be_a_path() -> None:
+    with pytest.raises(ConfigurationError, match="starts with '/'"):
+        Backlane("memory://").install(FastAPI(), prefix="ops")
