@@ -458,7 +458,10 @@ class Backlane:
         if isinstance(interval, timedelta):
             seconds = interval.total_seconds()
         elif isinstance(interval, numbers.Real) and not isinstance(interval, bool):
-            seconds = float(interval)
+            try:
+                seconds = float(interval)
+            except OverflowError:  # an int past the largest float: refused as infinite
+                seconds = float("inf")
         else:
             raise ConfigurationError(
                 f"every() takes a timedelta or a number of seconds, not {interval!r}"

@@ -51,6 +51,16 @@ class Schedule:
             raise ConfigurationError(
                 f"schedule {self.name!r}: give a cron expression or an interval"
             )
+        if self.cron is not None and not isinstance(self.cron, str):
+            raise ConfigurationError(
+                f"schedule {self.name!r}: a cron expression is a string such as "
+                f"'0 3 * * *', not {self.cron!r}"
+            )
+        if not isinstance(self.tz, str):
+            raise ConfigurationError(
+                f"schedule {self.name!r}: a time zone is a name such as 'Europe/Berlin', "
+                f"not {self.tz!r}"
+            )
         if self.missed not in ("run_once", "skip"):
             raise ConfigurationError(
                 f"schedule {self.name!r}: missed must be 'run_once' or 'skip', not {self.missed!r}"

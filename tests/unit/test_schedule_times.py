@@ -90,6 +90,9 @@ def test_interval_slots_are_aligned() -> None:
         ({"every": float("inf")}, "a finite number of seconds"),
         ({}, "give a cron expression or an interval"),
         ({"every": 5.0, "missed": "sometimes"}, "run_once"),
+        ({"cron": 5}, "a cron expression is a string"),  # AttributeError from cronsim
+        ({"cron": b"* * * * *"}, "a cron expression is a string"),
+        ({"cron": "* * * * *", "tz": None}, "a time zone is a name"),  # TypeError
     ],
 )
 def test_bad_schedules_are_refused(how: dict[str, object], message: str) -> None:
@@ -100,6 +103,11 @@ def test_bad_schedules_are_refused(how: dict[str, object], message: str) -> None
 def test_an_interval_that_is_not_a_number_is_refused_by_every() -> None:
     with pytest.raises(ConfigurationError, match="not '5m'"):
         Backlane("memory://").every("5m")  # type: ignore[arg-type]
+
+
+def test_an_interval_too_big_for_a_float_is_refused_by_every() -> None:
+    with pytest.raises(ConfigurationError, match="a finite number of seconds"):  # OverflowError
+        Backlane("memory://").every(10**400)(schedule_tasks.tick)
 
 
 def test_scheduled_task_must_take_no_arguments() -> None:
