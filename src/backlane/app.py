@@ -335,10 +335,15 @@ class Backlane:
             return
         self.notifier.notify()
 
-    async def flush_releases(self) -> None:
-        """Send the releases gathered on this loop now, and wait for those under way."""
+    async def flush_releases(self, *, every_loop: bool = False) -> None:
+        """Send the releases gathered on this loop now, and wait for those under way.
+        With ``every_loop``, also send those gathered on other event loops (a
+        ``TestClient``'s, which may have closed before sending them)."""
         loop = asyncio.get_running_loop()
-        ids = self._releasing.pop(loop, None)
+        ids = self._releasing.pop(loop, None) or []
+        if every_loop:
+            for other in list(self._releasing):
+                ids.extend(self._releasing.pop(other, []))
         if ids:
             await self._release_gathered(ids)
         pending = [task for task in self._release_tasks if task.get_loop() is loop]
@@ -453,7 +458,10 @@ class Backlane:
         if isinstance(interval, timedelta):
             seconds = interval.total_seconds()
         elif isinstance(interval, numbers.Real) and not isinstance(interval, bool):
-            seconds = float(interval)
+            try:
+                seconds = float(interval)
+            except OverflowError:  # an int past the largest float: refused as infinite
+                seconds = float("inf")
         else:
             raise ConfigurationError(
                 f"every() takes a timedelta or a number of seconds, not {interval!r}"

@@ -223,21 +223,23 @@ class DurableBackgroundTasks:
 
 async def _background_tasks(conn: HTTPConnection) -> DurableBackgroundTasks:
     # A plain dependency (a generator one costs FastAPI a context manager per request)
-    # that hooks into the request's exit stacks: the endpoint's own (function) stack sees
-    # its exception, the request's stack closes after the response has been sent.
+    # that hooks into the request's exit stack, which encloses the endpoint's own
+    # (function) stack: an exception of the endpoint, or of the teardown of any dependency
+    # run before the response, passes through it, whatever was resolved first; it closes
+    # after the response has been sent.
     scope = conn.scope
+    request_stack: AsyncExitStack | None = scope.get("fastapi_inner_astack")
     batch = scope.get(_BATCH)
     if batch is None:
         # No middleware (install() not called, or a WebSocket): hand over when the request
         # ends, after the response has been sent.
         batch = RequestBatch(_lane_for(conn))
         scope[_BATCH] = batch
-        request_stack: AsyncExitStack | None = scope.get("fastapi_inner_astack")
         if request_stack is not None:
             request_stack.push_async_exit(batch.exit_request)
-    function_stack: AsyncExitStack | None = scope.get("fastapi_function_astack")
-    if function_stack is not None:
-        function_stack.push(batch.exit_endpoint)
+    stack = request_stack or scope.get("fastapi_function_astack")
+    if stack is not None:
+        stack.push(batch.exit_endpoint)
     return DurableBackgroundTasks(batch)
 
 
@@ -272,7 +274,13 @@ class DurableTasksMiddleware:
             await send(message)
             if kind == "http.response.body" and not message.get("more_body", False):
                 sent = True
-                await batch.after_response()
+                # Shielded: a StreamingResponse sends from a task group that Starlette
+                # cancels as soon as the server reports the client gone, right after this
+                # last chunk; the local (and eager) tasks run here, as Starlette's own
+                # background tasks would, after the response and before the teardown of
+                # the request's dependencies.
+                with anyio.CancelScope(shield=True):
+                    await batch.after_response()
 
         try:
             await self.app(scope, receive, send_then_hand_over)
@@ -355,12 +363,13 @@ def install(
     dashboard_auth: Callable[..., Any] | None = None,
     metrics: bool | None = None,
 ) -> None:
-    """See ``Backlane.install``. Also: with ``dashboard=True`` the web dashboard at
-    ``{prefix}/``; with ``metrics=True`` Prometheus metrics at ``{prefix}/metrics``
-    (default: with the dashboard, when prometheus-client is installed). Both follow the
-    dashboard's access rule (``backlane.dashboard.access``): the FastAPI dependency
-    ``dashboard_auth`` if given, else the token in ``BACKLANE_DASHBOARD_TOKEN``, else
-    loopback requests only."""
+    """See ``Backlane.install``. Also: ``prefix`` starts with ``/`` (a trailing one is
+    ignored; ``"/"`` is the root), else ``ConfigurationError``; with ``dashboard=True`` the
+    web dashboard at ``{prefix}/``; with ``metrics=True`` Prometheus metrics at
+    ``{prefix}/metrics`` (default: with the dashboard, when prometheus-client is
+    installed). Both follow the dashboard's access rule (``backlane.dashboard.access``):
+    the FastAPI dependency ``dashboard_auth`` if given, else the token in
+    ``BACKLANE_DASHBOARD_TOKEN``, else loopback requests only."""
     current = getattr(app.state, "backlane", None)
     if current is not None and current is not lane:
         raise ConfigurationError("this app already has another Backlane installed")
@@ -368,6 +377,9 @@ def install(
         raise ValueError(f"workers must be 0 or more, got {workers}")
     if dashboard_auth is not None and not (dashboard or metrics):
         raise ConfigurationError("dashboard_auth= guards the dashboard: add dashboard=True")
+    prefix = prefix.rstrip("/")
+    if prefix and not prefix.startswith("/"):
+        raise ConfigurationError(f"a prefix starts with '/', got {prefix!r}")
     app.state.backlane = lane
     app.add_middleware(DurableTasksMiddleware, lane=lane)
     app.include_router(status_router(lane), prefix=prefix, tags=["backlane"])

@@ -51,6 +51,16 @@ class Schedule:
             raise ConfigurationError(
                 f"schedule {self.name!r}: give a cron expression or an interval"
             )
+        if self.cron is not None and not isinstance(self.cron, str):
+            raise ConfigurationError(
+                f"schedule {self.name!r}: a cron expression is a string such as "
+                f"'0 3 * * *', not {self.cron!r}"
+            )
+        if not isinstance(self.tz, str):
+            raise ConfigurationError(
+                f"schedule {self.name!r}: a time zone is a name such as 'Europe/Berlin', "
+                f"not {self.tz!r}"
+            )
         if self.missed not in ("run_once", "skip"):
             raise ConfigurationError(
                 f"schedule {self.name!r}: missed must be 'run_once' or 'skip', not {self.missed!r}"
@@ -86,12 +96,19 @@ class Schedule:
         if self.every is not None:
             return math.floor(now / self.every) * self.every
         assert self.cron is not None
-        zone = ZoneInfo(self.tz)
-        start = datetime.fromtimestamp(now, zone) + timedelta(microseconds=1)
+        # Step past ``now`` in UTC: local arithmetic would drop the fold and, in the repeated
+        # hour of a fall-back night, land an hour early.
+        after = datetime.fromtimestamp(now, timezone.utc) + timedelta(microseconds=1)
+        start = after.astimezone(ZoneInfo(self.tz))
         try:
-            return next(CronSim(self.cron, start, reverse=True)).timestamp()
+            slot = next(CronSim(self.cron, start, reverse=True)).timestamp()
         except StopIteration:
             return None
+        # Searching backwards, cronsim may pass over a slot of the first 02:xx while in the
+        # second one; forwards it does not: walk up to the latest slot ``next_slot`` gives.
+        while (later := self.next_slot(slot)) is not None and later <= now:
+            slot = later
+        return slot
 
     def next_slot(self, after: float) -> float | None:
         """The first slot strictly after ``after``."""

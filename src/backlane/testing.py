@@ -16,9 +16,12 @@ __all__ = ["drain", "drain_sync"]
 
 async def drain(lane: Backlane, *, timeout: float = 30.0, queues: list[str] | None = None) -> int:
     """Run jobs until none is left that could run now, inside the lane's lifespan (see
-    ``Backlane.lifespan_context``). Raises ``TimeoutError`` after ``timeout`` seconds."""
+    ``Backlane.lifespan_context``). Every task a finished request added counts as one
+    that could run now. Raises ``TimeoutError`` after ``timeout`` seconds."""
     worker = lane.worker(queues=queues)
     with anyio.fail_after(timeout):
+        await lane.open()
+        await lane.flush_releases(every_loop=True)
         async with lane.lifespan_context():
             return await worker.run_until_idle()
 

@@ -8,6 +8,7 @@ import importlib.util
 import re
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import anyio
@@ -256,6 +257,34 @@ def test_schedules_show_their_next_fire_time(tmp_path: Any) -> None:
         assert reply.status_code == 303
         records = client.portal.call(lane.store.schedules)  # type: ignore[union-attr]
         assert records["hourly"].paused
+
+
+def test_a_schedule_due_beyond_the_calendar_is_listed(tmp_path: Any) -> None:
+    lane = Backlane(f"sqlite:///{tmp_path}/s.db")
+
+    @lane.every(timedelta(days=3_000_000), name="rare")  # next slot: year 10183
+    def rare() -> None: ...
+
+    with TestClient(create_app(lane), base_url=LOCAL) as client:
+        page = client.get("/ui/schedules", headers=HTML)
+    assert page.status_code == 200 and "rare" in page.text
+
+
+def test_times_beyond_the_calendar_are_shown_as_none(lane: Backlane, client: TestClient) -> None:
+    """A job due beyond year 9999 (stored by another program, or before delays were
+    bounded), as the status API shows it with its time as null: the list and its page
+    answered 500."""
+    far = ended(JobState.QUEUED, run_at=1e300, started_at=None, finished_at=None)
+    ancient = ended(JobState.FAILED, finished_at=-1e15, error={"type": "E", "message": "m"})
+    stored(lane, client, [far, ancient])
+    for path in (
+        "/backlane/ui/jobs",
+        f"/backlane/ui/jobs/{far.id}",
+        f"/backlane/ui/jobs/{ancient.id}",
+    ):
+        page = client.get(path, headers=HTML)
+        assert page.status_code == 200, path
+    assert 'datetime=""' not in page.text
 
 
 def test_workers_show_their_heartbeats_and_held_jobs(lane: Backlane, client: TestClient) -> None:

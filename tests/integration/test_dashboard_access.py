@@ -151,6 +151,48 @@ def test_the_login_form_sets_a_strict_httponly_session(with_token: TestClient) -
     assert with_token.get("/backlane/", headers=HTML).status_code == 401
 
 
+def test_a_dashboard_in_a_mounted_app_keeps_its_login_and_forms(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The dashboard of an app mounted at /admin (or served with a root path) set its
+    cookies for /backlane/, a path its pages are not under: the browser never sent them
+    back, so logging in answered 403 and every action failed its CSRF check."""
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    lane = Backlane("memory://")
+    admin = FastAPI()
+    install(lane, admin, workers=0, dashboard=True)
+    app = FastAPI()
+    app.mount("/admin", admin)
+    origin = {"origin": LOCAL}
+    with TestClient(app, base_url=LOCAL) as client:
+        csrf = csrf_of(client.get("/admin/backlane/ui/login", headers=HTML).text)
+        login = client.post(
+            "/admin/backlane/ui/login",
+            data={"token": TOKEN, "csrf": csrf},
+            headers=origin,
+            follow_redirects=False,
+        )
+        assert login.status_code == 303 and login.headers["location"] == "/admin/backlane/"
+        assert "Path=/admin/backlane/" in login.headers["set-cookie"]
+        page = client.get("/admin/backlane/ui/jobs", headers=HTML)
+        assert page.status_code == 200
+        paused = client.post(
+            "/admin/backlane/ui/queues/pause",
+            data={"csrf": csrf_of(page.text), "queue": "q", "paused": "1"},
+            headers=origin,
+            follow_redirects=False,
+        )
+        assert paused.status_code == 303
+        out = client.post(
+            "/admin/backlane/ui/logout",
+            data={"csrf": csrf_of(page.text)},
+            headers=origin,
+            follow_redirects=False,
+        )
+        assert out.status_code == 303
+        assert client.get("/admin/backlane/", headers=HTML).status_code == 401
+
+
 def test_login_sends_nobody_elsewhere(with_token: TestClient) -> None:
     csrf = csrf_of(with_token.get("/backlane/ui/login", headers=HTML).text)
     for target in ["https://evil.example/", "//evil.example/x", "/backlane/..//evil", "/other"]:
@@ -203,6 +245,16 @@ def test_actions_need_the_pages_csrf_token_and_origin(local: TestClient) -> None
     csrf = csrf_of(local.get("/backlane/ui/jobs", headers=HTML).text)
     done = local.post(url, data={"csrf": csrf}, headers={"origin": LOCAL}, follow_redirects=False)
     assert done.status_code == 303
+
+
+@pytest.mark.parametrize("header", ["origin", "referer"])
+def test_an_origin_that_is_no_url_is_refused_not_a_500(local: TestClient, header: str) -> None:
+    """``Origin: http://[`` (no valid URL) made every action answer 500."""
+    url = "/backlane/ui/queues/pause"
+    csrf = csrf_of(local.get("/backlane/ui/jobs", headers=HTML).text)
+    form = {"csrf": csrf, "queue": "q", "paused": "1"}
+    reply = local.post(url, data=form, headers={header: "http://["})
+    assert reply.status_code == 403 and "CSRF" in reply.text
 
 
 @pytest.mark.skipif(not HAS_PROMETHEUS, reason="prometheus-client is not installed")

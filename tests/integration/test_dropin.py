@@ -2,19 +2,20 @@
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import anyio
 import pytest
 from fastapi import Depends, FastAPI, HTTPException, WebSocket
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.testclient import TestClient
 
-from backlane import Backlane, JobState
+from backlane import Backlane, ConfigurationError, JobState
 from backlane.fastapi import BackgroundTasks
 from backlane.jobs import Job
+from backlane.testing import drain_sync
 from tests.integration import recorder
 from tests.integration.recorder import RECORD
 
@@ -281,3 +282,101 @@ async def test_stored_before_the_response_leaves_started_only_after(lane_url: st
             assert after == [JobState.DEFERRED, JobState.DEFERRED]
             await anyio.sleep(0.001)
     await lane.close()
+
+
+def test_drain_sync_runs_what_each_request_added(lane_url: str) -> None:
+    """docs/testing.md's "queue, then drain": every task a request added runs in the next
+    ``drain_sync``, with or without the app's lifespan. On SQLite, where releases are
+    gathered for a moment, a request served by a ``TestClient`` without ``with`` (its event
+    loop gone before the moment passed) left its job deferred: drained 0, run only after
+    the release grace; with ``with``, a drain right after the request missed it now and
+    then."""
+    lane = Backlane(lane_url, retries=0)
+    client = TestClient(make_app(lane, workers=0))  # no lifespan: a loop per request
+    client.post("/fail-then-continue")
+    assert drain_sync(lane) == 2
+    assert RECORD.labels() == ["a", "b"]
+    with TestClient(make_app(lane, workers=0)) as client:
+        for _ in range(10):
+            client.post("/own-response")
+            assert drain_sync(lane) == 1
+    assert RECORD.labels() == ["a", "b"] + ["own-response"] * 10
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_a_streaming_response_runs_its_tasks_in_this_process_too(eager: bool) -> None:
+    """After a ``StreamingResponse`` the server reports the client gone and Starlette
+    cancels the response's task group: local tasks (and, eager, the request's tasks) that
+    ran there were cancelled before they could run."""
+    lane = Backlane("memory://", eager=eager)
+    app = FastAPI()
+    lane.install(app, workers=0)
+
+    def session() -> Iterator[dict[str, bool]]:
+        resource = {"open": True}
+        yield resource
+        resource["open"] = False
+
+    def local(resource: dict[str, bool]) -> None:  # as Starlette: before the teardown
+        recorder.note("local" if resource["open"] else "local, after the teardown")
+
+    @app.get("/stream")
+    def stream(
+        background_tasks: BackgroundTasks, resource: Annotated[dict[str, bool], Depends(session)]
+    ) -> StreamingResponse:
+        background_tasks.add_task(recorder.note, "durable")
+        background_tasks.add_local_task(local, resource)
+        return StreamingResponse(iter([b"a", b"b"]))
+
+    with TestClient(app) as client:
+        for _ in range(5):
+            assert client.get("/stream").text == "ab"
+    expected = ["durable", "local"] if eager else ["local"]
+    assert RECORD.labels() == expected * 5
+
+
+def test_a_dependency_whose_teardown_raises_discards_the_tasks(lane_url: str) -> None:
+    """A yield dependency run before the response (``scope="function"``), whose teardown
+    raises (a commit that failed: 409), discards the request's tasks as FastAPI never runs
+    them, whichever parameter comes first. Declared before ``BackgroundTasks``, its error
+    was not seen, and the tasks ran."""
+    lane = Backlane(lane_url)
+    app = FastAPI()
+    lane.install(app, workers=0)
+
+    def commit_fails() -> Iterator[None]:
+        yield
+        raise HTTPException(status_code=409, detail="conflict on commit")
+
+    Commit = Annotated[None, Depends(commit_fails, scope="function")]
+
+    @app.post("/session-first")
+    def session_first(_: Commit, background_tasks: BackgroundTasks) -> None:
+        background_tasks.add_task(recorder.note, "session-first")
+
+    @app.post("/tasks-first")
+    def tasks_first(background_tasks: BackgroundTasks, _: Commit) -> None:
+        background_tasks.add_task(recorder.note, "tasks-first")
+
+    with TestClient(app) as client:
+        assert client.post("/session-first").status_code == 409
+        assert client.post("/tasks-first").status_code == 409
+        assert client.portal.call(lane.store.counts) == {}  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("prefix", "status_path"), [("/ops/", "/ops/jobs"), ("/", "/jobs")])
+def test_an_install_prefix_may_end_with_a_slash(prefix: str, status_path: str) -> None:
+    """``prefix="/ops/"`` (or ``"/"``, for the root) failed with FastAPI's assertion;
+    the dashboard's own routes already accepted it."""
+    lane = Backlane("memory://")
+    app = FastAPI()
+    lane.install(app, workers=0, prefix=prefix, dashboard=True)
+    with TestClient(app, base_url="http://127.0.0.1:8000") as client:
+        reply = client.get(f"{status_path}/0123456789abcdef")
+        assert reply.status_code == 404 and "no job" in reply.json()["detail"]
+        assert client.get(status_path.removesuffix("jobs")).status_code == 200  # overview
+
+
+def test_an_install_prefix_must_be_a_path() -> None:
+    with pytest.raises(ConfigurationError, match="starts with '/'"):
+        Backlane("memory://").install(FastAPI(), prefix="ops")

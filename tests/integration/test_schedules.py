@@ -2,6 +2,8 @@
 
 import math
 import time
+from datetime import datetime
+from zoneinfo import ZoneInfo
 
 import anyio
 import pytest
@@ -51,6 +53,26 @@ async def test_downtime_follows_the_missed_policy(
         slots = await jobs_of(lane, "m")
     caught_up = [T0 + 600] if expected_catch_up else []
     assert slots == [T0, *caught_up, T0 + 660]
+
+
+async def test_a_quarter_hourly_cron_fires_in_both_repeated_hours(lane_url: str) -> None:
+    """On the fall-back night in Berlin 02:00-02:59 happens twice: a schedule every quarter
+    hour fires in both (docs/schedules.md). The second four were never fired."""
+    berlin = ZoneInfo("Europe/Berlin")
+    lane = Backlane(lane_url)
+    lane.cron("*/15 * * * *", tz="Europe/Berlin", name="quarterly")(schedule_tasks.tick)
+    start = datetime(2026, 10, 25, 1, 45, tzinfo=berlin).timestamp()
+    async with lane:
+        scheduler = lane.scheduler()
+        for step in range(0, 3 * 3600, 300):  # 01:45 CEST to 03:45 CET, every 5 minutes
+            await scheduler.step(start + step + 1)
+        slots = await jobs_of(lane, "quarterly")
+    assert [datetime.fromtimestamp(s, berlin).isoformat()[11:] for s in slots] == [
+        "01:45:00+02:00",
+        *(f"02:{m:02}:00+02:00" for m in (0, 15, 30, 45)),
+        *(f"02:{m:02}:00+01:00" for m in (0, 15, 30, 45)),
+        *(f"03:{m:02}:00+01:00" for m in (0, 15, 30)),
+    ]
 
 
 async def test_a_new_schedule_does_not_fire_old_slots(lane_url: str) -> None:

@@ -90,6 +90,9 @@ def test_interval_slots_are_aligned() -> None:
         ({"every": float("inf")}, "a finite number of seconds"),
         ({}, "give a cron expression or an interval"),
         ({"every": 5.0, "missed": "sometimes"}, "run_once"),
+        ({"cron": 5}, "a cron expression is a string"),  # AttributeError from cronsim
+        ({"cron": b"* * * * *"}, "a cron expression is a string"),
+        ({"cron": "* * * * *", "tz": None}, "a time zone is a name"),  # TypeError
     ],
 )
 def test_bad_schedules_are_refused(how: dict[str, object], message: str) -> None:
@@ -102,7 +105,35 @@ def test_an_interval_that_is_not_a_number_is_refused_by_every() -> None:
         Backlane("memory://").every("5m")  # type: ignore[arg-type]
 
 
+def test_an_interval_too_big_for_a_float_is_refused_by_every() -> None:
+    with pytest.raises(ConfigurationError, match="a finite number of seconds"):  # OverflowError
+        Backlane("memory://").every(10**400)(schedule_tasks.tick)
+
+
 def test_scheduled_task_must_take_no_arguments() -> None:
     lane = Backlane("memory://")
     with pytest.raises(ConfigurationError, match="without arguments"):
         lane.every(timedelta(seconds=5))(schedule_tasks.needs_argument)
+
+
+def test_latest_slot_in_the_repeated_hour_is_the_second_pass() -> None:
+    """At 02:20 CET (the second 02:20 of the fall-back night) the latest slot of a
+    quarter-hourly schedule is 02:15 CET, not 02:15 CEST an hour earlier: the scheduler
+    fired nothing in the repeated hour."""
+    s = schedule(cron="*/15 * * * *", tz="Europe/Berlin")
+    second_pass = datetime(2026, 10, 25, 2, 20, tzinfo=BERLIN, fold=1).timestamp()
+    assert local(s.latest_slot(second_pass)) == "2026-10-25T02:15:00+01:00"
+    assert local(s.latest_slot(second_pass - 3600)) == "2026-10-25T02:15:00+02:00"
+    hourly = schedule(cron="0 * * * *", tz="America/New_York")
+    new_york = ZoneInfo("America/New_York")
+    repeated_one = datetime(2026, 11, 1, 1, 0, tzinfo=new_york, fold=1).timestamp()
+    assert hourly.latest_slot(repeated_one) == repeated_one
+
+
+def test_latest_slot_agrees_with_next_slot_in_the_repeated_hour() -> None:
+    """A daily 02:30 fires in the first 02:30 of the fall-back night only; during the
+    second 02:xx hour its latest slot is that one, not yesterday's (a catch-up after
+    downtime waited up to an hour)."""
+    s = schedule(cron="30 2 * * *", tz="Europe/Berlin")
+    second_pass = datetime(2026, 10, 25, 2, 20, tzinfo=BERLIN, fold=1).timestamp()
+    assert local(s.latest_slot(second_pass)) == "2026-10-25T02:30:00+02:00"

@@ -173,16 +173,21 @@ class Access:
             SESSION_COOKIE,
             f"{issued}.{self._session_mac(issued)}",
             max_age=int(SESSION_SECONDS),
-            path=self.cookie_path,
+            path=self.cookie_path_for(request),
             httponly=True,
             samesite="strict",
             secure=request.url.scheme == "https",
         )
 
-    def end_session(self, response: Response) -> None:
+    def end_session(self, response: Response, request: Request) -> None:
         response.delete_cookie(
-            SESSION_COOKIE, path=self.cookie_path, httponly=True, samesite="strict"
+            SESSION_COOKIE, path=self.cookie_path_for(request), httponly=True, samesite="strict"
         )
+
+    def cookie_path_for(self, request: Request) -> str:
+        """The path the cookies apply to: ``cookie_path`` under the app's root path (an
+        app mounted at ``/admin``, or served with ``--root-path``)."""
+        return str(request.scope.get("root_path", "")) + self.cookie_path
 
     def csrf_token(self, request: Request) -> tuple[str, bool]:
         """This browser's CSRF token, and whether it is new (then ``set_csrf`` it)."""
@@ -195,7 +200,7 @@ class Access:
         response.set_cookie(
             CSRF_COOKIE,
             token,
-            path=self.cookie_path,
+            path=self.cookie_path_for(request),
             httponly=True,
             samesite="strict",
             secure=request.url.scheme == "https",
@@ -219,7 +224,7 @@ class Access:
 
 def same_origin(request: Request) -> bool:
     """False when the request names an ``Origin`` (or, lacking one, a ``Referer``) other
-    than its own host; True when it names this host or neither."""
+    than its own host, or one that is no URL; True when it names this host or neither."""
     origin = request.headers.get("origin")
     if origin is None:
         referer = request.headers.get("referer")
@@ -228,7 +233,11 @@ def same_origin(request: Request) -> bool:
         origin = referer
     if origin == "null":
         return False
-    return urlsplit(origin).netloc.lower() == request.headers.get("host", "").lower()
+    try:
+        netloc = urlsplit(origin).netloc
+    except ValueError:  # "http://[": an unclosed IPv6 address
+        return False
+    return netloc.lower() == request.headers.get("host", "").lower()
 
 
 def _same(given: str, expected: str) -> bool:

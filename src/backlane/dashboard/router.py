@@ -445,7 +445,7 @@ class _Site:
         response = RedirectResponse(
             f"{self.base(request)}/ui/login?notice=logged-out", status_code=303
         )
-        self.access.end_session(response)
+        self.access.end_session(response, request)
         return response
 
     async def static(self, name: str) -> Response:

@@ -24,10 +24,14 @@ WORKERS_SEEN_WITHIN = 60.0
 
 
 def iso(ts: float | None) -> str:
-    """POSIX seconds as ISO 8601 UTC (empty for None)."""
+    """POSIX seconds as ISO 8601 UTC; empty for None, and for a time no date can show (a
+    job stored by another program, or before delays were bounded)."""
     if ts is None:
         return ""
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
+    try:
+        return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
+    except (OverflowError, OSError, ValueError):
+        return ""
 
 
 def pretty_json(text: str | None) -> str:
