@@ -149,10 +149,22 @@ class RequestBatch:
         return False
 
     async def after_response(self) -> None:
-        """The response has been sent: let the jobs run (or, eager, run them here)."""
+        """The response has been sent: let the jobs run (or, eager, run them here), then
+        run the local tasks. What runs here is shielded from cancellation: a
+        StreamingResponse sends from a task group that Starlette cancels as soon as the
+        server reports the client gone, right after the last chunk; the local (and eager)
+        tasks run here all the same, as Starlette's own background tasks would, after the
+        response and before the teardown of the request's dependencies."""
         if self.finished:
             return
         self.finished = True
+        if self.lane.eager or self.local:
+            with anyio.CancelScope(shield=True):
+                await self._after_response()
+        else:
+            await self._after_response()
+
+    async def _after_response(self) -> None:
         if self.jobs:
             if self.lane.eager:
                 await self.lane.worker(concurrency=1).run_inline(self.jobs)
@@ -274,13 +286,7 @@ class DurableTasksMiddleware:
             await send(message)
             if kind == "http.response.body" and not message.get("more_body", False):
                 sent = True
-                # Shielded: a StreamingResponse sends from a task group that Starlette
-                # cancels as soon as the server reports the client gone, right after this
-                # last chunk; the local (and eager) tasks run here, as Starlette's own
-                # background tasks would, after the response and before the teardown of
-                # the request's dependencies.
-                with anyio.CancelScope(shield=True):
-                    await batch.after_response()
+                await batch.after_response()
 
         try:
             await self.app(scope, receive, send_then_hand_over)
