@@ -37,3 +37,13 @@ def test_unknown_schedule_and_missing_app() -> None:
     assert runner.invoke(cli, ["schedules"]).exit_code == 2
     no_schedules = runner.invoke(cli, ["scheduler", "tests.acceptance.worker_app:lane"])
     assert no_schedules.exit_code == 2 and "declares no schedules" in no_schedules.output
+
+
+def test_a_schedule_due_beyond_the_calendar_is_listed() -> None:
+    app = "tests.integration.far_schedule_app:lane"
+    result = runner.invoke(cli, ["schedules", "--app", app, "--json"])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.output)
+    assert row["name"] == "every-few-millennia" and row["next_run"] is None
+    table = runner.invoke(cli, ["schedules", "--app", app])
+    assert table.exit_code == 0 and "every-few-millennia" in table.output

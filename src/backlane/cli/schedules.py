@@ -162,4 +162,11 @@ def _gather(lane: Backlane) -> list[dict[str, Any]]:
 
 
 def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat()
+    """ISO 8601 in UTC; None for none, and for a time beyond the calendar (a schedule
+    every few thousand years)."""
+    if ts is None:
+        return None
+    try:
+        return datetime.fromtimestamp(ts, timezone.utc).isoformat()
+    except (OverflowError, OSError, ValueError):
+        return None
