@@ -960,3 +960,15 @@ async def test_open_and_close_are_idempotent(store: Store) -> None:
     await store.open()
     job = await add(store)
     assert await store.get(job.id) is not None
+
+
+async def test_a_progress_message_holding_a_lone_surrogate_is_kept_as_u_fffd(
+    store: Store,
+) -> None:
+    # a file name decoded with surrogateescape, reported by ctx.progress(): the task must
+    # not fail for it, and every store keeps the same text
+    (job,) = await store.enqueue([make_job()])
+    await take(store)
+    await store.set_progress(job.id, worker_id="w1", progress=0.5, message="read \udcff.csv")
+    stored = await store.get(job.id)
+    assert stored is not None and stored.message == "read \ufffd.csv"

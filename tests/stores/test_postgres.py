@@ -726,18 +726,6 @@ async def test_text_postgresql_cannot_hold_matches_nothing_and_names_no_job(
         await store.enqueue([make_job(key=f"k{odd}")])
 
 
-async def test_a_progress_message_holding_a_lone_surrogate_is_kept_as_u_fffd(
-    store: PostgresStore,
-) -> None:
-    # a file name decoded with surrogateescape, reported by ctx.progress(): the task must
-    # not fail for it
-    (job,) = await store.enqueue([make_job()])
-    await store.claim(worker_id="w1", queues=None, limit=1, now=NOW, lease_until=NOW + LEASE)
-    await store.set_progress(job.id, worker_id="w1", progress=0.5, message="read \udcff.csv")
-    stored = await store.get(job.id)
-    assert stored is not None and stored.message == "read \ufffd.csv"
-
-
 @pytest.mark.parametrize("field", ["key", "queue"])
 async def test_a_key_or_queue_too_long_to_index_is_refused_naming_it(
     store: PostgresStore, field: str

@@ -475,18 +475,6 @@ async def test_a_job_whose_hash_cannot_be_read_ends_failed_and_the_claim_goes_on
     assert failed.error is not None and f"field '{field}'" in failed.error["message"]
 
 
-async def test_a_progress_message_holding_a_lone_surrogate_is_kept_as_u_fffd(
-    store: RedisStore,
-) -> None:
-    # a file name decoded with surrogateescape, reported by ctx.progress(): the task must
-    # not fail for it
-    (job,) = await store.enqueue([make_job()])
-    await store.claim(worker_id="w1", queues=None, limit=1, now=NOW, lease_until=NOW + LEASE)
-    await store.set_progress(job.id, worker_id="w1", progress=0.5, message="read \udcff.csv")
-    stored = await store.get(job.id)
-    assert stored is not None and stored.message == "read \ufffd.csv"
-
-
 async def test_times_and_text_come_back_exactly(store: RedisStore) -> None:
     rng = random.Random(7)
     jobs = []

@@ -31,6 +31,7 @@ Rules every store keeps:
 from __future__ import annotations
 
 import abc
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +68,16 @@ class Outcome:
     run_at: float | None = None
     keep_until: float | None = None
     attempt: dict[str, Any] | None = None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def utf8_text(text: str) -> str:
+    """``text`` with each lone surrogate (a file name decoded with ``surrogateescape``),
+    which no UTF-8 can carry, as U+FFFD, the replacement character: how every store keeps
+    a progress message."""
+    return text if text.isascii() else _SURROGATE.sub("\ufffd", text)
 
 
 def check_outcomes(outcomes: Sequence[Outcome]) -> None:

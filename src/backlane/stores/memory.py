@@ -20,7 +20,15 @@ from typing import Any
 
 from ..exceptions import ConfigurationError, StoreError
 from ..jobs import ACTIVE_STATES, TERMINAL_STATES, Job, JobState
-from .base import Outcome, ScheduleRecord, StatsBucket, Store, WorkerRecord, check_outcomes
+from .base import (
+    Outcome,
+    ScheduleRecord,
+    StatsBucket,
+    Store,
+    WorkerRecord,
+    check_outcomes,
+    utf8_text,
+)
 
 _STATS_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 
@@ -305,12 +313,13 @@ class MemoryStore(Store):
     async def set_progress(
         self, job_id: str, *, worker_id: str, progress: float | None, message: str | None
     ) -> None:
-        """Record progress and message of a job ``worker_id`` holds; otherwise nothing."""
+        """Record progress and message of a job ``worker_id`` holds; otherwise nothing.
+        A lone surrogate in the message is kept as U+FFFD, as every store keeps it."""
         with self._lock:
             job = self._jobs.get(job_id)
             if job is not None and self._holds(job, worker_id):
                 job.progress = progress
-                job.message = message
+                job.message = None if message is None else utf8_text(message)
 
     async def delete(self, ids: Sequence[str]) -> int:
         """Remove the jobs among ``ids`` whatever their state; successors are freed."""

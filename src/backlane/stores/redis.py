@@ -36,7 +36,15 @@ from redis.exceptions import RedisError, ResponseError
 
 from ..exceptions import ConfigurationError, StoreError
 from ..jobs import TERMINAL_STATES, Job, JobState
-from .base import Outcome, ScheduleRecord, StatsBucket, Store, WorkerRecord, check_outcomes
+from .base import (
+    Outcome,
+    ScheduleRecord,
+    StatsBucket,
+    Store,
+    WorkerRecord,
+    check_outcomes,
+    utf8_text,
+)
 from .redis_codec import (
     UnreadableJob,
     decode_job,
@@ -47,7 +55,6 @@ from .redis_codec import (
     jobs_json,
     number,
     outcomes_json,
-    plain_text,
     worker_json,
 )
 from .redis_link import (
@@ -539,7 +546,7 @@ class RedisStore(Store):
         """Record progress and message of a job ``worker_id`` holds; otherwise nothing.
         A lone surrogate in the message is kept as U+FFFD (Redis takes UTF-8 only)."""
         has_message = "0" if message is None else "1"
-        text = "" if message is None else plain_text(message)
+        text = "" if message is None else utf8_text(message)
         await self._call("progress", job_id, worker_id, _opt(progress), has_message, text)
 
     async def delete(self, ids: Sequence[str]) -> int:

@@ -9,7 +9,6 @@ so nothing is rounded on the way.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -32,15 +31,6 @@ def json_text(value: Any) -> str:
         except UnicodeEncodeError:
             return json.dumps(value, separators=(",", ":"))
     return text
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def plain_text(text: str) -> str:
-    """``text`` for a field Redis keeps as it is (a progress message): each lone surrogate,
-    which no UTF-8 can carry, becomes U+FFFD, the replacement character."""
-    return text if text.isascii() else _SURROGATE.sub("\ufffd", text)
 
 
 def number(value: float) -> str:

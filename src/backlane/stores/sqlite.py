@@ -21,7 +21,15 @@ from typing import Any, TypeVar
 
 from ..exceptions import ConfigurationError, StoreError
 from ..jobs import ACTIVE_STATES, TERMINAL_STATES, Job, JobState
-from .base import Outcome, ScheduleRecord, StatsBucket, Store, WorkerRecord, check_outcomes
+from .base import (
+    Outcome,
+    ScheduleRecord,
+    StatsBucket,
+    Store,
+    WorkerRecord,
+    check_outcomes,
+    utf8_text,
+)
 from .sqlite_connections import Connections
 from .sqlite_schema import path_from_url, queries
 
@@ -368,8 +376,8 @@ class SQLiteStore(Store):
     ) -> None:
         """Record progress and message of a job ``worker_id`` holds; otherwise nothing.
         A lone surrogate in the message (which UTF-8 cannot carry) is kept as U+FFFD."""
-        if message is not None and not message.isascii():
-            message = _SURROGATE.sub("\ufffd", message)
+        if message is not None:
+            message = utf8_text(message)
         params = {"id": job_id, "worker_id": worker_id, "progress": progress, "message": message}
         await self._write(self._execute, "set_progress", params)
 
