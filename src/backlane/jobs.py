@@ -119,10 +119,10 @@ class Job:
             "message": self.message,
             "result": json.loads(self.result) if self.result is not None else None,
             "error": self.error,
-            "created_at": _iso(self.created_at),
-            "started_at": _iso(self.started_at),
-            "finished_at": _iso(self.finished_at),
-            "run_at": _iso(self.run_at),
+            "created_at": iso_utc(self.created_at),
+            "started_at": iso_utc(self.started_at),
+            "finished_at": iso_utc(self.finished_at),
+            "run_at": iso_utc(self.run_at),
         }
 
 
@@ -168,13 +168,14 @@ def _copy_json(value: Any) -> Any:
     return copy.deepcopy(value)
 
 
-def _iso(ts: float | None) -> str | None:
-    """``ts`` as ISO 8601 in UTC; None for none, and for a time no date can show (a job
-    stored by another program, or before delays were bounded)."""
+def iso_utc(ts: float | None, timespec: str = "auto") -> str | None:
+    """POSIX seconds ``ts`` as ISO 8601 in UTC; None for none, and for a time no date can
+    show (beyond the calendar: stored by another program, or before delays were bounded).
+    The one way the status API, the CLI and the dashboard show a job's times."""
     if ts is None:
         return None
     try:
-        return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
+        return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec=timespec)
     except (OverflowError, OSError, ValueError, TypeError):
         return None
 

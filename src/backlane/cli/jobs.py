@@ -7,13 +7,13 @@ import enum
 import json
 import re
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Annotated, Any
 
 import typer
 
 from ..app import Backlane
-from ..jobs import Job, JobState
+from ..jobs import Job, JobState, iso_utc
 from ._app import AppOption, JobId, JsonOption, UrlOption, _console, _fail, _run, cli
 
 
@@ -293,24 +293,13 @@ def _full(job: Job) -> dict[str, Any]:
         priority=job.priority,
         key=job.key,
         worker_id=job.worker_id,
-        lease_until=_iso(job.lease_until),
+        lease_until=iso_utc(job.lease_until),
         after=job.after,
         cancel_requested=job.cancel_requested,
-        keep_until=_iso(job.keep_until),
+        keep_until=iso_utc(job.keep_until),
         meta=job.meta,
     )
     return data
-
-
-def _iso(ts: float | None) -> str | None:
-    """A time for scripts: ISO 8601 in UTC, as the status API gives it; None for none, and
-    for one beyond the calendar (``keep_failed=inf``: kept until removed by hand)."""
-    if ts is None:
-        return None
-    try:
-        return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
-    except (OverflowError, OSError, ValueError):
-        return None
 
 
 def _when(ts: float | None) -> str:

@@ -8,13 +8,13 @@ import json
 import logging
 import signal
 import time
-from datetime import datetime, timezone
 from typing import Annotated, Any
 
 import typer
 
 from ..app import Backlane
 from ..exceptions import BacklaneError, ConfigurationError
+from ..jobs import iso_utc
 from ._app import LogLevel, _configure_logging, _console, _fail, _redact, cli, load_lane
 
 log = logging.getLogger("backlane.cli")
@@ -147,8 +147,8 @@ def _gather(lane: Backlane) -> list[dict[str, Any]]:
                     "name": schedule.name,
                     "task": schedule.task.name,
                     "expression": schedule.expression,
-                    "next_run": _iso(schedule.next_slot(now)),
-                    "last_run": _iso(record.last_slot if record else None),
+                    "next_run": iso_utc(schedule.next_slot(now)),
+                    "last_run": iso_utc(record.last_slot if record else None),
                     "paused": bool(record and record.paused),
                     "missed": schedule.missed,
                 }
@@ -159,14 +159,3 @@ def _gather(lane: Backlane) -> list[dict[str, Any]]:
         return asyncio.run(go())
     except BacklaneError as exc:
         _fail(str(exc))
-
-
-def _iso(ts: float | None) -> str | None:
-    """ISO 8601 in UTC; None for none, and for a time beyond the calendar (a schedule
-    every few thousand years)."""
-    if ts is None:
-        return None
-    try:
-        return datetime.fromtimestamp(ts, timezone.utc).isoformat()
-    except (OverflowError, OSError, ValueError):
-        return None

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from ..jobs import Job, JobState
+from ..jobs import Job, JobState, iso_utc
 from ..stores.base import ScheduleRecord, StatsBucket, Store, WorkerRecord
 from . import charts
 
@@ -24,14 +23,9 @@ WORKERS_SEEN_WITHIN = 60.0
 
 
 def iso(ts: float | None) -> str:
-    """POSIX seconds as ISO 8601 UTC; empty for None, and for a time no date can show (a
-    job stored by another program, or before delays were bounded)."""
-    if ts is None:
-        return ""
-    try:
-        return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
-    except (OverflowError, OSError, ValueError):
-        return ""
+    """POSIX seconds as ISO 8601 UTC, to the second; empty for None, and for a time no date
+    can show (see ``iso_utc``)."""
+    return iso_utc(ts, "seconds") or ""
 
 
 def pretty_json(text: str | None) -> str:

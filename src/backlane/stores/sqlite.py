@@ -42,7 +42,6 @@ _STATES = {state.value: state for state in JobState}
 _PURGE_BATCH = 1000
 """Most jobs removed per transaction by ``purge``, so no lock is held for long."""
 _LIKE_SPECIAL = re.compile(r"([\\%_])")
-_SURROGATE = re.compile("[\ud800-\udfff]")
 _ORDERED_READ_SECONDS = 0.02
 """How long ``list_jobs`` reads a filtered list newest first from the index before it
 gives up for one pass over the table (the filter matched few of the newest jobs)."""
@@ -158,7 +157,7 @@ def _fault(values: dict[str, Any]) -> str:
 
 def _has_surrogate(text: str | None) -> bool:
     """Whether ``text`` holds a lone surrogate, which UTF-8 (and so no stored job) cannot."""
-    return text is not None and not text.isascii() and _SURROGATE.search(text) is not None
+    return text is not None and utf8_text(text) != text
 
 
 def _ids(ids: Sequence[str]) -> str:
