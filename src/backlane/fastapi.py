@@ -43,7 +43,7 @@ __all__ = ["BackgroundTasks", "DurableBackgroundTasks", "TaskArgumentsRejected",
 log = logging.getLogger("backlane")
 
 _BATCH = "backlane.batch"
-_JOB_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
+_JOB_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
 
 
 class TaskArgumentsRejected(RequestValidationError, InvalidArguments):  # type: ignore[misc]
@@ -93,10 +93,14 @@ class RequestBatch:
                 job.release_at = hold
             else:
                 job.state, job.release_at = JobState.QUEUED, None
-        with anyio.CancelScope(shield=True):
-            if any(job.key for job in self.jobs) or self.connections[-1] is not None:
+        # A cancellation (a client gone) must not leave jobs stored that we do not know of.
+        if any(job.key for job in self.jobs) or self.connections[-1] is not None:
+            with anyio.CancelScope(shield=True):
                 stored = await self._persist_one_by_one()
-            else:
+        elif self.lane.store.enqueue_returns_once_begun:  # no shield needed: it costs
+            stored = await self.lane.enqueue_jobs(self.jobs)
+        else:
+            with anyio.CancelScope(shield=True):
                 stored = await self.lane.enqueue_jobs(self.jobs)
         self.stored = True
         for handle, job in zip(self.handles, stored, strict=True):
@@ -315,7 +319,7 @@ def status_router(lane: Backlane, *, stream_seconds: float = 60.0) -> APIRouter:
 
     # Annotations naming a local (Depends(existing_job)) would not resolve: defaults do.
     async def existing_job(job_id: str) -> Job:
-        job = await lane.store.get(job_id) if _JOB_ID.match(job_id) else None
+        job = await lane.store.get(job_id) if _JOB_ID.fullmatch(job_id) else None
         if job is None:
             raise HTTPException(status_code=404, detail=f"no job with id {job_id!r}")
         return job

@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import anyio
 import pytest
 
 from backlane.exceptions import StoreError
@@ -56,6 +57,32 @@ async def test_a_write_waits_on_the_thread_while_another_process_holds_the_lock(
     finally:
         other.close()
         await db.close()
+
+
+async def test_a_write_cancelled_while_it_waits_on_the_thread_still_returns_what_it_stored(
+    tmp_path: Path,
+) -> None:
+    # A request whose client goes while its jobs are being stored must still learn that
+    # they were stored (the drop-in does not shield this store's enqueue itself).
+    path = tmp_path / "jobs.db"
+    store = SQLiteStore(f"sqlite:///{path}")
+    await store.open()
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    job = Job(task="t", payload="{}", state=JobState.DEFERRED, run_at=NOW, created_at=NOW)
+    stored: list[Job] = []
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        threading.Timer(0.3, other.execute, ("COMMIT",)).start()
+        with anyio.move_on_after(0.05) as scope:
+            stored = await store.enqueue([job])
+            await anyio.sleep(1)  # the cancellation comes at the next checkpoint
+        assert scope.cancelled_caught
+        assert [j.id for j in stored] == [job.id]
+        kept = await store.get(job.id)
+        assert kept is not None and kept.state is JobState.DEFERRED
+    finally:
+        other.close()
+        await store.close()
 
 
 async def test_a_write_gives_up_with_a_store_error_when_the_lock_never_comes(

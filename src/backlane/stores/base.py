@@ -149,6 +149,12 @@ class Store(abc.ABC):
     Jobs returned are copies: changing one changes nothing stored."""
 
     url: str
+    enqueue_returns_once_begun: bool = False
+    """Whether ``enqueue`` cancelled after it may have stored anything still returns what
+    it stored (the cancellation then takes effect at the caller's next checkpoint): true
+    where it writes without waiting (memory, and SQLite when the file's write lock is free)
+    or shields its own waits (SQLite otherwise). Where false, a caller that must know what
+    was stored shields the call, which costs a request a few microseconds."""
     gather_releases: bool = False
     """Whether the web side should gather the releases of several requests into one call
     (a short delay before their jobs may start): true where workers of other processes

@@ -84,6 +84,8 @@ class _QueueHeaps:
 class MemoryStore(Store):
     """Jobs kept in this process's memory; gone when the process ends."""
 
+    enqueue_returns_once_begun = True  # its enqueue never waits
+
     def __init__(self, url: str = "memory://") -> None:
         self.url = url
         self._lock = threading.Lock()

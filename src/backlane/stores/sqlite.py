@@ -226,6 +226,7 @@ class SQLiteStore(Store):
     """Jobs in a SQLite file (``sqlite:///relative/path.db``, ``sqlite:////abs/path.db``)."""
 
     gather_releases = True
+    enqueue_returns_once_begun = True
 
     def __init__(self, url: str) -> None:
         self.url = url

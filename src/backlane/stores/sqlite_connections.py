@@ -31,11 +31,13 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
+
+import anyio
 
 from ..exceptions import StoreError
 from .sqlite_schema import migrate
@@ -71,6 +73,14 @@ _HELD: Final = _NotHere()
 def _settle(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+async def _to_the_end(write: Awaitable[T]) -> T:
+    """What ``write`` returns or raises, even if the caller is cancelled meanwhile (the
+    cancellation then takes effect at the caller's next checkpoint)."""
+    with anyio.CancelScope(shield=True):
+        return await write
+    raise AssertionError("unreachable: a shielded scope is never cancelled")
 
 
 def _settle_batch(batch: list[_Pending], outcomes: list[tuple[bool, Any]]) -> None:
@@ -243,18 +253,22 @@ class Connections:
         running loop, when it can start at once, else on the store's thread; in the batch
         waiting for this loop's next turn, if there is one. ``fn`` must change nothing but
         the database (it may be rolled back and run again) and fail alone (an exception it
-        raises undoes its own work only)."""
+        raises undoes its own work only).
+
+        A caller cancelled before the write may have begun stores nothing; once it may
+        have, the caller waits for its outcome and gets it (the cancellation takes effect
+        at its next checkpoint), so that it always knows what it stored."""
         if self._batches:  # some loop has a batch waiting: this one, perhaps
             loop = asyncio.get_running_loop()
             batch = self._batches.get(loop)
             if batch is not None:
-                return await self._join(loop, batch, fn, args)
-        result = self._write_here(fn, args)
+                return await _to_the_end(self._join(loop, batch, fn, args))
+        result = self._write_here(fn, args)  # no await: nothing can cancel it
         if result is _HELD:
             await self._gate.opened(BUSY_TIMEOUT_MS / 1000)
             result = self._write_here(fn, args)
         if isinstance(result, _NotHere):
-            return await self.write_on_thread(fn, *args)
+            return await _to_the_end(self.write_on_thread(fn, *args))
         return result
 
     async def write_soon(self, fn: Callable[..., T], *args: Any) -> T:
