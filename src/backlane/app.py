@@ -335,6 +335,25 @@ class Backlane:
             return
         self.notifier.notify()
 
+    def store_soon(self, jobs: list[Job]) -> None:
+        """Store ``jobs`` (or, eager, run them) from a task of their own on the running
+        loop, for a caller that cannot wait (``add_task`` once its request's response has
+        gone); ``flush_releases`` and ``close`` wait for it, and a failure is logged."""
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._store_now(jobs))
+        self._release_tasks.add(task)
+        task.add_done_callback(self._release_tasks.discard)
+
+    async def _store_now(self, jobs: list[Job]) -> None:
+        try:
+            with anyio.CancelScope(shield=True):
+                if self.eager:
+                    await self.worker(concurrency=1).run_inline(jobs)
+                else:
+                    await self.enqueue_jobs(jobs)
+        except Exception:
+            log.exception("could not store %d tasks added after their response", len(jobs))
+
     async def flush_releases(self, *, every_loop: bool = False) -> None:
         """Send the releases gathered on this loop now, and wait for those under way.
         With ``every_loop``, also send those gathered on other event loops (a

@@ -68,11 +68,27 @@ class RequestBatch:
         """For each job, the caller's connection whose transaction it joins, or None."""
         self.stored = False
         self.finished = False
+        self.handed_over = False
+        """Whether the response has been sent and the jobs let run (or, eager, run)."""
+        self.loop: asyncio.AbstractEventLoop | None = None
+        """The request's event loop, once handed over."""
 
     def add(self, job: Job, handle: JobHandle, connection: Any = None) -> None:
         """Add a job after the others. With ``connection``, the job — and every later job
-        of the request, which waits for it — joins that connection's transaction."""
+        of the request, which waits for it — joins that connection's transaction. Once
+        the response has gone (a dependency's teardown adding a task), the job is stored
+        at once, queued after the request's last job."""
         job.after = self.jobs[-1].id if self.jobs else None
+        if self.handed_over:
+            job.state, job.release_at = JobState.QUEUED, None
+            self.jobs.append(job)
+            self.handles.append(handle)
+            self.connections.append(None)
+            if self.loop is None or _running_loop() is self.loop:
+                self.lane.store_soon([job])
+            else:  # a def dependency's teardown, on a worker thread
+                self.loop.call_soon_threadsafe(self.lane.store_soon, [job])
+            return
         if connection is None and self.connections:
             connection = self.connections[-1]
         self.jobs.append(job)
@@ -161,7 +177,8 @@ class RequestBatch:
         response and before the teardown of the request's dependencies."""
         if self.finished:
             return
-        self.finished = True
+        self.finished = self.handed_over = True
+        self.loop = asyncio.get_running_loop()
         if self.lane.eager or self.local:
             with anyio.CancelScope(shield=True):
                 await self._after_response()
@@ -189,6 +206,13 @@ class RequestBatch:
                     await anyio.to_thread.run_sync(functools.partial(func, *args, **kwargs))
             except Exception:
                 log.exception("local background task %r failed", func)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 class DurableBackgroundTasks:

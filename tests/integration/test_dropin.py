@@ -364,6 +364,45 @@ def test_a_dependency_whose_teardown_raises_discards_the_tasks(lane_url: str) ->
         assert client.portal.call(lane.store.counts) == {}  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("eager", [False, True])
+@pytest.mark.parametrize("installed", [True, False])
+def test_a_task_added_by_a_teardown_after_the_response_runs(
+    lane_url: str, eager: bool, installed: bool
+) -> None:
+    """A yield dependency's teardown runs after the response has been sent (FastAPI's
+    default ``scope="request"``); a task it added was kept in the request's batch, whose
+    jobs had been stored and handed over already, and was silently lost. It now runs,
+    after the request's other tasks."""
+    lane = Backlane(lane_url, eager=eager)
+    app = FastAPI()
+    if installed:
+        lane.install(app, workers=0)
+    else:
+        app.state.backlane = lane  # no install(): no middleware (and here no worker)
+
+    def audited(n: int, background_tasks: BackgroundTasks) -> Iterator[None]:
+        yield
+        background_tasks.add_task(recorder.note, f"teardown {n}")
+
+    @app.post("/audited/{n}")
+    def endpoint(
+        n: int, background_tasks: BackgroundTasks, _: Annotated[None, Depends(audited)]
+    ) -> str:
+        return background_tasks.add_task(recorder.note, f"endpoint {n}").id
+
+    with TestClient(app) as client:
+        for n in range(3):
+            assert client.post(f"/audited/{n}").status_code == 200
+        if not eager:
+            assert drain_sync(lane) == 6
+    labels = RECORD.labels()
+    assert sorted(labels) == sorted(
+        f"{kind} {n}" for kind in ("endpoint", "teardown") for n in range(3)
+    )
+    for n in range(3):  # after the request's other tasks
+        assert labels.index(f"endpoint {n}") < labels.index(f"teardown {n}")
+
+
 @pytest.mark.parametrize(("prefix", "status_path"), [("/ops/", "/ops/jobs"), ("/", "/jobs")])
 def test_an_install_prefix_may_end_with_a_slash(prefix: str, status_path: str) -> None:
     """``prefix="/ops/"`` (or ``"/"``, for the root) failed with FastAPI's assertion;
