@@ -287,18 +287,52 @@ BackgroundTasks = Annotated[DurableBackgroundTasks, Depends(_background_tasks)]
 """The drop-in for ``fastapi.BackgroundTasks``: ``background_tasks: BackgroundTasks``."""
 
 
+class _Installed:
+    """What ``install()`` set up on an app: how many embedded workers its lifespan starts,
+    and whether that lifespan has run (Starlette runs none for a mounted app)."""
+
+    def __init__(self, workers: int, concurrency: int | None, queues: list[str] | None) -> None:
+        self.workers = workers
+        self.concurrency = concurrency
+        self.queues = queues
+        self.lifespan_ran = False
+        self.started: list[asyncio.Task[None]] = []
+        """Workers started without the lifespan, by the first request."""
+
+    def without_lifespan(self, lane: Backlane) -> None:
+        """The first request came through a mount and the app's lifespan never ran: start
+        the workers on this loop, as the drop-in does without ``install()``, and say so
+        once."""
+        self.lifespan_ran = True  # once is enough
+        count = 0 if lane.eager else self.workers
+        log.warning(
+            "backlane: install() was called on a mounted app, whose lifespan Starlette "
+            "never runs; starting %d embedded worker(s) on the running event loop, which will "
+            "not stop gracefully. Call install() on the outermost app instead.",
+            count,
+        )
+        loop = asyncio.get_running_loop()
+        for _ in range(count):
+            worker = lane.worker(concurrency=self.concurrency, queues=self.queues)
+            self.started.append(loop.create_task(worker.run()))
+
+
 class DurableTasksMiddleware:
     """Stores a request's tasks when its status is known (< 500) and releases them once the
     response has been sent."""
 
-    def __init__(self, app: ASGIApp, lane: Backlane) -> None:
+    def __init__(self, app: ASGIApp, lane: Backlane, installed: _Installed | None = None) -> None:
         self.app = app
         self.lane = lane
+        self.installed = installed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        installed = self.installed
+        if installed is not None and not installed.lifespan_ran and "app_root_path" in scope:
+            installed.without_lifespan(self.lane)  # mounted (a Mount sets app_root_path)
         batch = RequestBatch(self.lane)
         scope[_BATCH] = batch
         sent = False
@@ -415,7 +449,8 @@ def install(
     if prefix and not prefix.startswith("/"):
         raise ConfigurationError(f"a prefix starts with '/', got {prefix!r}")
     app.state.backlane = lane
-    app.add_middleware(DurableTasksMiddleware, lane=lane)
+    installed = _Installed(workers, concurrency, queues)
+    app.add_middleware(DurableTasksMiddleware, lane=lane, installed=installed)
     app.include_router(status_router(lane), prefix=prefix, tags=["backlane"])
     if dashboard or metrics:
         from .dashboard import dashboard_router
@@ -433,6 +468,7 @@ def install(
         # The store opens before the app's own start-up (which may enqueue) and closes after
         # its shutdown; the lane's lifespan, the workers and the scheduler run only in
         # between, so that tasks may use what the app's lifespan sets up and tears down.
+        installed.lifespan_ran = True
         await lane.open()
         try:
             async with original(application) as state, lane.lifespan_context():

@@ -419,3 +419,27 @@ def test_an_install_prefix_may_end_with_a_slash(prefix: str, status_path: str) -
 def test_an_install_prefix_must_be_a_path() -> None:
     with pytest.raises(ConfigurationError, match="starts with '/'"):
         Backlane("memory://").install(FastAPI(), prefix="ops")
+
+
+def test_installed_on_a_mounted_app_whose_lifespan_never_runs_tasks_still_run(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Starlette runs no lifespan of a mounted app: ``install()`` on one started no
+    embedded worker, and the tasks waited, stored, for a worker that never came, with no
+    word said. The first request now starts the workers on its loop and says why."""
+    lane = Backlane("memory://")
+    api = FastAPI()
+    lane.install(api, workers=1)
+
+    @api.post("/note")
+    def note(background_tasks: BackgroundTasks) -> str:
+        return background_tasks.add_task(recorder.note, "mounted").id
+
+    outer = FastAPI()
+    outer.mount("/api", api)
+    with caplog.at_level("WARNING", logger="backlane"), TestClient(outer) as client:
+        ids = [client.post("/api/note").json() for _ in range(3)]
+        wait_until(lambda: all(job_state(lane, i) is JobState.SUCCEEDED for i in ids))
+    assert RECORD.labels() == ["mounted"] * 3
+    warnings = [r.getMessage() for r in caplog.records if "lifespan" in r.getMessage()]
+    assert len(warnings) == 1 and "mounted" in warnings[0]
