@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import numbers
 import os
 import threading
 import time
 import typing
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from datetime import timedelta
 from types import MappingProxyType
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
     from .worker import Worker
 
 log = logging.getLogger("backlane")
+
+_ELSEWHERE_SECONDS = 5.0
+"""How long ``flush_releases(every_loop=True)`` waits for another loop's releases."""
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -232,7 +236,9 @@ class Backlane:
         """Workers of this lane running in this process, on any loop."""
         self._releasing: dict[asyncio.AbstractEventLoop, list[str]] = {}
         """Per loop, jobs whose requests' responses were sent, to release together."""
-        self._release_tasks: set[asyncio.Task[None]] = set()
+        self._background: dict[asyncio.Task[None], concurrent.futures.Future[None]] = {}
+        """Releases and late stores under way, on any loop: each task, with a future done
+        when it ends that another thread's loop can wait for."""
         self._lifespan = lifespan
         self._lifespan_lock = anyio.Lock()
         self._state: Mapping[str, Any] | None = None
@@ -322,9 +328,22 @@ class Backlane:
     def _release_due(self, loop: asyncio.AbstractEventLoop) -> None:
         ids = self._releasing.pop(loop, None)
         if ids:
-            task = loop.create_task(self._release_gathered(ids))
-            self._release_tasks.add(task)
-            task.add_done_callback(self._release_tasks.discard)
+            self._in_background(loop, self._release_gathered(ids))
+
+    def _in_background(
+        self, loop: asyncio.AbstractEventLoop, work: Coroutine[Any, Any, None]
+    ) -> None:
+        """Run ``work`` in a task on ``loop`` that ``flush_releases`` waits for (from any
+        loop's, with ``every_loop``)."""
+        ended: concurrent.futures.Future[None] = concurrent.futures.Future()
+        task = loop.create_task(work)
+        self._background[task] = ended
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._background.pop(task, None)
+            ended.set_result(None)
+
+        task.add_done_callback(done)
 
     async def _release_gathered(self, ids: list[str]) -> None:
         try:
@@ -339,10 +358,7 @@ class Backlane:
         """Store ``jobs`` (or, eager, run them) from a task of their own on the running
         loop, for a caller that cannot wait (``add_task`` once its request's response has
         gone); ``flush_releases`` and ``close`` wait for it, and a failure is logged."""
-        loop = asyncio.get_running_loop()
-        task = loop.create_task(self._store_now(jobs))
-        self._release_tasks.add(task)
-        task.add_done_callback(self._release_tasks.discard)
+        self._in_background(asyncio.get_running_loop(), self._store_now(jobs))
 
     async def _store_now(self, jobs: list[Job]) -> None:
         try:
@@ -355,9 +371,10 @@ class Backlane:
             log.exception("could not store %d tasks added after their response", len(jobs))
 
     async def flush_releases(self, *, every_loop: bool = False) -> None:
-        """Send the releases gathered on this loop now, and wait for those under way.
-        With ``every_loop``, also send those gathered on other event loops (a
-        ``TestClient``'s, which may have closed before sending them)."""
+        """Send the releases gathered on this loop now, and wait for those under way (and
+        for the tasks added after their response that are being stored). With
+        ``every_loop``, do so for every event loop: a ``TestClient``'s, whose loop may have
+        closed before sending them, or whose loop was sending them just then."""
         loop = asyncio.get_running_loop()
         ids = self._releasing.pop(loop, None) or []
         if every_loop:
@@ -365,9 +382,17 @@ class Backlane:
                 ids.extend(self._releasing.pop(other, []))
         if ids:
             await self._release_gathered(ids)
-        pending = [task for task in self._release_tasks if task.get_loop() is loop]
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+        pending = list(self._background.items())
+        here = [task for task, _ in pending if task.get_loop() is loop]
+        if here:
+            await asyncio.gather(*here, return_exceptions=True)
+        elsewhere = [
+            asyncio.wrap_future(ended)
+            for task, ended in pending
+            if every_loop and task.get_loop() is not loop and not task.get_loop().is_closed()
+        ]
+        if elsewhere:  # a loop stopped with its task pending never ends it: wait a while
+            await asyncio.wait(elsewhere, timeout=_ELSEWHERE_SECONDS)
 
     async def __aenter__(self) -> Backlane:
         await self.open()
