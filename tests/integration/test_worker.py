@@ -295,6 +295,23 @@ async def test_graceful_shutdown_hands_back_unfinished_jobs(lane: Backlane) -> N
     assert job.state is JobState.QUEUED and job.attempts == 0  # handed back, not counted
 
 
+async def test_a_worker_cancelled_from_outside_ends_with_its_jobs(lane: Backlane) -> None:
+    """Jobs run in tasks of their own (not a task group's): cancelling the worker's own
+    task still cancels them and waits for them, leaving no task behind."""
+    slow = lane.task(t.sleeps)
+    long = await slow.enqueue(30)
+    worker = lane.worker()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        await until_running(long)
+        (job_task,) = worker._job_tasks
+        started = time.monotonic()
+        tg.cancel_scope.cancel()
+    assert time.monotonic() - started < 1  # no grace: cancelled, not stopped
+    assert job_task.done() and job_task.cancelled()
+    assert worker.held == []
+
+
 async def _deferred_job(lane: Backlane) -> Job:
     """A job stored as a request stores it before its reply: waiting for its release."""
     job = lane.task(t.add).build_job((2,), {"b": 3}, None, state=JobState.DEFERRED)
