@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from backlane import Backlane, Job, JobState
 from backlane.cli import cli, parse_duration
+from tests.services import POSTGRES_URL, store_url
 
 runner = CliRunner()
 MODULE = __name__
@@ -380,3 +381,36 @@ def test_python_m_backlane_help() -> None:
     for command in ("worker", "jobs", "show", "retry", "cancel", "purge", "counts"):
         assert command in result.stdout
     assert "Usage: backlane" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "command", [["jobs"], ["jobs", "--json"], ["counts"], ["show", "someid"], ["retry", "x"]]
+)
+def test_looking_at_a_postgres_database_without_backlane_creates_nothing(
+    tmp_path: Path, command: list[str]
+) -> None:
+    with store_url("postgres", tmp_path) as pg_url:
+        schema = pg_url.rpartition("schema=")[2]
+        result = invoke(*command, "--url", pg_url)
+        assert result.exit_code == 1, result.output
+        assert f"no backlane schema {schema!r} in the PostgreSQL database" in result.stderr
+        assert "backlane migrate" in result.stderr
+        assert not _postgres_schema_exists(schema)
+
+
+def _postgres_schema_exists(schema: str) -> bool:
+    import psycopg
+
+    with psycopg.connect(POSTGRES_URL) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = %s", (schema,)
+        ).fetchone()
+        return bool(row and row[0])
+
+
+def test_a_postgres_store_with_backlane_is_listed(tmp_path: Path) -> None:
+    with store_url("postgres", tmp_path) as pg_url:
+        assert invoke("migrate", "--url", pg_url).exit_code == 0
+        result = invoke("jobs", "--url", pg_url)
+        assert result.exit_code == 0, result.output
+        assert "No jobs match." in result.stdout

@@ -124,6 +124,12 @@ class PostgresStore(Store):
         ``check``, change nothing: raise ``StoreError`` unless it is up to date."""
         return await self._link.migrate(check=check)
 
+    async def installed(self) -> bool:
+        """Whether the schema holds backlane's tables (at any version), without creating
+        or changing anything: a command that only looks asks this before ``open``, which
+        would create them. The store need not be open."""
+        return await self._link.installed()
+
     async def wait_for_work(self, timeout: float) -> None:
         """Return once work may have become claimable — a job queued, released, retried,
         handed back or freed, by any process using this schema — or after ``timeout``

@@ -312,6 +312,23 @@ class PostgresLink:
         except psycopg.Error as exc:
             raise store_error(self.settings, exc) from exc
 
+    async def installed(self) -> bool:
+        """Whether the schema holds backlane's tables (at any version), looked up over a
+        connection of its own without creating or changing anything (the store need not
+        be open)."""
+        settings = self.settings
+        try:
+            async with await psycopg.AsyncConnection.connect(
+                settings.conninfo, autocommit=True, application_name=settings.application_name
+            ) as conn:
+                cursor = await conn.execute(
+                    "SELECT to_regclass(%s) IS NOT NULL", (f"{settings.quoted_schema}.migrations",)
+                )
+                row = await cursor.fetchone()
+                return bool(row and row[0])
+        except psycopg.Error as exc:
+            raise store_error(self.settings, exc) from exc
+
     def not_open(self) -> StoreError:
         return StoreError(f"the store {self.url} is not open; await store.open() first")
 
