@@ -141,3 +141,30 @@ async def test_a_running_job_spoiled_by_hand_never_stops_the_others(
     assert later.id in await run_all(store, "w2", NOW + 20 * LEASE)
     await store.delete([bad.id])
     assert await store.get(bad.id) is None
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("payload", None), ("created_at", "x"), ("state", "bogus"), ("meta", "{no")],
+)
+async def test_a_page_holding_an_unreadable_job_shows_it_as_unreadable(
+    store: RedisStore, client: redis.Redis, field: str, value: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    jobs = await store.enqueue([make_job(created_at=NOW + n, task="tests:t") for n in range(5)])
+    bad = jobs[2]
+    spoil(client, store, bad.id, field, value)
+    newest_first = [job.id for job in reversed(jobs)]
+    searches: list[dict[str, Any]] = [{}, {"task": "tests:t"}, {"text": "tests"}]
+    if field != "state":  # a state changed by hand matches no state filter
+        searches.append({"state": S.QUEUED})
+    for search in searches:
+        with caplog.at_level("WARNING", logger="backlane.stores.redis"):
+            page = await store.list_jobs(**search)
+        assert [job.id for job in page] == newest_first, search
+        shown = page[2]
+        assert shown.error is not None
+        assert shown.error["type"].endswith("UnreadableJob")
+        assert f"field '{field}'" in shown.error["message"]
+        assert f"job {bad.id}" in caplog.text
+    # pages after it are not shifted
+    assert [j.id for j in await store.list_jobs(limit=2, offset=2)] == newest_first[2:4]
