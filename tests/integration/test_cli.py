@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from backlane import Backlane, Job, JobState
 from backlane.cli import cli, parse_duration
+from tests.services import POSTGRES_URL, store_url
 
 runner = CliRunner()
 MODULE = __name__
@@ -184,8 +185,8 @@ def test_retry_queues_a_failed_job_again_and_a_worker_runs_it(
     assert json.loads(job.result or "null") == "flag found"
 
     again = invoke("retry", job_id, "--url", url)
-    assert again.exit_code == 1
-    assert "is succeeded: only failed or cancelled jobs can be retried" in again.stderr
+    assert again.exit_code == 3
+    assert f"job {job_id} succeeded; only failed or cancelled jobs can be retried" in again.stderr
 
 
 def test_cancel_a_queued_job_then_refuse_to_cancel_it_again(url: str, lane: Backlane) -> None:
@@ -380,3 +381,75 @@ def test_python_m_backlane_help() -> None:
     for command in ("worker", "jobs", "show", "retry", "cancel", "purge", "counts"):
         assert command in result.stdout
     assert "Usage: backlane" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "command", [["jobs"], ["jobs", "--json"], ["counts"], ["show", "someid"], ["retry", "x"]]
+)
+def test_looking_at_a_postgres_database_without_backlane_creates_nothing(
+    tmp_path: Path, command: list[str]
+) -> None:
+    with store_url("postgres", tmp_path) as pg_url:
+        schema = pg_url.rpartition("schema=")[2]
+        result = invoke(*command, "--url", pg_url)
+        assert result.exit_code == 1, result.output
+        assert f"no backlane schema {schema!r} in the PostgreSQL database" in result.stderr
+        assert "backlane migrate" in result.stderr
+        assert not _postgres_schema_exists(schema)
+
+
+def _postgres_schema_exists(schema: str) -> bool:
+    import psycopg
+
+    with psycopg.connect(POSTGRES_URL) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = %s", (schema,)
+        ).fetchone()
+        return bool(row and row[0])
+
+
+def test_a_postgres_store_with_backlane_is_listed(tmp_path: Path) -> None:
+    with store_url("postgres", tmp_path) as pg_url:
+        assert invoke("migrate", "--url", pg_url).exit_code == 0
+        result = invoke("jobs", "--url", pg_url)
+        assert result.exit_code == 0, result.output
+        assert "No jobs match." in result.stdout
+
+
+def test_retry_says_what_happened_with_an_exit_code_for_each_case(
+    url: str, lane: Backlane, mixed: dict[str, Any]
+) -> None:
+    job_id = mixed["failing"]
+    first = invoke("retry", job_id, "--url", url)
+    assert first.exit_code == 0, first.output
+    assert f"Job {job_id} queued again." in first.stdout
+
+    again = invoke("retry", job_id, "--url", url)  # re-sent already: it waits for a worker
+    assert again.exit_code == 3, again.output
+    assert f"job {job_id} is queued already, waiting for a worker" in again.stderr
+    assert "only failed or cancelled" not in again.stderr
+
+    succeeded = mixed["ids"][1]
+    done = invoke("retry", succeeded, "--url", url)
+    assert done.exit_code == 3, done.output
+    assert f"job {succeeded} succeeded; only failed or cancelled jobs can be retried" in done.stderr
+
+    unknown = invoke("retry", "0123456789abcdef", "--url", url)
+    assert unknown.exit_code == 1
+    assert "no job with id '0123456789abcdef'" in unknown.stderr
+
+
+def test_retry_of_a_job_whose_key_another_job_holds_says_which(url: str, lane: Backlane) -> None:
+    async def go() -> tuple[str, str]:
+        task = lane.task_for(double)
+        first = await task.options(key="k").enqueue(1)
+        await lane.cancel(first.id)
+        second = await task.options(key="k").enqueue(2)
+        return first.id, second.id
+
+    first, _ = anyio.run(go)
+    held = invoke("retry", first, "--url", url)
+    assert held.exit_code == 4, held.output
+    assert f"job {first} was not queued again: another active job holds its key 'k'" in (
+        held.stderr
+    )

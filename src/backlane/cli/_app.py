@@ -159,7 +159,9 @@ JobId = Annotated[str, typer.Argument(metavar="ID", help="The job's id.", show_d
 
 def _run(url: str | None, app: str | None, action: Callable[[Backlane], Awaitable[T]]) -> T:
     """Open the store ``--url`` or ``--app`` chooses, do ``action``, close it; a backlane
-    error ends the command with its message and code 1."""
+    error ends the command with its message and code 1. A store that holds nothing of
+    backlane yet (no SQLite file, no PostgreSQL schema) is not created: the command ends
+    with code 1, saying so."""
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     lane = _lane_from_options(url, app)
     path = getattr(lane.store, "path", None)  # a SQLite file: looking must not create it
@@ -167,6 +169,7 @@ def _run(url: str | None, app: str | None, action: Callable[[Backlane], Awaitabl
         _fail(f"no SQLite database at {path}; choose the store with --url, --app or BACKLANE_URL")
 
     async def go() -> T:
+        await _fail_if_not_installed(lane)
         async with lane:
             return await action(lane)
 
@@ -174,6 +177,20 @@ def _run(url: str | None, app: str | None, action: Callable[[Backlane], Awaitabl
         return asyncio.run(go())
     except BacklaneError as exc:
         _fail(str(exc))
+
+
+async def _fail_if_not_installed(lane: Backlane) -> None:
+    """End the command with code 1 if the lane's store has a schema of its own (PostgreSQL)
+    that is not there yet, which opening the store would create."""
+    installed = getattr(lane.store, "installed", None)
+    if installed is None or await installed():
+        return
+    schema = getattr(getattr(lane.store, "settings", None), "schema", "?")
+    _fail(
+        f"no backlane schema {schema!r} in the PostgreSQL database at {_redact(lane.url)}: "
+        "nothing is stored there yet. Choose the store with --url, --app or BACKLANE_URL, "
+        "or create the schema with `backlane migrate` (a worker or the app creates it too)"
+    )
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:

@@ -164,24 +164,56 @@ def show(
 
 @cli.command()
 def retry(job_id: JobId, url: UrlOption = None, app: AppOption = None) -> None:
-    """Queue a failed or cancelled job again, to run as soon as a worker is free."""
+    """Queue a failed or cancelled job again, to run as soon as a worker is free.
 
-    async def act(lane: Backlane) -> tuple[Job | None, bool]:
-        job = await lane.store.get(job_id)
-        if job is None:
-            return None, False
-        return job, await lane.retry(job_id)
+    Exit codes: 0 queued again; 1 no job has this id (or the store failed); 3 not
+    retried, the job is not failed or cancelled (queued already, running, succeeded...),
+    as the message says; 4 not retried, another active job holds its idempotency key.
+    """
 
-    job, done = _run(url, app, act)
+    async def act(lane: Backlane) -> tuple[bool, Job | None]:
+        if await lane.retry(job_id):
+            return True, None
+        return False, await lane.store.get(job_id)  # as it is now, after the refusal
+
+    done, job = _run(url, app, act)
+    if done:
+        _console().print(f"Job {job_id} queued again.")
+        return
     if job is None:
         _fail(f"no job with id {job_id!r}")
-    if not done:
-        if job.state in (JobState.FAILED, JobState.CANCELLED) and job.key is not None:
+    if job.state in (JobState.FAILED, JobState.CANCELLED):
+        if job.key is not None:
             _fail(
-                f"job {job_id} was not queued again: another active job holds its key {job.key!r}"
+                f"job {job_id} was not queued again: another active job holds its key "
+                f"{job.key!r}; retry it once that job has ended",
+                code=_RETRY_KEY_HELD,
             )
-        _fail(f"job {job_id} is {job.state.value}: only failed or cancelled jobs can be retried")
-    _console().print(f"Job {job_id} queued again.")
+        _fail(  # it changed meanwhile (retried, and ended again)
+            f"job {job_id} was not queued again: it changed meanwhile and is "
+            f"{job.state.value} now; run retry again",
+            code=_RETRY_NOT_RETRYABLE,
+        )
+    _fail(_why_not_retried(job), code=_RETRY_NOT_RETRYABLE)
+
+
+_RETRY_NOT_RETRYABLE = 3
+_RETRY_KEY_HELD = 4
+
+
+def _why_not_retried(job: Job) -> str:
+    """Why ``job``, in a state other than failed or cancelled, was not queued again."""
+    if job.state is JobState.QUEUED:
+        return f"job {job.id} is queued already, waiting for a worker; nothing to retry"
+    if job.state is JobState.DEFERRED:
+        return (
+            f"job {job.id} is deferred, waiting for the request that added it to finish; "
+            "nothing to retry"
+        )
+    if job.state is JobState.RUNNING:
+        return f"job {job.id} is running now; nothing to retry"
+    ended = "succeeded" if job.state is JobState.SUCCEEDED else f"was {job.state.value}"
+    return f"job {job.id} {ended}; only failed or cancelled jobs can be retried"
 
 
 @cli.command()

@@ -18,7 +18,13 @@ exist, and wake workers, only if it commits.
 Each event loop that uses the store gets connections of its own, and the LISTEN
 connection lives on a thread of the store's own (see ``postgres_link``), so one store
 serves callers on any loop and thread. Driver errors become ``StoreError``; a statement
-that lost a deadlock is tried again. The SQL is in ``sql/postgres/`` (see ``postgres_schema``).
+that lost a deadlock is tried again. A verb waits out a short outage (2 to 4 s): while the
+server cannot be reached it is tried again, and once sent it is sent again after a broken
+connection only if that is harmless — reads, and writes that set what they set already
+(release, discard, renew_leases, hand_back, cancel, set_progress, pauses, beat,
+forget_worker). Enqueue, claim, finish, retry, delete, purge, requeue_expired and
+claim_slot raise ``StoreError`` instead: sent twice they would store a job twice, hold jobs
+nobody runs, or answer wrongly. The SQL is in ``sql/postgres/`` (see ``postgres_schema``).
 """
 
 from __future__ import annotations
@@ -85,6 +91,9 @@ class PostgresStore(Store):
         self._sql = rendered_queries(self.settings)
         self._link = PostgresLink(url, self.settings)
         self._run = self._link.run
+        """For calls that may not be sent twice (see ``postgres_link``)."""
+        self._run_repeatable = self._link.run_repeatable
+        """For calls that have the same effect and answer when sent twice."""
         self._enqueues: Coalescer[Job, Job] = Coalescer(self._enqueue_now)
         self._releases: Coalescer[str, None] = Coalescer(self._release_now)
 
@@ -114,6 +123,12 @@ class PostgresStore(Store):
         missing. Returns (version before, version after; 0 for no schema). With
         ``check``, change nothing: raise ``StoreError`` unless it is up to date."""
         return await self._link.migrate(check=check)
+
+    async def installed(self) -> bool:
+        """Whether the schema holds backlane's tables (at any version), without creating
+        or changing anything: a command that only looks asks this before ``open``, which
+        would create them. The store need not be open."""
+        return await self._link.installed()
 
     async def wait_for_work(self, timeout: float) -> None:
         """Return once work may have become claimable — a job queued, released, retried,
@@ -170,7 +185,7 @@ class PostgresStore(Store):
         return await self._run(self._enqueue, jobs)
 
     async def _release_now(self, ids: list[str]) -> list[None]:
-        await self._run(self._execute, "release", {"ids": ids})
+        await self._run_repeatable(self._execute, "release", {"ids": ids})
         return [None] * len(ids)
 
     async def discard(
@@ -179,7 +194,7 @@ class PostgresStore(Store):
         """Deferred jobs among ``ids`` end discarded at ``now``, kept until ``keep_until``;
         their successors are freed."""
         params = {"ids": list(ids), "now": float(now), "keep_until": _float(keep_until)}
-        await self._run(self._execute, "discard", params)
+        await self._run_repeatable(self._execute, "discard", params)
 
     async def claim(
         self,
@@ -217,7 +232,7 @@ class PostgresStore(Store):
         """Extend the leases ``worker_id`` holds among ``ids``; return those of them whose
         cancellation was requested."""
         params = {"worker_id": worker_id, "ids": list(ids), "lease_until": float(lease_until)}
-        rows = await self._run(self._fetch, "renew_leases", params)
+        rows = await self._run_repeatable(self._fetch, "renew_leases", params)
         return {row["id"] for row in rows if row["cancel_requested"]}
 
     async def finish(self, outcomes: Sequence[Outcome]) -> list[str]:
@@ -242,7 +257,9 @@ class PostgresStore(Store):
 
     async def hand_back(self, *, worker_id: str, ids: Sequence[str]) -> None:
         """Jobs ``worker_id`` holds among ``ids`` are queued again, the attempt uncounted."""
-        await self._run(self._execute, "hand_back", {"worker_id": worker_id, "ids": list(ids)})
+        await self._run_repeatable(
+            self._execute, "hand_back", {"worker_id": worker_id, "ids": list(ids)}
+        )
 
     async def requeue_expired(self, now: float, keep_until: float | None = None) -> int:
         """Queue running jobs whose lease ended before ``now`` (those asked to stop end
@@ -259,7 +276,7 @@ class PostgresStore(Store):
         id."""
         if _unstorable(job_id):
             return None
-        return await self._run(self._cancel, job_id, float(now), _float(keep_until))
+        return await self._run_repeatable(self._cancel, job_id, float(now), _float(keep_until))
 
     async def retry(self, job_id: str, now: float) -> bool:
         """A failed or cancelled job is queued again to run at ``now``. False when the job
@@ -280,7 +297,7 @@ class PostgresStore(Store):
             "progress": _float(progress),
             "message": None if message is None else storable(message),
         }
-        await self._run(self._execute, "set_progress", params)
+        await self._run_repeatable(self._execute, "set_progress", params)
 
     async def delete(self, ids: Sequence[str]) -> int:
         """Remove the jobs among ``ids`` whatever their state; successors are freed."""
@@ -316,7 +333,7 @@ class PostgresStore(Store):
         """The job with this id, or None."""
         if _unstorable(job_id):
             return None
-        rows = await self._run(self._fetch, "get_job", {"id": job_id})
+        rows = await self._run_repeatable(self._fetch, "get_job", {"id": job_id})
         return decode(rows[0]) if rows else None
 
     async def list_jobs(
@@ -373,13 +390,13 @@ class PostgresStore(Store):
                     f"WHERE {where} {newest} OFFSET %(offset)s LIMIT 1) "
                 )
             query = f"SELECT * FROM {jobs} WHERE {where} {start}{newest} LIMIT %(limit)s"
-        rows = await self._run(self._fetch_sql, query, params)
+        rows = await self._run_repeatable(self._fetch_sql, query, params)
         return [decode(row) for row in rows]
 
     async def counts(self) -> dict[str, dict[JobState, int]]:
         """Jobs per queue and state; states without jobs are left out."""
         result: dict[str, dict[JobState, int]] = {}
-        for row in await self._run(self._fetch, "counts", {}):
+        for row in await self._run_repeatable(self._fetch, "counts", {}):
             result.setdefault(row["queue"], {})[JobState(row["state"])] = int(row["n"])
         return result
 
@@ -399,7 +416,7 @@ class PostgresStore(Store):
                 wait_total=float(row["wait_total"]),
                 wait_count=int(row["wait_count"]),
             )
-            for row in await self._run(self._fetch, "stats", params)
+            for row in await self._run_repeatable(self._fetch, "stats", params)
         ]
 
     # -- schedules ----------------------------------------------------------------------
@@ -413,7 +430,7 @@ class PostgresStore(Store):
 
     async def schedules(self) -> dict[str, ScheduleRecord]:
         """Every schedule that took a slot or was paused, by name."""
-        rows = await self._run(self._fetch, "schedules", {})
+        rows = await self._run_repeatable(self._fetch, "schedules", {})
         return {
             row["name"]: ScheduleRecord(
                 name=row["name"], last_slot=row["last_slot"], paused=bool(row["paused"])
@@ -423,18 +440,22 @@ class PostgresStore(Store):
 
     async def pause_schedule(self, name: str, paused: bool) -> None:
         """Pause or resume ``name``, recording it if it is not known yet."""
-        await self._run(self._execute, "pause_schedule", {"name": name, "paused": paused})
+        await self._run_repeatable(
+            self._execute, "pause_schedule", {"name": name, "paused": paused}
+        )
 
     # -- queues and workers ---------------------------------------------------------------
 
     async def pause_queue(self, queue: str, paused: bool) -> None:
         """Pause ``queue`` (``claim`` skips it) or resume it."""
         query = "pause_queue" if paused else "resume_queue"
-        await self._run(self._execute, query, {"queue": queue})
+        await self._run_repeatable(self._execute, query, {"queue": queue})
 
     async def paused_queues(self) -> set[str]:
         """Names of the paused queues."""
-        return {row["queue"] for row in await self._run(self._fetch, "paused_queues", {})}
+        return {
+            row["queue"] for row in await self._run_repeatable(self._fetch, "paused_queues", {})
+        }
 
     async def beat(self, worker: WorkerRecord) -> None:
         """Record ``worker`` in place of its previous record."""
@@ -442,12 +463,12 @@ class PostgresStore(Store):
         params["queues"] = None if worker.queues is None else list(worker.queues)
         params["jobs"] = list(worker.jobs)
         params["started_at"], params["seen_at"] = float(worker.started_at), float(worker.seen_at)
-        await self._run(self._execute, "beat", params)
+        await self._run_repeatable(self._execute, "beat", params)
 
     async def workers(self, *, seen_since: float) -> list[WorkerRecord]:
         """Workers seen at or after ``seen_since``, oldest started first (ties by id);
         records of the others are dropped."""
-        rows = await self._run(self._fetch, "workers", {"seen_since": float(seen_since)})
+        rows = await self._run_repeatable(self._fetch, "workers", {"seen_since": float(seen_since)})
         return [
             WorkerRecord(
                 id=row["id"],
@@ -463,7 +484,7 @@ class PostgresStore(Store):
 
     async def forget_worker(self, worker_id: str) -> None:
         """Remove the record of ``worker_id`` (nothing if there is none)."""
-        await self._run(self._execute, "forget_worker", {"id": worker_id})
+        await self._run_repeatable(self._execute, "forget_worker", {"id": worker_id})
 
     # -- plumbing ---------------------------------------------------------------------
 

@@ -18,6 +18,15 @@ the end of the verb's own loop cuts it off: its transaction is then rolled back 
 connection closed. The listener (LISTEN) lives on a daemon thread's loop for the store's
 whole life, whichever loops come and go; it announces work through a ``WorkSignal``,
 with the time it becomes due when the notification gives one (work queued to run later).
+
+A verb rides out a short outage (a restart, a failover, its session ended by
+``pg_terminate_backend``) as the Redis store's do: when the server cannot be reached, it
+tries again on a new connection after a backoff, for 2 to 4 s in all (``RETRIES``), then
+raises ``StoreError``. A server that answers with a refusal (no such database or role, a
+password refused) is not tried again. A verb whose connection broke after it was sent may
+have taken effect: only a verb that gives the same effect and the same answer when sent
+twice (``run_repeatable``) is sent again; any other raises ``StoreError`` at once, saying
+so.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import contextvars
 import dataclasses
 import logging
 import math
+import random
 import select
 import threading
 import time
@@ -50,6 +60,16 @@ ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
 
 _DEADLOCK_ATTEMPTS = 3
+RETRIES = 8
+"""Tries after the first for a verb that could not reach the server: with the backoff
+below (0.04 s doubling up to 1 s, each wait jittered between half and all of that) a verb
+gives up after 2 to 4 s, as the Redis store's commands do."""
+_BACKOFF_BASE = 0.02
+_BACKOFF_CAP = 1.0
+_SESSION_ENDED = frozenset({"57P01", "57P02", "57P03"})
+"""SQLSTATEs of a session the server ended or would not start yet: administrator command
+(``pg_terminate_backend``, a fast shutdown), crash, and "the database system is starting
+up" (or shutting down)."""
 _LISTEN_RETRY_MAX = 5.0
 _CLOSE_GRACE = 10.0
 """Seconds ``close`` waits for verbs in flight before closing their connections."""
@@ -151,6 +171,33 @@ def _ended_by_server(conn: psycopg.AsyncConnection[Any]) -> bool:
     except (OSError, ValueError, psycopg.Error):
         return True
     return bool(readable)
+
+
+def _unreachable(exc: psycopg.Error) -> bool:
+    """Whether ``exc``, raised while connecting, says the server cannot be reached for now
+    (refused, reset, timed out, starting up or shutting down), not that it refused this
+    client (no such database or role, a password or certificate refused): only the first
+    is worth another try. libpq gives no SQLSTATE here; a refusal is a FATAL message."""
+    text = str(exc)
+    return isinstance(exc, psycopg.OperationalError) and (
+        "FATAL:" not in text or "the database system is" in text
+    )
+
+
+def _connection_lost(exc: psycopg.Error) -> bool:
+    """Whether ``exc``, raised by a statement, says its connection broke or the server
+    ended its session (not that the statement failed, or was cancelled)."""
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    state = exc.sqlstate
+    return state is None or state.startswith("08") or state in _SESSION_ENDED
+
+
+def _backoff(failures: int) -> float:
+    """Seconds to wait before try ``failures + 1``: half of an exponential growth (capped),
+    plus a random part up to the other half (equal jitter, as redis-py's)."""
+    ceiling = min(_BACKOFF_CAP, _BACKOFF_BASE * 2.0**failures)
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
 async def _close_quietly(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -265,20 +312,50 @@ class PostgresLink:
         except psycopg.Error as exc:
             raise store_error(self.settings, exc) from exc
 
+    async def installed(self) -> bool:
+        """Whether the schema holds backlane's tables (at any version), looked up over a
+        connection of its own without creating or changing anything (the store need not
+        be open)."""
+        settings = self.settings
+        try:
+            async with await psycopg.AsyncConnection.connect(
+                settings.conninfo, autocommit=True, application_name=settings.application_name
+            ) as conn:
+                cursor = await conn.execute(
+                    "SELECT to_regclass(%s) IS NOT NULL", (f"{settings.quoted_schema}.migrations",)
+                )
+                row = await cursor.fetchone()
+                return bool(row and row[0])
+        except psycopg.Error as exc:
+            raise store_error(self.settings, exc) from exc
+
     def not_open(self) -> StoreError:
         return StoreError(f"the store {self.url} is not open; await store.open() first")
 
     async def run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """``fn(connection, *args)`` with a connection of this loop's pool (a statement
-        that lost a deadlock is tried again); driver errors as ``StoreError``. Runs to its
-        end even if the caller stops waiting."""
+        """``fn(connection, *args)`` with a connection of this loop's pool; driver errors
+        as ``StoreError``. Runs to its end even if the caller stops waiting. A statement
+        that lost a deadlock is tried again, and so is the whole call while the server
+        cannot be reached (2 to 4 s at most); a call whose connection broke once it was
+        sent is not (it may have taken effect): ``StoreError`` says so."""
+        return await self._run(fn, args, repeatable=False)
+
+    async def run_repeatable(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """As ``run``, for a call that has the same effect and the same answer when it
+        runs twice (a read, or a write that sets what is already set): a call whose
+        connection broke once it was sent is sent again too, within the same bounds."""
+        return await self._run(fn, args, repeatable=True)
+
+    async def _run(
+        self, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...], *, repeatable: bool
+    ) -> T:
         if self._runner is None:
             raise self.not_open()
         loop = asyncio.get_running_loop()
         site = self._sites.get(loop)
         if site is None:
             site = await self._site_here(loop)
-        task = loop.create_task(self._on_site(site, fn, *args))
+        task = loop.create_task(self._on_site(site, fn, *args, repeatable=repeatable))
         site.in_flight.add(task)
         task.add_done_callback(_forget(site.in_flight))
         return await asyncio.shield(task)
@@ -315,23 +392,48 @@ class PostgresLink:
                     del self._sites[site.loop]
             await site.aclose()
 
-    async def _on_site(self, site: Site, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        for attempt in range(1, _DEADLOCK_ATTEMPTS + 1):
+    async def _on_site(
+        self,
+        site: Site,
+        fn: Callable[..., Awaitable[T]],
+        *args: Any,
+        repeatable: bool,
+    ) -> T:
+        deadlocks = failures = 0
+        while True:
+            sent = False
             try:
                 async with site.connection() as conn:
+                    sent = True
                     return await fn(conn, *args)
             except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure) as exc:
-                if attempt == _DEADLOCK_ATTEMPTS:
+                deadlocks += 1
+                if deadlocks == _DEADLOCK_ATTEMPTS:
                     raise store_error(self.settings, exc) from exc
                 log.debug("retrying a statement that lost a deadlock: %s", exc)
+                continue
             except psycopg.Error as exc:
-                raise store_error(self.settings, exc) from exc
+                if not (_connection_lost(exc) if sent else _unreachable(exc)):
+                    raise store_error(self.settings, exc) from exc
+                if sent and not repeatable:
+                    raise StoreError(
+                        f"PostgreSQL store (schema {self.settings.schema}): the connection "
+                        f"was lost while this call ran, so it may have taken effect or not; "
+                        f"it was not sent again (check, then try again): {exc}"
+                    ) from exc
+                failures += 1
+                if failures > RETRIES or site.closed:
+                    raise StoreError(
+                        f"PostgreSQL store (schema {self.settings.schema}): cannot connect "
+                        f"to PostgreSQL, or lost the connection ({failures} tries): {exc}"
+                    ) from exc
+                log.debug("PostgreSQL unreachable (%s); trying again", exc)
             except UnicodeEncodeError as exc:  # a lone surrogate: raised before sending
                 raise StoreError(
                     f"PostgreSQL store (schema {self.settings.schema}): cannot send this to "
                     f"PostgreSQL: {exc}"
                 ) from exc
-        raise AssertionError("unreachable")  # pragma: no cover
+            await asyncio.sleep(_backoff(failures))
 
     async def _start(self) -> None:
         # Runs on the runner's loop: the schema, then the listener.

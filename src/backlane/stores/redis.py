@@ -49,6 +49,7 @@ from .redis_codec import (
     UnreadableJob,
     decode_job,
     decode_jobs,
+    decode_listed,
     decode_worker,
     job_fields,
     job_pairs,
@@ -596,7 +597,9 @@ class RedisStore(Store):
         index (of one state, or of all jobs) are looked through: Redis keeps no index on
         those, and a search must not read every job of a large store. The index is read
         in steps of ``_SCAN`` entries: each step is atomic, the whole read is not, so jobs
-        stored or removed meanwhile may shift a long page."""
+        stored or removed meanwhile may shift a long page. A job whose hash cannot be read
+        is logged and listed in its place as a stand-in whose ``error`` says what is wrong
+        (``redis_codec.unreadable_stand_in``): one bad hash never fails the page."""
         active = state is not None and state not in TERMINAL_STATES
         index = "all" if state is None else "live" if active else f"state:{state.value}"
         limit, offset = max(0, limit), max(0, offset)
@@ -607,7 +610,7 @@ class RedisStore(Store):
             while len(found) < limit:
                 size = min(_SCAN, limit - len(found))
                 rows = await self._call("page", index, offset + len(found), size)
-                found.extend(decode_job(fields) for fields in rows)
+                found.extend(decode_listed(fields) for fields in rows)
                 if len(rows) < size:
                     break
             return found
@@ -627,7 +630,7 @@ class RedisStore(Store):
                 state.value if active and state is not None else "",
             )
             start, skip = int(reply[0]), skip - int(reply[1])
-            found.extend(decode_job(fields) for fields in reply[2:])
+            found.extend(decode_listed(fields) for fields in reply[2:])
         return found
 
     async def counts(self) -> dict[str, dict[JobState, int]]:

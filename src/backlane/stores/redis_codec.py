@@ -9,12 +9,15 @@ so nothing is rounded on the way.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ..exceptions import StoreError
 from ..jobs import Job, JobState
 from .base import Outcome, WorkerRecord
+
+log = logging.getLogger("backlane.stores.redis")
 
 _STATES = {state.value: state for state in JobState}
 
@@ -146,6 +149,50 @@ def decode_jobs(rows: Iterable[Sequence[str]], unreadable: list[UnreadableJob]) 
         except UnreadableJob as exc:
             unreadable.append(exc)
     return jobs
+
+
+def decode_listed(flat: Sequence[str]) -> Job:
+    """The job of hash ``flat`` (as ``decode_job`` takes it) for a listing: one that does
+    not read is logged, and shown in its place as a stand-in (``unreadable_stand_in``),
+    so that one bad hash neither fails a page nor shifts the pages after it."""
+    try:
+        return decode_job(flat)
+    except UnreadableJob as problem:
+        log.warning("%s (listed with an error saying so)", problem)
+        return unreadable_stand_in(flat, problem)
+
+
+def unreadable_stand_in(flat: Sequence[str], problem: UnreadableJob) -> Job:
+    """A job made of the fields of hash ``flat`` that read (defaults for the others; a
+    state that does not read shows as failed), its ``error`` saying what is wrong."""
+    it = iter(flat)
+    h = dict(zip(it, it, strict=False))
+
+    def read(name: str, reader: Callable[[str], Any], default: Any) -> Any:
+        try:
+            return reader(h[name])
+        except (KeyError, ValueError, TypeError):
+            return default
+
+    kind = type(problem)
+    return Job(
+        task=h.get("task", "?"),
+        payload=h.get("payload", ""),
+        id=problem.job_id or "?",
+        queue=h.get("queue", "?"),
+        priority=read("priority", int, 0),
+        state=read("state", _STATES.__getitem__, JobState.FAILED),
+        key=h.get("key"),
+        attempts=read("attempts", int, 0),
+        run_at=read("run_at", float, 0.0),
+        created_at=read("created_at", float, 0.0),
+        worker_id=h.get("worker_id"),
+        error={
+            "type": f"{kind.__module__}.{kind.__qualname__}",
+            "message": str(problem),
+            "traceback": "",
+        },
+    )
 
 
 def decode_job(flat: Sequence[str]) -> Job:

@@ -104,7 +104,11 @@ local function buffered(key)
     return false
 end
 
+-- A job changed by hand may name no state or queue: it is counted nowhere.
 local function count(state, queue, delta)
+    if not (ACTIVE[state] or TERMINAL[state]) or not queue then
+        return
+    end
     local field = state .. ':' .. queue
     deltas[field] = (deltas[field] or 0) + delta
 end
@@ -156,14 +160,47 @@ local function jkey(id)
     return P .. 'job:' .. id
 end
 
+-- Whether `value` (a field's text) is a whole number, as seq and priority must be: a field
+-- changed by hand may not be.
+local function whole(value)
+    local n = tonumber(value)
+    return n ~= nil and n == math.floor(n) and n > -2 ^ 53 and n < 2 ^ 53
+end
+
+-- The member of job <id> in P all, found by its id (a scan: for a job whose seq was
+-- changed by hand only), or nil.
+local function indexed_member(id)
+    local pattern = string.rep('?', 16) .. (string.gsub(id, '[%*%?%[%]\\]', '\\%0'))
+    local cursor = '0'
+    repeat
+        local reply = redis.call('ZSCAN', P .. 'all', cursor, 'MATCH', pattern, 'COUNT', 1000)
+        cursor = reply[1]
+        if reply[2][1] then
+            return reply[2][1]
+        end
+    until cursor == '0'
+    return nil
+end
+
+-- The job's member in the listing and claim indexes (its seq, then its id). A seq changed
+-- by hand is taken from the index instead.
 local function member(job)
+    if not whole(job.seq) then
+        local m = indexed_member(job.id)
+        job.seq = m and string.sub(m, 1, 16) or '0'
+    end
     return string.format('%016d', tonumber(job.seq)) .. job.id
 end
 
--- The fields of job <id> the scripts decide on, or nil when there is no such job.
-local function load(id)
+-- The fields of job <id> the scripts decide on, or nil when there is no such job. With
+-- `any`, also a job whose state or queue was changed by hand into one no script can act
+-- on (else nil for it too): delete removes it.
+local function load(id, any)
     local values = redis.call('HMGET', jkey(id), unpack(FIELDS))
-    if not values[1] then
+    if not values[1] and not (any and redis.call('EXISTS', jkey(id)) == 1) then
+        return nil
+    end
+    if not any and not ((ACTIVE[values[1]] or TERMINAL[values[1]]) and values[2]) then
         return nil
     end
     local job = {id = id}
@@ -177,14 +214,16 @@ end
 
 -- The listing index of the jobs in `state`.
 local function state_index(state)
-    if ACTIVE[state] then
+    if ACTIVE[state] or not TERMINAL[state] then
         return P .. 'live'
     end
     return P .. 'state:' .. state
 end
 
+-- A priority changed by hand into no whole number counts as 0 here: the claim that meets
+-- the job there fails it (its priority does not match).
 local function due_key(job)
-    return P .. 'due:' .. job.queue .. ':' .. job.priority
+    return P .. 'due:' .. job.queue .. ':' .. (whole(job.priority) and job.priority or '0')
 end
 
 -- Account for a job moving to another state: counts, state indexes and keys. The caller
@@ -259,7 +298,11 @@ local function tally(state, finished, started, run_at, sign)
     if not ENDED[state] or not finished then
         return
     end
-    local minute = math.floor(tonumber(finished) / 60) * 60
+    finished = tonumber(finished)
+    if not finished then
+        return
+    end
+    local minute = math.floor(finished / 60) * 60
     if minute + ENDS_KEPT <= server_now() then
         return
     end
@@ -270,8 +313,9 @@ local function tally(state, finished, started, run_at, sign)
         tallied[#tallied + 1] = minute
     end
     t[state] = t[state] + sign
+    started, run_at = tonumber(started), tonumber(run_at) -- either may be changed by hand
     if started and run_at then
-        local wait = tonumber(started) - tonumber(run_at)
+        local wait = started - run_at
         if wait >= 0 and wait * 1e6 < WAIT_US_MAX then
             t.wait_us = t.wait_us + sign * math.floor(wait * 1e6 + 0.5)
             t.waits = t.waits + sign
@@ -347,8 +391,9 @@ end
 -- Whether a claimable job of `queue` at `priority` or above is due: a job handed to a
 -- waiting worker must not pass it.
 local function due_before(queue, priority)
+    local floor = tonumber(priority) or 0
     for _, p in ipairs(redis.call('SMEMBERS', P .. 'prio:' .. queue)) do
-        if tonumber(p) >= tonumber(priority) then
+        if (tonumber(p) or floor) >= floor then
             local key = P .. 'due:' .. queue .. ':' .. p
             if #redis.call('ZRANGEBYSCORE', key, '-inf', server_now(), 'LIMIT', 0, 1) > 0 then
                 return true
@@ -364,7 +409,7 @@ end
 -- pass that one). nil when there is none.
 local function taker_for(job)
     local list = waiters()
-    if #list == 0 or tonumber(job.run_at) > server_now() then
+    if #list == 0 or (tonumber(job.run_at) or 0) > server_now() then
         return nil
     end
     local taker
@@ -434,8 +479,8 @@ local function make_claimable(job)
     if hand_off(job) then
         return
     end
-    zput(due_key(job), job.run_at, member(job))
-    sadd_once(P .. 'prio:' .. job.queue, job.priority)
+    zput(due_key(job), tonumber(job.run_at) or 0, member(job))
+    sadd_once(P .. 'prio:' .. job.queue, whole(job.priority) and job.priority or '0')
     woke = true
 end
 
@@ -502,7 +547,7 @@ local function give_back_handed(now, limit)
                                    'LIMIT', 0, limit)) do
         local job = load(id)
         if job and job.state == 'running' and untaken(job) then
-            requeue(job, math.max(tonumber(redis.call('HGET', jkey(id), 'attempts')) - 1, 0))
+            requeue(job, math.max((tonumber(redis.call('HGET', jkey(id), 'attempts')) or 1) - 1, 0))
             gone = gone + 1
         end
         zdel(P .. 'handed', id)
@@ -537,15 +582,28 @@ local function remove(job)
     local m = member(job)
     local state = job.state
     zdel(P .. 'all', m)
-    zdel(state_index(state), m)
     count(state, job.queue, -1)
-    if state == 'queued' then
+    if not (ACTIVE[state] or TERMINAL[state]) or not job.queue then
+        -- changed by hand: it may be in any index but a queue's (no queue is known)
+        zdel(P .. 'live', m)
+        zdel(P .. 'run', job.id)
+        zdel(P .. 'defer', job.id)
+        zdel(P .. 'kept', job.id)
+        for ended in pairs(TERMINAL) do
+            zdel(P .. 'state:' .. ended, m)
+            zdel(P .. 'fin:' .. ended, job.id)
+        end
+    elseif state == 'queued' then
+        zdel(state_index(state), m)
         zdel(due_key(job), m)
     elseif state == 'running' then
+        zdel(state_index(state), m)
         zdel(P .. 'run', job.id)
     elseif state == 'deferred' then
+        zdel(state_index(state), m)
         zdel(P .. 'defer', job.id)
     else
+        zdel(state_index(state), m)
         zdel(P .. 'kept', job.id)
         zdel(P .. 'fin:' .. state, job.id)
         tally(state, job.finished_at, job.started_at, job.run_at, -1)
@@ -702,6 +760,60 @@ end
 -- `handed_lease` and `offer` (seconds; else '' or nil): a claim that leaves it room then
 -- offers that room to take work, as its wait would (see wait.lua). Changes are buffered:
 -- flush() after.
+-- What makes job <id>, found claimable as member `m` of the due set `entry` ({queue,
+-- priority, key}), unfit for the scripts: a field they decide on changed by hand, said as
+-- UnreadableJob says it; nil when nothing does.
+local function spoiled_field(job, id, m, entry)
+    local expected = {
+        {'id', id, "the job's id " .. id},
+        {'seq', nil, 'its store order ' .. tonumber(string.sub(m, 1, 16))},
+        {'queue', entry[1], "its queue's name " .. entry[1]},
+        {'priority', entry[2], 'its priority ' .. entry[2]},
+        {'state', 'queued', "'queued'"},
+    }
+    for _, e in ipairs(expected) do
+        local name, value = e[1], job[e[1]]
+        if value == nil then
+            return "field '" .. name .. "' is missing"
+        end
+        local fits
+        if name == 'seq' then
+            fits = whole(value) and tonumber(value) == tonumber(string.sub(m, 1, 16))
+        else
+            fits = value == e[2]
+        end
+        if not fits then
+            return "field '" .. name .. "' holds '" .. string.sub(value, 1, 80) .. "', not " .. e[3]
+        end
+    end
+    if not tonumber(job.run_at) then
+        return "field 'run_at' holds '" .. string.sub(job.run_at or '', 1, 80) .. "', not a number"
+    end
+    return nil
+end
+
+-- End failed, at `now`, a claimable job whose hash was changed by hand where the scripts
+-- decide (`problem` says how): the fields that name its place in the indexes are written
+-- back from them, the error says what was wrong, and it is kept until removed by hand.
+local function fail_spoiled(job, problem, worker, now)
+    local jk = jkey(job.id)
+    if redis.call('EXISTS', jk) == 0 then
+        return
+    end
+    redis.call('HSET', jk, 'id', job.id, 'queue', job.queue, 'priority', job.priority,
+               'seq', tostring(tonumber(job.seq)), 'worker_id', worker, 'error', cjson.encode({
+                   type = 'backlane.stores.redis_codec.UnreadableJob',
+                   message = 'job ' .. job.id .. ': its hash in Redis cannot be read (' ..
+                       problem .. '); mend that field or delete the job',
+                   traceback = '',
+               }))
+    if not tonumber(job.run_at) then
+        redis.call('HSET', jk, 'run_at', now)
+        job.run_at = now
+    end
+    end_job(job, 'failed', now, nil)
+end
+
 local function claim_jobs(token, worker, now, lease, limit, queues, idle_ms, handed_lease,
                           offer)
     local last_claim = P .. 'claim:' .. worker
@@ -803,7 +915,7 @@ local function claim_jobs(token, worker, now, lease, limit, queues, idle_ms, han
         if not paused[queue] and not seen[queue] then
             seen[queue] = true
             for _, priority in ipairs(redis.call('SMEMBERS', P .. 'prio:' .. queue)) do
-                local p = tonumber(priority)
+                local p = tonumber(priority) or 0
                 if not levels[p] then
                     levels[p] = {}
                     priorities[#priorities + 1] = p
@@ -857,13 +969,21 @@ local function claim_jobs(token, worker, now, lease, limit, queues, idle_ms, han
             for f = 1, #fields, 2 do
                 job[fields[f]] = fields[f + 1]
             end
-            move(job, 'running')
-            redis.call('HSET', jk, 'state', 'running', 'attempts', (tonumber(job.attempts) or 0) + 1,
-                       'started_at', now, 'lease_until', lease, 'worker_id', worker)
-            zput(P .. 'run', lease, id)
-            ids[#ids + 1] = id
-            out[#out + 1] = fields
-            remaining = remaining - 1
+            local spoiled = spoiled_field(job, id, m, entry)
+            -- what the scripts decide on, from where the claim found the job
+            job.id, job.seq, job.queue, job.priority = id, string.sub(m, 1, 16), entry[1], entry[2]
+            job.state = 'queued'
+            if spoiled then
+                fail_spoiled(job, spoiled, worker, now)
+            elseif #fields > 0 then
+                move(job, 'running')
+                redis.call('HSET', jk, 'state', 'running', 'attempts', (tonumber(job.attempts) or 0) + 1,
+                           'started_at', now, 'lease_until', lease, 'worker_id', worker)
+                zput(P .. 'run', lease, id)
+                ids[#ids + 1] = id
+                out[#out + 1] = fields
+                remaining = remaining - 1
+            end
         end
         for entry, gone in pairs(taken) do
             for i = 1, #gone, 1000 do

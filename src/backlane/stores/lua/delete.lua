@@ -2,7 +2,7 @@
 -- ARGV: ids... Returns how many were removed.
 local removed, waited = 0, {}
 for i = 1, #ARGV do
-    local job = load(ARGV[i])
+    local job = load(ARGV[i], true)
     if job then
         if remove(job) then
             waited[#waited + 1] = job.id

@@ -11,7 +11,7 @@ for _, list in ipairs({P .. 'hand:' .. worker, P .. 'took:' .. worker}) do
                 if fields[i] == 'id' then
                     local job = load(fields[i + 1])
                     if job and job.state == 'running' and job.worker_id == worker then
-                        local attempts = tonumber(redis.call('HGET', jkey(job.id), 'attempts'))
+                        local attempts = (tonumber(redis.call('HGET', jkey(job.id), 'attempts')) or 1)
                         requeue(job, math.max(attempts - 1, 0))
                     end
                 end

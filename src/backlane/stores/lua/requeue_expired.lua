@@ -14,7 +14,7 @@ for _, id in ipairs(expired) do
             redis.call('HDEL', jkey(id), 'lease_until')
             end_job(job, 'cancelled', now, keep_until)
         elseif untaken(job) then -- handed to a waiting worker that never took it
-            requeue(job, math.max(tonumber(redis.call('HGET', jkey(id), 'attempts')) - 1, 0))
+            requeue(job, math.max((tonumber(redis.call('HGET', jkey(id), 'attempts')) or 1) - 1, 0))
         else
             requeue(job)
         end

@@ -22,8 +22,8 @@ for i = 1, #found, 2 do
     end
     bucket[1] = bucket[1] + 1
     local times = redis.call('HMGET', jkey(found[i]), 'started_at', 'run_at')
-    if times[1] and times[2] then
-        local started, run_at = tonumber(times[1]), tonumber(times[2])
+    local started, run_at = tonumber(times[1]), tonumber(times[2]) -- nil: changed by hand
+    if started and run_at then
         if started >= run_at then
             bucket[2] = bucket[2] + (started - run_at)
             bucket[3] = bucket[3] + 1
