@@ -35,7 +35,11 @@ Missed = Literal["run_once", "skip"]
 
 @dataclass(frozen=True)
 class Schedule:
-    """When a task runs by itself: a cron expression in a time zone, or a fixed interval."""
+    """When a task runs by itself: a cron expression in a time zone, or a fixed interval.
+
+    Building one checks it: a cron expression of exactly five fields that cronsim accepts,
+    a known time zone, an interval of at least one second; otherwise ``ConfigurationError``.
+    """
 
     name: str
     task: Task[Any, Any]
@@ -77,6 +81,13 @@ class Schedule:
                 f"schedule {self.name!r}: unknown time zone {self.tz!r}"
             ) from exc
         if self.cron is not None:
+            fields = len(self.cron.split())
+            if fields != 5:
+                raise ConfigurationError(
+                    f"schedule {self.name!r}: bad cron expression {self.cron!r}: a cron "
+                    f"expression has five fields (minute hour day-of-month month "
+                    f"day-of-week), got {fields}; seconds are not supported"
+                )
             try:
                 CronSim(self.cron, datetime.now(zone))
             except CronSimError as exc:

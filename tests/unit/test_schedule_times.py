@@ -137,3 +137,17 @@ def test_latest_slot_agrees_with_next_slot_in_the_repeated_hour() -> None:
     s = schedule(cron="30 2 * * *", tz="Europe/Berlin")
     second_pass = datetime(2026, 10, 25, 2, 20, tzinfo=BERLIN, fold=1).timestamp()
     assert local(s.latest_slot(second_pass)) == "2026-10-25T02:30:00+02:00"
+
+
+@pytest.mark.parametrize(
+    "expression", ["0 0 * * * *", "*/10 * * * * *", "* * * *", "0 0 1 1 * 2027"]
+)
+def test_a_cron_expression_has_five_fields(expression: str) -> None:
+    """cronsim reads six fields as seconds first, so "0 0 * * * *" (meant as Quartz's
+    "every midnight", or as a year field) fired every hour: refused at definition."""
+    with pytest.raises(ConfigurationError) as caught:
+        Backlane("memory://").cron(expression)(schedule_tasks.tick)
+    message = str(caught.value)
+    assert repr(expression) in message
+    assert "five fields" in message
+    assert f"got {len(expression.split())}" in message
