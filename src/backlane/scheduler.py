@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -49,6 +49,9 @@ class Schedule:
     missed: Missed = "run_once"
     on_time: float = 5.0
     """A slot fired at most this late counts as on time; later, it is a missed slot."""
+    declared_at: float = field(default_factory=time.time, compare=False)
+    """When this schedule was declared (POSIX seconds). While the store holds no slot of
+    it, a schedule is new, and a new schedule fires no slot from before this instant."""
 
     def __post_init__(self) -> None:
         if (self.cron is None) == (self.every is None):
@@ -171,8 +174,10 @@ class Scheduler:
 
     async def step(self, now: float) -> int:
         """Fire what is due at ``now``: the on-time slot of each schedule, or, after
-        downtime, one catch-up job where the policy says ``run_once``. Returns how many
-        jobs this scheduler stored (other schedulers may have taken the rest)."""
+        downtime, one catch-up job where the policy says ``run_once``. A new schedule (no
+        slot taken yet) starts with its first slot at or after ``declared_at``: nothing
+        from before it existed, on time or not. Returns how many jobs this scheduler
+        stored (other schedulers may have taken the rest)."""
         schedules = self.lane.schedules
         if not schedules:
             return 0
@@ -188,6 +193,9 @@ class Scheduler:
             last = record.last_slot if record is not None else None
             if last is not None and last >= slot:
                 self._tried[schedule.name] = slot
+                continue
+            if last is None and slot < schedule.declared_at:
+                self._tried[schedule.name] = slot  # from before a new schedule existed
                 continue
             late = now - slot > schedule.tolerance()
             if late and (schedule.missed == "skip" or last is None):
