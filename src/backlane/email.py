@@ -6,9 +6,20 @@ SMTP settings come only from the environment (``BACKLANE_SMTP_HOST``, ``_PORT``,
     await send_mail(SmtpSettings(), to="ann@example.com", subject="Hello", body="...")
 
 ``MailSink`` is a real SMTP server on a loopback port that accepts every message and keeps
-it as one JSON line in a mailbox file; ``read_mailbox`` reads them back. Errors from the SMTP
-client (``aiosmtplib.SMTPException`` and its subclasses) are left to the caller, so that a
-task can be retried on them; ``TRANSIENT_MAIL_ERRORS`` names them.
+it as one JSON line in a mailbox file; ``read_mailbox`` reads them back.
+
+Errors that another try may mend (the server down or slow, a recipient refused for now) are
+the SMTP client's own (``aiosmtplib.SMTPException`` and ``OSError``), left to the caller so
+that a task can be retried on them; ``TRANSIENT_MAIL_ERRORS`` names them. Errors that no
+retry can mend are ``PermanentMailError``, outside that tuple::
+
+    BacklaneError
+    └── PermanentMailError      the same mail would fail the same way however often it is sent
+        ├── MailRefused         every recipient refused for good (5xx); nothing was sent
+        ├── MailPartlyRefused   sent to some recipients, refused by others; a retry would
+        │                       mail the first ones twice
+        └── MailNotSupported    the server lacks what the settings or the mail need
+                                (STARTTLS, SMTPUTF8)
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import threading
 import time
 from collections import deque
@@ -23,7 +35,7 @@ from dataclasses import asdict, dataclass
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
-from email.utils import make_msgid
+from email.utils import getaddresses, make_msgid
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -33,9 +45,15 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .exceptions import BacklaneError
+
 __all__ = [
     "TRANSIENT_MAIL_ERRORS",
+    "MailNotSupported",
+    "MailPartlyRefused",
+    "MailRefused",
     "MailSink",
+    "PermanentMailError",
     "ReceivedMail",
     "SmtpSettings",
     "build_message",
@@ -43,9 +61,58 @@ __all__ = [
     "send_mail",
 ]
 
+log = logging.getLogger("backlane.email")
+
 TRANSIENT_MAIL_ERRORS: tuple[type[BaseException], ...] = (aiosmtplib.SMTPException, OSError)
-"""What ``send_mail`` raises when the SMTP exchange fails (the server down, too slow, or
-refusing the message): the errors a mail task retries on."""
+"""What ``send_mail`` raises when the SMTP exchange fails in a way another try may mend (the
+server down, too slow, or refusing for now): the errors a mail task retries on. A
+``PermanentMailError`` is none of them."""
+
+
+class PermanentMailError(BacklaneError):
+    """A mail that would fail the same way however often it is sent: do not retry it."""
+
+
+class MailRefused(PermanentMailError):
+    """Every recipient was refused for good (a 5xx reply); nothing was sent.
+
+    ``refused`` maps each address to the server's reply (``"550 5.1.1 ..."``).
+    """
+
+    def __init__(self, refused: dict[str, str]) -> None:
+        self.refused = refused
+        super().__init__(
+            f"the SMTP server refused every recipient for good: {_replies(refused)}; "
+            "nothing was sent"
+        )
+
+
+class MailPartlyRefused(PermanentMailError):
+    """The mail went to some recipients and was refused for others.
+
+    ``message_id`` is the mail's Message-ID, ``accepted`` the addresses that took it,
+    ``refused`` maps each other address to the server's reply. It is not retried, since a
+    retry would send the mail to ``accepted`` a second time.
+    """
+
+    def __init__(self, message_id: str, accepted: list[str], refused: dict[str, str]) -> None:
+        self.message_id = message_id
+        self.accepted = accepted
+        self.refused = refused
+        super().__init__(
+            f"mail {message_id} was sent to {', '.join(accepted)} but refused for "
+            f"{_replies(refused)}; it is not retried (the others would get it twice): "
+            "send it again to the refused addresses alone"
+        )
+
+
+class MailNotSupported(PermanentMailError):
+    """The SMTP server lacks what the settings or the mail need: STARTTLS when
+    ``BACKLANE_SMTP_STARTTLS=true``, SMTPUTF8 for an address that is not ASCII."""
+
+
+def _replies(refused: dict[str, str]) -> str:
+    return ", ".join(f"{address} ({reply})" for address, reply in refused.items())
 
 
 class SmtpSettings(BaseSettings):
@@ -88,24 +155,64 @@ def build_message(*, sender: str, to: str, subject: str, body: str) -> EmailMess
 
 
 async def send_mail(settings: SmtpSettings, *, to: str, subject: str, body: str) -> str:
-    """Send one plain-text message through the configured SMTP server; returns its
-    Message-ID. Raises ``aiosmtplib.SMTPException`` (or ``OSError``) when the server cannot
-    be reached or refuses it, and ``ValueError`` when no server is configured."""
+    """Send one plain-text message to ``to`` (one address, or several separated by commas)
+    through the configured SMTP server; returns its Message-ID once every recipient has
+    taken it.
+
+    Raises ``ValueError`` when no server is configured; ``aiosmtplib.SMTPException`` or
+    ``OSError`` when another try may succeed (the server unreachable or slow, every
+    recipient refused with at least one refusal for now, a 4xx); ``MailRefused`` when every
+    recipient is refused for good; ``MailPartlyRefused`` (logged as a warning too) when
+    some took it and others refused it; ``MailNotSupported`` when the server does not offer
+    STARTTLS that the settings require (before any password is sent), or SMTPUTF8 that an
+    address needs.
+    """
     if not settings.host:
         raise ValueError("no SMTP server configured: set BACKLANE_SMTP_HOST (and _PORT)")
     message = build_message(sender=settings.sender, to=to, subject=subject, body=body)
-    password = settings.password.get_secret_value() if settings.password else None
-    await aiosmtplib.send(
-        message,
+    message_id = str(message["Message-ID"])
+    recipients = [address for _, address in getaddresses([to]) if address]
+    password = settings.password.get_secret_value() if settings.password else ""
+    port = settings.port or (465 if settings.tls else 587 if settings.starttls else 25)
+    client = aiosmtplib.SMTP(
         hostname=settings.host,
-        port=settings.port,
-        username=settings.user or None,
-        password=password if settings.user else None,
+        port=port,
         use_tls=settings.tls,
-        start_tls=settings.starttls,
+        start_tls=None if settings.starttls else False,  # None: upgrade when offered
         timeout=settings.timeout,
     )
-    return str(message["Message-ID"])
+    try:
+        async with client:
+            if (
+                settings.starttls
+                and not settings.tls
+                and client.get_transport_info("sslcontext") is None
+            ):
+                raise MailNotSupported(
+                    f"the SMTP server {settings.describe()} does not offer STARTTLS, which "
+                    "BACKLANE_SMTP_STARTTLS=true requires: use the server's STARTTLS port, "
+                    "or BACKLANE_SMTP_TLS=true for implicit TLS; nothing was sent"
+                )
+            if settings.user:
+                await client.login(settings.user, password)
+            refusals, _ = await client.send_message(message, recipients=recipients)
+    except aiosmtplib.SMTPNotSupported as exc:
+        raise MailNotSupported(
+            f"the SMTP server {settings.describe()} cannot take this mail: {exc}; nothing was sent"
+        ) from exc
+    except aiosmtplib.SMTPRecipientsRefused as exc:
+        if all(refusal.code >= 500 for refusal in exc.recipients):
+            raise MailRefused(
+                {r.recipient: f"{r.code} {r.message}" for r in exc.recipients}
+            ) from exc
+        raise
+    if refusals:
+        refused = {address: f"{r.code} {r.message}" for address, r in refusals.items()}
+        accepted = [address for address in recipients if address not in refused]
+        error = MailPartlyRefused(message_id, accepted, refused)
+        log.warning("%s", error)
+        raise error
+    return message_id
 
 
 # -- the local sink ---------------------------------------------------------------------

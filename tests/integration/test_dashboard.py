@@ -4,6 +4,7 @@ rendered as markup."""
 
 from __future__ import annotations
 
+import html
 import importlib.util
 import re
 import time
@@ -178,7 +179,20 @@ def test_the_list_filters_by_state_task_queue_and_text(lane: Backlane, client: T
     assert shown("task=other%3Atask") == {c.id}
     assert shown("text=NEEDLE") == {a.id}
     assert shown("state=succeeded&task=other%3Atask") == {c.id}
-    assert shown("state=bogus") == {a.id, b.id, c.id}  # an unknown state filters nothing
+    assert shown("state=") == {a.id, b.id, c.id}  # an empty state filters nothing
+
+
+@pytest.mark.parametrize("state", ["bogus", "FAILED", "ended", "<b>x</b>"])
+def test_an_unknown_state_filter_is_refused(lane: Backlane, client: TestClient, state: str) -> None:
+    """It was ignored: the list showed every job, as if the filter had matched them all."""
+    stored(lane, client, [ended(JobState.FAILED), ended(JobState.SUCCEEDED)])
+    response = client.get("/backlane/ui/jobs", params={"state": state}, headers=HTML)
+    assert response.status_code == 422
+    page = response.text
+    assert re.findall(r"/backlane/ui/jobs/([0-9a-f]{32})", page) == []
+    assert f"Unknown state {state!r}" in html.unescape(page)
+    assert "choose one of " + ", ".join(s.value for s in JobState) in page
+    assert "<b>x</b>" not in page  # shown escaped
 
 
 def test_the_list_is_paged(lane: Backlane, client: TestClient) -> None:

@@ -313,7 +313,11 @@ class _Site:
         return self.render(request, "overview.html", page="overview", data=data)
 
     async def jobs(self, request: Request) -> Response:
-        filters = views.JobFilters.parse(dict(request.query_params))
+        """The job list; 422 with the valid states for an unknown ``state`` filter."""
+        try:
+            filters = views.JobFilters.parse(dict(request.query_params))
+        except ValueError as exc:
+            return self.problem(request, 422, str(exc))
         data = await views.job_list(self.lane, filters)
         return self.render(
             request,

@@ -137,9 +137,13 @@ class JobFilters:
 
     @classmethod
     def parse(cls, query: dict[str, str]) -> JobFilters:
+        """The filters of ``query``; an empty value filters nothing. Raises ``ValueError``,
+        naming the value and the valid states, for a ``state`` that is no job state."""
         state = query.get("state", "")
-        if state not in STATE_ORDER:
-            state = ""
+        if state and state not in STATE_ORDER:
+            raise ValueError(
+                f"Unknown state {state[:100]!r}: choose one of {', '.join(STATE_ORDER)}."
+            )
         try:
             page = max(1, min(int(query.get("page", "1")), 100_000))
         except ValueError:

@@ -1,0 +1,224 @@
+"""Mail through a real SMTP server (aiosmtpd on loopback) that refuses some recipients or
+lacks an extension: what the caller and a mail task retried on ``TRANSIENT_MAIL_ERRORS``
+see."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from backlane import Backlane, JobState
+from backlane.email import (
+    TRANSIENT_MAIL_ERRORS,
+    MailNotSupported,
+    MailPartlyRefused,
+    MailRefused,
+    SmtpSettings,
+    send_mail,
+)
+from backlane.testing import drain
+
+pytestmark = pytest.mark.anyio
+
+REFUSALS = {
+    "nobody@example.com": "550 5.1.1 <nobody@example.com>: no such user",
+    "gone@example.com": "551 5.1.6 <gone@example.com>: has moved",
+    "busy@example.com": "450 4.2.1 <busy@example.com>: mailbox busy, try later",
+}
+
+
+@dataclass
+class Picky:
+    """aiosmtpd handler: refuses the recipients of ``REFUSALS`` with their reply, takes
+    the others, and keeps every message it takes."""
+
+    received: list[tuple[list[str], bytes]] = field(default_factory=list)
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: Any
+    ) -> str:
+        if address in REFUSALS:
+            return REFUSALS[address]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        content = envelope.content if isinstance(envelope.content, bytes) else b""
+        self.received.append((list(envelope.rcpt_tos), content))
+        return "250 Message accepted"
+
+
+@dataclass
+class Server:
+    handler: Picky
+    port: int
+
+    def settings(self, **more: Any) -> SmtpSettings:
+        return SmtpSettings(host="127.0.0.1", port=self.port, timeout=5.0, **more)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def serve(**server_options: Any) -> Iterator[Server]:
+    handler = Picky()
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port(), **server_options)
+    controller.start()
+    try:
+        yield Server(handler, controller.port)
+    finally:
+        controller.stop()
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    """A real SMTP server that offers no STARTTLS and no SMTPUTF8."""
+    yield from serve(enable_SMTPUTF8=False)
+
+
+async def test_a_mail_refused_for_some_recipients_says_which(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server took the mail for ann and refused nobody and busy: that was a success
+    with the refusals lost."""
+    caplog.set_level(logging.WARNING, logger="backlane.email")
+    to = "ann@example.com, nobody@example.com, busy@example.com"
+    with pytest.raises(MailPartlyRefused) as caught:
+        await send_mail(server.settings(), to=to, subject="Hi", body="hello")
+    error = caught.value
+    assert error.accepted == ["ann@example.com"]
+    assert sorted(error.refused) == ["busy@example.com", "nobody@example.com"]
+    assert error.refused["nobody@example.com"].startswith("550 5.1.1")
+    assert error.message_id.startswith("<") and error.message_id.endswith(">")
+    text = str(error)
+    assert "nobody@example.com (550 5.1.1" in text and "busy@example.com (450 4.2.1" in text
+    assert "ann@example.com" in text and error.message_id in text
+    assert [rcpts for rcpts, _ in server.handler.received] == [["ann@example.com"]]
+    assert not isinstance(error, TRANSIENT_MAIL_ERRORS)  # a retry would mail ann again
+    assert "nobody@example.com" in caplog.text and error.message_id in caplog.text
+
+
+async def test_a_mail_every_recipient_refuses_for_good_is_not_retried(server: Server) -> None:
+    with pytest.raises(MailRefused, match="nobody@example.com .550 5.1.1") as caught:
+        await send_mail(
+            server.settings(), to="nobody@example.com, gone@example.com", subject="s", body="b"
+        )
+    assert not isinstance(caught.value, TRANSIENT_MAIL_ERRORS)
+    assert isinstance(caught.value.__cause__, aiosmtplib.SMTPRecipientsRefused)
+    assert server.handler.received == []
+
+
+async def test_a_recipient_refused_for_now_is_retried(server: Server) -> None:
+    """450 is a temporary refusal (a busy mailbox, greylisting): worth another try."""
+    with pytest.raises(aiosmtplib.SMTPRecipientsRefused) as caught:
+        await send_mail(
+            server.settings(), to="busy@example.com, nobody@example.com", subject="s", body="b"
+        )
+    assert isinstance(caught.value, TRANSIENT_MAIL_ERRORS)
+
+
+async def test_starttls_required_but_not_offered_is_not_retried(server: Server) -> None:
+    with pytest.raises(MailNotSupported, match="STARTTLS") as caught:
+        await send_mail(server.settings(starttls=True), to="ann@example.com", subject="s", body="b")
+    assert "BACKLANE_SMTP_STARTTLS" in str(caught.value)
+    assert not isinstance(caught.value, TRANSIENT_MAIL_ERRORS)
+    assert server.handler.received == []
+
+
+async def test_an_address_the_server_cannot_take_is_not_retried(server: Server) -> None:
+    """A non-ASCII address needs SMTPUTF8, which this server does not offer
+    (``aiosmtplib.SMTPNotSupported``): retrying cannot help."""
+    with pytest.raises(MailNotSupported, match="SMTPUTF8") as caught:
+        await send_mail(server.settings(), to="jörg@example.com", subject="s", body="b")
+    assert isinstance(caught.value.__cause__, aiosmtplib.SMTPNotSupported)
+    assert not isinstance(caught.value, TRANSIENT_MAIL_ERRORS)
+
+
+async def test_a_mail_to_accepted_recipients_still_returns_its_message_id(
+    server: Server,
+) -> None:
+    message_id = await send_mail(
+        server.settings(), to="ann@example.com, bob@example.com", subject="s", body="b"
+    )
+    assert message_id.startswith("<")
+    assert [rcpts for rcpts, _ in server.handler.received] == [
+        ["ann@example.com", "bob@example.com"]
+    ]
+
+
+# -- as a task, retried on TRANSIENT_MAIL_ERRORS ----------------------------------------
+
+
+async def mail_task(port: int, to: str, starttls: bool = False) -> str:
+    """Mail through the test server on ``port``."""
+    settings = SmtpSettings(host="127.0.0.1", port=port, timeout=5.0, starttls=starttls)
+    return await send_mail(settings, to=to, subject="from a task", body="hello")
+
+
+@pytest.mark.parametrize(
+    ("to", "starttls", "error_type", "in_message"),
+    [
+        ("ann@example.com, nobody@example.com", False, "MailPartlyRefused", "nobody@example.com"),
+        ("ann@example.com", True, "MailNotSupported", "STARTTLS"),
+    ],
+)
+async def test_a_mail_task_fails_at_once_where_a_retry_cannot_help(
+    server: Server, to: str, starttls: bool, error_type: str, in_message: str
+) -> None:
+    lane = Backlane("memory://")
+    task = lane.task(retries=3, backoff=0.01, retry_on=TRANSIENT_MAIL_ERRORS)(mail_task)
+    async with lane:
+        handle = await task.enqueue(server.port, to, starttls)
+        await drain(lane)
+        job = await lane.store.get(handle.id)
+    assert job is not None and job.state is JobState.FAILED
+    assert job.attempts == 1  # not retried
+    assert job.error is not None and job.error["type"] == f"backlane.email.{error_type}"
+    assert in_message in job.error["message"]
+    assert len(server.handler.received) == (1 if error_type == "MailPartlyRefused" else 0)
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
+    """A real SMTP server offering STARTTLS (a self-signed certificate for 127.0.0.1 that
+    the client trusts through ``SSL_CERT_FILE``) and AUTH for ann / secret."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    openssl = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    subject = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+    subprocess.run(
+        [*openssl, *subject, "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    def authenticate(server: SMTP, session: Session, envelope: Envelope, *args: Any) -> Any:
+        data = args[1]  # after the mechanism's name
+        ok = isinstance(data, LoginPassword) and (data.login, data.password) == (b"ann", b"secret")
+        return AuthResult(success=ok)
+
+    yield from serve(tls_context=context, require_starttls=True, authenticator=authenticate)
+
+
+@pytest.mark.filterwarnings("ignore:Session.login_data is deprecated")  # aiosmtpd's own AUTH
+async def test_starttls_and_login_when_offered(tls_server: Server) -> None:
+    """The upgrade comes before the password, and the mail goes through."""
+    settings = tls_server.settings(starttls=True, user="ann", password="secret")
+    assert (await send_mail(settings, to="bob@example.com", subject="s", body="b")).startswith("<")
+    assert [rcpts for rcpts, _ in tls_server.handler.received] == [["bob@example.com"]]
