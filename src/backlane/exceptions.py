@@ -12,7 +12,11 @@ Every error backlane raises on its own account derives from one root::
     ├── JobNotFound             no job has this id
     ├── JobFailed               awaited a result of a job that failed or was cancelled
     ├── ResultTimeout           a result did not arrive in time (also a TimeoutError)
-    └── StoreError              the store could not do what was asked
+    ├── StoreError              the store could not do what was asked
+    └── PermanentMailError      (backlane.email) a mail no retry can deliver
+        ├── MailRefused         every recipient refused it for good
+        ├── MailPartlyRefused   some recipients took it, others refused it
+        └── MailNotSupported    the server lacks STARTTLS or SMTPUTF8
 
 Driver errors (sqlite3, redis, psycopg) are mapped to ``StoreError`` where they enter.
 Signals a task raises to steer its own run (``Retry``) are not errors and live in
