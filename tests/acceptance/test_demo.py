@@ -312,7 +312,10 @@ def test_compute_runs_while_the_server_keeps_answering(
     assert len(home) >= SAMPLES // 2, f"the computation ended after {len(home)} samples"
     assert done["state"] == "succeeded"
     assert done["result"] == {"limit": 400_000_000, "primes": PRIMES_BELOW_400M}
-    assert progress == sorted(progress) and progress[0] > 0 and progress[-1] < 1.0
+    # Progress grew while the job ran; it may read 1.0 still running (the last slice is
+    # reported before the computing process has exited and the outcome is recorded).
+    assert progress == sorted(progress) and 0 < progress[0] < 1.0 and progress[-1] <= 1.0
+    assert len(set(progress)) > 1
     # Loosely bounded: a blocked event loop would hold each answer for a whole slice of
     # the sieve or more; a few slow outliers on a busy machine are tolerated.
     assert statistics.median(home) < RESPONSIVE_MS
