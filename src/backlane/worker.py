@@ -146,8 +146,11 @@ class Worker:
                 try:
                     await self._claim_loop()
                     await self._wind_down()
+                except BaseException:  # cancelled from outside, or a bug: end the jobs too
+                    self._abandon_jobs()
+                    raise
                 finally:
-                    await self._end_jobs()
+                    await self._wait_for_jobs()
                 await self._flush()
                 service.cancel_scope.cancel()
         finally:
@@ -218,7 +221,9 @@ class Worker:
 
     def _start(self, held: _Held) -> None:
         """Run ``held`` in a task of its own: a plain asyncio task (an AnyIO task group's
-        costs three times as much to start), which ``_end_jobs`` waits for."""
+        costs three times as much to start), which ``_wait_for_jobs`` waits for. It is
+        only ever cancelled through ``held.scope`` (an AnyIO cancellation): that respects
+        the job's shielded clean-up and reaches a ``def`` task's ``check_cancelled()``."""
         assert self._loop is not None
         task = self._loop.create_task(self._run_one(held), name=f"backlane job {held.job.id}")
         self._job_tasks.add(task)
@@ -229,17 +234,28 @@ class Worker:
         if not task.cancelled() and task.exception() is not None:  # a bug of ours
             log.error("worker %s: a job's task failed", self.id, exc_info=task.exception())
 
-    async def _end_jobs(self) -> None:
-        """Cancel the jobs' tasks still running (none, after a wind-down that waited for
-        every job or handed it back; all, if this worker itself is cancelled) and wait
-        for them to end."""
-        tasks = set(self._job_tasks)
-        if not tasks:
-            return
-        for task in tasks:
-            task.cancel()
-        with anyio.CancelScope(shield=True):
-            await asyncio.wait(tasks)
+    def _abandon_jobs(self) -> None:
+        """Cancel every job still held, unrecorded: this worker ends without a wind-down,
+        and their leases bring them back."""
+        for held in self._held.values():
+            if not held.scope.cancel_called:
+                held.handed_back = True
+                held.scope.cancel()
+
+    async def _wait_for_jobs(self) -> None:
+        """Wait until every job's task has ended (those handed back finish their clean-up
+        first), even if this worker is cancelled meanwhile: then abandon them, wait all
+        the same, and be cancelled after."""
+        cancelled: BaseException | None = None
+        while self._job_tasks:
+            try:
+                with anyio.CancelScope(shield=True):
+                    await asyncio.wait(set(self._job_tasks))
+            except asyncio.CancelledError as exc:  # a plain cancel passes a shield
+                cancelled = exc
+                self._abandon_jobs()
+        if cancelled is not None:
+            raise cancelled
 
     async def _claim_loop(self) -> None:
         settings = self.lane.settings

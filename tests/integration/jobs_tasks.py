@@ -130,3 +130,28 @@ def polls_for_cancel() -> None:
         anyio.from_thread.check_cancelled()
         POLLS.append(time.monotonic())
         time.sleep(0.02)
+
+
+async def cleans_up_shielded() -> None:
+    """Waits to be cancelled, then takes half a second to clean up, shielded."""
+    try:
+        await anyio.sleep(30)
+    finally:
+        STATE["calls"].append("cleanup started")
+        with anyio.CancelScope(shield=True):
+            await anyio.sleep(0.5)
+            STATE["calls"].append("cleanup done")
+
+
+def polls_until_cancelled() -> str:
+    """Checks for its cancellation every 10 ms, for three seconds at most."""
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        try:
+            anyio.from_thread.check_cancelled()
+        except BaseException:
+            STATE["calls"].append("saw its cancellation")
+            raise
+        time.sleep(0.01)
+    STATE["calls"].append("ran to the end")
+    return "done"

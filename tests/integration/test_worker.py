@@ -1,6 +1,7 @@
 """Enqueue, run and follow jobs: results, progress, retries, timeouts, cancellation,
 dependencies, shutdown — on every local store."""
 
+import asyncio
 import re
 import sys
 import time
@@ -295,21 +296,60 @@ async def test_graceful_shutdown_hands_back_unfinished_jobs(lane: Backlane) -> N
     assert job.state is JobState.QUEUED and job.attempts == 0  # handed back, not counted
 
 
-async def test_a_worker_cancelled_from_outside_ends_with_its_jobs(lane: Backlane) -> None:
-    """Jobs run in tasks of their own (not a task group's): cancelling the worker's own
-    task still cancels them and waits for them, leaving no task behind."""
-    slow = lane.task(t.sleeps)
-    long = await slow.enqueue(30)
+async def test_a_handed_back_jobs_shielded_clean_up_ends_before_the_worker_does(
+    lane: Backlane,
+) -> None:
+    """Jobs run in tasks of their own, not a task group's: at a graceful stop whose grace
+    runs out, a job handed back finishes its shielded clean-up before ``run`` returns
+    (a plain cancel of its task once cut into it, where the store's hand-back waited)."""
+    long = await lane.task(t.cleans_up_shielded).enqueue()
     worker = lane.worker()
     async with anyio.create_task_group() as tg:
         tg.start_soon(worker.run)
         await until_running(long)
-        (job_task,) = worker._job_tasks
-        started = time.monotonic()
-        tg.cancel_scope.cancel()
-    assert time.monotonic() - started < 1  # no grace: cancelled, not stopped
-    assert job_task.done() and job_task.cancelled()
+        worker.stop()
+    assert t.STATE["calls"] == ["cleanup started", "cleanup done"]
+    assert await long.status() is JobState.QUEUED
+
+
+@pytest.mark.parametrize("cancels", [1, 2])
+async def test_a_worker_cancelled_from_outside_ends_with_its_jobs(
+    lane: Backlane, cancels: int
+) -> None:
+    """Cancelled from outside (once, or again while it waits for its jobs), the worker
+    cancels its jobs, lets their shielded clean-up finish, and leaves no task behind."""
+    long = await lane.task(t.cleans_up_shielded).enqueue()
+    worker = lane.worker()
+    task = asyncio.ensure_future(worker.run())
+    await until_running(long)
+    (job_task,) = worker._job_tasks
+    for _ in range(cancels):
+        task.cancel()
+        await anyio.sleep(0.05)
+    await asyncio.wait([task])
+    assert task.cancelled() and job_task.done()
+    assert t.STATE["calls"] == ["cleanup started", "cleanup done"]
     assert worker.held == []
+
+
+async def test_a_def_job_sees_its_worker_cancelled_from_outside(lane: Backlane) -> None:
+    """A ``def`` job polling ``anyio.from_thread.check_cancelled()`` learns that its
+    worker was cancelled, as it learns of its own cancellation."""
+    polling = await lane.task(t.polls_until_cancelled).enqueue()
+    worker = lane.worker()
+    with anyio.move_on_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            await until_running(polling)
+            await anyio.sleep(0.1)
+            started = time.monotonic()
+            tg.cancel_scope.cancel()
+    for _ in range(100):  # the thread sees it at its next check
+        if t.STATE["calls"]:
+            break
+        await anyio.sleep(0.01)
+    assert t.STATE["calls"] == ["saw its cancellation"]
+    assert time.monotonic() - started < 1
 
 
 async def _deferred_job(lane: Backlane) -> Job:
