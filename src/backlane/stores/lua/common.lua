@@ -764,6 +764,12 @@ end
 -- priority, key}), unfit for the scripts: a field they decide on changed by hand, said as
 -- UnreadableJob says it; nil when nothing does.
 local function spoiled_field(job, id, m, entry)
+    local seq = job.seq
+    if job.id == id and job.queue == entry[1] and job.priority == entry[2]
+        and job.state == 'queued' and tonumber(job.run_at) and whole(seq)
+        and tonumber(seq) == tonumber(string.sub(m, 1, 16)) then
+        return nil -- as every job not changed by hand: no message to build
+    end
     local expected = {
         {'id', id, "the job's id " .. id},
         {'seq', nil, 'its store order ' .. tonumber(string.sub(m, 1, 16))},
