@@ -80,14 +80,21 @@ class RequestBatch:
         at once, queued after the request's last job."""
         job.after = self.jobs[-1].id if self.jobs else None
         if self.handed_over:
+            if connection is not None:
+                raise ConfigurationError(
+                    f"task {job.task!r}: added with connection= after the response was sent "
+                    "(in a dependency's teardown), it cannot join that transaction; enqueue "
+                    "it with `await task.options(connection=...).enqueue(...)` before the "
+                    "commit instead"
+                )
             job.state, job.release_at = JobState.QUEUED, None
             self.jobs.append(job)
             self.handles.append(handle)
             self.connections.append(None)
             if self.loop is None or _running_loop() is self.loop:
-                self.lane.store_soon([job])
+                self.lane.store_soon([job], [handle])
             else:  # a def dependency's teardown, on a worker thread
-                self.loop.call_soon_threadsafe(self.lane.store_soon, [job])
+                self.loop.call_soon_threadsafe(self.lane.store_soon, [job], [handle])
             return
         if connection is None and self.connections:
             connection = self.connections[-1]

@@ -12,7 +12,7 @@ from fastapi import Depends, FastAPI, HTTPException, WebSocket
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.testclient import TestClient
 
-from backlane import Backlane, ConfigurationError, JobState
+from backlane import Backlane, ConfigurationError, JobHandle, JobState
 from backlane.fastapi import BackgroundTasks
 from backlane.jobs import Job
 from backlane.testing import drain_sync
@@ -401,6 +401,50 @@ def test_a_task_added_by_a_teardown_after_the_response_runs(
     )
     for n in range(3):  # after the request's other tasks
         assert labels.index(f"endpoint {n}") < labels.index(f"teardown {n}")
+
+
+def test_a_task_added_by_a_teardown_names_the_job_holding_its_key(lane_url: str) -> None:
+    """Stored after the response, a task whose idempotency key an unfinished job holds is
+    not stored again; its handle names that job, as ``enqueue``'s would."""
+    lane = Backlane(lane_url)
+    app = FastAPI()
+    lane.install(app, workers=0)
+    noted = lane.task(recorder.note)
+    handles: list[JobHandle] = []
+
+    def audited(background_tasks: BackgroundTasks) -> Iterator[None]:
+        yield
+        handles.append(background_tasks.add_task(noted.options(key="audit"), "teardown"))
+
+    @app.post("/audited")
+    def endpoint(_: Annotated[None, Depends(audited)]) -> None:
+        return None
+
+    with TestClient(app) as client:
+        holder = client.portal.call(noted.options(key="audit").enqueue, "first")
+        assert client.post("/audited").status_code == 200
+        client.portal.call(lane.flush_releases)
+        assert [h.id for h in handles] == [holder.id]
+
+
+def test_a_task_added_by_a_teardown_cannot_join_a_transaction() -> None:
+    """``connection=`` names a transaction the request's teardown is ending: a task
+    added there with it is refused, not stored outside that transaction."""
+    lane = Backlane("memory://")
+    app = FastAPI()
+    lane.install(app, workers=0)
+
+    def session(background_tasks: BackgroundTasks) -> Iterator[None]:
+        yield
+        background_tasks.add_task(lane.task(recorder.note).options(connection=object()), "x")
+
+    @app.post("/session")
+    def endpoint(_: Annotated[None, Depends(session)]) -> None:
+        return None
+
+    with TestClient(app) as client, pytest.raises(ConfigurationError, match="connection="):
+        client.post("/session")
+    assert anyio.run(lane.store.counts) == {}  # nothing stored
 
 
 @pytest.mark.parametrize(("prefix", "status_path"), [("/ops/", "/ops/jobs"), ("/", "/jobs")])
