@@ -295,33 +295,56 @@ BackgroundTasks = Annotated[DurableBackgroundTasks, Depends(_background_tasks)]
 
 
 class _Installed:
-    """What ``install()`` set up on an app: how many embedded workers its lifespan starts,
-    and whether that lifespan has run (Starlette runs none for a mounted app)."""
+    """What ``install()`` set up on an app: the embedded workers and scheduler its lifespan
+    starts, and whether that lifespan has run (Starlette runs none for a mounted app)."""
 
-    def __init__(self, workers: int, concurrency: int | None, queues: list[str] | None) -> None:
+    def __init__(
+        self,
+        workers: int,
+        concurrency: int | None,
+        queues: list[str] | None,
+        scheduler: bool | None,
+    ) -> None:
         self.workers = workers
         self.concurrency = concurrency
         self.queues = queues
+        self.scheduler = scheduler
         self.lifespan_ran = False
-        self.started: list[asyncio.Task[None]] = []
-        """Workers started without the lifespan, by the first request."""
+        self.warned = False
+        self.started: dict[asyncio.AbstractEventLoop, asyncio.Task[None] | None] = {}
+        """Per event loop, what the first request through a mount started there."""
 
     def without_lifespan(self, lane: Backlane) -> None:
-        """The first request came through a mount and the app's lifespan never ran: start
-        the workers on this loop, as the drop-in does without ``install()``, and say so
-        once."""
-        self.lifespan_ran = True  # once is enough
-        count = 0 if lane.eager else self.workers
-        log.warning(
-            "backlane: install() was called on a mounted app, whose lifespan Starlette "
-            "never runs; starting %d embedded worker(s) on the running event loop, which will "
-            "not stop gracefully. Call install() on the outermost app instead.",
-            count,
-        )
+        """A request came through a mount and the app's lifespan never ran: start on this
+        loop, inside the lane's own lifespan, what that lifespan would have started (the
+        embedded workers, the scheduler), and say so once."""
         loop = asyncio.get_running_loop()
-        for _ in range(count):
-            worker = lane.worker(concurrency=self.concurrency, queues=self.queues)
-            self.started.append(loop.create_task(worker.run()))
+        if loop in self.started:
+            return
+        count = 0 if lane.eager else self.workers
+        schedules = bool(lane.schedules) if self.scheduler is None else self.scheduler
+        if not count and not schedules:
+            self.started[loop] = None  # nothing runs here: workers are elsewhere
+            return
+        if not self.warned:
+            self.warned = True
+            log.warning(
+                "backlane: install() was called on a mounted app, whose lifespan Starlette "
+                "never runs; starting %d embedded worker(s)%s on the running event loop, "
+                "which will not stop gracefully. Call install() on the outermost app.",
+                count,
+                " and the scheduler" if schedules else "",
+            )
+        self.started[loop] = loop.create_task(self._run(lane, count, schedules))
+
+    async def _run(self, lane: Backlane, count: int, schedules: bool) -> None:
+        await lane.open()
+        async with lane.lifespan_context(), anyio.create_task_group() as group:
+            for _ in range(count):
+                worker = lane.worker(concurrency=self.concurrency, queues=self.queues)
+                group.start_soon(worker.run)
+            if schedules:
+                group.start_soon(lane.scheduler().run)
 
 
 class DurableTasksMiddleware:
@@ -456,7 +479,7 @@ def install(
     if prefix and not prefix.startswith("/"):
         raise ConfigurationError(f"a prefix starts with '/', got {prefix!r}")
     app.state.backlane = lane
-    installed = _Installed(workers, concurrency, queues)
+    installed = _Installed(workers, concurrency, queues, scheduler)
     app.add_middleware(DurableTasksMiddleware, lane=lane, installed=installed)
     app.include_router(status_router(lane), prefix=prefix, tags=["backlane"])
     if dashboard or metrics:

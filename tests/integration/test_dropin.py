@@ -16,7 +16,7 @@ from backlane import Backlane, ConfigurationError, JobHandle, JobState
 from backlane.fastapi import BackgroundTasks
 from backlane.jobs import Job
 from backlane.testing import drain_sync
-from tests.integration import recorder
+from tests.integration import recorder, schedule_tasks
 from tests.integration.recorder import RECORD
 
 
@@ -469,9 +469,12 @@ def test_installed_on_a_mounted_app_whose_lifespan_never_runs_tasks_still_run(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Starlette runs no lifespan of a mounted app: ``install()`` on one started no
-    embedded worker, and the tasks waited, stored, for a worker that never came, with no
-    word said. The first request now starts the workers on its loop and says why."""
+    embedded worker and no scheduler, and the tasks waited, stored, for a worker that
+    never came, with no word said. The first request through the mount now starts them
+    on its loop, inside the lane's lifespan, and says why."""
+    schedule_tasks.RUNS.clear()
     lane = Backlane("memory://")
+    lane.every(1, name="tick")(schedule_tasks.tick)
     api = FastAPI()
     lane.install(api, workers=1)
 
@@ -484,6 +487,29 @@ def test_installed_on_a_mounted_app_whose_lifespan_never_runs_tasks_still_run(
     with caplog.at_level("WARNING", logger="backlane"), TestClient(outer) as client:
         ids = [client.post("/api/note").json() for _ in range(3)]
         wait_until(lambda: all(job_state(lane, i) is JobState.SUCCEEDED for i in ids))
+        wait_until(lambda: "tick" in schedule_tasks.RUNS, timeout=5)
     assert RECORD.labels() == ["mounted"] * 3
     warnings = [r.getMessage() for r in caplog.records if "lifespan" in r.getMessage()]
-    assert len(warnings) == 1 and "mounted" in warnings[0]
+    assert len(warnings) == 1 and "mounted" in warnings[0] and "scheduler" in warnings[0]
+
+
+def test_a_mounted_web_only_app_starts_nothing_and_says_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``workers=0`` (workers run in processes of their own) and no schedules: there is
+    nothing a lifespan would have started, so nothing to say."""
+    lane = Backlane("memory://")
+    api = FastAPI()
+    lane.install(api, workers=0)
+
+    @api.post("/note")
+    def note(background_tasks: BackgroundTasks) -> str:
+        return background_tasks.add_task(recorder.note, "stored").id
+
+    outer = FastAPI()
+    outer.mount("/api", api)
+    with caplog.at_level("WARNING", logger="backlane"), TestClient(outer) as client:
+        job_id = client.post("/api/note").json()
+        assert drain_sync(lane) == 1
+    assert job_state(lane, job_id) is JobState.SUCCEEDED
+    assert not [r for r in caplog.records if "lifespan" in r.getMessage()]
