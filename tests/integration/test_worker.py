@@ -322,6 +322,9 @@ async def test_a_worker_cancelled_from_outside_ends_with_its_jobs(
     worker = lane.worker()
     task = asyncio.ensure_future(worker.run())
     await until_running(long)
+    with anyio.fail_after(5):  # the store may show it running before the worker starts it
+        while not worker._job_tasks:
+            await anyio.sleep(0.005)
     (job_task,) = worker._job_tasks
     for _ in range(cancels):
         task.cancel()
