@@ -1,10 +1,13 @@
 """``backlane schedules``: list, pause, resume."""
 
 import json
+from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from backlane.cli import cli
+from tests.services import POSTGRES_URL, store_url
 
 APP = "tests.acceptance.schedule_app:lane"
 runner = CliRunner()
@@ -47,3 +50,41 @@ def test_a_schedule_due_beyond_the_calendar_is_listed() -> None:
     assert row["name"] == "every-few-millennia" and row["next_run"] is None
     table = runner.invoke(cli, ["schedules", "--app", app])
     assert table.exit_code == 0 and "every-few-millennia" in table.output
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_listing_schedules_of_a_store_where_nothing_ran_creates_nothing(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``backlane schedules`` only looks: on a SQLite file that does not exist yet, or a
+    PostgreSQL database without backlane's schema, it lists the app's schedules, never
+    run, and creates neither (it created both)."""
+    with store_url(kind, tmp_path) as url:
+        if kind == "sqlite":
+            url = f"sqlite:///{tmp_path / 'not-yet.db'}"
+        module = tmp_path / "lookonly_app.py"
+        module.write_text(
+            "from backlane import Backlane\n"
+            f"lane = Backlane({url!r})\n"
+            "lane.every(60, name='minutely')(print)\n"
+        )
+        monkeypatch.syspath_prepend(str(tmp_path))
+        result = runner.invoke(cli, ["schedules", "--app", "lookonly_app:lane", "--json"])
+        assert result.exit_code == 0, result.output
+        (row,) = json.loads(result.output)
+        assert row["name"] == "minutely" and row["last_run"] is None and not row["paused"]
+        if kind == "sqlite":
+            assert not (tmp_path / "not-yet.db").exists()
+        else:
+            schema = url.rpartition("schema=")[2]
+            assert not _postgres_schema_exists(schema)
+
+
+def _postgres_schema_exists(schema: str) -> bool:
+    import psycopg
+
+    with psycopg.connect(POSTGRES_URL) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = %s", (schema,)
+        ).fetchone()
+        return bool(row and row[0])

@@ -164,9 +164,11 @@ def _run(url: str | None, app: str | None, action: Callable[[Backlane], Awaitabl
     with code 1, saying so."""
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     lane = _lane_from_options(url, app)
-    path = getattr(lane.store, "path", None)  # a SQLite file: looking must not create it
-    if isinstance(path, str) and path != ":memory:" and not os.path.exists(path):
-        _fail(f"no SQLite database at {path}; choose the store with --url, --app or BACKLANE_URL")
+    missing = missing_sqlite_file(lane)
+    if missing is not None:
+        _fail(
+            f"no SQLite database at {missing}; choose the store with --url, --app or BACKLANE_URL"
+        )
 
     async def go() -> T:
         await _fail_if_not_installed(lane)
@@ -179,11 +181,26 @@ def _run(url: str | None, app: str | None, action: Callable[[Backlane], Awaitabl
         _fail(str(exc))
 
 
+def missing_sqlite_file(lane: Backlane) -> str | None:
+    """The path of the lane's SQLite file if it does not exist (looking at it must not
+    create it); None for a file that does, or another store."""
+    path = getattr(lane.store, "path", None)
+    if isinstance(path, str) and path != ":memory:" and not os.path.exists(path):
+        return path
+    return None
+
+
+async def schema_missing(lane: Backlane) -> bool:
+    """Whether the lane's store has a schema of its own (PostgreSQL) that is not there
+    yet, found without creating it."""
+    installed = getattr(lane.store, "installed", None)
+    return installed is not None and not await installed()
+
+
 async def _fail_if_not_installed(lane: Backlane) -> None:
     """End the command with code 1 if the lane's store has a schema of its own (PostgreSQL)
     that is not there yet, which opening the store would create."""
-    installed = getattr(lane.store, "installed", None)
-    if installed is None or await installed():
+    if not await schema_missing(lane):
         return
     schema = getattr(getattr(lane.store, "settings", None), "schema", "?")
     _fail(

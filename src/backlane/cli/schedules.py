@@ -15,7 +15,17 @@ import typer
 from ..app import Backlane
 from ..exceptions import BacklaneError, ConfigurationError
 from ..jobs import iso_utc
-from ._app import LogLevel, _configure_logging, _console, _fail, _redact, cli, load_lane
+from ._app import (
+    LogLevel,
+    _configure_logging,
+    _console,
+    _fail,
+    _redact,
+    cli,
+    load_lane,
+    missing_sqlite_file,
+    schema_missing,
+)
 
 log = logging.getLogger("backlane.cli")
 
@@ -136,8 +146,11 @@ def _set_paused(app: str, name: str, paused: bool) -> None:
 
 def _gather(lane: Backlane) -> list[dict[str, Any]]:
     async def go() -> list[dict[str, Any]]:
-        async with lane:
-            records = await lane.store.schedules()
+        records = {}
+        if missing_sqlite_file(lane) is None and not await schema_missing(lane):
+            # else nothing ran there yet: no record, and nothing created to say so
+            async with lane:
+                records = await lane.store.schedules()
         now = time.time()
         rows = []
         for schedule in lane.schedules.values():
