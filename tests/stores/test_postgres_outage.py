@@ -158,6 +158,47 @@ async def test_a_longer_outage_is_a_store_error_within_a_few_seconds(
     assert await relayed.get(job.id) == job  # reconnects by itself
 
 
+async def test_a_store_opened_during_a_short_outage_waits_for_the_server(
+    pg_url: str, relay: Relay
+) -> None:
+    """An app or worker starting while PostgreSQL restarts: ``open`` (the schema, the
+    listener) waits for it as the verbs do, instead of failing at once."""
+    relay.cut()
+    back = threading.Timer(0.5, relay.resume)
+    back.start()
+    store = PostgresStore(through(pg_url, relay))
+    started = time.monotonic()
+    try:
+        await store.open()
+        assert time.monotonic() - started >= 0.4
+        (job,) = await store.enqueue([make_job()])
+        assert await store.get(job.id) == job
+    finally:
+        back.join()
+        await store.close()
+
+
+async def test_a_store_opened_during_a_longer_outage_fails_within_a_few_seconds(
+    pg_url: str, relay: Relay
+) -> None:
+    relay.cut()
+    store = PostgresStore(through(pg_url, relay))
+    started = time.monotonic()
+    with pytest.raises(StoreError):
+        await store.open()
+    assert 1.5 < time.monotonic() - started < 6.0
+
+
+async def test_a_store_the_server_refuses_fails_to_open_at_once() -> None:
+    """A refusal (no such database) is no outage: nothing to wait for."""
+    parts = urlsplit(POSTGRES_URL)
+    store = PostgresStore(urlunsplit(parts._replace(path="/no_such_database_backlane")))
+    started = time.monotonic()
+    with pytest.raises(StoreError, match="does not exist"):
+        await store.open()
+    assert time.monotonic() - started < 1.0
+
+
 async def admin() -> psycopg.AsyncConnection[Any]:
     return await psycopg.AsyncConnection.connect(POSTGRES_URL, autocommit=True)
 

@@ -436,18 +436,30 @@ class PostgresLink:
             await asyncio.sleep(_backoff(failures))
 
     async def _start(self) -> None:
-        # Runs on the runner's loop: the schema, then the listener.
+        # Runs on the runner's loop: the schema, then the listener. A server that cannot
+        # be reached is waited for as the verbs wait (a migration runs in one transaction,
+        # and again from where the schema is: it may be tried again).
         settings = self.settings
-        try:
-            async with await psycopg.AsyncConnection.connect(
-                settings.conninfo, autocommit=True, application_name=settings.application_name
-            ) as conn:
-                if settings.auto_migrate:
-                    await migrate(conn, settings)
-                else:
-                    await check_version(conn, settings)
-        except psycopg.Error as exc:
-            raise store_error(self.settings, exc) from exc
+        failures = 0
+        while True:
+            connected = False
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    settings.conninfo, autocommit=True, application_name=settings.application_name
+                ) as conn:
+                    connected = True
+                    if settings.auto_migrate:
+                        await migrate(conn, settings)
+                    else:
+                        await check_version(conn, settings)
+                break
+            except psycopg.Error as exc:
+                failures += 1
+                away = _connection_lost(exc) if connected else _unreachable(exc)
+                if not away or failures > RETRIES:
+                    raise store_error(self.settings, exc) from exc
+                log.debug("PostgreSQL unreachable at start (%s); trying again", exc)
+            await asyncio.sleep(_backoff(failures))
         self._listener = asyncio.get_running_loop().create_task(self._listen())
 
     async def _stop(self, opening: concurrent.futures.Future[None] | None) -> None:
