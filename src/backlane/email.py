@@ -18,8 +18,9 @@ retry can mend are ``PermanentMailError``, outside that tuple::
         ├── MailRefused         every recipient refused for good (5xx); nothing was sent
         ├── MailPartlyRefused   sent to some recipients, refused by others; a retry would
         │                       mail the first ones twice
+        ├── MailNotAccepted     the login, the sender or the message refused for good (5xx)
         └── MailNotSupported    the server lacks what the settings or the mail need
-                                (STARTTLS, SMTPUTF8)
+                                (STARTTLS, AUTH, SMTPUTF8)
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from .exceptions import BacklaneError
 
 __all__ = [
     "TRANSIENT_MAIL_ERRORS",
+    "MailNotAccepted",
     "MailNotSupported",
     "MailPartlyRefused",
     "MailRefused",
@@ -108,7 +110,17 @@ class MailPartlyRefused(PermanentMailError):
 
 class MailNotSupported(PermanentMailError):
     """The SMTP server lacks what the settings or the mail need: STARTTLS when
-    ``BACKLANE_SMTP_STARTTLS=true``, SMTPUTF8 for an address that is not ASCII."""
+    ``BACKLANE_SMTP_STARTTLS=true``, AUTH when ``BACKLANE_SMTP_USER`` is set, SMTPUTF8 for
+    an address that is not ASCII."""
+
+
+class MailNotAccepted(PermanentMailError):
+    """The SMTP server refused for good (a 5xx reply) the login, the sender or the
+    message itself; nothing was sent. ``reply`` is the server's reply."""
+
+    def __init__(self, step: str, reply: str, hint: str) -> None:
+        self.reply = reply
+        super().__init__(f"the SMTP server refused {step}: {reply}; {hint}; nothing was sent")
 
 
 def _replies(refused: dict[str, str]) -> str:
@@ -163,9 +175,10 @@ async def send_mail(settings: SmtpSettings, *, to: str, subject: str, body: str)
     ``OSError`` when another try may succeed (the server unreachable or slow, every
     recipient refused with at least one refusal for now, a 4xx); ``MailRefused`` when every
     recipient is refused for good; ``MailPartlyRefused`` (logged as a warning too) when
-    some took it and others refused it; ``MailNotSupported`` when the server does not offer
-    STARTTLS that the settings require (before any password is sent), or SMTPUTF8 that an
-    address needs.
+    some took it and others refused it; ``MailNotAccepted`` when the server refuses the
+    login, the sender or the message for good (a 5xx); ``MailNotSupported`` when the server
+    does not offer STARTTLS that the settings require (before any password is sent), AUTH
+    that a user name asks for, or SMTPUTF8 that an address needs.
     """
     if not settings.host:
         raise ValueError("no SMTP server configured: set BACKLANE_SMTP_HOST (and _PORT)")
@@ -194,8 +207,21 @@ async def send_mail(settings: SmtpSettings, *, to: str, subject: str, body: str)
                     "or BACKLANE_SMTP_TLS=true for implicit TLS; nothing was sent"
                 )
             if settings.user:
+                if client.is_ehlo_or_helo_needed:  # after STARTTLS: as login() would
+                    await client.ehlo()
+                if not client.supports_extension("auth"):
+                    raise MailNotSupported(
+                        f"the SMTP server {settings.describe()} offers no AUTH, which "
+                        "BACKLANE_SMTP_USER asks for: unset it, or use the server's "
+                        "submission port; nothing was sent"
+                    )
                 await client.login(settings.user, password)
             refusals, _ = await client.send_message(message, recipients=recipients)
+    except aiosmtplib.SMTPResponseException as exc:
+        not_accepted = _not_accepted(exc, settings)
+        if not_accepted is None:
+            raise
+        raise not_accepted from exc
     except aiosmtplib.SMTPNotSupported as exc:
         raise MailNotSupported(
             f"the SMTP server {settings.describe()} cannot take this mail: {exc}; nothing was sent"
@@ -213,6 +239,25 @@ async def send_mail(settings: SmtpSettings, *, to: str, subject: str, body: str)
         log.warning("%s", error)
         raise error
     return message_id
+
+
+def _not_accepted(
+    exc: aiosmtplib.SMTPResponseException, settings: SmtpSettings
+) -> MailNotAccepted | None:
+    """What a 5xx reply to the login, the sender or the message means for the caller; None
+    for a reply another try may mend (a 4xx), or one to another command."""
+    if exc.code < 500:
+        return None
+    reply = f"{exc.code} {exc.message}"
+    if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
+        return MailNotAccepted(
+            f"the login of {settings.user!r}", reply, "check BACKLANE_SMTP_USER and _PASSWORD"
+        )
+    if isinstance(exc, aiosmtplib.SMTPSenderRefused):
+        return MailNotAccepted(f"the sender {exc.sender!r}", reply, "check BACKLANE_SMTP_FROM")
+    if isinstance(exc, aiosmtplib.SMTPDataError):
+        return MailNotAccepted("the message", reply, "the server will not take this mail")
+    return None
 
 
 # -- the local sink ---------------------------------------------------------------------

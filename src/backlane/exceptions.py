@@ -16,7 +16,8 @@ Every error backlane raises on its own account derives from one root::
     └── PermanentMailError      (backlane.email) a mail no retry can deliver
         ├── MailRefused         every recipient refused it for good
         ├── MailPartlyRefused   some recipients took it, others refused it
-        └── MailNotSupported    the server lacks STARTTLS or SMTPUTF8
+        ├── MailNotAccepted     the login, the sender or the message refused for good
+        └── MailNotSupported    the server lacks STARTTLS, AUTH or SMTPUTF8
 
 Driver errors (sqlite3, redis, psycopg) are mapped to ``StoreError`` where they enter.
 Signals a task raises to steer its own run (``Retry``) are not errors and live in

@@ -21,6 +21,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from backlane import Backlane, JobState
 from backlane.email import (
     TRANSIENT_MAIL_ERRORS,
+    MailNotAccepted,
     MailNotSupported,
     MailPartlyRefused,
     MailRefused,
@@ -222,3 +223,75 @@ async def test_starttls_and_login_when_offered(tls_server: Server) -> None:
     settings = tls_server.settings(starttls=True, user="ann", password="secret")
     assert (await send_mail(settings, to="bob@example.com", subject="s", body="b")).startswith("<")
     assert [rcpts for rcpts, _ in tls_server.handler.received] == [["bob@example.com"]]
+
+
+# -- refused at the sender, the message or the login ------------------------------------
+
+SENDER_REFUSALS = {
+    "blocked@example.com": "550 5.7.1 <blocked@example.com>: sender rejected",
+    "slow@example.com": "451 4.7.1 <slow@example.com>: try again later",
+}
+
+
+@dataclass
+class Strict(Picky):
+    """As ``Picky``; also refuses the senders of ``SENDER_REFUSALS`` and any message whose
+    subject says spam (554)."""
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: Any
+    ) -> str:
+        if address in SENDER_REFUSALS:
+            return SENDER_REFUSALS[address]
+        envelope.mail_from = address
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        content = envelope.content if isinstance(envelope.content, bytes) else b""
+        if b"Subject: spam" in content:
+            return "554 5.6.0 message refused"
+        return await super().handle_DATA(server, session, envelope)
+
+
+@pytest.fixture
+def strict_server() -> Iterator[Server]:
+    handler = Strict()
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    try:
+        yield Server(handler, controller.port)
+    finally:
+        controller.stop()
+
+
+@pytest.mark.parametrize(
+    ("sender", "subject", "refused"),
+    [("blocked@example.com", "hi", "the sender"), ("ann@example.com", "spam", "the message")],
+)
+async def test_a_sender_or_message_refused_for_good_is_not_retried(
+    strict_server: Server, sender: str, subject: str, refused: str
+) -> None:
+    """A 5xx to MAIL FROM or DATA was an ``SMTPException`` like an outage, and retried."""
+    settings = strict_server.settings(sender=sender)
+    with pytest.raises(MailNotAccepted, match=f"refused {refused}.*5[0-9][0-9] ") as caught:
+        await send_mail(settings, to="bob@example.com", subject=subject, body="b")
+    assert not isinstance(caught.value, TRANSIENT_MAIL_ERRORS)
+    assert "nothing was sent" in str(caught.value)
+    assert strict_server.handler.received == []
+
+
+async def test_a_sender_refused_for_now_is_retried(strict_server: Server) -> None:
+    settings = strict_server.settings(sender="slow@example.com")
+    with pytest.raises(aiosmtplib.SMTPSenderRefused) as caught:
+        await send_mail(settings, to="bob@example.com", subject="hi", body="b")
+    assert isinstance(caught.value, TRANSIENT_MAIL_ERRORS)
+
+
+async def test_a_user_name_for_a_server_without_auth_is_not_retried(server: Server) -> None:
+    """``BACKLANE_SMTP_USER`` set, no AUTH offered: aiosmtplib's own error was an
+    ``SMTPException``, retried however often it came back the same."""
+    settings = server.settings(user="ann", password="secret")
+    with pytest.raises(MailNotSupported, match="offers no AUTH") as caught:
+        await send_mail(settings, to="bob@example.com", subject="s", body="b")
+    assert not isinstance(caught.value, TRANSIENT_MAIL_ERRORS)
+    assert server.handler.received == []
