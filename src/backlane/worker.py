@@ -44,8 +44,13 @@ log = logging.getLogger("backlane.worker")
 class _Held:
     job: Job
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    """Around the task's call: cancelling it cancels the job (its dependencies still close)."""
+    outer: anyio.CancelScope | None = None
+    """Around the set-up and teardown of its dependencies too, if it has any: cancelled
+    only when the worker abandons the job."""
     context: TaskContext | None = None
     handed_back: bool = False
+    abandoned: bool = False
 
 
 def error_record(exc: BaseException, *, message: str | None = None) -> dict[str, Any]:
@@ -235,25 +240,33 @@ class Worker:
             log.error("worker %s: a job's task failed", self.id, exc_info=task.exception())
 
     def _abandon_jobs(self) -> None:
-        """Cancel every job still held, unrecorded: this worker ends without a wind-down,
-        and their leases bring them back."""
+        """Cancel every job still held, dependencies' set-up and teardown included (their
+        shielded clean-up excepted), without recording it: this worker ends, and the
+        jobs' leases bring them back."""
         for held in self._held.values():
-            if not held.scope.cancel_called:
-                held.handed_back = True
+            if not held.abandoned:
+                held.abandoned = held.handed_back = True
                 held.scope.cancel()
+                if held.outer is not None:
+                    held.outer.cancel()
 
     async def _wait_for_jobs(self) -> None:
-        """Wait until every job's task has ended (those handed back finish their clean-up
-        first), even if this worker is cancelled meanwhile: then abandon them, wait all
-        the same, and be cancelled after."""
+        """Wait until every job's task has ended: those handed back finish their clean-up
+        first, for up to the shutdown grace, after which what is left is abandoned (a
+        dependency stuck in its set-up or teardown). If this worker is cancelled meanwhile,
+        abandon them at once, wait all the same, and be cancelled after."""
         cancelled: BaseException | None = None
+        patience: float | None = self.grace
         while self._job_tasks:
             try:
                 with anyio.CancelScope(shield=True):
-                    await asyncio.wait(set(self._job_tasks))
+                    _, pending = await asyncio.wait(set(self._job_tasks), timeout=patience)
             except asyncio.CancelledError as exc:  # a plain cancel passes a shield
                 cancelled = exc
+                pending = set(self._job_tasks)
+            if pending and (cancelled is not None or patience is not None):
                 self._abandon_jobs()
+                patience = None
         if cancelled is not None:
             raise cancelled
 
@@ -421,19 +434,23 @@ class Worker:
         value: Any = None
         try:
             if task.codec.context_param or task.codec.dependencies:
-                async with AsyncExitStack() as stack:
-                    ctx = self._context(job)
-                    held.context = ctx
-                    if task.codec.context_param:
-                        kwargs[task.codec.context_param] = ctx
-                    kwargs.update(
-                        await resolve_dependencies(
-                            task.codec.dependencies, stack=stack, context=ctx
+                held.outer = outer = anyio.CancelScope()
+                if held.abandoned:
+                    outer.cancel()
+                with outer:
+                    async with AsyncExitStack() as stack:
+                        ctx = self._context(job)
+                        held.context = ctx
+                        if task.codec.context_param:
+                            kwargs[task.codec.context_param] = ctx
+                        kwargs.update(
+                            await resolve_dependencies(
+                                task.codec.dependencies, stack=stack, context=ctx
+                            )
                         )
-                    )
-                    with held.scope:
-                        value = await self._call(task, args, kwargs)
-                        finished = True
+                        with held.scope:
+                            value = await self._call(task, args, kwargs)
+                            finished = True
             else:  # nothing to set up or close: the common case, kept lean
                 with held.scope:
                     value = await self._call(task, args, kwargs)

@@ -155,3 +155,23 @@ def polls_until_cancelled() -> str:
         time.sleep(0.01)
     STATE["calls"].append("ran to the end")
     return "done"
+
+
+async def stuck_in_setup() -> AsyncIterator[None]:
+    """A dependency whose set-up never ends (a pool that never gives a connection)."""
+    await anyio.sleep(3600)
+    yield
+
+
+async def stuck_in_teardown() -> AsyncIterator[None]:
+    """A dependency whose teardown never ends."""
+    yield
+    await anyio.sleep(3600)
+
+
+async def needs_stuck_setup(_: Annotated[None, Depends(stuck_in_setup)]) -> None:
+    STATE["calls"].append("ran")
+
+
+async def needs_stuck_teardown(_: Annotated[None, Depends(stuck_in_teardown)]) -> None:
+    STATE["calls"].append("ran")

@@ -335,6 +335,39 @@ async def test_a_worker_cancelled_from_outside_ends_with_its_jobs(
     assert worker.held == []
 
 
+@pytest.mark.parametrize("stuck", ["needs_stuck_setup", "needs_stuck_teardown"])
+@pytest.mark.parametrize("how", ["stop", "cancel", "cancel twice"])
+async def test_a_job_stuck_in_its_dependency_does_not_hold_the_worker_for_ever(
+    lane: Backlane, stuck: str, how: str
+) -> None:
+    """A dependency whose set-up or teardown never ends (outside the task's call, which
+    the job's own cancellation covers): stopped, the worker gives it the grace twice
+    (once to finish, once to hand it back); cancelled from outside, none. It hung."""
+    handle = await lane.task(getattr(t, stuck)).enqueue()
+    worker = lane.worker()
+    task = asyncio.ensure_future(worker.run())
+    with anyio.fail_after(5):
+        while not worker.held:
+            await anyio.sleep(0.01)
+    await anyio.sleep(0.1)
+    started = time.monotonic()
+    if how == "stop":
+        worker.stop()
+    else:
+        for _ in range(2 if how == "cancel twice" else 1):
+            task.cancel()
+            await anyio.sleep(0.05)
+    with anyio.fail_after(5):
+        await asyncio.wait([task])
+    took = time.monotonic() - started
+    assert took < (3.0 if how == "stop" else 1.0)  # grace is 1 s
+    assert worker.held == [] and not worker._job_tasks
+    if stuck == "needs_stuck_teardown":
+        assert t.STATE["calls"] == ["ran"]
+    elif how == "stop":  # never ran: handed back for another worker
+        assert await handle.status() is JobState.QUEUED
+
+
 async def test_a_def_job_sees_its_worker_cancelled_from_outside(lane: Backlane) -> None:
     """A ``def`` job polling ``anyio.from_thread.check_cancelled()`` learns that its
     worker was cancelled, as it learns of its own cancellation."""
