@@ -354,24 +354,11 @@ class Backlane:
             return
         self.notifier.notify()
 
-    def store_soon(self, jobs: list[Job], handles: list[JobHandle]) -> None:
-        """Store ``jobs`` (or, eager, run them) from a task of their own on the running
-        loop, for a caller that cannot wait (``add_task`` once its request's response has
-        gone); ``flush_releases`` and ``close`` wait for it, and a failure is logged. Each
-        of ``handles`` then names its job as stored (the holder of a key already taken)."""
-        self._in_background(asyncio.get_running_loop(), self._store_now(jobs, handles))
-
-    async def _store_now(self, jobs: list[Job], handles: list[JobHandle]) -> None:
-        try:
-            with anyio.CancelScope(shield=True):
-                if self.eager:
-                    await self.worker(concurrency=1).run_inline(jobs)
-                    return
-                stored = await self.enqueue_jobs(jobs)
-            for handle, job in zip(handles, stored, strict=True):
-                handle.id = job.id
-        except Exception:
-            log.exception("could not store %d tasks added after their response", len(jobs))
+    def run_soon(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in a task of its own on the running loop, for a caller that cannot
+        wait (``add_task`` once its request's response has gone): ``flush_releases`` and
+        ``close`` wait for it. ``work`` logs its own failures."""
+        self._in_background(asyncio.get_running_loop(), work)
 
     async def flush_releases(self, *, every_loop: bool = False) -> None:
         """Send the releases gathered on this loop now, and wait for those under way (and

@@ -72,6 +72,8 @@ class RequestBatch:
         """Whether the response has been sent and the jobs let run (or, eager, run)."""
         self.loop: asyncio.AbstractEventLoop | None = None
         """The request's event loop, once handed over."""
+        self.late: list[tuple[Job, JobHandle]] = []
+        """Jobs added once handed over, still to store, oldest first."""
 
     def add(self, job: Job, handle: JobHandle, connection: Any = None) -> None:
         """Add a job after the others. With ``connection``, the job — and every later job
@@ -92,15 +94,38 @@ class RequestBatch:
             self.handles.append(handle)
             self.connections.append(None)
             if self.loop is None or _running_loop() is self.loop:
-                self.lane.store_soon([job], [handle])
+                self._store_late(job, handle)
             else:  # a def dependency's teardown, on a worker thread
-                self.loop.call_soon_threadsafe(self.lane.store_soon, [job], [handle])
+                self.loop.call_soon_threadsafe(self._store_late, job, handle)
             return
         if connection is None and self.connections:
             connection = self.connections[-1]
         self.jobs.append(job)
         self.handles.append(handle)
         self.connections.append(connection)
+
+    def _store_late(self, job: Job, handle: JobHandle) -> None:
+        """Store (or, eager, run) a job added once the response had gone, after the jobs
+        added before it, as stored: one at a time, in the order added."""
+        self.late.append((job, handle))
+        if len(self.late) == 1:  # none under way
+            self.lane.run_soon(self._store_late_ones())
+
+    async def _store_late_ones(self) -> None:
+        with anyio.CancelScope(shield=True):
+            while self.late:
+                job, handle = self.late[0]
+                position = next(i for i, h in enumerate(self.handles) if h is handle)
+                job.after = self.handles[position - 1].id if position else None
+                try:
+                    if self.lane.eager:
+                        await self.lane.worker(concurrency=1).run_inline([job])
+                    else:
+                        (stored,) = await self.lane.enqueue_jobs([job])
+                        handle.id = stored.id
+                except Exception:
+                    log.exception("could not store task %s added after its response", job.task)
+                del self.late[0]
 
     async def persist(self) -> None:
         """Store the jobs before the response leaves: deferred until ``after_response``
@@ -335,7 +360,18 @@ class _Installed:
                 count,
                 " and the scheduler" if schedules else "",
             )
-        self.started[loop] = loop.create_task(self._run(lane, count, schedules))
+        task = loop.create_task(self._run(lane, count, schedules))
+        self.started[loop] = task
+        task.add_done_callback(functools.partial(self._ended, loop))
+
+    def _ended(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[None]) -> None:
+        if self.started.get(loop) is task:  # the next request through the mount tries again
+            del self.started[loop]
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "backlane: the embedded workers of a mounted app stopped",
+                exc_info=task.exception(),
+            )
 
     async def _run(self, lane: Backlane, count: int, schedules: bool) -> None:
         await lane.open()

@@ -415,6 +415,7 @@ def test_a_task_added_by_a_teardown_names_the_job_holding_its_key(lane_url: str)
     def audited(background_tasks: BackgroundTasks) -> Iterator[None]:
         yield
         handles.append(background_tasks.add_task(noted.options(key="audit"), "teardown"))
+        handles.append(background_tasks.add_task(noted, "after it"))
 
     @app.post("/audited")
     def endpoint(_: Annotated[None, Depends(audited)]) -> None:
@@ -424,7 +425,10 @@ def test_a_task_added_by_a_teardown_names_the_job_holding_its_key(lane_url: str)
         holder = client.portal.call(noted.options(key="audit").enqueue, "first")
         assert client.post("/audited").status_code == 200
         client.portal.call(lane.flush_releases)
-        assert [h.id for h in handles] == [holder.id]
+        assert handles[0].id == holder.id
+        # the next task waits for the job holding the key, as in the request itself
+        after_it = client.portal.call(lane.store.get, handles[1].id)
+        assert after_it is not None and after_it.after == holder.id
 
 
 def test_a_task_added_by_a_teardown_cannot_join_a_transaction() -> None:
@@ -513,3 +517,35 @@ def test_a_mounted_web_only_app_starts_nothing_and_says_nothing(
         assert drain_sync(lane) == 1
     assert job_state(lane, job_id) is JobState.SUCCEEDED
     assert not [r for r in caplog.records if "lifespan" in r.getMessage()]
+
+
+def test_a_mounted_apps_workers_that_fail_to_start_are_logged_and_started_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Their start failing (here the lane's lifespan, once) was a task exception nobody
+    read, and the app ran without workers from then on."""
+    tries: list[int] = []
+
+    @asynccontextmanager
+    async def flaky_lifespan(lane: Backlane) -> AsyncIterator[None]:
+        tries.append(1)
+        if len(tries) == 1:
+            raise RuntimeError("the pool is not up yet")
+        yield
+
+    lane = Backlane("memory://", lifespan=flaky_lifespan)
+    api = FastAPI()
+    lane.install(api, workers=1)
+
+    @api.post("/note")
+    def note(background_tasks: BackgroundTasks) -> str:
+        return background_tasks.add_task(recorder.note, "mounted").id
+
+    outer = FastAPI()
+    outer.mount("/api", api)
+    with caplog.at_level("ERROR", logger="backlane"), TestClient(outer) as client:
+        client.post("/api/note")
+        wait_until(lambda: any("stopped" in r.getMessage() for r in caplog.records))
+        job_id = client.post("/api/note").json()
+        wait_until(lambda: job_state(lane, job_id) is JobState.SUCCEEDED)
+    assert len(tries) == 2
