@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from backlane import Backlane, Job, JobState
 from backlane.cli import cli, parse_duration
-from tests.services import POSTGRES_URL, store_url
+from tests.services import postgres_schema_exists, store_url
 
 runner = CliRunner()
 MODULE = __name__
@@ -395,17 +395,7 @@ def test_looking_at_a_postgres_database_without_backlane_creates_nothing(
         assert result.exit_code == 1, result.output
         assert f"no backlane schema {schema!r} in the PostgreSQL database" in result.stderr
         assert "backlane migrate" in result.stderr
-        assert not _postgres_schema_exists(schema)
-
-
-def _postgres_schema_exists(schema: str) -> bool:
-    import psycopg
-
-    with psycopg.connect(POSTGRES_URL) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_namespace WHERE nspname = %s", (schema,)
-        ).fetchone()
-        return bool(row and row[0])
+        assert not postgres_schema_exists(schema)
 
 
 def test_a_postgres_store_with_backlane_is_listed(tmp_path: Path) -> None:

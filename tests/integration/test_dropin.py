@@ -469,6 +469,21 @@ def test_an_install_prefix_must_be_a_path() -> None:
         Backlane("memory://").install(FastAPI(), prefix="ops")
 
 
+def mounted(lane: Backlane, workers: int) -> FastAPI:
+    """An app with ``lane`` installed (``POST /api/note`` adds a task noting "mounted"),
+    mounted at ``/api`` in an outer app that is returned."""
+    api = FastAPI()
+    lane.install(api, workers=workers)
+
+    @api.post("/note")
+    def note(background_tasks: BackgroundTasks) -> str:
+        return background_tasks.add_task(recorder.note, "mounted").id
+
+    outer = FastAPI()
+    outer.mount("/api", api)
+    return outer
+
+
 def test_installed_on_a_mounted_app_whose_lifespan_never_runs_tasks_still_run(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -479,15 +494,7 @@ def test_installed_on_a_mounted_app_whose_lifespan_never_runs_tasks_still_run(
     schedule_tasks.RUNS.clear()
     lane = Backlane("memory://")
     lane.every(1, name="tick")(schedule_tasks.tick)
-    api = FastAPI()
-    lane.install(api, workers=1)
-
-    @api.post("/note")
-    def note(background_tasks: BackgroundTasks) -> str:
-        return background_tasks.add_task(recorder.note, "mounted").id
-
-    outer = FastAPI()
-    outer.mount("/api", api)
+    outer = mounted(lane, workers=1)
     with caplog.at_level("WARNING", logger="backlane"), TestClient(outer) as client:
         ids = [client.post("/api/note").json() for _ in range(3)]
         wait_until(lambda: all(job_state(lane, i) is JobState.SUCCEEDED for i in ids))
@@ -503,15 +510,7 @@ def test_a_mounted_web_only_app_starts_nothing_and_says_nothing(
     """``workers=0`` (workers run in processes of their own) and no schedules: there is
     nothing a lifespan would have started, so nothing to say."""
     lane = Backlane("memory://")
-    api = FastAPI()
-    lane.install(api, workers=0)
-
-    @api.post("/note")
-    def note(background_tasks: BackgroundTasks) -> str:
-        return background_tasks.add_task(recorder.note, "stored").id
-
-    outer = FastAPI()
-    outer.mount("/api", api)
+    outer = mounted(lane, workers=0)
     with caplog.at_level("WARNING", logger="backlane"), TestClient(outer) as client:
         job_id = client.post("/api/note").json()
         assert drain_sync(lane) == 1
@@ -534,15 +533,7 @@ def test_a_mounted_apps_workers_that_fail_to_start_are_logged_and_started_again(
         yield
 
     lane = Backlane("memory://", lifespan=flaky_lifespan)
-    api = FastAPI()
-    lane.install(api, workers=1)
-
-    @api.post("/note")
-    def note(background_tasks: BackgroundTasks) -> str:
-        return background_tasks.add_task(recorder.note, "mounted").id
-
-    outer = FastAPI()
-    outer.mount("/api", api)
+    outer = mounted(lane, workers=1)
     with caplog.at_level("ERROR", logger="backlane"), TestClient(outer) as client:
         client.post("/api/note")
         wait_until(lambda: any("stopped" in r.getMessage() for r in caplog.records))

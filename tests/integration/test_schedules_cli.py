@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from backlane.cli import cli
-from tests.services import POSTGRES_URL, store_url
+from tests.services import postgres_schema_exists, store_url
 
 APP = "tests.acceptance.schedule_app:lane"
 runner = CliRunner()
@@ -77,14 +77,4 @@ def test_listing_schedules_of_a_store_where_nothing_ran_creates_nothing(
             assert not (tmp_path / "not-yet.db").exists()
         else:
             schema = url.rpartition("schema=")[2]
-            assert not _postgres_schema_exists(schema)
-
-
-def _postgres_schema_exists(schema: str) -> bool:
-    import psycopg
-
-    with psycopg.connect(POSTGRES_URL) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_namespace WHERE nspname = %s", (schema,)
-        ).fetchone()
-        return bool(row and row[0])
+            assert not postgres_schema_exists(schema)
