@@ -178,7 +178,8 @@ async def send_mail(settings: SmtpSettings, *, to: str, subject: str, body: str)
     some took it and others refused it; ``MailNotAccepted`` when the server refuses the
     login, the sender or the message for good (a 5xx); ``MailNotSupported`` when the server
     does not offer STARTTLS that the settings require (before any password is sent), AUTH
-    that a user name asks for, or SMTPUTF8 that an address needs.
+    that a user name asks for (a server that answers only HELO offers none), or SMTPUTF8
+    that an address needs.
     """
     if not settings.host:
         raise ValueError("no SMTP server configured: set BACKLANE_SMTP_HOST (and _PORT)")
@@ -207,8 +208,7 @@ async def send_mail(settings: SmtpSettings, *, to: str, subject: str, body: str)
                     "or BACKLANE_SMTP_TLS=true for implicit TLS; nothing was sent"
                 )
             if settings.user:
-                if client.is_ehlo_or_helo_needed:  # after STARTTLS: as login() would
-                    await client.ehlo()
+                await _greet(client)
                 if not client.supports_extension("auth"):
                     raise MailNotSupported(
                         f"the SMTP server {settings.describe()} offers no AUTH, which "
@@ -239,6 +239,20 @@ async def send_mail(settings: SmtpSettings, *, to: str, subject: str, body: str)
         log.warning("%s", error)
         raise error
     return message_id
+
+
+async def _greet(client: aiosmtplib.SMTP) -> None:
+    """Greet the server unless this session already did (a session upgraded by STARTTLS
+    has not): EHLO, or HELO where the server refuses EHLO, as aiosmtplib's own commands
+    do. Afterwards ``client.supports_extension`` answers; a HELO-only server offers none."""
+    if not client.is_ehlo_or_helo_needed:
+        return
+    try:
+        await client.ehlo()
+    except aiosmtplib.SMTPHeloError:
+        if not client.is_connected:
+            raise
+        await client.helo()
 
 
 def _not_accepted(

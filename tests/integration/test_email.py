@@ -16,7 +16,7 @@ from typing import Any
 import aiosmtplib
 import pytest
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
 from backlane import Backlane, JobState
 from backlane.email import (
@@ -295,3 +295,66 @@ async def test_a_user_name_for_a_server_without_auth_is_not_retried(server: Serv
         await send_mail(settings, to="bob@example.com", subject="s", body="b")
     assert not isinstance(caught.value, TRANSIENT_MAIL_ERRORS)
     assert server.handler.received == []
+
+
+class HeloOnly(SMTP):
+    """An SMTP server from before ESMTP: it answers EHLO with 502, so a client falls back
+    to HELO and learns of no extension (no AUTH, no STARTTLS)."""
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        await self.push("502 5.5.2 Error: command not recognized")
+
+
+class HeloOnlyController(Controller):
+    def factory(self) -> SMTP:
+        return HeloOnly(self.handler, **self.SMTP_kwargs)
+
+
+@pytest.fixture
+def helo_server() -> Iterator[Server]:
+    handler = Picky()
+    controller = HeloOnlyController(handler, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    try:
+        yield Server(handler, controller.port)
+    finally:
+        controller.stop()
+
+
+async def test_a_server_that_speaks_only_helo_takes_mail(helo_server: Server) -> None:
+    await send_mail(helo_server.settings(), to="bob@example.com", subject="s", body="b")
+    assert [rcpts for rcpts, _ in helo_server.handler.received] == [["bob@example.com"]]
+
+
+async def test_a_user_name_for_a_server_that_speaks_only_helo_is_not_retried(
+    helo_server: Server,
+) -> None:
+    """The 502 to EHLO came out as ``SMTPHeloError``, an ``SMTPException`` like an
+    outage, and was retried: the client never fell back to HELO to learn there is no AUTH."""
+    settings = helo_server.settings(user="ann", password="secret")
+    with pytest.raises(MailNotSupported, match="offers no AUTH") as caught:
+        await send_mail(settings, to="bob@example.com", subject="s", body="b")
+    assert not isinstance(caught.value, TRANSIENT_MAIL_ERRORS)
+    assert helo_server.handler.received == []
+
+
+async def login_task(port: int) -> str:
+    """Mail with a user name through the test server on ``port``."""
+    settings = SmtpSettings(host="127.0.0.1", port=port, timeout=5.0, user="ann", password="pw")
+    return await send_mail(settings, to="bob@example.com", subject="s", body="b")
+
+
+async def test_a_mail_task_with_a_user_name_for_a_helo_server_fails_at_once(
+    helo_server: Server,
+) -> None:
+    lane = Backlane("memory://")
+    task = lane.task(retries=3, backoff=0.01, retry_on=TRANSIENT_MAIL_ERRORS)(login_task)
+    async with lane:
+        handle = await task.enqueue(helo_server.port)
+        await drain(lane)
+        job = await lane.store.get(handle.id)
+    assert job is not None and job.state is JobState.FAILED
+    assert job.attempts == 1  # not retried
+    assert job.error is not None and job.error["type"] == "backlane.email.MailNotSupported"
+    assert helo_server.handler.received == []
