@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 
 from backlane import Backlane, Job, JobState
 from backlane.dashboard import create_app, dashboard_router
-from backlane.dashboard.views import PAGE_SIZE
+from backlane.dashboard.views import MAX_PAGE, PAGE_SIZE
 from backlane.fastapi import install
 
 LOCAL = "http://127.0.0.1:8000"
@@ -207,6 +207,26 @@ def test_the_list_is_paged(lane: Backlane, client: TestClient) -> None:
     assert len(ids_first) == PAGE_SIZE and len(ids_second) == 5
     assert ids_first | ids_second == {job.id for job in jobs}
     assert "page=2" in first and "state=succeeded" in first
+    assert client.get("/backlane/ui/jobs?page=", headers=HTML).status_code == 200  # the first
+    last = client.get(f"/backlane/ui/jobs?page={MAX_PAGE}", headers=HTML)
+    assert last.status_code == 200  # past the last job: an empty list, no error
+    assert re.findall(r"/backlane/ui/jobs/([0-9a-f]{32})", last.text) == []
+
+
+@pytest.mark.parametrize(
+    "page", ["abc", "0", "-1", "1.5", "2e3", " 2", "+2", "1_0", "٣", str(MAX_PAGE + 1), "9" * 50]
+)
+def test_a_page_that_is_no_page_number_is_refused(
+    lane: Backlane, client: TestClient, page: str
+) -> None:
+    """It was read as page 1 (and one past the last page number as the last), so a bad
+    link showed the newest jobs as if they were the page asked for."""
+    stored(lane, client, [ended(JobState.SUCCEEDED)])
+    response = client.get("/backlane/ui/jobs", params={"page": page}, headers=HTML)
+    assert response.status_code == 422
+    assert re.findall(r"/backlane/ui/jobs/([0-9a-f]{32})", response.text) == []
+    message = html.unescape(response.text)
+    assert f"Invalid page {page[:100]!r}: page is a whole number from 1 to {MAX_PAGE}" in message
 
 
 def test_actions_retry_cancel_delete_and_purge(lane: Backlane, client: TestClient) -> None:

@@ -313,7 +313,8 @@ class _Site:
         return self.render(request, "overview.html", page="overview", data=data)
 
     async def jobs(self, request: Request) -> Response:
-        """The job list; 422 with the valid states for an unknown ``state`` filter."""
+        """The job list; 422 naming the parameter and what it takes for an unknown
+        ``state`` filter or a ``page`` that is no page number."""
         try:
             filters = views.JobFilters.parse(dict(request.query_params))
         except ValueError as exc:

@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     from ..app import Backlane
 
 PAGE_SIZE = 50
+MAX_PAGE = 100_000
+"""The job list's last page number (five million jobs in); a higher ``page`` is refused."""
 SHOWN_CHARS = 100_000
 """Arguments, results and tracebacks longer than this are cut (the API has them whole)."""
 STATE_ORDER = [s.value for s in JobState]
@@ -137,23 +139,21 @@ class JobFilters:
 
     @classmethod
     def parse(cls, query: dict[str, str]) -> JobFilters:
-        """The filters of ``query``; an empty value filters nothing. Raises ``ValueError``,
-        naming the value and the valid states, for a ``state`` that is no job state."""
+        """The filters of ``query``; an empty value filters nothing (an empty ``page`` is
+        the first). Raises ``ValueError``, naming the parameter, its value and what it
+        takes, for a ``state`` that is no job state or a ``page`` that is not a whole
+        number from 1 to ``MAX_PAGE``."""
         state = query.get("state", "")
         if state and state not in STATE_ORDER:
             raise ValueError(
                 f"Unknown state {state[:100]!r}: choose one of {', '.join(STATE_ORDER)}."
             )
-        try:
-            page = max(1, min(int(query.get("page", "1")), 100_000))
-        except ValueError:
-            page = 1
         return cls(
             state=state,
             task=query.get("task", "").strip()[:200],
             queue=query.get("queue", "").strip()[:200],
             text=query.get("text", "").strip()[:200],
-            page=page,
+            page=_page_number(query.get("page", "")),
         )
 
     def query(self, **changes: Any) -> dict[str, str]:
@@ -169,6 +169,19 @@ class JobFilters:
         if values.get("page") == "1":
             values["page"] = ""
         return {k: v for k, v in values.items() if v}
+
+
+def _page_number(value: str) -> int:
+    """``value`` as a page number (1 when empty). Raises ``ValueError`` for anything but
+    the decimal digits of a number from 1 to ``MAX_PAGE``."""
+    if not value:
+        return 1
+    number = int(value) if value.isascii() and value.isdigit() and len(value) < 10 else 0
+    if not 1 <= number <= MAX_PAGE:
+        raise ValueError(
+            f"Invalid page {value[:100]!r}: page is a whole number from 1 to {MAX_PAGE}."
+        )
+    return number
 
 
 @dataclass
