@@ -229,6 +229,63 @@ def test_a_page_that_is_no_page_number_is_refused(
     assert f"Invalid page {page[:100]!r}: page is a whole number from 1 to {MAX_PAGE}" in message
 
 
+@pytest.mark.parametrize(
+    "accept",
+    [
+        None,  # a script that sends no preference
+        "*/*",
+        "application/json",
+        "application/json, text/html",  # JSON ranked as high as a page
+        "text/html;q=0.5, application/json",
+        "text/html;q=0.5, */*",
+        "text/html;q=0",
+    ],
+)
+def test_a_json_client_gets_problems_as_json(
+    lane: Backlane, client: TestClient, accept: str | None
+) -> None:
+    """Every problem was an HTML page, whatever the client asked for."""
+    headers = {"accept": accept} if accept is not None else {}
+    if accept is None:
+        client.headers.pop("accept", None)
+    unknown = client.get("/backlane/ui/jobs?state=bogus", headers=headers)
+    assert unknown.status_code == 422
+    assert unknown.headers["content-type"] == "application/json"
+    states = ", ".join(s.value for s in JobState)
+    assert unknown.json() == {"detail": f"Unknown state 'bogus': choose one of {states}."}
+    page = client.get("/backlane/ui/jobs?page=abc", headers=headers)
+    assert (page.status_code, page.json()) == (
+        422,
+        {"detail": f"Invalid page 'abc': page is a whole number from 1 to {MAX_PAGE}."},
+    )
+    missing = client.get("/backlane/ui/jobs/0123456789abcdef", headers=headers)
+    assert (missing.status_code, missing.json()) == (
+        404,
+        {"detail": "No job with id 0123456789abcdef."},
+    )
+    assert "accept" in missing.headers["vary"].lower()
+    action = client.post("/backlane/ui/purge", headers={**headers, "origin": LOCAL})
+    assert (action.status_code, action.json()) == (
+        400,
+        {"detail": "Send the dashboard's form (URL-encoded)."},
+    )
+
+
+@pytest.mark.parametrize(
+    "accept",
+    [
+        "text/html",
+        "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",  # a browser's
+        "text/html, application/json;q=0.9",
+    ],
+)
+def test_a_browser_gets_problems_as_pages(client: TestClient, accept: str) -> None:
+    response = client.get("/backlane/ui/jobs?page=0", headers={"accept": accept})
+    assert response.status_code == 422
+    assert response.headers["content-type"].startswith("text/html")
+    assert "Invalid page &#39;0&#39;" in response.text and "<nav>" in response.text
+
+
 def test_actions_retry_cancel_delete_and_purge(lane: Backlane, client: TestClient) -> None:
     failed = ended(JobState.FAILED, error={"type": "E", "message": "m", "traceback": ""})
     waiting = ended(JobState.QUEUED, started_at=None, finished_at=None, keep_until=None)

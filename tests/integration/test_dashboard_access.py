@@ -86,6 +86,9 @@ def test_without_a_token_other_addresses_get_401(base_url: str) -> None:
         api = client.get("/backlane/ui/jobs")
         assert api.status_code == 401 and TOKEN_ENV in api.json()["detail"]
         assert client.post("/backlane/ui/purge", data={"state": "ended"}).status_code == 401
+        json_first = {"accept": "application/json, text/html;q=0.5"}  # names HTML, prefers JSON
+        script = client.get("/backlane/ui/jobs", headers=json_first)
+        assert script.status_code == 401 and TOKEN_ENV in script.json()["detail"]
 
 
 @pytest.mark.parametrize(

@@ -211,9 +211,9 @@ class _Site:
 
     def denied(self, request: Request) -> Response:
         """401: the login form (token mode) or why the dashboard is closed (loopback mode)
-        for a browser, JSON for anyone else."""
-        headers = {"WWW-Authenticate": 'Bearer realm="backlane"'}
-        if request.method == "GET" and "text/html" in request.headers.get("accept", ""):
+        for a browser's GET (see ``wants_html``), JSON for anyone else."""
+        headers = {"WWW-Authenticate": 'Bearer realm="backlane"', "Vary": "Accept"}
+        if request.method == "GET" and wants_html(request):
             target = request.url.path
             if request.url.query:
                 target += "?" + request.url.query
@@ -290,7 +290,19 @@ class _Site:
         return form
 
     def problem(self, request: Request, status: int, message: str) -> Response:
-        return self.render(request, "problem.html", status_code=status, message=message)
+        """An error answer with ``status`` saying ``message``: a page for a browser (see
+        ``wants_html``), else JSON ``{"detail": message}`` as FastAPI's own errors are."""
+        if wants_html(request):
+            return self.render(
+                request,
+                "problem.html",
+                status_code=status,
+                headers={"Vary": "Accept"},
+                message=message,
+            )
+        return JSONResponse(
+            {"detail": message}, status_code=status, headers={**SECURITY_HEADERS, "Vary": "Accept"}
+        )
 
     def back(self, request: Request, form: dict[str, str], fallback: str, notice: str) -> Response:
         """303 to the form's ``next`` page when it is one of this dashboard's, else to
@@ -465,6 +477,31 @@ class _Site:
                 "X-Content-Type-Options": "nosniff",
             },
         )
+
+
+def wants_html(request: Request) -> bool:
+    """Whether ``request`` asks for a page rather than JSON: its ``Accept`` header names
+    ``text/html`` (as a browser's does) with a higher quality than it gives JSON (through
+    ``application/json``, else ``application/*``, else ``*/*``). No header, ``*/*`` alone,
+    or JSON ranked as high: JSON."""
+    qualities: dict[str, float] = {}
+    for item in request.headers.get("accept", "").split(","):
+        media_type, *params = (part.strip().lower() for part in item.split(";"))
+        quality = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        qualities[media_type] = max(quality, qualities.get(media_type, 0.0))
+    html = qualities.get("text/html", 0.0)
+    json = next(
+        (qualities[t] for t in ("application/json", "application/*", "*/*") if t in qualities),
+        0.0,
+    )
+    return html > 0 and html > json
 
 
 def _seconds(value: float | None) -> str:
