@@ -192,7 +192,8 @@ async def send_mail(settings: SmtpSettings, *, to: str, subject: str, body: str)
         hostname=settings.host,
         port=port,
         use_tls=settings.tls,
-        start_tls=None if settings.starttls else False,  # None: upgrade when offered
+        # None: upgrade when offered (the settings' default; True is checked below)
+        start_tls=False if settings.starttls is False else None,
         timeout=settings.timeout,
     )
     try:

@@ -225,6 +225,27 @@ async def test_starttls_and_login_when_offered(tls_server: Server) -> None:
     assert [rcpts for rcpts, _ in tls_server.handler.received] == [["bob@example.com"]]
 
 
+
+@pytest.mark.filterwarnings("ignore:Session.login_data is deprecated")  # aiosmtpd's own AUTH
+async def test_by_default_the_session_is_upgraded_when_the_server_offers_starttls(
+    tls_server: Server,
+) -> None:
+    """``starttls`` unset means "when offered": this server takes no AUTH and no mail
+    before STARTTLS, so a session left in plain text would fail."""
+    settings = tls_server.settings(user="ann", password="secret")
+    assert settings.starttls is None
+    assert (await send_mail(settings, to="bob@example.com", subject="s", body="b")).startswith("<")
+    assert [rcpts for rcpts, _ in tls_server.handler.received] == [["bob@example.com"]]
+
+
+async def test_starttls_false_never_upgrades(tls_server: Server) -> None:
+    """``starttls=False`` keeps the session in plain text, even where STARTTLS is offered
+    (this server then refuses the sender: 530, STARTTLS first)."""
+    settings = tls_server.settings(starttls=False)
+    with pytest.raises(MailNotAccepted, match="530"):
+        await send_mail(settings, to="bob@example.com", subject="s", body="b")
+    assert tls_server.handler.received == []
+
 # -- refused at the sender, the message or the login ------------------------------------
 
 SENDER_REFUSALS = {
