@@ -225,7 +225,6 @@ async def test_starttls_and_login_when_offered(tls_server: Server) -> None:
     assert [rcpts for rcpts, _ in tls_server.handler.received] == [["bob@example.com"]]
 
 
-
 @pytest.mark.filterwarnings("ignore:Session.login_data is deprecated")  # aiosmtpd's own AUTH
 async def test_by_default_the_session_is_upgraded_when_the_server_offers_starttls(
     tls_server: Server,
@@ -245,6 +244,7 @@ async def test_starttls_false_never_upgrades(tls_server: Server) -> None:
     with pytest.raises(MailNotAccepted, match="530"):
         await send_mail(settings, to="bob@example.com", subject="s", body="b")
     assert tls_server.handler.received == []
+
 
 # -- refused at the sender, the message or the login ------------------------------------
 
