@@ -53,6 +53,10 @@ def _free_port() -> int:
         return port
 
 
+PASSWORD_ROLE = "backlane_pw"
+"""A role of the test's server that must give a password."""
+
+
 @dataclass
 class Cluster:
     """A PostgreSQL server of the test's own, speaking Russian."""
@@ -105,7 +109,14 @@ def russian() -> Iterator[Cluster]:
     try:
         initdb = [os.path.join(bindir, "initdb"), "-D", data, "-A", "trust", "-U", "postgres"]
         subprocess.run([*as_user, *initdb, "--no-sync"], check=True, capture_output=True)
+        hba = os.path.join(data, "pg_hba.conf")
+        with open(hba, encoding="utf-8") as rules:
+            trusting = rules.read()
+        with open(hba, "w", encoding="utf-8") as rules:  # the first rule that fits decides
+            rules.write(f"host all {PASSWORD_ROLE} 127.0.0.1/32 scram-sha-256\n{trusting}")
         cluster.start()
+        with psycopg.connect(cluster.url, autocommit=True) as admin:
+            admin.execute(f"CREATE ROLE {PASSWORD_ROLE} LOGIN PASSWORD 'secret'")
         try:
             psycopg.connect(cluster.url.replace("/postgres", "/no_such_database"))
         except psycopg.OperationalError as exc:
@@ -127,6 +138,20 @@ async def test_a_refusal_in_another_language_fails_at_once(russian: Cluster) -> 
         await store.open()
     assert time.monotonic() - started < 1.5
     assert "FATAL" not in str(caught.value)  # the message really is not in English
+
+
+async def test_a_password_the_url_does_not_give_fails_at_once(
+    russian: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server asks for a password and libpq has none ("fe_sendauth: no password
+    supplied", libpq's own words, no error from the server): a refusal too."""
+    monkeypatch.setenv("PGPASSFILE", os.devnull)
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    store = PostgresStore(russian.url.replace("postgres@", f"{PASSWORD_ROLE}@"))
+    started = time.monotonic()
+    with pytest.raises(StoreError, match="password"):
+        await store.open()
+    assert time.monotonic() - started < 1.5
 
 
 async def test_a_server_shutting_down_in_another_language_is_waited_for(
