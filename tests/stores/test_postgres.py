@@ -19,6 +19,7 @@ from typing import Any
 import anyio
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 from backlane.exceptions import ConfigurationError, DriverMissing, StoreError
 from backlane.jobs import Job, JobState
@@ -87,16 +88,28 @@ async def scalar(sql: str, *params: Any) -> Any:
 @pytest.mark.parametrize(
     ("url", "schema", "auto_migrate", "pool_size", "conninfo"),
     [
-        ("postgresql://u@h/db", "backlane", True, 10, "postgresql://u@h/db"),
-        ("postgres://u@h:5433/db?schema=jobs_1", "jobs_1", True, 10, "postgres://u@h:5433/db"),
+        ("postgresql://u@h/db", "backlane", True, 10, "postgresql://u@h/db?connect_timeout=10"),
+        (
+            "postgres://u@h:5433/db?schema=jobs_1",
+            "jobs_1",
+            True,
+            10,
+            "postgres://u@h:5433/db?connect_timeout=10",
+        ),
         (
             "postgresql://u:pw@h/db?sslmode=require&auto_migrate=0&pool_size=3",
             "backlane",
             False,
             3,
-            "postgresql://u:pw@h/db?sslmode=require",
+            "postgresql://u:pw@h/db?sslmode=require&connect_timeout=10",
         ),
-        ("postgresql:///db?auto_migrate=off&schema=_x", "_x", False, 10, "postgresql:///db"),
+        (
+            "postgresql:///db?auto_migrate=off&schema=_x",
+            "_x",
+            False,
+            10,
+            "postgresql:///db?connect_timeout=10",
+        ),
     ],
 )
 def test_the_url_names_schema_migration_and_pool(
@@ -122,12 +135,30 @@ def test_the_url_names_schema_migration_and_pool(
         ("postgresql://h/db?pool_size=0", "pool_size must be a whole number above 0"),
         ("postgresql://h/db?schema=jobs&schema=other", "names schema twice"),
         ("postgresql://h/db?auto_migrate=0&auto_migrate=1", "names auto_migrate twice"),
+        ("postgresql://h/db?connect_timeout=soon", "connect_timeout must be a whole number"),
         ("mysql://h/db", "not a PostgreSQL URL"),
     ],
 )
 def test_a_bad_url_is_refused_with_the_reason(url: str, complaint: str) -> None:
     with pytest.raises(ConfigurationError, match=complaint):
         parse_url(url)
+
+
+def test_connects_wait_10_s_at_most_unless_the_url_says() -> None:
+    """libpq's own default is no timeout (the OS's, about 130 s against a host that drops
+    packets); the store's is 10 s, and a ``connect_timeout`` in the URL wins."""
+    default = parse_url("postgresql://u@h/db")
+    assert default.connect_timeout == 10
+    assert conninfo_to_dict(default.conninfo)["connect_timeout"] == "10"
+    own = parse_url("postgresql://u@h/db?connect_timeout=3&sslmode=disable")
+    assert own.connect_timeout == 3
+    assert conninfo_to_dict(own.conninfo) == {
+        "user": "u",
+        "host": "h",
+        "dbname": "db",
+        "connect_timeout": "3",
+        "sslmode": "disable",
+    }
 
 
 async def test_a_server_that_is_not_there_is_a_store_error() -> None:

@@ -21,12 +21,14 @@ with the time it becomes due when the notification gives one (work queued to run
 
 A verb rides out a short outage (a restart, a failover, its session ended by
 ``pg_terminate_backend``) as the Redis store's do: when the server cannot be reached, it
-tries again on a new connection after a backoff, for 2 to 4 s in all (``RETRIES``), then
-raises ``StoreError``. A server that answers with a refusal (no such database or role, a
-password refused) is not tried again. A verb whose connection broke after it was sent may
-have taken effect: only a verb that gives the same effect and the same answer when sent
-twice (``run_repeatable``) is sent again; any other raises ``StoreError`` at once, saying
-so.
+tries again on a new connection after a backoff, for 2 to 4 s in all (``RETRIES``, and
+no new try after ``RETRY_FOR`` seconds), then raises ``StoreError``. A connect waits at
+most ``connect_timeout`` seconds (the URL's, or 10). A server that answers with a refusal
+(no such database or role, a password refused) is not tried again; ``connect`` tells one
+from an outage by the server's SQLSTATE, whatever the language of its messages. A verb
+whose connection broke after it was sent may have taken effect: only a verb that gives the
+same effect and the same answer when sent twice (``run_repeatable``) is sent again; any
+other raises ``StoreError`` at once, saying so.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import dataclasses
 import logging
 import math
 import random
+import re
 import select
 import threading
 import time
@@ -49,6 +52,7 @@ from typing import Any, Generic, TypeVar
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql as pg_sql
+from psycopg.conninfo import make_conninfo
 
 from ..exceptions import StoreError
 from .postgres_schema import PostgresSettings, check_version, latest_version, migrate
@@ -64,12 +68,24 @@ RETRIES = 8
 """Tries after the first for a verb that could not reach the server: with the backoff
 below (0.04 s doubling up to 1 s, each wait jittered between half and all of that) a verb
 gives up after 2 to 4 s, as the Redis store's commands do."""
+RETRY_FOR = 5.0
+"""Seconds after a verb's first try past which it is not tried again: the bound that
+matters when tries are slow (each connect waiting its ``connect_timeout``), where
+``RETRIES`` bounds quick ones. A verb thus gives up within ``RETRY_FOR`` plus one
+connect's timeout."""
 _BACKOFF_BASE = 0.02
 _BACKOFF_CAP = 1.0
 _SESSION_ENDED = frozenset({"57P01", "57P02", "57P03"})
 """SQLSTATEs of a session the server ended or would not start yet: administrator command
 (``pg_terminate_backend``, a fast shutdown), crash, and "the database system is starting
 up" (or shutting down)."""
+_PING_TIMEOUT = 2
+"""Seconds the ping after a failed connect may take (libpq's least ``connect_timeout``):
+the server has just answered; one that does not answer it in time counts as away."""
+_SERVER_ERROR = re.compile(r"\S:  ")
+"""How libpq writes an error the server sent (``"%s:  "``: its severity, in the server's
+language, a colon and two spaces), in whatever language; its own messages have no such
+double space."""
 _LISTEN_RETRY_MAX = 5.0
 _CLOSE_GRACE = 10.0
 """Seconds ``close`` waits for verbs in flight before closing their connections."""
@@ -77,6 +93,12 @@ _CLOSE_GRACE = 10.0
 
 def store_error(settings: PostgresSettings, exc: psycopg.Error) -> StoreError:
     """The ``StoreError`` for a driver error, saying what to check when it can."""
+    if isinstance(exc, pg_errors.ConnectionTimeout):
+        return StoreError(
+            f"PostgreSQL store (schema {settings.schema}): cannot connect to PostgreSQL: "
+            f"no answer within connect_timeout ({settings.connect_timeout} s); is the "
+            "host right, is the server up, and may this machine reach its port?"
+        )
     if isinstance(exc, pg_errors.UndefinedTable):
         return StoreError(
             f"PostgreSQL store: {exc}; is the connection to the store's database, and "
@@ -122,12 +144,7 @@ class Site:
                     await _close_quietly(conn)
                     conn = None
             if conn is None:
-                settings = self.settings
-                conn = await psycopg.AsyncConnection.connect(
-                    settings.conninfo,
-                    autocommit=True,
-                    application_name=settings.application_name,
-                )
+                conn = await connect(self.settings)
             try:
                 yield conn
             finally:
@@ -173,15 +190,73 @@ def _ended_by_server(conn: psycopg.AsyncConnection[Any]) -> bool:
     return bool(readable)
 
 
-def _unreachable(exc: psycopg.Error) -> bool:
-    """Whether ``exc``, raised while connecting, says the server cannot be reached for now
-    (refused, reset, timed out, starting up or shutting down), not that it refused this
-    client (no such database or role, a password or certificate refused): only the first
-    is worth another try. libpq gives no SQLSTATE here; a refusal is a FATAL message."""
-    text = str(exc)
-    return isinstance(exc, psycopg.OperationalError) and (
-        "FATAL:" not in text or "the database system is" in text
+class Refused(psycopg.OperationalError):
+    """A connect the server answered with a refusal of this client (no such database or
+    role, a password refused, no room for another session): trying again will not help.
+    Its message is the driver's."""
+
+
+async def connect(
+    settings: PostgresSettings, application_name: str | None = None
+) -> psycopg.AsyncConnection[Any]:
+    """A new connection to the store's database, in autocommit mode, waiting at most
+    ``connect_timeout`` seconds. Raises ``Refused`` when the server answered with a
+    refusal, any other ``psycopg.OperationalError`` when it could not be reached for now
+    (refused, reset, timed out, starting up or shutting down): only the second is worth
+    another try.
+
+    libpq reports neither the SQLSTATE nor, in words that do not depend on the
+    language, whether the server answered. So after a connect the server answered with
+    an error, a ping (``PQping``) asks it again: libpq then tells "starting up or
+    shutting down" (SQLSTATE 57P03) and "no answer" apart from "answers" by the SQLSTATE
+    it received. A server that answers is asked for a connection once more (it may have
+    just come back); a failure then is a refusal. What a ping cannot see counts as an
+    outage: a refusal libpq itself makes after the server answered, with no error from
+    the server and no password asked (``require_auth`` or ``channel_binding`` not met),
+    is tried again for 2 to 4 s before its ``StoreError``."""
+    name = settings.application_name if application_name is None else application_name
+    try:
+        return await psycopg.AsyncConnection.connect(
+            settings.conninfo, autocommit=True, application_name=name
+        )
+    except pg_errors.ConnectionTimeout:
+        raise
+    except psycopg.OperationalError as exc:
+        if not (_server_answered(exc) and await _server_answers(settings, name)):
+            raise
+    try:
+        return await psycopg.AsyncConnection.connect(
+            settings.conninfo, autocommit=True, application_name=name
+        )
+    except pg_errors.ConnectionTimeout:
+        raise
+    except psycopg.OperationalError as exc:
+        raise Refused(str(exc), pgconn=exc.pgconn) from exc
+
+
+def _server_answered(exc: psycopg.OperationalError) -> bool:
+    """Whether the failed connect that raised ``exc`` may have heard from the server: an
+    error it sent, or a password it asked for. (A connect refused, reset or timed out did
+    not: asking again then would only wait, holding the GIL in psycopg's C build.)"""
+    pgconn = exc.pgconn
+    asked = pgconn is not None and (pgconn.needs_password or pgconn.used_password)
+    return asked or _SERVER_ERROR.search(str(exc)) is not None
+
+
+async def _server_answers(settings: PostgresSettings, application_name: str) -> bool:
+    """Whether the server answers a connect now, with a session or with an error other
+    than "starting up or shutting down" (libpq's ``PQping``, which reads the SQLSTATE)."""
+    conninfo = make_conninfo(
+        settings.conninfo, application_name=application_name, connect_timeout=_PING_TIMEOUT
     )
+    ping = await asyncio.to_thread(psycopg.pq.PGconn.ping, conninfo.encode())
+    return bool(ping == psycopg.pq.Ping.OK)
+
+
+def _unreachable(exc: psycopg.Error) -> bool:
+    """Whether ``exc``, raised by ``connect``, says the server cannot be reached for now,
+    not that it refused this client: only the first is worth another try."""
+    return isinstance(exc, psycopg.OperationalError) and not isinstance(exc, Refused)
 
 
 def _connection_lost(exc: psycopg.Error) -> bool:
@@ -191,6 +266,23 @@ def _connection_lost(exc: psycopg.Error) -> bool:
         return False
     state = exc.sqlstate
     return state is None or state.startswith("08") or state in _SESSION_ENDED
+
+
+def _give_up(failures: int, started: float) -> bool:
+    """Whether a verb begun at ``started`` (``time.monotonic()``) that could not reach the
+    server ``failures`` times is past its last try."""
+    return failures > RETRIES or time.monotonic() - started > RETRY_FOR
+
+
+def _gave_up(settings: PostgresSettings, exc: psycopg.Error, failures: int) -> StoreError:
+    """The ``StoreError`` of a verb that could not reach the server in ``failures``
+    tries, the last one failing with ``exc``."""
+    if isinstance(exc, pg_errors.ConnectionTimeout):
+        return StoreError(f"{store_error(settings, exc)} ({failures} tries)")
+    return StoreError(
+        f"PostgreSQL store (schema {settings.schema}): cannot connect to PostgreSQL, or "
+        f"lost the connection ({failures} tries): {exc}"
+    )
 
 
 def _backoff(failures: int) -> float:
@@ -301,9 +393,7 @@ class PostgresLink:
         ``check``, change nothing: raise ``StoreError`` unless it is up to date."""
         settings = self.settings
         try:
-            async with await psycopg.AsyncConnection.connect(
-                settings.conninfo, autocommit=True, application_name=settings.application_name
-            ) as conn:
+            async with await connect(settings) as conn:
                 if check:
                     await check_version(conn, settings)
                     latest = latest_version()
@@ -318,9 +408,7 @@ class PostgresLink:
         be open)."""
         settings = self.settings
         try:
-            async with await psycopg.AsyncConnection.connect(
-                settings.conninfo, autocommit=True, application_name=settings.application_name
-            ) as conn:
+            async with await connect(settings) as conn:
                 cursor = await conn.execute(
                     "SELECT to_regclass(%s) IS NOT NULL", (f"{settings.quoted_schema}.migrations",)
                 )
@@ -400,6 +488,7 @@ class PostgresLink:
         repeatable: bool,
     ) -> T:
         deadlocks = failures = 0
+        started = time.monotonic()
         while True:
             sent = False
             try:
@@ -422,11 +511,8 @@ class PostgresLink:
                         f"it was not sent again (check, then try again): {exc}"
                     ) from exc
                 failures += 1
-                if failures > RETRIES or site.closed:
-                    raise StoreError(
-                        f"PostgreSQL store (schema {self.settings.schema}): cannot connect "
-                        f"to PostgreSQL, or lost the connection ({failures} tries): {exc}"
-                    ) from exc
+                if _give_up(failures, started) or site.closed:
+                    raise _gave_up(self.settings, exc, failures) from exc
                 log.debug("PostgreSQL unreachable (%s); trying again", exc)
             except UnicodeEncodeError as exc:  # a lone surrogate: raised before sending
                 raise StoreError(
@@ -441,12 +527,11 @@ class PostgresLink:
         # and again from where the schema is: it may be tried again).
         settings = self.settings
         failures = 0
+        started = time.monotonic()
         while True:
             connected = False
             try:
-                async with await psycopg.AsyncConnection.connect(
-                    settings.conninfo, autocommit=True, application_name=settings.application_name
-                ) as conn:
+                async with await connect(settings) as conn:
                     connected = True
                     if settings.auto_migrate:
                         await migrate(conn, settings)
@@ -456,8 +541,10 @@ class PostgresLink:
             except psycopg.Error as exc:
                 failures += 1
                 away = _connection_lost(exc) if connected else _unreachable(exc)
-                if not away or failures > RETRIES:
+                if not away:
                     raise store_error(self.settings, exc) from exc
+                if _give_up(failures, started):
+                    raise _gave_up(self.settings, exc, failures) from exc
                 log.debug("PostgreSQL unreachable at start (%s); trying again", exc)
             await asyncio.sleep(_backoff(failures))
         self._listener = asyncio.get_running_loop().create_task(self._listen())

@@ -23,6 +23,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from ..exceptions import ConfigurationError, StoreError
 
 DEFAULT_SCHEMA = "backlane"
+DEFAULT_CONNECT_TIMEOUT = 10
+"""Seconds a connect may wait for the server (libpq's ``connect_timeout``) unless the URL
+says: without one, a host that drops packets holds a connect for the operating system's
+TCP timeout (about 130 s on Linux)."""
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,47}$")
 _MIGRATION_NAME = re.compile(r"^(\d{4})_(\w+)\.sql$")
 _TRUE = ("1", "true", "yes", "on")
@@ -43,6 +47,9 @@ class PostgresSettings:
     application_name: str = "backlane"
     """How the store's sessions show in ``pg_stat_activity`` (its listener's with
     ``listen`` after it)."""
+    connect_timeout: int = DEFAULT_CONNECT_TIMEOUT
+    """Seconds one connect may wait for the server (libpq's ``connect_timeout``, which
+    ``conninfo`` holds): the URL's, or ``DEFAULT_CONNECT_TIMEOUT``."""
 
     @property
     def quoted_schema(self) -> str:
@@ -61,13 +68,16 @@ def parse_url(url: str) -> PostgresSettings:
     lower-case letters, digits and underscores), ``auto_migrate`` (default ``1``: bring
     the schema up to date at open; ``0``: only check it) and ``pool_size`` (most
     connections of one event loop, default 10). Any other parameter goes to libpq
-    (``sslmode``, ...); ``application_name`` defaults to ``backlane``. Raises
+    (``sslmode``, ...); ``application_name`` defaults to ``backlane``, and
+    ``connect_timeout`` to ``DEFAULT_CONNECT_TIMEOUT`` seconds (the URL's wins; the
+    ``PGCONNECT_TIMEOUT`` environment variable is not read). Raises
     ``ConfigurationError`` saying what is wrong (a bad value, or one of backlane's
     parameters given twice)."""
     parts = urlsplit(url)
     if parts.scheme not in ("postgresql", "postgres"):
         raise ConfigurationError(f"not a PostgreSQL URL: {url!r}; write postgresql://user@host/db")
     schema, auto_migrate, pool_size, application_name = DEFAULT_SCHEMA, True, 10, "backlane"
+    connect_timeout: int | None = None
     rest: list[tuple[str, str]] = []
     seen: set[str] = set()
     for name, value in parse_qsl(parts.query, keep_blank_values=True):
@@ -92,12 +102,23 @@ def parse_url(url: str) -> PostgresSettings:
         elif name == "application_name":
             application_name = value
         else:
+            if name == "connect_timeout":  # libpq takes the last one given
+                try:
+                    connect_timeout = int(value.strip())
+                except ValueError:
+                    raise ConfigurationError(
+                        f"PostgreSQL URL: connect_timeout must be a whole number of seconds, "
+                        f"got {value!r}"
+                    ) from None
             rest.append((name, value))
     if not _SCHEMA_NAME.match(schema):
         raise ConfigurationError(
             f"PostgreSQL URL: schema {schema!r} is not a plain name; use at most 48 "
             "lower-case letters, digits and underscores, not starting with a digit"
         )
+    if connect_timeout is None:
+        connect_timeout = DEFAULT_CONNECT_TIMEOUT
+        rest.append(("connect_timeout", str(connect_timeout)))
     base = url.split("?", 1)[0].split("#", 1)[0]  # urlunsplit would drop an empty host
     conninfo = f"{base}?{urlencode(rest)}" if rest else base
     return PostgresSettings(
@@ -106,6 +127,7 @@ def parse_url(url: str) -> PostgresSettings:
         auto_migrate=auto_migrate,
         pool_size=pool_size,
         application_name=application_name,
+        connect_timeout=connect_timeout,
     )
 
 
