@@ -100,10 +100,15 @@ class Schedule:
 
     @property
     def expression(self) -> str:
-        """The schedule as people write it."""
+        """The schedule as people write it; an interval longer than ``timedelta`` holds
+        (some 2.7 million years) in seconds."""
         if self.cron is not None:
             return f"{self.cron} ({self.tz})"
-        return f"every {timedelta(seconds=self.every or 0)}"
+        seconds = self.every or 0.0
+        try:
+            return f"every {timedelta(seconds=seconds)}"
+        except OverflowError:
+            return f"every {seconds:g} seconds"
 
     def latest_slot(self, now: float) -> float | None:
         """The latest slot at or before ``now`` (POSIX seconds): the one ``next_slot``

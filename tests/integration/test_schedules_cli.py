@@ -52,6 +52,25 @@ def test_a_schedule_due_beyond_the_calendar_is_listed() -> None:
     assert table.exit_code == 0 and "every-few-millennia" in table.output
 
 
+def test_an_interval_longer_than_a_timedelta_is_listed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``@lane.every(1e300)`` is accepted; listing it ended in an OverflowError traceback
+    (its expression went through ``timedelta``)."""
+    (tmp_path / "googol_app.py").write_text(
+        "from backlane import Backlane\n"
+        "lane = Backlane('memory://')\n"
+        "lane.every(1e300, name='hardly-ever')(print)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = runner.invoke(cli, ["schedules", "--app", "googol_app:lane", "--json"])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.output)
+    assert row["expression"] == "every 1e+300 seconds" and row["next_run"] is None
+    table = runner.invoke(cli, ["schedules", "--app", "googol_app:lane"])
+    assert table.exit_code == 0 and "hardly-ever" in table.output
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "postgres"])
 def test_listing_schedules_of_a_store_where_nothing_ran_creates_nothing(
     kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
