@@ -106,6 +106,27 @@ def test_jobs_lists_newest_first_with_filters(url: str, mixed: dict[str, Any]) -
     assert listed("--url", url, "--queue", "nowhere") == []
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "postgres"])
+def test_jobs_limit_and_offset_are_bounded(kind: str, tmp_path: Path) -> None:
+    """A --limit or --offset past what a store can count ended in an OverflowError
+    traceback (SQLite) or a store error (Redis): the largest accepted one works on every
+    store, a larger one is a usage error naming the option."""
+    with store_url(kind, tmp_path) as url:
+        lane = Backlane(url)
+        try:
+            job_id = enqueue(lane, double, 1)
+        finally:
+            anyio.run(lane.close)
+        most = "1000000000"
+        assert [job["id"] for job in listed("--url", url, "--limit", most)] == [job_id]
+        assert listed("--url", url, "--offset", most, "--limit", most) == []
+        for option in ("--limit", "--offset"):
+            result = invoke("jobs", option, "99999999999999999999", "--url", url)
+            assert result.exit_code == 2, result.output
+            assert f"Invalid value for '{option}'" in result.stderr
+            assert "Traceback" not in result.output
+
+
 def test_jobs_table_for_people(url: str, mixed: dict[str, Any]) -> None:
     result = invoke("jobs", "--url", url)
     assert result.exit_code == 0, result.output

@@ -35,6 +35,9 @@ _STATE_STYLE = {
     JobState.CANCELLED: "magenta",
     JobState.DISCARDED: "dim",
 }
+_MOST = 1_000_000_000
+"""The largest --limit and --offset: every store counts that far (SQLite's and
+PostgreSQL's integers, and Redis scripts' numbers, stop short of what Python's do)."""
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
 
@@ -63,8 +66,8 @@ def jobs(
     queue: Annotated[
         str | None, typer.Option(help="Only jobs of this queue.", show_default=False)
     ] = None,
-    limit: Annotated[int, typer.Option(min=1, help="Most jobs to list.")] = 50,
-    offset: Annotated[int, typer.Option(min=0, help="Jobs to skip first.")] = 0,
+    limit: Annotated[int, typer.Option(min=1, max=_MOST, help="Most jobs to list.")] = 50,
+    offset: Annotated[int, typer.Option(min=0, max=_MOST, help="Jobs to skip first.")] = 0,
     as_json: JsonOption = False,
     url: UrlOption = None,
     app: AppOption = None,
