@@ -194,7 +194,12 @@ class JobHandle:
         return f"<JobHandle {self.task} id={self.id}>"
 
     async def info(self) -> Job:
-        """The job as stored now. Raises ``JobNotFound`` if it is gone (purged or discarded)."""
+        """The job as stored now (opening the lane if it is not open, as ``cancel`` does).
+        Raises ``JobNotFound`` if it is gone (purged or discarded)."""
+        await self._lane.open()
+        return await self._stored()
+
+    async def _stored(self) -> Job:
         job = await self._lane.store.get(self.id)
         if job is None:
             raise JobNotFound(f"no job with id {self.id!r}")
@@ -214,8 +219,9 @@ class JobHandle:
             raise ValueError("timeout must be a number of seconds or None, not NaN")
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = min(poll, 0.01)
+        await self._lane.open()  # once: a lane closed meanwhile is not opened again
         while True:
-            job = await self.info()
+            job = await self._stored()
             if job.state is JobState.SUCCEEDED:
                 return self._lane.decode_result(job)
             if job.state.terminal:
