@@ -34,6 +34,19 @@ def test_list_pause_resume() -> None:
     assert listed()["every-second"]["paused"] is False
 
 
+def test_app_given_before_pause_or_resume() -> None:
+    """``schedules --app X pause NAME`` (the listing's form, then a command) said "Missing
+    option '--app'": the lane given before the command counts, as after it."""
+    paused = runner.invoke(cli, ["schedules", "--app", APP, "pause", "every-second"])
+    assert paused.exit_code == 0, paused.output
+    assert "paused" in paused.output and listed()["every-second"]["paused"] is True
+    resumed = runner.invoke(cli, ["schedules", "--app", APP, "resume", "every-second"])
+    assert resumed.exit_code == 0, resumed.output
+    assert listed()["every-second"]["paused"] is False
+    missing = runner.invoke(cli, ["schedules", "resume", "every-second"])
+    assert missing.exit_code == 2 and "name the lane that declares" in missing.output
+
+
 def test_unknown_schedule_and_missing_app() -> None:
     unknown = runner.invoke(cli, ["schedules", "pause", "nope", "--app", APP])
     assert unknown.exit_code == 2 and "no schedule named 'nope'" in unknown.output

@@ -93,6 +93,7 @@ def list_schedules(
 ) -> None:
     """List schedules: name, expression, next run, last run, paused."""
     if ctx.invoked_subcommand is not None:
+        ctx.obj = app  # `schedules --app X pause NAME` means the same as `pause NAME --app X`
         return
     if app is None:
         raise typer.BadParameter("name the lane that declares the schedules", param_hint="'--app'")
@@ -116,16 +117,35 @@ def list_schedules(
     _console().print(table)
 
 
+AppOption = Annotated[
+    str | None,
+    typer.Option(
+        "--app",
+        metavar="MODULE:ATTR",
+        help="The lane that declares it (may also come before the command).",
+        show_default=False,
+    ),
+]
+
+
 @schedules_cli.command("pause")
-def pause(name: Name, app: Annotated[str, typer.Option("--app", metavar="MODULE:ATTR")]) -> None:
+def pause(ctx: typer.Context, name: Name, app: AppOption = None) -> None:
     """Pause a schedule for every scheduler: its slots pass without jobs."""
-    _set_paused(app, name, True)
+    _set_paused(_app_of(ctx, app), name, True)
 
 
 @schedules_cli.command("resume")
-def resume(name: Name, app: Annotated[str, typer.Option("--app", metavar="MODULE:ATTR")]) -> None:
+def resume(ctx: typer.Context, name: Name, app: AppOption = None) -> None:
     """Resume a paused schedule; slots missed meanwhile follow its missed policy."""
-    _set_paused(app, name, False)
+    _set_paused(_app_of(ctx, app), name, False)
+
+
+def _app_of(ctx: typer.Context, app: str | None) -> str:
+    """The lane ``--app`` names, after the command or before it (``schedules --app X``)."""
+    given = ctx.obj if app is None else app
+    if not isinstance(given, str):
+        raise typer.BadParameter("name the lane that declares the schedule", param_hint="'--app'")
+    return given
 
 
 def _set_paused(app: str, name: str, paused: bool) -> None:
