@@ -213,10 +213,14 @@ class JobHandle:
         """Wait for the job to end and return its decoded result.
 
         Raises ``JobFailed`` if it failed, was cancelled or discarded, and ``ResultTimeout``
-        if it has not ended within ``timeout`` seconds.
+        if it has not ended within ``timeout`` seconds. It looks at the store at least every
+        ``poll`` seconds (a job that ends in this process wakes it at once), and never waits
+        past ``timeout`` to do so.
         """
         if timeout is not None and math.isnan(timeout):
             raise ValueError("timeout must be a number of seconds or None, not NaN")
+        if not poll > 0:  # NaN too
+            raise ValueError(f"poll must be a positive number of seconds, not {poll!r}")
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = min(poll, 0.01)
         await self._lane.open()  # once: a lane closed meanwhile is not opened again
@@ -226,9 +230,13 @@ class JobHandle:
                 return self._lane.decode_result(job)
             if job.state.terminal:
                 raise JobFailed(job.id, job.state.value, job.error)
-            if deadline is not None and time.monotonic() >= deadline:
-                raise ResultTimeout(f"job {self.id} still {job.state.value} after {timeout}s")
-            await self._lane.wait_for_change(delay)
+            wait = delay
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ResultTimeout(f"job {self.id} still {job.state.value} after {timeout}s")
+                wait = min(wait, left)
+            await self._lane.wait_for_change(wait)
             delay = min(delay * 2, poll)
 
     async def cancel(self) -> JobState:
