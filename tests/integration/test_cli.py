@@ -144,6 +144,22 @@ def test_jobs_table_for_people(url: str, mixed: dict[str, Any]) -> None:
     assert invoke("jobs", "--url", url, "--state", "running").stdout.strip() == "No jobs match."
 
 
+def test_stored_text_is_shown_as_it_is_not_as_markup(url: str, lane: Backlane) -> None:
+    """A queue name, arguments or an error message with square brackets or emoji codes in
+    them ended ``jobs``, ``show`` and ``counts`` in a rich ``MarkupError`` traceback
+    (``[/b]``), or were shown changed (``[bold]`` swallowed, ``:x:`` drawn as an emoji)."""
+    odd = "[/b] [bold]loud[/bold] :x:"
+    job_id = enqueue(lane, needs_flag, odd, queue="q[/i]:x:")
+    assert drain(lane) == 1
+    for args in (("jobs",), ("show", job_id), ("counts",)):
+        result = invoke(*args, "--url", url)
+        assert result.exit_code == 0, result.output
+        assert "q[/i]:x:" in result.stdout
+    shown = invoke("show", job_id, "--url", url).stdout
+    assert json.dumps(odd) in shown  # the arguments
+    assert f"RuntimeError: flag {odd} is missing" in shown  # the error
+
+
 def test_show_gives_the_whole_job_with_its_traceback(url: str, mixed: dict[str, Any]) -> None:
     job_id = mixed["failing"]
     result = invoke("show", job_id, "--url", url)

@@ -219,10 +219,12 @@ def _fail(message: str, code: int = 1) -> NoReturn:
 
 
 def _console() -> Console:
-    """Where people's output goes: rows stay whole when piped (to ``grep``, a file)."""
+    """Where people's output goes: rows stay whole when piped (to ``grep``, a file), and
+    stored text (arguments, queue names, error messages) shows as it is, never read as
+    console markup (``[/b]``) or emoji codes (``:x:``)."""
     from rich.console import Console
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, markup=False, emoji=False)
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console.width = 400
     return console
