@@ -443,7 +443,10 @@ def status_router(lane: Backlane, *, stream_seconds: float = 60.0) -> APIRouter:
 
     # Annotations naming a local (Depends(existing_job)) would not resolve: defaults do.
     async def existing_job(job_id: str) -> Job:
-        job = await lane.store.get(job_id) if _JOB_ID.fullmatch(job_id) else None
+        job = None
+        if _JOB_ID.fullmatch(job_id):
+            await lane.open()  # not open yet where the app's lifespan did not run (a mount)
+            job = await lane.store.get(job_id)
         if job is None:
             raise HTTPException(status_code=404, detail=f"no job with id {job_id!r}")
         return job
