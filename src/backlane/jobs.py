@@ -117,13 +117,24 @@ class Job:
             "attempts": self.attempts,
             "progress": self.progress,
             "message": self.message,
-            "result": json.loads(self.result) if self.result is not None else None,
+            "result": _result_shown(self.result),
             "error": self.error,
             "created_at": iso_utc(self.created_at),
             "started_at": iso_utc(self.started_at),
             "finished_at": iso_utc(self.finished_at),
             "run_at": iso_utc(self.run_at),
         }
+
+
+def _result_shown(text: str | None) -> Any:
+    """A stored result as the status API shows it: the JSON value, or, for text that
+    does not read as JSON (written by another program), the text itself."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return text
 
 
 _FIELD_NAMES = frozenset(f.name for f in fields(Job))

@@ -99,6 +99,8 @@ class Worker:
         self.concurrency = concurrency or settings.concurrency
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
+        if queues is not None and not queues:
+            raise ValueError("queues must name at least one queue (None means every queue)")
         self.queues = queues or None
         self.threads = threads or settings.threads or self.concurrency
         if self.threads < 1:

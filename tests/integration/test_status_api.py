@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
+
 import anyio
 import pytest
 from fastapi import FastAPI
@@ -48,5 +51,22 @@ def test_the_status_api_answers_before_the_lane_is_open(lane_url: str, mounted: 
             assert stream.status_code == 200
             assert '"state": "cancelled"' in stream.read().decode()
         assert client.get(f"{prefix}/jobs/{'0' * 32}").status_code == 404
+    finally:
+        anyio.run(lane.close)
+
+
+def test_a_result_that_is_not_json_is_shown_as_text(tmp_path: Path) -> None:
+    """A result written by another program that does not read as JSON answered 500."""
+    lane = Backlane(f"sqlite:///{tmp_path}/jobs.db")
+    job_id = ended_job(lane)
+    with sqlite3.connect(tmp_path / "jobs.db") as db:
+        db.execute("UPDATE jobs SET result = ? WHERE id = ?", ("{not json", job_id))
+    app = FastAPI()
+    lane.install(app, workers=0)
+    try:
+        with TestClient(app, raise_server_exceptions=False) as client:
+            reply = client.get(f"/backlane/jobs/{job_id}")
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["result"] == "{not json"
     finally:
         anyio.run(lane.close)

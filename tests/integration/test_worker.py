@@ -127,6 +127,17 @@ async def until_running(handle: JobHandle, timeout: float = 5.0) -> None:
             await anyio.sleep(0.01)
 
 
+async def test_an_empty_list_of_queues_is_refused(lane: Backlane) -> None:
+    """``queues=[]`` names no queue: it ran every queue's jobs, as ``None`` does."""
+    other = lane.task(t.add, queue="other")
+    handle = await other.enqueue(1, b=2)
+    with pytest.raises(ValueError, match="at least one queue"):
+        lane.worker(queues=[])
+    with pytest.raises(ValueError, match="at least one queue"):
+        await drain(lane, queues=[])
+    assert await handle.status() is JobState.QUEUED
+
+
 async def test_cancel_queued_and_running(lane: Backlane) -> None:
     waiting = lane.task(t.waits_for_cancel)
     queued = await lane.task(t.add).options(delay=60).enqueue(1, 2)
