@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import json
 import logging
 import re
 import time
@@ -428,6 +429,17 @@ class DurableTasksMiddleware:
                 batch.drop()
 
 
+class _JobJSON(JSONResponse):
+    """JSON as FastAPI sends it; where text another program stored holds lone surrogates
+    (which UTF-8 cannot carry), escaped as ``\\udXXXX`` instead of failing."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, allow_nan=False, separators=(",", ":")).encode()
+
+
 def status_router(lane: Backlane, *, stream_seconds: float = 60.0) -> APIRouter:
     """The status API, open to whoever knows a job's id (80 random bits; unguessable):
 
@@ -451,7 +463,11 @@ def status_router(lane: Backlane, *, stream_seconds: float = 60.0) -> APIRouter:
             raise HTTPException(status_code=404, detail=f"no job with id {job_id!r}")
         return job
 
-    @router.get("/jobs/{job_id}", summary="A job's state, progress, result and error")
+    @router.get(
+        "/jobs/{job_id}",
+        response_class=_JobJSON,
+        summary="A job's state, progress, result and error",
+    )
     async def job_status(job: Job = Depends(existing_job)) -> dict[str, Any]:
         return job.to_public()
 

@@ -145,6 +145,22 @@ def test_nothing_a_job_carries_is_rendered_as_markup(lane: Backlane, client: Tes
     assert "&lt;script&gt;window.__pwned" in pages[3]
 
 
+def test_a_job_page_shows_what_python_cannot_read_or_send(
+    lane: Backlane, client: TestClient
+) -> None:
+    """Arguments nested deeper than Python's JSON reader goes, and a result holding a lone
+    surrogate (both written by another program): the job page answered 500."""
+    deep = "[" * 100_000 + "]" * 100_000
+    job = ended(JobState.SUCCEEDED, payload=deep, result='"odd \\ud800 text"')
+    stored(lane, client, [job])
+    page = client.get(f"/backlane/ui/jobs/{job.id}", headers=HTML)
+    assert page.status_code == 200
+    assert "[[[[" in page.text and "odd \\ud800 text" in page.text
+    reply = client.get(f"/backlane/jobs/{job.id}")
+    assert reply.status_code == 200
+    assert reply.json()["result"] == "odd \ud800 text"
+
+
 def test_the_job_page_lists_every_attempt(lane: Backlane, client: TestClient) -> None:
     record = {"started_at": NOW - 60, "ended_at": NOW - 59, "outcome": "retried"}
     job = ended(

@@ -320,7 +320,7 @@ def _full(job: Job) -> dict[str, Any]:
     when it is not JSON: a job no worker could run) and bookkeeping."""
     try:
         arguments = json.loads(job.payload)
-    except ValueError:
+    except (ValueError, RecursionError):
         arguments = job.payload
     data = job.to_public()
     data.update(

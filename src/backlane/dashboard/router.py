@@ -253,7 +253,9 @@ class _Site:
             request_path=request.url.path,
             **context,
         )
-        response = HTMLResponse(html, status_code=status_code, headers=SECURITY_HEADERS)
+        # text another program stored may hold lone surrogates, which UTF-8 cannot carry
+        body = html.encode("utf-8", "backslashreplace")
+        response = HTMLResponse(body, status_code=status_code, headers=SECURITY_HEADERS)
         for name, value in (headers or {}).items():
             response.headers[name] = value
         if new:

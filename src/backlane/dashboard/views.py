@@ -37,7 +37,7 @@ def pretty_json(text: str | None) -> str:
         return ""
     try:
         shown = json.dumps(json.loads(text), indent=2, ensure_ascii=False)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than Python reads
         shown = text
     return cut(shown)
 
