@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import anyio
 import psycopg
@@ -29,6 +30,7 @@ import pytest
 
 from backlane.exceptions import StoreError
 from backlane.stores.postgres import PostgresStore
+from tests.services import POSTGRES_URL
 
 pytestmark = pytest.mark.anyio
 
@@ -174,6 +176,18 @@ async def test_a_server_shutting_down_in_another_language_is_waited_for(
             await store.open()
         assert 1.5 < time.monotonic() - started < 8.0
         assert "FATAL" not in str(caught.value)
+        # A failover list: this server shutting down, the next one answering but turned
+        # away by libpq itself (not read-only). That is the failover retries exist for;
+        # the ping, which the second server answers, once made it a refusal at once.
+        other = urlsplit(POSTGRES_URL)  # the suite's own server: a primary, never read-only
+        hosts = f"127.0.0.1:{russian.port},{other.hostname}:{other.port or 5432}"
+        store = PostgresStore(
+            f"postgresql://{other.username}@{hosts}{other.path}?target_session_attrs=read-only"
+        )
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="cannot connect to PostgreSQL"):
+            await store.open()
+        assert 1.5 < time.monotonic() - started < 8.0
     finally:
         holder.close()
         russian.pg_ctl("-w", "stop")  # ends once the session above is gone

@@ -52,7 +52,7 @@ from typing import Any, Generic, TypeVar
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql as pg_sql
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from ..exceptions import StoreError
 from .postgres_schema import PostgresSettings, check_version, latest_version, migrate
@@ -91,12 +91,18 @@ _CLOSE_GRACE = 10.0
 """Seconds ``close`` waits for verbs in flight before closing their connections."""
 
 
+def _waited(connect_timeout: int) -> str:
+    """How long libpq waits for one connect given ``connect_timeout``: 2 s at the least,
+    and 0 means no limit of its own (psycopg's, 130 s)."""
+    return f"{max(connect_timeout, 2)} s" if connect_timeout > 0 else "0: psycopg's 130 s"
+
+
 def store_error(settings: PostgresSettings, exc: psycopg.Error) -> StoreError:
     """The ``StoreError`` for a driver error, saying what to check when it can."""
     if isinstance(exc, pg_errors.ConnectionTimeout):
         return StoreError(
             f"PostgreSQL store (schema {settings.schema}): cannot connect to PostgreSQL: "
-            f"no answer within connect_timeout ({settings.connect_timeout} s); is the "
+            f"no answer within connect_timeout ({_waited(settings.connect_timeout)}); is the "
             "host right, is the server up, and may this machine reach its port?"
         )
     if isinstance(exc, pg_errors.UndefinedTable):
@@ -210,10 +216,14 @@ async def connect(
     an error, a ping (``PQping``) asks it again: libpq then tells "starting up or
     shutting down" (SQLSTATE 57P03) and "no answer" apart from "answers" by the SQLSTATE
     it received. A server that answers is asked for a connection once more (it may have
-    just come back); a failure then is a refusal. What a ping cannot see counts as an
-    outage: a refusal libpq itself makes after the server answered, with no error from
-    the server and no password asked (``require_auth`` or ``channel_binding`` not met),
-    is tried again for 2 to 4 s before its ``StoreError``."""
+    just come back); a failure then, if the server answered it too, is a refusal. What a
+    ping cannot see counts as an outage, tried again for up to ``RETRY_FOR`` seconds
+    before its ``StoreError``: a refusal libpq itself makes after the server answered,
+    with no error from the server and no password asked (``require_auth`` or
+    ``channel_binding`` not met), and any failed connect to a URL naming several servers
+    (a failover list, where one may refuse while another starts up). The ping runs only
+    for a URL naming one server that has just answered: psycopg's C build holds the GIL
+    while it runs (up to ``_PING_TIMEOUT`` seconds, if the server went silent meanwhile)."""
     name = settings.application_name if application_name is None else application_name
     try:
         return await psycopg.AsyncConnection.connect(
@@ -222,7 +232,9 @@ async def connect(
     except pg_errors.ConnectionTimeout:
         raise
     except psycopg.OperationalError as exc:
-        if not (_server_answered(exc) and await _server_answers(settings, name)):
+        if not (
+            _one_host(settings) and _server_answered(exc) and await _server_answers(settings, name)
+        ):
             raise
     try:
         return await psycopg.AsyncConnection.connect(
@@ -231,7 +243,17 @@ async def connect(
     except pg_errors.ConnectionTimeout:
         raise
     except psycopg.OperationalError as exc:
+        if not _server_answered(exc):  # gone again between the ping and this connect
+            raise
         raise Refused(str(exc), pgconn=exc.pgconn) from exc
+
+
+def _one_host(settings: PostgresSettings) -> bool:
+    """Whether the URL names one server. With several (a failover list), one may refuse
+    while another starts up or shuts down, and a ping that one answers tells nothing of
+    the others: a failed connect then always counts as an outage."""
+    params = conninfo_to_dict(settings.conninfo)
+    return not any("," in str(params.get(key) or "") for key in ("host", "hostaddr", "port"))
 
 
 def _server_answered(exc: psycopg.OperationalError) -> bool:

@@ -28,6 +28,8 @@ DEFAULT_CONNECT_TIMEOUT = 10
 says: without one, a host that drops packets holds a connect for the operating system's
 TCP timeout (about 130 s on Linux)."""
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,47}$")
+_SECONDS = re.compile(r"\s*\+?[0-9]+\s*")
+"""A ``connect_timeout`` as libpq reads it (ASCII digits; ``int()`` takes more)."""
 _MIGRATION_NAME = re.compile(r"^(\d{4})_(\w+)\.sql$")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -103,13 +105,12 @@ def parse_url(url: str) -> PostgresSettings:
             application_name = value
         else:
             if name == "connect_timeout":  # libpq takes the last one given
-                try:
-                    connect_timeout = int(value.strip())
-                except ValueError:
+                if not _SECONDS.fullmatch(value):  # what libpq reads, and no more
                     raise ConfigurationError(
                         f"PostgreSQL URL: connect_timeout must be a whole number of seconds, "
-                        f"got {value!r}"
-                    ) from None
+                        f"0 or more, got {value!r}"
+                    )
+                connect_timeout = int(value)
             rest.append((name, value))
     if not _SCHEMA_NAME.match(schema):
         raise ConfigurationError(
