@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl
 import threading
 import time
 from collections import deque
@@ -145,7 +146,9 @@ class SmtpSettings(BaseSettings):
     tls: bool = False
     """Connect with implicit TLS (port 465 style)."""
     starttls: bool | None = None
-    """Upgrade with STARTTLS: True requires it, False never, None when the server offers it."""
+    """Upgrade with STARTTLS: True requires it (the certificate checked), False never, None
+    when the server offers it (the certificate not checked, as a relay's is often
+    self-signed)."""
     timeout: float = 10.0
     """Seconds for each network step."""
 
@@ -177,7 +180,8 @@ async def send_mail(settings: SmtpSettings, *, to: str, subject: str, body: str)
     recipient is refused for good; ``MailPartlyRefused`` (logged as a warning too) when
     some took it and others refused it; ``MailNotAccepted`` when the server refuses the
     login, the sender or the message for good (a 5xx); ``MailNotSupported`` when the server
-    does not offer STARTTLS that the settings require (before any password is sent), AUTH
+    does not offer STARTTLS that the settings require (before any password is sent), a
+    certificate that verifies where the settings require TLS, AUTH
     that a user name asks for (a server that answers only HELO offers none), or SMTPUTF8
     that an address needs.
     """
@@ -188,12 +192,17 @@ async def send_mail(settings: SmtpSettings, *, to: str, subject: str, body: str)
     recipients = [address for _, address in getaddresses([to]) if address]
     password = settings.password.get_secret_value() if settings.password else ""
     port = settings.port or (465 if settings.tls else 587 if settings.starttls else 25)
+    # starttls None (the default): upgrade when offered, as Postfix's "may" level does,
+    # without checking the certificate (relays often have self-signed ones, and whoever
+    # could forge one could as well strip the offer); True: required (checked below),
+    # with the certificate checked, as with implicit TLS
+    opportunistic = settings.starttls is None and not settings.tls
     client = aiosmtplib.SMTP(
         hostname=settings.host,
         port=port,
         use_tls=settings.tls,
-        # None: upgrade when offered (the settings' default; True is checked below)
         start_tls=False if settings.starttls is False else None,
+        validate_certs=not opportunistic,
         timeout=settings.timeout,
     )
     try:
@@ -218,6 +227,13 @@ async def send_mail(settings: SmtpSettings, *, to: str, subject: str, body: str)
                     )
                 await client.login(settings.user, password)
             refusals, _ = await client.send_message(message, recipients=recipients)
+    except ssl.SSLCertVerificationError as exc:
+        raise MailNotSupported(
+            f"the SMTP server {settings.describe()} presented a certificate that could not "
+            f"be verified ({exc.verify_message}): make its issuer trusted (SSL_CERT_FILE), "
+            "or leave BACKLANE_SMTP_STARTTLS unset to upgrade without checking it; nothing "
+            "was sent"
+        ) from exc
     except aiosmtplib.SMTPResponseException as exc:
         not_accepted = _not_accepted(exc, settings)
         if not_accepted is None:

@@ -197,6 +197,18 @@ async def test_a_mail_task_fails_at_once_where_a_retry_cannot_help(
 def tls_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
     """A real SMTP server offering STARTTLS (a self-signed certificate for 127.0.0.1 that
     the client trusts through ``SSL_CERT_FILE``) and AUTH for ann / secret."""
+    yield from starttls_server(tmp_path, monkeypatch, trusted=True)
+
+
+@pytest.fixture
+def untrusted_tls_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
+    """As ``tls_server``, its certificate trusted by nobody (a relay's snakeoil one)."""
+    yield from starttls_server(tmp_path, monkeypatch, trusted=False)
+
+
+def starttls_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, trusted: bool
+) -> Iterator[Server]:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     openssl = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
     subject = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
@@ -205,7 +217,8 @@ def tls_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Serv
         check=True,
         capture_output=True,
     )
-    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    if trusted:
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
 
@@ -235,6 +248,28 @@ async def test_by_default_the_session_is_upgraded_when_the_server_offers_starttl
     assert settings.starttls is None
     assert (await send_mail(settings, to="bob@example.com", subject="s", body="b")).startswith("<")
     assert [rcpts for rcpts, _ in tls_server.handler.received] == [["bob@example.com"]]
+
+
+@pytest.mark.filterwarnings("ignore:Session.login_data is deprecated")  # aiosmtpd's own AUTH
+async def test_an_offered_starttls_goes_ahead_whatever_the_certificate(
+    untrusted_tls_server: Server,
+) -> None:
+    """Unset, STARTTLS is opportunistic (Postfix's "may"): a relay's self-signed
+    certificate is no reason to fail every mail (it was retried as an outage)."""
+    settings = untrusted_tls_server.settings(user="ann", password="secret")
+    assert (await send_mail(settings, to="bob@example.com", subject="s", body="b")).startswith("<")
+    assert [rcpts for rcpts, _ in untrusted_tls_server.handler.received] == [["bob@example.com"]]
+
+
+async def test_a_required_starttls_checks_the_certificate_and_is_not_retried(
+    untrusted_tls_server: Server,
+) -> None:
+    settings = untrusted_tls_server.settings(starttls=True, user="ann", password="secret")
+    with pytest.raises(MailNotSupported, match="certificate that could not be verified") as caught:
+        await send_mail(settings, to="bob@example.com", subject="s", body="b")
+    assert not isinstance(caught.value, TRANSIENT_MAIL_ERRORS)
+    assert "SSL_CERT_FILE" in str(caught.value)
+    assert untrusted_tls_server.handler.received == []
 
 
 async def test_starttls_false_never_upgrades(tls_server: Server) -> None:
