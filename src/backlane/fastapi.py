@@ -468,8 +468,10 @@ def status_router(lane: Backlane, *, stream_seconds: float = 60.0) -> APIRouter:
         response_class=_JobJSON,
         summary="A job's state, progress, result and error",
     )
-    async def job_status(job: Job = Depends(existing_job)) -> dict[str, Any]:
-        return job.to_public()
+    async def job_status(job: Job = Depends(existing_job)) -> _JobJSON:
+        # a response of its own: FastAPI's serialization would refuse a result nested a
+        # few hundred deep (stored by another program), which json reads and writes
+        return _JobJSON(job.to_public())
 
     @router.get(
         "/jobs/{job_id}/events",
@@ -528,6 +530,8 @@ def install(
         raise ConfigurationError("this app already has another Backlane installed")
     if workers < 0:
         raise ValueError(f"workers must be 0 or more, got {workers}")
+    if queues is not None and not queues:
+        raise ValueError("queues must name at least one queue (None means every queue)")
     if dashboard_auth is not None and not (dashboard or metrics):
         raise ConfigurationError("dashboard_auth= guards the dashboard: add dashboard=True")
     prefix = prefix.rstrip("/")

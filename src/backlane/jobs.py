@@ -128,13 +128,18 @@ class Job:
 
 def _result_shown(text: str | None) -> Any:
     """A stored result as the status API shows it: the JSON value, or, for text that
-    does not read as JSON (written by another program), the text itself."""
+    does not read as JSON (written by another program: ``NaN`` included), the text
+    itself."""
     if text is None:
         return None
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_not_json)
     except (ValueError, RecursionError):
         return text
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 _FIELD_NAMES = frozenset(f.name for f in fields(Job))

@@ -55,18 +55,37 @@ def test_the_status_api_answers_before_the_lane_is_open(lane_url: str, mounted: 
         anyio.run(lane.close)
 
 
-def test_a_result_that_is_not_json_is_shown_as_text(tmp_path: Path) -> None:
-    """A result written by another program that does not read as JSON answered 500."""
+DEEP = "[" * 500 + "]" * 500
+
+
+@pytest.mark.parametrize(
+    ("stored", "shown"),
+    [("{not json", "{not json"), ("NaN", "NaN"), (DEEP, None)],
+    ids=["not-json", "nan", "500-deep"],
+)
+def test_a_result_another_program_stored_is_shown(
+    tmp_path: Path, stored: str, shown: object
+) -> None:
+    """A result that does not read as JSON (``NaN`` neither), or one nested a few hundred
+    deep, written by another program: the status API answered 500 (the last one because
+    FastAPI's own serialization refuses that depth)."""
     lane = Backlane(f"sqlite:///{tmp_path}/jobs.db")
     job_id = ended_job(lane)
     with sqlite3.connect(tmp_path / "jobs.db") as db:
-        db.execute("UPDATE jobs SET result = ? WHERE id = ?", ("{not json", job_id))
+        db.execute("UPDATE jobs SET result = ? WHERE id = ?", (stored, job_id))
     app = FastAPI()
     lane.install(app, workers=0)
     try:
         with TestClient(app, raise_server_exceptions=False) as client:
             reply = client.get(f"/backlane/jobs/{job_id}")
         assert reply.status_code == 200, reply.text
-        assert reply.json()["result"] == "{not json"
+        result = reply.json()["result"]
+        if shown is None:  # the JSON value itself
+            depth = 0
+            while isinstance(result, list) and result:
+                result, depth = result[0], depth + 1
+            assert depth == 499 and result == []
+        else:
+            assert result == shown
     finally:
         anyio.run(lane.close)

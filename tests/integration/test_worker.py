@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 import anyio
 import pytest
+from fastapi import FastAPI
 
 from backlane import (
     Backlane,
@@ -135,6 +136,8 @@ async def test_an_empty_list_of_queues_is_refused(lane: Backlane) -> None:
         lane.worker(queues=[])
     with pytest.raises(ValueError, match="at least one queue"):
         await drain(lane, queues=[])
+    with pytest.raises(ValueError, match="at least one queue"):  # not at start-up, later
+        lane.install(FastAPI(), queues=[])
     assert await handle.status() is JobState.QUEUED
 
 

@@ -208,7 +208,7 @@ async def job_list(lane: Backlane, filters: JobFilters) -> JobList:
     return JobList(
         filters=filters,
         jobs=found[:PAGE_SIZE],
-        has_next=len(found) > PAGE_SIZE,
+        has_next=len(found) > PAGE_SIZE and filters.page < MAX_PAGE,  # none links past it
         tasks=sorted(lane.tasks),
         queues=sorted(queues),
     )
