@@ -618,6 +618,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
+    if args.list:  # names only: nothing to install for that
+        print("systems:", ", ".join(s.name for s in SYSTEMS))
+        print("exercise:", ", ".join(_web_key(a.name) for a in WEB_APPS))
+        return
     if Path(sys.prefix).resolve() != (VENVS / "main").resolve():
         # First the environments, then the same command again from the peers' environment.
         started = time.monotonic()
@@ -628,10 +632,6 @@ def main(argv: list[str]) -> None:
 
     started_at = float(os.environ.get("BENCH_STARTED", time.time()))
     args.backlane_python = os.environ["BENCH_BACKLANE_PYTHON"]  # found before the exec
-    if args.list:
-        print("systems:", ", ".join(s.name for s in SYSTEMS))
-        print("exercise:", ", ".join(_web_key(a.name) for a in WEB_APPS))
-        return
     for sig in (signal.SIGTERM, signal.SIGHUP):  # stop as on Ctrl-C: clean up, then exit
         signal.signal(sig, _exit_on_signal)
     plan = QUICK if args.quick else FULL

@@ -130,6 +130,7 @@ def test_the_url_names_schema_migration_and_pool(
     [
         ("postgresql://h/db?schema=Jobs", "not a plain name"),
         ("postgresql://h/db?schema=drop%20table", "not a plain name"),
+        ("postgresql://h/db?schema=jobs%0A", "not a plain name"),  # re.match's $ let it by
         ("postgresql://h/db?schema=" + "x" * 49, "not a plain name"),
         ("postgresql://h/db?auto_migrate=maybe", "auto_migrate must be 1 or 0"),
         ("postgresql://h/db?pool_size=0", "pool_size must be a whole number above 0"),

@@ -9,9 +9,10 @@ The commands that look after jobs find the store through ``--url URL`` or
 ``--app MODULE:ATTR``, else ``BACKLANE_URL``, else ``sqlite:///./backlane.db``. Output is
 a table for people and JSON (``--json``) for scripts.
 
-Exit codes: 0 done; 1 the store could not do it (unknown id, a job that cannot be retried
-or cancelled, a store error, a worker process that failed); 2 the command line was wrong
-(a bad duration, a ``MODULE:ATTR`` that cannot be imported or is not a lane, a bad URL).
+Exit codes: 0 done; 1 the store could not do it (unknown id, a store error, a worker
+process that failed); 2 the command line was wrong (a bad duration, a ``MODULE:ATTR`` that
+cannot be imported or is not a lane, a bad URL); ``backlane retry`` also 3 (the job is not
+failed or cancelled) and 4 (its key is held by an active job).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ DEFAULT_CONNECT_TIMEOUT = 10
 """Seconds a connect may wait for the server (libpq's ``connect_timeout``) unless the URL
 says: without one, a host that drops packets holds a connect for the operating system's
 TCP timeout (about 130 s on Linux)."""
-_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,47}$")
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,47}")
 _SECONDS = re.compile(r"\s*\+?[0-9]+\s*")
 """A ``connect_timeout`` as libpq reads it (ASCII digits; ``int()`` takes more)."""
 _MIGRATION_NAME = re.compile(r"^(\d{4})_(\w+)\.sql$")
@@ -112,7 +112,7 @@ def parse_url(url: str) -> PostgresSettings:
                     )
                 connect_timeout = int(value)
             rest.append((name, value))
-    if not _SCHEMA_NAME.match(schema):
+    if not _SCHEMA_NAME.fullmatch(schema):
         raise ConfigurationError(
             f"PostgreSQL URL: schema {schema!r} is not a plain name; use at most 48 "
             "lower-case letters, digits and underscores, not starting with a digit"

@@ -141,7 +141,9 @@ def _opt(value: float | None) -> str:
 class RedisStore(Store):
     """Jobs in Redis (``redis://[:password@]host:6379/0``, ``rediss://`` for TLS,
     ``unix:///path/redis.sock?db=0``), under the key prefix ``?prefix=`` (default
-    ``backlane:``). Other query parameters go to redis-py (``socket_timeout=5``, ...)."""
+    ``backlane:``). The query parameters redis-py takes that the store knows
+    (``socket_timeout=5``, ``db``, ... see ``redis_link._OPTIONS``) go to redis-py; any other
+    is refused with ``ConfigurationError``."""
 
     use_functions = True
     """Whether to run the verbs as a library of Redis functions where Redis has them (7.0
