@@ -3,6 +3,7 @@ loopback port): each example does its work, and every hole the guide left is clo
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import itertools
 import os
@@ -62,7 +63,7 @@ class Demo:
         return [mail for mail in reply.json() if mail["to"] == address]
 
     def rows(self, sql: str) -> list[tuple[Any, ...]]:
-        with sqlite3.connect(self.data / "demo.db") as conn:
+        with contextlib.closing(sqlite3.connect(self.data / "demo.db")) as conn:
             return conn.execute(sql).fetchall()
 
 

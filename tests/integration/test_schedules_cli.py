@@ -98,7 +98,8 @@ def test_listing_schedules_of_a_store_where_nothing_ran_creates_nothing(
         module.write_text(
             "from backlane import Backlane\n"
             f"lane = Backlane({url!r})\n"
-            "lane.every(60, name='minutely')(print)\n"
+            "@lane.every(60, name='minutely')\n"
+            "def minutely() -> None: ...\n"
         )
         monkeypatch.syspath_prepend(str(tmp_path))
         result = runner.invoke(cli, ["schedules", "--app", "lookonly_app:lane", "--json"])

@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
 from dataclasses import dataclass
 from importlib import resources
-from importlib.abc import Traversable
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from ..exceptions import ConfigurationError, StoreError
+
+if sys.version_info >= (3, 11):
+    from importlib.resources.abc import Traversable
+else:  # deprecated there from Python 3.12, removed in 3.14
+    from importlib.abc import Traversable
 
 DEFAULT_SCHEMA = "backlane"
 DEFAULT_CONNECT_TIMEOUT = 10

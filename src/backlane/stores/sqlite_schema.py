@@ -10,12 +10,17 @@ from __future__ import annotations
 import functools
 import re
 import sqlite3
+import sys
 from collections.abc import Iterator
 from importlib import resources
-from importlib.abc import Traversable
 from urllib.parse import urlsplit
 
 from ..exceptions import ConfigurationError, StoreError
+
+if sys.version_info >= (3, 11):
+    from importlib.resources.abc import Traversable
+else:  # deprecated there from Python 3.12, removed in 3.14
+    from importlib.abc import Traversable
 
 _MIGRATION_NAME = re.compile(r"^(\d+)_\w+\.sql$")
 
