@@ -20,7 +20,7 @@ retry can mend are ``PermanentMailError``, outside that tuple::
         │                       mail the first ones twice
         ├── MailNotAccepted     the login, the sender or the message refused for good (5xx)
         └── MailNotSupported    the server lacks what the settings or the mail need
-                                (STARTTLS, AUTH, SMTPUTF8)
+                                (STARTTLS, a certificate that verifies, AUTH, SMTPUTF8)
 """
 
 from __future__ import annotations
@@ -227,13 +227,12 @@ async def send_mail(settings: SmtpSettings, *, to: str, subject: str, body: str)
                     )
                 await client.login(settings.user, password)
             refusals, _ = await client.send_message(message, recipients=recipients)
-    except ssl.SSLCertVerificationError as exc:
-        raise MailNotSupported(
-            f"the SMTP server {settings.describe()} presented a certificate that could not "
-            f"be verified ({exc.verify_message}): make its issuer trusted (SSL_CERT_FILE), "
-            "or leave BACKLANE_SMTP_STARTTLS unset to upgrade without checking it; nothing "
-            "was sent"
-        ) from exc
+    except ssl.SSLCertVerificationError as exc:  # a required STARTTLS's
+        raise _unverified(settings, exc) from exc
+    except aiosmtplib.SMTPConnectError as exc:  # implicit TLS's comes wrapped
+        if isinstance(exc.__cause__, ssl.SSLCertVerificationError):
+            raise _unverified(settings, exc.__cause__) from exc
+        raise
     except aiosmtplib.SMTPResponseException as exc:
         not_accepted = _not_accepted(exc, settings)
         if not_accepted is None:
@@ -256,6 +255,21 @@ async def send_mail(settings: SmtpSettings, *, to: str, subject: str, body: str)
         log.warning("%s", error)
         raise error
     return message_id
+
+
+def _unverified(settings: SmtpSettings, exc: ssl.SSLCertVerificationError) -> MailNotSupported:
+    """The error for a server whose certificate does not verify where TLS is required."""
+    other = (
+        "or use STARTTLS (BACKLANE_SMTP_TLS=false) and leave BACKLANE_SMTP_STARTTLS unset to "
+        "upgrade without checking it"
+        if settings.tls
+        else "or leave BACKLANE_SMTP_STARTTLS unset to upgrade without checking it"
+    )
+    return MailNotSupported(
+        f"the SMTP server {settings.describe()} presented a certificate that could not be "
+        f"verified ({exc.verify_message}): make its issuer trusted (SSL_CERT_FILE), {other}; "
+        "nothing was sent"
+    )
 
 
 async def _greet(client: aiosmtplib.SMTP) -> None:

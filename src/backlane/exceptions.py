@@ -17,7 +17,8 @@ Every error backlane raises on its own account derives from one root::
         ├── MailRefused         every recipient refused it for good
         ├── MailPartlyRefused   some recipients took it, others refused it
         ├── MailNotAccepted     the login, the sender or the message refused for good
-        └── MailNotSupported    the server lacks STARTTLS, AUTH or SMTPUTF8
+        └── MailNotSupported    the server lacks STARTTLS, a certificate that verifies, AUTH
+                                or SMTPUTF8
 
 Driver errors (sqlite3, redis, psycopg) are mapped to ``StoreError`` where they enter.
 Signals a task raises to steer its own run (``Retry``) are not errors and live in

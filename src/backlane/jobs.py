@@ -133,13 +133,20 @@ def _result_shown(text: str | None) -> Any:
     if text is None:
         return None
     try:
-        return json.loads(text, parse_constant=_not_json)
+        return json.loads(text, parse_constant=_not_json, parse_float=_finite)
     except (ValueError, RecursionError):
         return text
 
 
 def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: JSON, but no JSON number Python can write back
+        raise ValueError(f"{text} is out of range")
+    return value
 
 
 _FIELD_NAMES = frozenset(f.name for f in fields(Job))

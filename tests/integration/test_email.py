@@ -206,8 +206,17 @@ def untrusted_tls_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ite
     yield from starttls_server(tmp_path, monkeypatch, trusted=False)
 
 
+@pytest.fixture
+def untrusted_implicit_tls_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Server]:
+    """A server that speaks TLS from the first byte (port 465 style), its certificate
+    trusted by nobody."""
+    yield from starttls_server(tmp_path, monkeypatch, trusted=False, implicit=True)
+
+
 def starttls_server(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, trusted: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, trusted: bool, implicit: bool = False
 ) -> Iterator[Server]:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     openssl = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
@@ -227,7 +236,10 @@ def starttls_server(
         ok = isinstance(data, LoginPassword) and (data.login, data.password) == (b"ann", b"secret")
         return AuthResult(success=ok)
 
-    yield from serve(tls_context=context, require_starttls=True, authenticator=authenticate)
+    if implicit:
+        yield from serve(ssl_context=context, authenticator=authenticate, auth_require_tls=False)
+    else:
+        yield from serve(tls_context=context, require_starttls=True, authenticator=authenticate)
 
 
 @pytest.mark.filterwarnings("ignore:Session.login_data is deprecated")  # aiosmtpd's own AUTH
@@ -270,6 +282,19 @@ async def test_a_required_starttls_checks_the_certificate_and_is_not_retried(
     assert not isinstance(caught.value, TRANSIENT_MAIL_ERRORS)
     assert "SSL_CERT_FILE" in str(caught.value)
     assert untrusted_tls_server.handler.received == []
+
+
+async def test_implicit_tls_checks_the_certificate_and_is_not_retried(
+    untrusted_implicit_tls_server: Server,
+) -> None:
+    """A certificate that does not verify under implicit TLS came wrapped as a connect
+    error, retried like an outage."""
+    settings = untrusted_implicit_tls_server.settings(tls=True)
+    with pytest.raises(MailNotSupported, match="certificate that could not be verified") as caught:
+        await send_mail(settings, to="bob@example.com", subject="s", body="b")
+    assert not isinstance(caught.value, TRANSIENT_MAIL_ERRORS)
+    assert "BACKLANE_SMTP_TLS=false" in str(caught.value)
+    assert untrusted_implicit_tls_server.handler.received == []
 
 
 async def test_starttls_false_never_upgrades(tls_server: Server) -> None:

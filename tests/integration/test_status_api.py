@@ -60,8 +60,8 @@ DEEP = "[" * 500 + "]" * 500
 
 @pytest.mark.parametrize(
     ("stored", "shown"),
-    [("{not json", "{not json"), ("NaN", "NaN"), (DEEP, None)],
-    ids=["not-json", "nan", "500-deep"],
+    [("{not json", "{not json"), ("NaN", "NaN"), ("[1e999]", "[1e999]"), (DEEP, None)],
+    ids=["not-json", "nan", "out-of-range", "500-deep"],
 )
 def test_a_result_another_program_stored_is_shown(
     tmp_path: Path, stored: str, shown: object

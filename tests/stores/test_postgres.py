@@ -137,7 +137,7 @@ def test_the_url_names_schema_migration_and_pool(
         ("postgresql://h/db?schema=jobs&schema=other", "names schema twice"),
         ("postgresql://h/db?auto_migrate=0&auto_migrate=1", "names auto_migrate twice"),
         ("postgresql://h/db?connect_timeout=soon", "connect_timeout must be a whole number"),
-        # int() takes these, libpq does not: every connect then failed, retried as outages
+        # int() takes these, and libpq reads them otherwise or not at all
         ("postgresql://h/db?connect_timeout=1_000", "connect_timeout must be a whole number"),
         ("postgresql://h/db?connect_timeout=%D9%A3", "connect_timeout must be a whole number"),
         ("postgresql://h/db?connect_timeout=-5", "connect_timeout must be a whole number"),

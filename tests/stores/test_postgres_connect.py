@@ -157,7 +157,7 @@ async def test_a_password_the_url_does_not_give_fails_at_once(
 
 
 async def test_a_server_shutting_down_in_another_language_is_waited_for(
-    russian: Cluster,
+    russian: Cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A server shutting down (SQLSTATE 57P03, "система баз данных останавливается") is
     an outage: the store tries again for a few seconds before giving up."""
@@ -188,6 +188,17 @@ async def test_a_server_shutting_down_in_another_language_is_waited_for(
         with pytest.raises(StoreError, match="cannot connect to PostgreSQL"):
             await store.open()
         assert 1.5 < time.monotonic() - started < 8.0
+        # the same list given by libpq's variables, which the URL does not show
+        with monkeypatch.context() as variables:  # (pg_ctl below must not see them)
+            variables.setenv("PGHOST", f"127.0.0.1,{other.hostname}")
+            variables.setenv("PGPORT", f"{russian.port},{other.port or 5432}")
+            store = PostgresStore(
+                f"postgresql://{other.username}@{other.path}?target_session_attrs=read-only"
+            )
+            started = time.monotonic()
+            with pytest.raises(StoreError, match="cannot connect to PostgreSQL"):
+                await store.open()
+            assert 1.5 < time.monotonic() - started < 8.0
     finally:
         holder.close()
         russian.pg_ctl("-w", "stop")  # ends once the session above is gone

@@ -41,6 +41,7 @@ import contextvars
 import dataclasses
 import logging
 import math
+import os
 import random
 import re
 import select
@@ -82,6 +83,8 @@ up" (or shutting down)."""
 _PING_TIMEOUT = 2
 """Seconds the ping after a failed connect may take (libpq's least ``connect_timeout``):
 the server has just answered; one that does not answer it in time counts as away."""
+_SEVERAL_TRIED = "Multiple connection attempts failed"
+"""What psycopg's error says when a connect tried several servers or addresses."""
 _SERVER_ERROR = re.compile(r"\S:  ")
 """How libpq writes an error the server sent (``"%s:  "``: its severity, in the server's
 language, a colon and two spaces), in whatever language; its own messages have no such
@@ -233,7 +236,9 @@ async def connect(
         raise
     except psycopg.OperationalError as exc:
         if not (
-            _one_host(settings) and _server_answered(exc) and await _server_answers(settings, name)
+            _one_server(settings, exc)
+            and _server_answered(exc)
+            and await _server_answers(settings, name)
         ):
             raise
     try:
@@ -243,17 +248,26 @@ async def connect(
     except pg_errors.ConnectionTimeout:
         raise
     except psycopg.OperationalError as exc:
-        if not _server_answered(exc):  # gone again between the ping and this connect
+        if not (_one_server(settings, exc) and _server_answered(exc)):  # gone again
             raise
         raise Refused(str(exc), pgconn=exc.pgconn) from exc
 
 
-def _one_host(settings: PostgresSettings) -> bool:
-    """Whether the URL names one server. With several (a failover list), one may refuse
-    while another starts up or shuts down, and a ping that one answers tells nothing of
-    the others: a failed connect then always counts as an outage."""
+def _one_server(settings: PostgresSettings, exc: psycopg.OperationalError) -> bool:
+    """Whether the connect that raised ``exc`` tried one server. With several (a failover
+    list in the URL or in ``PGHOST``, a name with several addresses, a service file that
+    may list any), one may refuse while another starts up or shuts down, and a ping that
+    one answers tells nothing of the others: a failed connect then always counts as an
+    outage."""
+    if _SEVERAL_TRIED in str(exc):  # psycopg's own words, whatever the server's language
+        return False
     params = conninfo_to_dict(settings.conninfo)
-    return not any("," in str(params.get(key) or "") for key in ("host", "hostaddr", "port"))
+    if params.get("service") or os.environ.get("PGSERVICE"):
+        return False
+    return not any(
+        "," in str(params.get(key) or os.environ.get(variable) or "")
+        for key, variable in (("host", "PGHOST"), ("hostaddr", "PGHOSTADDR"), ("port", "PGPORT"))
+    )
 
 
 def _server_answered(exc: psycopg.OperationalError) -> bool:

@@ -33,7 +33,7 @@ DEFAULT_CONNECT_TIMEOUT = 10
 says: without one, a host that drops packets holds a connect for the operating system's
 TCP timeout (about 130 s on Linux)."""
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,47}")
-_SECONDS = re.compile(r"\s*\+?[0-9]+\s*")
+_SECONDS = re.compile(r"[ \t\n\r\f\v]*\+?[0-9]+[ \t\n\r\f\v]*")
 """A ``connect_timeout`` as libpq reads it (ASCII digits; ``int()`` takes more)."""
 _MIGRATION_NAME = re.compile(r"^(\d{4})_(\w+)\.sql$")
 _TRUE = ("1", "true", "yes", "on")
