@@ -228,29 +228,21 @@ async def connect(
     for a URL naming one server that has just answered: psycopg's C build holds the GIL
     while it runs (up to ``_PING_TIMEOUT`` seconds, if the server went silent meanwhile)."""
     name = settings.application_name if application_name is None else application_name
-    try:
-        return await psycopg.AsyncConnection.connect(
-            settings.conninfo, autocommit=True, application_name=name
-        )
-    except pg_errors.ConnectionTimeout:
-        raise
-    except psycopg.OperationalError as exc:
-        if not (
-            _one_server(settings, exc)
-            and _server_answered(exc)
-            and await _server_answers(settings, name)
-        ):
+    for last in (False, True):  # a second try only after a ping the server answered
+        try:
+            return await psycopg.AsyncConnection.connect(
+                settings.conninfo, autocommit=True, application_name=name
+            )
+        except pg_errors.ConnectionTimeout:
             raise
-    try:
-        return await psycopg.AsyncConnection.connect(
-            settings.conninfo, autocommit=True, application_name=name
-        )
-    except pg_errors.ConnectionTimeout:
-        raise
-    except psycopg.OperationalError as exc:
-        if not (_one_server(settings, exc) and _server_answered(exc)):  # gone again
-            raise
-        raise Refused(str(exc), pgconn=exc.pgconn) from exc
+        except psycopg.OperationalError as exc:
+            if not (_one_server(settings, exc) and _server_answered(exc)):
+                raise
+            if last:
+                raise Refused(str(exc), pgconn=exc.pgconn) from exc
+            if not await _server_answers(settings, name):
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _one_server(settings: PostgresSettings, exc: psycopg.OperationalError) -> bool:
