@@ -35,6 +35,7 @@ from .app import Backlane
 from .exceptions import ConfigurationError, InvalidArguments
 from .jobs import Job, JobHandle, JobState
 from .tasks import TaskCall
+from .worker import checked_queues
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -530,8 +531,7 @@ def install(
         raise ConfigurationError("this app already has another Backlane installed")
     if workers < 0:
         raise ValueError(f"workers must be 0 or more, got {workers}")
-    if queues is not None and not queues:
-        raise ValueError("queues must name at least one queue (None means every queue)")
+    checked_queues(queues)  # refused now, not when the lifespan starts the workers
     if dashboard_auth is not None and not (dashboard or metrics):
         raise ConfigurationError("dashboard_auth= guards the dashboard: add dashboard=True")
     prefix = prefix.rstrip("/")

@@ -83,6 +83,14 @@ def _being_cancelled() -> bool:
     return cancelling is None or cancelling() > 0
 
 
+def checked_queues(queues: list[str] | None) -> list[str] | None:
+    """``queues`` as a worker takes them: None for every queue. Raises ``ValueError`` for
+    an empty list, which names no queue."""
+    if queues is not None and not queues:
+        raise ValueError("queues must name at least one queue (None means every queue)")
+    return queues
+
+
 class Worker:
     """Runs jobs from a lane's store until ``stop()`` is called."""
 
@@ -99,9 +107,7 @@ class Worker:
         self.concurrency = concurrency or settings.concurrency
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
-        if queues is not None and not queues:
-            raise ValueError("queues must name at least one queue (None means every queue)")
-        self.queues = queues or None
+        self.queues = checked_queues(queues)
         self.threads = threads or settings.threads or self.concurrency
         if self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")

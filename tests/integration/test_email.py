@@ -273,28 +273,26 @@ async def test_an_offered_starttls_goes_ahead_whatever_the_certificate(
     assert [rcpts for rcpts, _ in untrusted_tls_server.handler.received] == [["bob@example.com"]]
 
 
-async def test_a_required_starttls_checks_the_certificate_and_is_not_retried(
-    untrusted_tls_server: Server,
+@pytest.mark.parametrize(
+    ("server_fixture", "how", "hint"),
+    [
+        ("untrusted_tls_server", {"starttls": True}, "SSL_CERT_FILE"),
+        ("untrusted_implicit_tls_server", {"tls": True}, "BACKLANE_SMTP_TLS=false"),
+    ],
+    ids=["required-starttls", "implicit-tls"],
+)
+async def test_required_tls_checks_the_certificate_and_is_not_retried(
+    request: pytest.FixtureRequest, server_fixture: str, how: dict[str, bool], hint: str
 ) -> None:
-    settings = untrusted_tls_server.settings(starttls=True, user="ann", password="secret")
+    """A certificate that does not verify where TLS is required fails the mail for good
+    (under implicit TLS it came wrapped as a connect error, retried like an outage)."""
+    server: Server = request.getfixturevalue(server_fixture)
+    settings = server.settings(**how, user="ann", password="secret")
     with pytest.raises(MailNotSupported, match="certificate that could not be verified") as caught:
         await send_mail(settings, to="bob@example.com", subject="s", body="b")
     assert not isinstance(caught.value, TRANSIENT_MAIL_ERRORS)
-    assert "SSL_CERT_FILE" in str(caught.value)
-    assert untrusted_tls_server.handler.received == []
-
-
-async def test_implicit_tls_checks_the_certificate_and_is_not_retried(
-    untrusted_implicit_tls_server: Server,
-) -> None:
-    """A certificate that does not verify under implicit TLS came wrapped as a connect
-    error, retried like an outage."""
-    settings = untrusted_implicit_tls_server.settings(tls=True)
-    with pytest.raises(MailNotSupported, match="certificate that could not be verified") as caught:
-        await send_mail(settings, to="bob@example.com", subject="s", body="b")
-    assert not isinstance(caught.value, TRANSIENT_MAIL_ERRORS)
-    assert "BACKLANE_SMTP_TLS=false" in str(caught.value)
-    assert untrusted_implicit_tls_server.handler.received == []
+    assert hint in str(caught.value)
+    assert server.handler.received == []
 
 
 async def test_starttls_false_never_upgrades(tls_server: Server) -> None:

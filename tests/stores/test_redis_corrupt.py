@@ -14,7 +14,8 @@ import redis
 from backlane.jobs import JobState
 from backlane.stores.base import Outcome
 from backlane.stores.redis import RedisStore
-from tests.services import REDIS_URL, store_url
+from tests.services import REDIS_URL
+from tests.stores.conftest import redis_scripts_store, redis_store
 from tests.stores.test_contract import LEASE, NOW, make_job
 
 pytestmark = pytest.mark.anyio
@@ -46,16 +47,11 @@ CORRUPT = [
 ]
 
 
-@pytest.fixture(params=[True, False], ids=["functions", "scripts"])
+@pytest.fixture(params=[redis_store, redis_scripts_store], ids=["functions", "scripts"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[RedisStore]:
-    with store_url("redis", tmp_path) as url:
-        opened = RedisStore(url)
-        opened.use_functions = request.param
-        await opened.open()
-        try:
-            yield opened
-        finally:
-            await opened.close()
+    async with request.param(tmp_path) as opened:
+        assert isinstance(opened, RedisStore)
+        yield opened
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from backlane.stores.base import Outcome, StatsBucket
 from backlane.stores.memory import MemoryStore
 from backlane.stores.redis import RedisStore
 from backlane.stores.redis_link import command
-from tests.services import store_url
+from tests.stores.conftest import redis_store
 from tests.stores.test_contract import LEASE, make_job
 
 pytestmark = pytest.mark.anyio
@@ -30,13 +30,9 @@ KEPT = 7200.0
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[RedisStore]:
-    with store_url("redis", tmp_path) as url:
-        opened = RedisStore(url)
-        await opened.open()
-        try:
-            yield opened
-        finally:
-            await opened.close()
+    async with redis_store(tmp_path) as opened:
+        assert isinstance(opened, RedisStore)
+        yield opened
 
 
 @pytest.fixture
