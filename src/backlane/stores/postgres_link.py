@@ -228,21 +228,33 @@ async def connect(
     for a URL naming one server that has just answered: psycopg's C build holds the GIL
     while it runs (up to ``_PING_TIMEOUT`` seconds, if the server went silent meanwhile)."""
     name = settings.application_name if application_name is None else application_name
-    for last in (False, True):  # a second try only after a ping the server answered
-        try:
-            return await psycopg.AsyncConnection.connect(
-                settings.conninfo, autocommit=True, application_name=name
-            )
-        except pg_errors.ConnectionTimeout:
+    try:
+        return await _connect_once(settings, name)
+    except psycopg.OperationalError as exc:
+        if not (_maybe_refused(settings, exc) and await _server_answers(settings, name)):
             raise
-        except psycopg.OperationalError as exc:
-            if not (_one_server(settings, exc) and _server_answered(exc)):
-                raise
-            if last:
-                raise Refused(str(exc), pgconn=exc.pgconn) from exc
-            if not await _server_answers(settings, name):
-                raise
-    raise AssertionError("unreachable")  # pragma: no cover
+    try:  # the server answers the ping: it may have just come back
+        return await _connect_once(settings, name)
+    except psycopg.OperationalError as exc:
+        if not _maybe_refused(settings, exc):
+            raise
+        raise Refused(str(exc), pgconn=exc.pgconn) from exc
+
+
+async def _connect_once(settings: PostgresSettings, name: str) -> psycopg.AsyncConnection[Any]:
+    return await psycopg.AsyncConnection.connect(
+        settings.conninfo, autocommit=True, application_name=name
+    )
+
+
+def _maybe_refused(settings: PostgresSettings, exc: psycopg.OperationalError) -> bool:
+    """Whether the failed connect that raised ``exc`` may have been a refusal: one server
+    tried, and it answered (a connect that timed out heard nothing)."""
+    return (
+        not isinstance(exc, pg_errors.ConnectionTimeout)
+        and _one_server(settings, exc)
+        and _server_answered(exc)
+    )
 
 
 def _one_server(settings: PostgresSettings, exc: psycopg.OperationalError) -> bool:
